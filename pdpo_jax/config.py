@@ -1,0 +1,271 @@
+"""Run configuration: dataclasses for every stage, YAML files, dotted command-line overrides.
+
+A config file is YAML whose top-level keys are the sections below. `base: other.yaml` (a path
+relative to the file) merges the file onto another one, so a variant such as "w/o shuffle" is a
+two-line override file. Command-line overrides are `section.key=value` with YAML-typed values.
+Unknown keys are errors that name the file (or override) and the key: a typo never silently falls
+back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names where and which key."""
+
+
+@dataclass
+class ModelSection:
+    path: str = "default"  # an HF directory, a hub name when online, or `default` (bundled model)
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters stay fp32
+    remat: bool = False
+    allow_pickle: bool = False
+
+
+@dataclass
+class MeshSection:
+    data: int = -1  # -1: all devices not used by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass
+class DataSection:
+    train: list[str] = field(default_factory=list)  # dialogue files; split into train/val/test by dialogue
+    format: str = "auto"
+    val: list[str] = field(default_factory=list)  # optional explicit validation files
+    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    exclude_dnli: list[str] = field(default_factory=list)  # drop dialogues these DNLI files were built from
+    both_speakers: bool = False
+    template: str = "chat-en"  # a preset name or a path to a YAML template
+    max_length: int = 512
+    on_overflow: Literal["error", "skip"] = "error"
+    max_dialogues: int | None = None  # keep the first N dialogues (demos, smoke runs)
+
+
+@dataclass
+class OptimizerSection:
+    learning_rate: float = 1e-5
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.05
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class SFTSection:
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    batch_size: int = 4
+    grad_accum: int = 4
+    epochs: int = 5
+    max_steps: int | None = None  # stop early (budgeted runs); None = all epochs
+    eval_every: int = 100  # optimizer steps between validations (and at every epoch end)
+    packing: Literal["dialogue", "turn"] = "dialogue"
+    checkpoint_every: int = 100
+
+
+@dataclass
+class SamplerSection:
+    kind: Literal["greedy", "temperature", "top_k", "top_p"] = "top_p"
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 0.9
+
+
+@dataclass
+class PrefsSection:
+    shuffle: bool = True  # False = the paper's "w/o shuffle" ablation
+    generator: str | None = None  # model that samples negatives; None = this run's SFT model
+    reference: str | None = None  # model whose log-probs are stored; None = this run's SFT model
+    sampler: SamplerSection = field(default_factory=SamplerSection)
+    max_new_tokens: int = 48
+    batch_size: int = 16
+    seed: int = 0
+    shard_size: int = 256
+    drop_degenerate: bool = False
+
+
+@dataclass
+class DPOSection:
+    optimizer: OptimizerSection = field(
+        default_factory=lambda: OptimizerSection(learning_rate=1e-6, schedule="linear")
+    )
+    beta: float = 0.5
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = 0.0
+    reference_free: bool = False
+    batch_size: int = 4
+    grad_accum: int = 1
+    epochs: int = 3
+    max_steps: int | None = None
+    eval_every: int = 100
+    share_prompt: bool = True
+    checkpoint_every: int = 100
+
+
+@dataclass
+class EvalSection:
+    dnli: list[str] = field(default_factory=list)
+    protocol: Literal["31", "all"] = "31"
+    length_normalized: bool = False
+    max_examples: int | None = None
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelSection = field(default_factory=ModelSection)
+    mesh: MeshSection = field(default_factory=MeshSection)
+    data: DataSection = field(default_factory=DataSection)
+    sft: SFTSection = field(default_factory=SFTSection)
+    prefs: PrefsSection = field(default_factory=PrefsSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Reads a YAML config (following `base:` links), applies `a.b=value` overrides, validates."""
+    raw: dict[str, Any] = _read_yaml_with_bases(Path(path)) if path is not None else {}
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r}: expected key=value, e.g. sft.epochs=2")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value), where=f"override {override!r}")
+    where = str(path) if path is not None else "defaults"
+    config = _build(RunConfig(), raw, where=where, prefix="")
+    _validate(config, where)
+    return config
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+def _read_yaml_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: `base:` links form a cycle")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    merged = _read_yaml_with_bases((path.parent / base), seen + (path,))
+    _deep_merge(merged, data)
+    return merged
+
+
+def _deep_merge(into: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any, where: str) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(default: Any, raw: Any, where: str, prefix: str) -> Any:
+    """A copy of the dataclass instance `default` with the keys of `raw` replaced (recursively)."""
+    cls = type(default)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: {prefix or 'top level'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key '{prefix}{unknown[0]}'; known keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        current = getattr(default, name)
+        if dataclasses.is_dataclass(current):
+            kwargs[name] = _build(current, value, where, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(hints[name], value, where, f"{prefix}{name}")
+    return dataclasses.replace(default, **kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint(), value, where, key + ".")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {key} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
+        return [_coerce(args[0], v, where, key) for v in value]
+    if hint is float:
+        try:  # YAML 1.1 reads `1e-6` (no dot) as a string
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {key} must be a number, got {value!r}") from None
+    if hint in (int, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: {key} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def _validate(config: RunConfig, where: str) -> None:
+    checks = [
+        (config.sft.batch_size > 0, "sft.batch_size must be positive"),
+        (config.sft.grad_accum > 0, "sft.grad_accum must be positive"),
+        (config.dpo.batch_size > 0, "dpo.batch_size must be positive"),
+        (config.dpo.beta > 0, "dpo.beta must be positive"),
+        (0.0 <= config.dpo.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)"),
+        (config.data.max_length > 8, "data.max_length is too small"),
+        (len(config.data.split_fractions) == 3 and abs(sum(config.data.split_fractions) - 1) < 1e-6,
+         "data.split_fractions must be three numbers summing to 1"),
+        (0 < config.prefs.sampler.top_p <= 1, "prefs.sampler.top_p must be in (0, 1]"),
+        (config.prefs.sampler.temperature > 0, "prefs.sampler.temperature must be positive"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{where}: {message}")

@@ -1,0 +1,55 @@
+import pytest
+
+from pdpo_jax.config import ConfigError, dump_config, load_config
+
+
+def test_defaults_are_the_papers_appendix_b_values():
+    config = load_config(None)
+    assert config.sft.optimizer.learning_rate == 1e-5 and config.sft.optimizer.schedule == "cosine"
+    assert config.sft.batch_size * config.sft.grad_accum == 16 and config.sft.epochs == 5
+    assert config.dpo.optimizer.learning_rate == 1e-6 and config.dpo.optimizer.schedule == "linear"
+    assert config.dpo.beta == 0.5 and config.dpo.batch_size == 4 and config.dpo.epochs == 3
+    for opt in (config.sft.optimizer, config.dpo.optimizer):
+        assert (opt.b1, opt.b2, opt.eps, opt.weight_decay, opt.max_grad_norm) == (0.9, 0.999, 1e-8, 0.1, 1.0)
+        assert opt.warmup_ratio == 0.05
+
+
+def test_overrides_are_typed_and_keep_section_defaults():
+    config = load_config(None, ["dpo.optimizer.learning_rate=2e-6", "sft.epochs=2", "data.train=a.txt"])
+    assert config.dpo.optimizer.learning_rate == 2e-6
+    assert config.dpo.optimizer.schedule == "linear"  # the DPO section's own default survives
+    assert config.sft.epochs == 2 and config.data.train == ["a.txt"]
+
+
+def test_base_file_is_merged_and_round_trips(tmp_path):
+    (tmp_path / "base.yaml").write_text("run_dir: runs/x\nprefs:\n  shuffle: true\n  max_new_tokens: 32\n")
+    (tmp_path / "variant.yaml").write_text("base: base.yaml\nprefs:\n  shuffle: false\n")
+    config = load_config(tmp_path / "variant.yaml")
+    assert config.prefs.shuffle is False and config.prefs.max_new_tokens == 32 and config.run_dir == "runs/x"
+    (tmp_path / "dumped.yaml").write_text(dump_config(config))
+    assert load_config(tmp_path / "dumped.yaml") == config
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("sft.epoch=2", "unknown key 'sft.epoch'"),
+        ("dpo.loss_type=foo", "dpo.loss_type must be one of"),
+        ("sft.optimizer.learning_rate=abc", "sft.optimizer.learning_rate must be a number"),
+        ("sft.epochs=two", "sft.epochs must be int"),
+        ("dpo.beta=0", "dpo.beta must be positive"),
+        ("nonsense", "expected key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(None, [override])
+
+
+def test_bad_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sft:\n  batch_sise: 4\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*unknown key 'sft.batch_sise'"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
