@@ -1,0 +1,106 @@
+"""Orbax checkpoints: the latest train state for exact resumption, and the best parameters.
+
+`stage_dir/checkpoints/<step>/` holds `state` (step, params, optimizer state) and `meta` (data
+position, best-so-far, RNG seed) written together by one CheckpointManager, so a kill at any moment
+leaves either the previous complete checkpoint or the new one, never a mix. `stage_dir/best/`
+holds the best parameters as a plain orbax tree beside the model's `config.json` and tokenizer
+files, so `load_model(stage_dir / "best")` opens it like a Hugging Face directory.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from pdpo_jax.atomic import atomic_write_json
+
+PARAMS_DIR = "params"
+BEST_INFO = "best.json"
+
+
+class TrainCheckpointer:
+    """Keeps the latest `keep` train-state checkpoints of one stage."""
+
+    def __init__(self, directory: str | Path, keep: int = 1):
+        self.directory = Path(directory).absolute()
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        self._manager.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
+        )
+        self._manager.wait_until_finished()
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+        """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs with `.sharding`),
+        which may describe a different mesh than the one the checkpoint was written from."""
+        step = self.latest_step() if step is None else step
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+        )
+        return restored["state"], dict(restored["meta"])
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def save_best_params(best_dir: str | Path, params: Any, model_dir: str | Path, info: dict[str, Any]) -> None:
+    """Writes the best parameters next to the base model's config and tokenizer files.
+
+    Written into a sibling temporary folder and renamed, so `best/` is always one complete model.
+    """
+    best_dir = Path(best_dir).absolute()
+    tmp_dir = best_dir.with_name(best_dir.name + ".tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_dir / PARAMS_DIR, params)
+    checkpointer.wait_until_finished()
+    copy_model_files(model_dir, tmp_dir)
+    atomic_write_json(tmp_dir / BEST_INFO, info)
+    old_dir = best_dir.with_name(best_dir.name + ".old")
+    shutil.rmtree(old_dir, ignore_errors=True)
+    if best_dir.exists():
+        best_dir.rename(old_dir)
+    tmp_dir.rename(best_dir)
+    shutil.rmtree(old_dir, ignore_errors=True)
+
+
+def copy_model_files(model_dir: str | Path, out_dir: str | Path) -> None:
+    """Copies `config.json`, `generation_config.json` and tokenizer files (not weights)."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    for source in model_dir.iterdir():
+        is_weights = source.suffix in (".safetensors", ".msgpack", ".bin", ".gguf") or source.name.endswith(".index.json")
+        if source.is_file() and not is_weights and source.name != BEST_INFO:
+            shutil.copy2(source, out_dir / source.name)
+
+
+def is_orbax_model_dir(path: str | Path) -> bool:
+    return (Path(path) / PARAMS_DIR).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def restore_params(model_dir: str | Path, abstract_params: Any) -> Any:
+    """Restores `model_dir/params` onto the shapes, dtypes and shardings of `abstract_params`."""
+    return ocp.StandardCheckpointer().restore(Path(model_dir).absolute() / PARAMS_DIR, abstract_params)
+
+
+def read_best_info(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / BEST_INFO
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    return jax.tree_util.tree_map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), tree, shardings
+    )

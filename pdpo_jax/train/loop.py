@@ -1,0 +1,163 @@
+"""The training loop shared by SFT and DPO: epochs, periodic validation, best-model selection,
+metrics logs, progress bar, NaN guard, and orbax checkpoints that resume exactly.
+
+Resumption is exact because everything a step depends on is either in the checkpoint (parameters,
+optimizer state with its step count, best-so-far) or a pure function of (seed, epoch, batch index)
+(the data order). Metrics lines written after the last checkpoint are dropped on resume, so the
+log of a resumed run equals that of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from pdpo_jax.atomic import atomic_write_text
+from pdpo_jax.losses import Metrics, finalize_metrics, merge_metrics
+from pdpo_jax.train.checkpoints import TrainCheckpointer, abstract_like, save_best_params
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss; the last good checkpoint on disk is untouched."""
+
+
+class EpochBatches(Protocol):
+    """Deterministic batches: the same (epoch, index) always gives the same micro-batch stack."""
+
+    def steps_per_epoch(self) -> int: ...
+
+    def batch(self, epoch: int, index: int) -> dict[str, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class LoopPlan:
+    stage_dir: Path
+    epochs: int
+    total_steps: int
+    eval_every: int
+    checkpoint_every: int
+    select_metric: str  # validation metric that picks the best model
+    select_higher: bool  # True: higher is better (DPO reward accuracy); False: lower (SFT loss)
+    model_dir: Path  # config and tokenizer files copied next to the best parameters
+    description: str = "train"
+
+
+def total_steps(epochs: int, steps_per_epoch: int, max_steps: int | None) -> int:
+    steps = epochs * steps_per_epoch
+    return min(steps, max_steps) if max_steps else steps
+
+
+class MetricsLog:
+    """`metrics.jsonl` plus TensorBoard scalars; lines past `resume_step` are dropped on open."""
+
+    def __init__(self, stage_dir: Path, resume_step: int):
+        self.path = stage_dir / "metrics.jsonl"
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if _line_step(line) <= resume_step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        from tensorboardX import SummaryWriter
+
+        self._tensorboard = SummaryWriter(str(stage_dir / "tensorboard"))
+
+    def write(self, step: int, split: str, values: dict[str, float]) -> None:
+        record = {"step": step, "split": split, **{k: _json_float(v) for k, v in values.items()}}
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        for name, value in values.items():
+            self._tensorboard.add_scalar(f"{split}/{name}", value, step)
+
+    def close(self) -> None:
+        self._tensorboard.close()
+
+
+def _line_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a torn line: drop it
+
+
+def _json_float(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def evaluate(eval_fn: Callable[[Any, Any], Metrics], params: Any, batches: list[Any]) -> dict[str, float]:
+    total: Metrics = {}
+    for batch in batches:
+        total = merge_metrics(total, jax.device_get(eval_fn(params, batch)))
+    return finalize_metrics(total)
+
+
+def run_loop(plan: LoopPlan, state: Any, *, step_fn: Callable, eval_fn: Callable, train_batches: EpochBatches,
+             val_batches: list[Any], put_batch: Callable[[dict[str, np.ndarray]], Any],
+             state_shardings: Any = None, seed: int = 0) -> dict[str, Any]:
+    """Runs (or resumes) training to `plan.total_steps`; returns a summary with the best step."""
+    stage_dir = plan.stage_dir
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    checkpointer = TrainCheckpointer(stage_dir / "checkpoints")
+    meta = {"epoch": 0, "index": 0, "best_value": None, "best_step": None, "seed": seed}
+    if checkpointer.latest_step() is not None:
+        shardings = state_shardings or jax.tree_util.tree_map(lambda x: x.sharding, state)
+        state, meta = checkpointer.restore(abstract_like(state, shardings))
+    step = int(jax.device_get(state.step))
+    log = MetricsLog(stage_dir, resume_step=step)
+    steps_per_epoch = train_batches.steps_per_epoch()
+    better = (lambda new, old: new > old) if plan.select_higher else (lambda new, old: new < old)
+
+    def validate_and_select() -> None:
+        values = evaluate(eval_fn, state.params, val_batches)
+        log.write(step, "val", values)
+        value = values[plan.select_metric]
+        if math.isfinite(value) and (meta["best_value"] is None or better(value, meta["best_value"])):
+            meta.update(best_value=value, best_step=step)
+            save_best_params(stage_dir / "best", state.params, plan.model_dir,
+                             {"step": step, "metric": plan.select_metric, "value": value, "val": values})
+        best = "none yet" if meta["best_value"] is None else f"{meta['best_value']:.4f} at step {meta['best_step']}"
+        bar.write(f"[{plan.description}] step {step} val {plan.select_metric}={value:.4f} (best {best})")
+
+    bar = tqdm(total=plan.total_steps, initial=step, desc=plan.description, dynamic_ncols=True)
+    try:
+        if step == 0 and meta["best_step"] is None:
+            validate_and_select()  # the starting model is a candidate too
+        epoch, index = meta["epoch"], meta["index"]
+        while step < plan.total_steps and epoch < plan.epochs:
+            host_batch = train_batches.batch(epoch, index)
+            tokens = int((host_batch["segment_ids"] > 0).sum())
+            started = time.perf_counter()
+            state, metrics = step_fn(state, put_batch(host_batch))
+            values = finalize_metrics(jax.device_get(metrics))
+            elapsed = time.perf_counter() - started
+            if not math.isfinite(values["loss"]):
+                last = checkpointer.latest_step()
+                raise TrainingDiverged(
+                    f"non-finite loss ({values['loss']}) at step {step + 1} (epoch {epoch}, batch {index}); "
+                    f"stopped without saving. The last good checkpoint is step {last} in {checkpointer.directory}."
+                )
+            step += 1
+            index += 1
+            if index == steps_per_epoch:
+                epoch, index = epoch + 1, 0
+            values["tokens_per_s"] = tokens / elapsed
+            log.write(step, "train", values)
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:.0f}")
+            finished = step >= plan.total_steps or epoch >= plan.epochs
+            if step % plan.eval_every == 0 or index == 0 or finished:
+                validate_and_select()
+            if step % plan.checkpoint_every == 0 or index == 0 or finished:
+                meta.update(epoch=epoch, index=index)
+                checkpointer.save(step, state, meta)
+    finally:
+        bar.close()
+        log.close()
+        checkpointer.close()
+    return {"final_step": step, "best_step": meta["best_step"], "best_value": meta["best_value"],
+            "select_metric": plan.select_metric, "state": state}
