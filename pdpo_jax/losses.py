@@ -180,13 +180,17 @@ def dpo_loss(
 
     weights = jnp.ones_like(per_pair) if pair_mask is None else pair_mask.astype(jnp.float32)
     num_pairs = jnp.sum(weights)
-    loss = jnp.sum(per_pair * weights) / jnp.maximum(num_pairs, 1.0)
+
+    def masked_sum(values: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.where(weights != 0, values * weights, 0.0))
+
+    loss = masked_sum(per_pair) / jnp.maximum(num_pairs, 1.0)
 
     chosen_rewards = beta * jax.lax.stop_gradient(chosen_logratios)
     rejected_rewards = beta * jax.lax.stop_gradient(rejected_logratios)
 
     def pair_metric(values: jax.Array) -> Metric:
-        return _detached(jnp.sum(values * weights), num_pairs)
+        return _detached(masked_sum(values), num_pairs)
 
     metrics = {
         "loss": pair_metric(per_pair),

@@ -128,6 +128,46 @@ def test_chunked_logprobs_equal_unchunked_values_and_gradients(chunk_size):
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_chunked_logprobs_gradient_never_holds_all_logits():
+    batch, length, width, vocab = 2, 256, 16, 4096
+    shapes = (
+        jax.ShapeDtypeStruct((batch, length, width), jnp.float32),
+        jax.ShapeDtypeStruct((width, vocab), jnp.float32),
+        jax.ShapeDtypeStruct((batch, length), jnp.int32),
+    )
+
+    def scratch_bytes(logprobs_fn) -> int:
+        grad_fn = jax.grad(lambda h, w, t: jnp.sum(logprobs_fn(h, w, t)), argnums=(0, 1))
+        analysis = jax.jit(grad_fn).lower(*shapes).compile().memory_analysis()
+        if analysis is None:
+            pytest.skip("this backend reports no memory analysis")
+        return analysis.temp_size_in_bytes
+
+    all_logits_bytes = batch * length * vocab * 4
+    unchunked = scratch_bytes(lambda h, w, t: token_logprobs(h @ w, t))
+    chunked = scratch_bytes(lambda h, w, t: token_logprobs_from_hidden(h, w, t, chunk_size=32))
+    assert unchunked >= all_logits_bytes  # the measurement does see the full logits when they exist
+    assert chunked < all_logits_bytes / 2
+
+
+def test_chunked_logprobs_keep_a_batch_sharded_bf16_input_sharded():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = np.asarray(jax.devices())
+    by_batch = NamedSharding(Mesh(devices, ("data",)), PartitionSpec("data"))
+    rng = np.random.default_rng(5)
+    hidden = jax.device_put(jnp.asarray(rng.normal(size=(len(devices), 10, 8)), jnp.bfloat16), by_batch)
+    unembedding = jnp.asarray(rng.normal(size=(8, 30)), jnp.bfloat16)
+    targets = jax.device_put(jnp.asarray(rng.integers(0, 30, size=(len(devices), 10)), jnp.int32), by_batch)
+    logprobs_fn = jax.jit(lambda h, w, t: token_logprobs_from_hidden(h, w, t, chunk_size=4))
+    got = logprobs_fn(hidden, unembedding, targets)
+    assert got.dtype == jnp.float32 and got.sharding.is_equivalent_to(by_batch, got.ndim)
+    assert "all-gather" not in logprobs_fn.lower(hidden, unembedding, targets).compile().as_text()
+    # bf16 products are exact in float32, so this equals the float32 computation.
+    want = token_logprobs(hidden.astype(jnp.float32) @ unembedding.astype(jnp.float32), targets)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_chunked_logprobs_reject_empty_chunks():
     with pytest.raises(ValueError, match="chunk_size"):
         token_logprobs_from_hidden(jnp.zeros((1, 2, 3)), jnp.zeros((3, 4)), jnp.zeros((1, 2), jnp.int32), chunk_size=0)
@@ -314,6 +354,11 @@ def test_padding_pairs_are_left_out():
     subset_loss, subset_metrics = dpo_loss(*arrays, beta=BETA)
     assert float(loss) == pytest.approx(float(subset_loss), abs=1e-7)
     assert finalize_metrics(metrics) == pytest.approx(finalize_metrics(subset_metrics), abs=1e-7)
+    # A padding pair holding garbage (here NaN) still stays out.
+    nan_pair = jnp.asarray([POLICY_CHOSEN[0], math.nan, POLICY_CHOSEN[2]])
+    others = (jnp.asarray(v) for v in (POLICY_REJECTED, REF_CHOSEN, REF_REJECTED))
+    loss, _ = dpo_loss(nan_pair, *others, beta=BETA, pair_mask=jnp.asarray([1.0, 0.0, 1.0]))
+    assert float(loss) == pytest.approx(float(subset_loss), abs=1e-7)
 
 
 @pytest.mark.parametrize(
