@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from pdpo_jax.train.optim import DPO_DEFAULTS, SFT_DEFAULTS, OptimizerConfig
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names where and which key."""
@@ -53,20 +55,8 @@ class DataSection:
 
 
 @dataclass
-class OptimizerSection:
-    learning_rate: float = 1e-5
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = 0.05
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    max_grad_norm: float = 1.0
-
-
-@dataclass
 class SFTSection:
-    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    optimizer: OptimizerConfig = SFT_DEFAULTS
     batch_size: int = 4
     grad_accum: int = 4
     epochs: int = 5
@@ -99,9 +89,7 @@ class PrefsSection:
 
 @dataclass
 class DPOSection:
-    optimizer: OptimizerSection = field(
-        default_factory=lambda: OptimizerSection(learning_rate=1e-6, schedule="linear")
-    )
+    optimizer: OptimizerConfig = DPO_DEFAULTS
     beta: float = 0.5
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     label_smoothing: float = 0.0
@@ -215,7 +203,12 @@ def _build(default: Any, raw: Any, where: str, prefix: str) -> Any:
     for name, value in raw.items():
         current = getattr(default, name)
         if dataclasses.is_dataclass(current):
-            kwargs[name] = _build(current, value, where, f"{prefix}{name}.")
+            try:
+                kwargs[name] = _build(current, value, where, f"{prefix}{name}.")
+            except (TypeError, ValueError) as err:
+                if isinstance(err, ConfigError):
+                    raise
+                raise ConfigError(f"{where}: {prefix}{name}: {err}") from None
         else:
             kwargs[name] = _coerce(hints[name], value, where, f"{prefix}{name}")
     return dataclasses.replace(default, **kwargs)
