@@ -254,7 +254,7 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = None, shardings: Any = None
         raise FileNotFoundError(f"{model_dir}: model directory not found")
     config = read_config(model_dir, **dict(config_overrides or {}))
     shapes = expected_shapes(config)
-    place = make_placer(shardings, shapes, np.dtype(dtype or np.float32))
+    place = make_placer(shardings, shapes, jax.numpy.dtype(dtype or "float32"))
     has_torch_weights = any((model_dir / f).is_file() for f in (SAFETENSORS_FILE, SAFETENSORS_INDEX, PICKLE_FILE, PICKLE_INDEX))
     if not has_torch_weights and (model_dir / MSGPACK_FILE).is_file():
         flat = _load_msgpack(model_dir / MSGPACK_FILE, shapes, place)
