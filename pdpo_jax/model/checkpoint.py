@@ -1,0 +1,411 @@
+"""Hugging Face checkpoints in and out: config.json + safetensors (single or sharded), flax_model.msgpack,
+and (only when asked) pickled pytorch_model.bin.
+
+One declarative key map per family names every tensor: the PyTorch name with `{i}` for the
+layer, our Flax path, and the transform between them. Both directions read the same table, so
+import and export cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from pdpo_jax.model.config import ModelConfig
+
+CONFIG_FILE = "config.json"
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+MSGPACK_FILE = "flax_model.msgpack"
+PICKLE_FILE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+# tensors some checkpoints carry that are buffers, not parameters
+IGNORED_TENSORS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|\.rotary_emb\.inv_freq)$")
+
+
+@dataclass(frozen=True)
+class KeyMapping:
+    """`hf` is the PyTorch state-dict name, `flax` our "/"-joined path; `{i}` stands for the layer.
+
+    transform "transpose": the 2-D weight is stored transposed on our side (torch Linear is
+    [out, in], Flax Dense [in, out]; GPT-2's Conv1D is [in, out] in torch, [out, in] in HF Flax).
+    """
+
+    hf: str
+    flax: str
+    transform: str = "none"
+    when: Callable[[ModelConfig], bool] = lambda config: True
+
+
+def _transpose_both_ways(x: np.ndarray) -> np.ndarray:
+    return x.T
+
+
+TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"none": lambda x: x, "transpose": _transpose_both_ways}
+
+
+def _untied(c: ModelConfig) -> bool:
+    return not c.tie_word_embeddings
+
+
+LLAMA_KEY_MAP: tuple[KeyMapping, ...] = (
+    KeyMapping("model.embed_tokens.weight", "model/embed_tokens/embedding"),
+    *(KeyMapping(f"model.layers.{{i}}.self_attn.{p}_proj.weight", f"model/layers/{{i}}/self_attn/{p}_proj/kernel", "transpose") for p in "qkvo"),
+    *(KeyMapping(f"model.layers.{{i}}.self_attn.{p}_proj.bias", f"model/layers/{{i}}/self_attn/{p}_proj/bias",
+                 when=lambda c: c.attention_bias) for p in "qkv"),
+    KeyMapping("model.layers.{i}.self_attn.o_proj.bias", "model/layers/{i}/self_attn/o_proj/bias", when=lambda c: c.attention_out_bias),
+    *(KeyMapping(f"model.layers.{{i}}.mlp.{p}_proj.weight", f"model/layers/{{i}}/mlp/{p}_proj/kernel", "transpose") for p in ("gate", "up", "down")),
+    *(KeyMapping(f"model.layers.{{i}}.mlp.{p}_proj.bias", f"model/layers/{{i}}/mlp/{p}_proj/bias",
+                 when=lambda c: c.mlp_bias) for p in ("gate", "up", "down")),
+    KeyMapping("model.layers.{i}.input_layernorm.weight", "model/layers/{i}/input_layernorm/weight"),
+    KeyMapping("model.layers.{i}.post_attention_layernorm.weight", "model/layers/{i}/post_attention_layernorm/weight"),
+    KeyMapping("model.norm.weight", "model/norm/weight"),
+    KeyMapping("lm_head.weight", "lm_head/kernel", "transpose", when=_untied),
+)
+
+GPT2_KEY_MAP: tuple[KeyMapping, ...] = (
+    KeyMapping("transformer.wte.weight", "transformer/wte/embedding"),
+    KeyMapping("transformer.wpe.weight", "transformer/wpe/embedding"),
+    *(KeyMapping(f"transformer.h.{{i}}.{ln}.weight", f"transformer/h/{{i}}/{ln}/scale") for ln in ("ln_1", "ln_2")),
+    *(KeyMapping(f"transformer.h.{{i}}.{ln}.bias", f"transformer/h/{{i}}/{ln}/bias") for ln in ("ln_1", "ln_2")),
+    *(KeyMapping(f"transformer.h.{{i}}.{m}.weight", f"transformer/h/{{i}}/{m.replace('.', '/')}/kernel", "transpose")
+      for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")),
+    *(KeyMapping(f"transformer.h.{{i}}.{m}.bias", f"transformer/h/{{i}}/{m.replace('.', '/')}/bias")
+      for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")),
+    KeyMapping("transformer.ln_f.weight", "transformer/ln_f/scale"),
+    KeyMapping("transformer.ln_f.bias", "transformer/ln_f/bias"),
+    KeyMapping("lm_head.weight", "lm_head/kernel", "transpose", when=_untied),
+)
+
+KEY_MAPS = {"llama": LLAMA_KEY_MAP, "gpt2": GPT2_KEY_MAP}
+# checkpoints saved from the bare backbone (e.g. openai-community/gpt2) lack this prefix
+BACKBONE_PREFIX = {"llama": "model.", "gpt2": "transformer."}
+
+
+def expand_key_map(config: ModelConfig) -> list[tuple[str, str, str]]:
+    """(hf name, flax path, transform) for every tensor of this config, layers expanded."""
+    rows = []
+    for mapping in KEY_MAPS[config.family]:
+        if not mapping.when(config):
+            continue
+        layers = range(config.num_layers) if "{i}" in mapping.hf else [None]
+        for i in layers:
+            rows.append((mapping.hf.format(i=i), mapping.flax.format(i=i), mapping.transform))
+    return rows
+
+
+# ----------------------------------------------------------------------------- reading tensors
+
+
+class TensorSource:
+    """Name -> numpy tensor over one checkpoint's files, opened lazily and memory-mapped."""
+
+    def __init__(self, files_by_name: Mapping[str, Path], opener: Callable[[Path], Any]):
+        self.files_by_name = dict(files_by_name)
+        self._opener = opener
+        self._handles: dict[Path, Any] = {}
+
+    def names(self) -> list[str]:
+        return list(self.files_by_name)
+
+    def file_of(self, name: str) -> Path:
+        return self.files_by_name[name]
+
+    def get(self, name: str) -> np.ndarray:
+        path = self.files_by_name[name]
+        try:
+            if path not in self._handles:
+                self._handles[path] = self._opener(path)
+            return np.asarray(self._handles[path].get_tensor(name))
+        except Exception as err:  # noqa: BLE001 - corrupt files raise library-specific errors
+            raise ValueError(f"{path}: cannot read tensor {name!r} ({type(err).__name__}: {err})") from err
+
+
+def _open_safetensors(path: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(os.fspath(path), framework="numpy")
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from err
+
+
+def _safetensors_names(path: Path) -> list[str]:
+    return list(_open_safetensors(path).keys())
+
+
+def _read_index(index_path: Path) -> dict[str, Path]:
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        weight_map = index["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{index_path}: not valid JSON ({err})") from err
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{index_path}: missing key 'weight_map'") from err
+    files = {}
+    for name, file_name in weight_map.items():
+        shard = index_path.parent / file_name
+        if not shard.is_file():
+            raise FileNotFoundError(f"{index_path}: shard {file_name!r} listed for tensor {name!r} does not exist")
+        files[name] = shard
+    return files
+
+
+class _TorchFile:
+    def __init__(self, path: Path):
+        import torch
+
+        self.state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+
+    def get_tensor(self, name: str) -> np.ndarray:
+        return self.state[name].float().numpy()
+
+
+def open_tensor_source(model_dir: Path, *, allow_pickle: bool) -> TensorSource:
+    if (model_dir / SAFETENSORS_FILE).is_file():
+        path = model_dir / SAFETENSORS_FILE
+        return TensorSource({n: path for n in _safetensors_names(path)}, _open_safetensors)
+    if (model_dir / SAFETENSORS_INDEX).is_file():
+        return TensorSource(_read_index(model_dir / SAFETENSORS_INDEX), _open_safetensors)
+    pickled = [p for p in (model_dir / PICKLE_FILE, model_dir / PICKLE_INDEX) if p.is_file()]
+    if pickled and not allow_pickle:
+        raise ValueError(
+            f"{pickled[0]}: refusing to load a pickled PyTorch checkpoint (it can run arbitrary code); "
+            f"convert it to safetensors or pass allow_pickle=True if you trust its source"
+        )
+    if (model_dir / PICKLE_FILE).is_file():
+        path = model_dir / PICKLE_FILE
+        handle = _TorchFile(path)
+        return TensorSource({n: path for n in handle.state}, lambda _: handle)
+    if (model_dir / PICKLE_INDEX).is_file():
+        return TensorSource(_read_index(model_dir / PICKLE_INDEX), _TorchFile)
+    raise FileNotFoundError(
+        f"{model_dir}: no weights found (looked for {SAFETENSORS_FILE}, {SAFETENSORS_INDEX}, "
+        f"{MSGPACK_FILE}, {PICKLE_FILE})"
+    )
+
+
+# ----------------------------------------------------------------------------- placing arrays
+
+
+Placer = Callable[[str, np.ndarray], Any]
+
+
+def make_placer(shardings: Any, shapes: Mapping[str, tuple[int, ...]], dtype: Any) -> Placer:
+    """Where each array goes: host numpy (None), a Mesh (the rules of parallel.py), or a mapping of
+    "/"-joined paths to Shardings. Each array is put on its devices as soon as it is read."""
+    from jax.sharding import Mesh
+
+    if shardings is None:
+        def to_host(path: str, array: np.ndarray) -> Any:
+            return jax.numpy.asarray(array.astype(dtype, copy=False))
+        return to_host
+    if isinstance(shardings, Mesh):
+        from pdpo_jax import parallel
+
+        mesh = shardings
+        specs = parallel.partition_specs_for_shapes(shapes, parallel.DEFAULT_RULES, mesh)
+        shardings = {path: jax.sharding.NamedSharding(mesh, spec) for path, spec in specs.items()}
+
+    def to_sharding(path: str, array: np.ndarray) -> Any:
+        if path not in shardings:
+            raise ValueError(f"no sharding given for parameter {path!r}")
+        array = array.astype(dtype, copy=False)
+        return jax.make_array_from_callback(array.shape, shardings[path], lambda index: array[index])
+
+    return to_sharding
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def read_config(model_dir: Path, **overrides: Any) -> ModelConfig:
+    return ModelConfig.from_json_file(model_dir / CONFIG_FILE, **overrides)
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    from pdpo_jax.model.decoder import param_shapes
+
+    flat = traverse_util.flatten_dict(param_shapes(config), sep="/")
+    return {path: tuple(leaf.shape) for path, leaf in flat.items()}
+
+
+def load_hf(path: str | os.PathLike, *, dtype: Any = None, shardings: Any = None, allow_pickle: bool = False,
+            config_overrides: Mapping[str, Any] | None = None) -> tuple[ModelConfig, Any]:
+    """(ModelConfig, params) from a Hugging Face model directory.
+
+    `dtype` is the parameter dtype (default float32); `shardings` is None (default device), a
+    jax Mesh (partition rules of pdpo_jax.parallel) or a {"a/b/kernel": Sharding} mapping.
+    """
+    model_dir = Path(path)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: model directory not found")
+    config = read_config(model_dir, **dict(config_overrides or {}))
+    shapes = expected_shapes(config)
+    place = make_placer(shardings, shapes, jax.numpy.dtype(dtype or "float32"))
+    has_torch_weights = any((model_dir / f).is_file() for f in (SAFETENSORS_FILE, SAFETENSORS_INDEX, PICKLE_FILE, PICKLE_INDEX))
+    if not has_torch_weights and (model_dir / MSGPACK_FILE).is_file():
+        flat = _load_msgpack(model_dir / MSGPACK_FILE, shapes, place)
+    else:
+        flat = _load_torch_layout(open_tensor_source(model_dir, allow_pickle=allow_pickle), config, shapes, place)
+    return config, traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _load_torch_layout(source: TensorSource, config: ModelConfig, shapes: Mapping[str, tuple[int, ...]], place: Placer) -> dict[str, Any]:
+    available = set(source.names())
+    prefix = BACKBONE_PREFIX[config.family]
+    used: set[str] = set()
+    flat = {}
+    for hf_name, flax_path, transform in expand_key_map(config):
+        name = hf_name
+        if name not in available and name.startswith(prefix) and name[len(prefix):] in available:
+            name = name[len(prefix):]
+        if name not in available:
+            where = source.file_of(next(iter(available))) if available else "checkpoint"
+            raise ValueError(f"{where}: missing tensor {hf_name!r} (needed for {flax_path})")
+        array = TRANSFORMS[transform](source.get(name))
+        if array.shape != shapes[flax_path]:
+            raise ValueError(
+                f"{source.file_of(name)}: tensor {name!r} has shape {tuple(array.shape)} after {transform}, "
+                f"expected {shapes[flax_path]} for {flax_path} from config.json"
+            )
+        flat[flax_path] = place(flax_path, array)
+        used.add(name)
+    leftover = {n for n in available - used if not IGNORED_TENSORS.search(n)}
+    if config.tie_word_embeddings:
+        leftover.discard("lm_head.weight")  # some exporters save the tied copy; transformers ignores it too
+    if leftover:
+        name = sorted(leftover)[0]
+        raise ValueError(
+            f"{source.file_of(name)}: tensor {name!r} (and {len(leftover) - 1} more) has no place in a "
+            f"{config.model_type} model with this config.json; refusing to drop weights silently"
+        )
+    return flat
+
+
+def _load_msgpack(path: Path, shapes: Mapping[str, tuple[int, ...]], place: Placer) -> dict[str, Any]:
+    from flax import serialization
+
+    try:
+        tree = serialization.msgpack_restore(path.read_bytes())
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"{path}: not a readable msgpack parameter file ({type(err).__name__}: {err})") from err
+    if isinstance(tree, dict) and set(tree) == {"params"}:
+        tree = tree["params"]
+    flat = traverse_util.flatten_dict(tree, sep="/")
+    missing = sorted(set(shapes) - set(flat))
+    if missing:
+        raise ValueError(f"{path}: missing parameter {missing[0]!r} ({len(missing)} missing in all)")
+    extra = sorted(set(flat) - set(shapes))
+    if extra:
+        raise ValueError(f"{path}: unexpected parameter {extra[0]!r} for this config.json ({len(extra)} in all)")
+    out = {}
+    for key, shape in shapes.items():
+        array = np.asarray(flat[key])
+        if array.shape != shape:
+            raise ValueError(f"{path}: parameter {key!r} has shape {array.shape}, expected {shape}")
+        out[key] = place(key, array)
+    return out
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def to_hf_tensors(config: ModelConfig, params: Any) -> Iterator[tuple[str, np.ndarray]]:
+    """(torch name, numpy array) for every tensor, in key-map order; tied lm_head is not written."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    for hf_name, flax_path, transform in expand_key_map(config):
+        if flax_path not in flat:
+            raise ValueError(f"params: missing {flax_path!r} needed for {hf_name!r}")
+        yield hf_name, np.ascontiguousarray(TRANSFORMS[transform](_to_numpy(flat[flax_path])))
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
+def _shard_groups(tensors: list[tuple[str, np.ndarray]], max_shard_bytes: int) -> list[list[tuple[str, np.ndarray]]]:
+    groups: list[list[tuple[str, np.ndarray]]] = [[]]
+    size = 0
+    for name, array in tensors:
+        if groups[-1] and size + array.nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, array))
+        size += array.nbytes
+    return groups
+
+
+def write_safetensors(out_dir: Path, tensors: list[tuple[str, np.ndarray]], max_shard_bytes: int) -> None:
+    from safetensors.numpy import save_file
+
+    groups = _shard_groups(tensors, max_shard_bytes)
+    if len(groups) == 1:
+        save_file(dict(groups[0]), os.fspath(out_dir / SAFETENSORS_FILE), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for number, group in enumerate(groups, start=1):
+        file_name = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
+        save_file(dict(group), os.fspath(out_dir / file_name), metadata={"format": "pt"})
+        weight_map.update({name: file_name for name, _ in group})
+    index = {"metadata": {"total_size": sum(a.nbytes for _, a in tensors)}, "weight_map": weight_map}
+    (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def default_generation_config(config: ModelConfig) -> dict[str, Any]:
+    out = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}
+    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items() if v is not None}
+    return out
+
+
+def save_hf(out_dir: str | os.PathLike, config: ModelConfig, params: Any, *, tokenizer: Any = None,
+            max_shard_bytes: int = 2 * 1024**3, generation_config: Any = None) -> Path:
+    """Writes a directory transformers loads: config.json, safetensors (sharded with an index above
+    `max_shard_bytes`), tokenizer files, generation_config.json. Written to a temporary sibling and
+    renamed into place, so a crash never leaves a half-written model at `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() != 0:
+        list(to_hf_tensors(config, params))  # join the gathers of sharded arrays, write nothing
+        return out_dir
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_hf(), indent=2) + "\n", encoding="utf-8")
+        write_safetensors(tmp, list(to_hf_tensors(config, params)), max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(os.fspath(tmp))
+        gen = generation_config if generation_config is not None else default_generation_config(config)
+        if hasattr(gen, "to_dict"):
+            gen = gen.to_dict()
+        (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    os.replace(target, old / "previous")
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,391 @@
+"""One Flax Linen decoder for the GPT-2 and Llama families (Llama, Mistral, Qwen2, ...).
+
+Parameter names mirror the Hugging Face Flax models (FlaxGPT2LMHeadModel, FlaxLlamaForCausalLM),
+so a Hub `flax_model.msgpack` loads as is. The attention mask is built once per call from
+segment, branch and position ids (docs/design.md, "The model call"); the KV cache is a plain
+pytree passed in and returned.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pdpo_jax.model.config import ModelConfig
+
+Array = jax.Array
+# finite, so a fully masked (padding) row softmaxes to a uniform row instead of NaN
+MASK_VALUE = -1e30
+
+ACTIVATION_FNS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
+def compute_dtype(config: ModelConfig) -> Any:
+    return jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+
+
+# ----------------------------------------------------------------------------- mask and rope
+
+
+def attention_mask(
+    q_segments: Array, q_branches: Array, q_positions: Array, q_slots: Array,
+    kv_segments: Array, kv_branches: Array, kv_positions: Array, kv_slots: Array,
+    sliding_window: int | None,
+) -> Array:
+    """bool [batch, q_len, kv_len]: the rule of docs/design.md, from ids alone."""
+    same_segment = (q_segments[:, :, None] == kv_segments[:, None, :]) & (q_segments[:, :, None] != 0)
+    causal = kv_slots[:, None, :] <= q_slots[:, :, None]
+    kv_branch = kv_branches[:, None, :]
+    visible_branch = (kv_branch == 0) | (kv_branch == q_branches[:, :, None])
+    mask = same_segment & causal & visible_branch
+    if sliding_window is not None:
+        mask &= (q_positions[:, :, None] - kv_positions[:, None, :]) < sliding_window
+    return mask
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
+    """inv_freq as transformers computes it (fp32), with linear / llama3 scaling applied."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    inv_freq = inv_freq.astype(np.float32)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return (inv_freq / factor).astype(np.float32)
+    # llama3: low frequencies divided by factor, high kept, smooth blend in between
+    old_len = float(scaling["original_max_position_embeddings"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(positions: Array, config: ModelConfig) -> tuple[Array, Array]:
+    """cos, sin [batch, length, head_dim // 2] in fp32."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inverse_frequencies(config))
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """HF half-rotation: x * cos + rotate_half(x) * sin on [batch, length, heads, head_dim]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def grouped_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """q [b,t,heads,d], k/v [b,s,kv_heads,d], mask [b,t,s] -> [b,t,heads,d]; no key/value repeat."""
+    b, t, heads, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, heads // kv_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / np.sqrt(d))
+    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, heads, d)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return weight.astype(self.dtype) * normed.astype(self.dtype)
+
+
+class Conv1D(nn.Module):
+    """GPT-2's projection as FlaxGPT2 stores it: kernel [out_features, in_features]."""
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (self.features, x.shape[-1]), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+        return y + bias.astype(self.dtype)
+
+
+def dense(features: int, use_bias: bool, dtype: Any, name: str) -> nn.Dense:
+    return nn.Dense(
+        features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+        kernel_init=nn.initializers.normal(0.02), name=name,
+    )
+
+
+def update_kv_cache(layer_cache: tuple[Array, Array], k: Array, v: Array, index: Array) -> tuple[Array, Array]:
+    cached_k, cached_v = layer_cache
+    start = (0, index, 0, 0)
+    return (
+        jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), start),
+        jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), start),
+    )
+
+
+class LlamaAttention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, rope, mask, layer_cache, index):
+        c, dt = self.config, compute_dtype(self.config)
+        b, t, _ = x.shape
+        q = dense(c.num_heads * c.head_dim, c.attention_bias, dt, "q_proj")(x)
+        k = dense(c.num_kv_heads * c.head_dim, c.attention_bias, dt, "k_proj")(x)
+        v = dense(c.num_kv_heads * c.head_dim, c.attention_bias, dt, "v_proj")(x)
+        q = apply_rope(q.reshape(b, t, c.num_heads, c.head_dim), *rope)
+        k = apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), *rope)
+        v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+        if layer_cache is not None:
+            layer_cache = update_kv_cache(layer_cache, k, v, index)
+            k, v = (a.astype(dt) for a in layer_cache)
+        out = grouped_attention(q, k, v, mask).reshape(b, t, c.num_heads * c.head_dim)
+        return dense(c.hidden_size, c.attention_out_bias, dt, "o_proj")(out), layer_cache
+
+
+class LlamaMLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c, dt = self.config, compute_dtype(self.config)
+        act = ACTIVATION_FNS[c.activation]
+        gate = dense(c.intermediate_size, c.mlp_bias, dt, "gate_proj")(x)
+        up = dense(c.intermediate_size, c.mlp_bias, dt, "up_proj")(x)
+        return dense(c.hidden_size, c.mlp_bias, dt, "down_proj")(act(gate) * up)
+
+
+class LlamaBlock(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, rope, mask, layer_cache, index):
+        c, dt = self.config, compute_dtype(self.config)
+        h = RMSNorm(c.norm_eps, dt, name="input_layernorm")(x)
+        h, layer_cache = LlamaAttention(c, name="self_attn")(h, rope, mask, layer_cache, index)
+        x = x + h
+        h = RMSNorm(c.norm_eps, dt, name="post_attention_layernorm")(x)
+        return x + LlamaMLP(c, name="mlp")(h), layer_cache
+
+
+class GPT2Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, rope, mask, layer_cache, index):
+        c, dt = self.config, compute_dtype(self.config)
+        b, t, _ = x.shape
+        qkv = Conv1D(3 * c.hidden_size, dt, name="c_attn")(x)
+        q, k, v = (a.reshape(b, t, c.num_heads, c.head_dim) for a in jnp.split(qkv, 3, axis=-1))
+        if layer_cache is not None:
+            layer_cache = update_kv_cache(layer_cache, k, v, index)
+            k, v = (a.astype(dt) for a in layer_cache)
+        out = grouped_attention(q, k, v, mask).reshape(b, t, c.hidden_size)
+        return Conv1D(c.hidden_size, dt, name="c_proj")(out), layer_cache
+
+
+class GPT2MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c, dt = self.config, compute_dtype(self.config)
+        h = ACTIVATION_FNS[c.activation](Conv1D(c.intermediate_size, dt, name="c_fc")(x))
+        return Conv1D(c.hidden_size, dt, name="c_proj")(h)
+
+
+def layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=config.norm_eps, dtype=compute_dtype(config), param_dtype=jnp.float32,
+        use_fast_variance=False, name=name,
+    )
+
+
+class GPT2Block(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, rope, mask, layer_cache, index):
+        c = self.config
+        h, layer_cache = GPT2Attention(c, name="attn")(layer_norm(c, "ln_1")(x), rope, mask, layer_cache, index)
+        x = x + h
+        return x + GPT2MLP(c, name="mlp")(layer_norm(c, "ln_2")(x)), layer_cache
+
+
+class BlockStack(nn.Module):
+    """Blocks named "0", "1", ... like HF Flax's layer collections (model/layers/0, transformer/h/0)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, rope, mask, layer_caches, index):
+        block_cls = GPT2Block if self.config.family == "gpt2" else LlamaBlock
+        if self.config.remat:
+            block_cls = nn.remat(block_cls)
+        new_caches = []
+        for i in range(self.config.num_layers):
+            layer_cache = None if layer_caches is None else layer_caches[i]
+            x, layer_cache = block_cls(self.config, name=str(i))(x, rope, mask, layer_cache, index)
+            new_caches.append(layer_cache)
+        return x, new_caches
+
+
+class Backbone(nn.Module):
+    """Embeddings, blocks and final norm: HF's `model` (Llama) or `transformer` (GPT-2)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids, positions, mask, layer_caches, index):
+        c, dt = self.config, compute_dtype(self.config)
+        embed_name = "wte" if c.family == "gpt2" else "embed_tokens"
+        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=dt, param_dtype=jnp.float32,
+                         embedding_init=nn.initializers.normal(0.02), name=embed_name)
+        x = embed(input_ids)
+        rope = None
+        if c.family == "gpt2":
+            x = x + nn.Embed(c.max_position_embeddings, c.hidden_size, dtype=dt, param_dtype=jnp.float32,
+                             embedding_init=nn.initializers.normal(0.01), name="wpe")(positions)
+        else:
+            rope = rope_tables(positions, c)
+        stack_name = "h" if c.family == "gpt2" else "layers"
+        x, layer_caches = BlockStack(c, name=stack_name)(x, rope, mask, layer_caches, index)
+        if c.family == "gpt2":
+            x = layer_norm(c, "ln_f")(x)
+        else:
+            x = RMSNorm(c.norm_eps, dt, name="norm")(x)
+        return x, layer_caches, embed.embedding
+
+
+def backbone_name(config: ModelConfig) -> str:
+    return "transformer" if config.family == "gpt2" else "model"
+
+
+def embedding_path(config: ModelConfig) -> tuple[str, str, str]:
+    return (backbone_name(config), "wte" if config.family == "gpt2" else "embed_tokens", "embedding")
+
+
+class Decoder(nn.Module):
+    """`logits, cache = apply({"params": p}, input_ids, positions, segment_ids, branch_ids, cache)`.
+
+    Logits are fp32 [batch, length, vocab]; with `return_hidden=True` the final-norm hidden states
+    (compute dtype) come back instead, for chunked log-probs against `unembedding(params, config)`.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids, positions, segment_ids, branch_ids=None, cache=None, return_hidden=False):
+        c = self.config
+        batch, length = input_ids.shape
+        positions = positions.astype(jnp.int32)
+        segment_ids = segment_ids.astype(jnp.int32)
+        branch_ids = jnp.zeros_like(segment_ids) if branch_ids is None else branch_ids.astype(jnp.int32)
+        q_slots = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        if cache is None:
+            kv = (segment_ids, branch_ids, positions, q_slots)
+            layer_caches, index = None, None
+        else:
+            index = cache["index"].astype(jnp.int32)
+            cache = write_cache_ids(cache, positions, segment_ids, branch_ids, index)
+            max_len = cache["segment_ids"].shape[1]
+            kv_slots = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len))
+            kv = (cache["segment_ids"], cache["branch_ids"], cache["positions"], kv_slots)
+            q_slots = q_slots + index
+            layer_caches = list(zip(cache["k"], cache["v"]))
+        mask = attention_mask(segment_ids, branch_ids, positions, q_slots, *kv, c.sliding_window)
+        hidden, layer_caches, table = Backbone(c, name=backbone_name(c))(input_ids, positions, mask, layer_caches, index)
+        if cache is not None:
+            cache = dict(cache, k=[k for k, _ in layer_caches], v=[v for _, v in layer_caches], index=index + length)
+        if return_hidden:
+            return hidden, cache
+        if c.tie_word_embeddings:
+            logits = jnp.einsum("btd,vd->btv", hidden, table.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        else:
+            logits = LMHead(c, name="lm_head")(hidden)
+        return logits.astype(jnp.float32), cache
+
+
+class LMHead(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, hidden):
+        c = self.config
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (c.hidden_size, c.vocab_size), jnp.float32)
+        return jnp.einsum("btd,dv->btv", hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+
+def write_cache_ids(cache: dict, positions: Array, segment_ids: Array, branch_ids: Array, index: Array) -> dict:
+    def put(old, new):
+        return jax.lax.dynamic_update_slice(old, new.astype(old.dtype), (0, index))
+
+    return dict(
+        cache,
+        positions=put(cache["positions"], positions),
+        segment_ids=put(cache["segment_ids"], segment_ids),
+        branch_ids=put(cache["branch_ids"], branch_ids),
+    )
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> dict:
+    """An empty KV cache: segment_ids 0 marks an empty slot; `index` is the next slot to write."""
+    shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
+    ids = jnp.zeros((batch_size, max_length), jnp.int32)
+    return {
+        "k": [jnp.zeros(shape, dtype) for _ in range(config.num_layers)],
+        "v": [jnp.zeros(shape, dtype) for _ in range(config.num_layers)],
+        "positions": ids,
+        "segment_ids": ids,
+        "branch_ids": ids,
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def unembedding(params: Any, config: ModelConfig) -> Array:
+    """[hidden, vocab]: `hidden @ unembedding(...)` gives the logits (tied -> embedding.T)."""
+    if config.tie_word_embeddings:
+        backbone, table, leaf = embedding_path(config)
+        return params[backbone][table][leaf].T
+    return params["lm_head"]["kernel"]
+
+
+def init_params(config: ModelConfig, rng: Array | int = 0) -> Any:
+    """Random parameters of the right shapes (fp32), for tests and fresh models."""
+    if isinstance(rng, int):
+        rng = jax.random.PRNGKey(rng)
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return Decoder(config).init(rng, ids, ids, jnp.ones_like(ids))["params"]
+
+
+def param_shapes(config: ModelConfig) -> Any:
+    """The parameter tree as ShapeDtypeStructs, without allocating anything."""
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return jax.eval_shape(lambda i: Decoder(config).init(jax.random.PRNGKey(0), i, i, i), ids)["params"]

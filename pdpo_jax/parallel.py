@@ -1,0 +1,137 @@
+"""Device mesh, parameter partition rules and multi-host helpers.
+
+The mesh has axes ("data", "fsdp", "tensor"). Parameters are sharded by one rules table: the
+first regex that matches a parameter's "/"-joined path gives its PartitionSpec. A batch is split
+over data and fsdp together.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# (regex on the param path, spec). Kernels of Dense layers are [in, out]; GPT-2 Conv1D kernels
+# (as HF Flax stores them) are [out, in], hence their mirrored specs.
+DEFAULT_RULES: tuple[tuple[str, P], ...] = (
+    (r"(embed_tokens|wte)/embedding$", P("tensor", "fsdp")),
+    (r"wpe/embedding$", P(None, "fsdp")),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", P("fsdp", "tensor")),
+    (r"(o_proj|down_proj)/kernel$", P("tensor", "fsdp")),
+    (r"(attn/c_attn|mlp/c_fc)/kernel$", P("tensor", "fsdp")),
+    (r"(attn/c_proj|mlp/c_proj)/kernel$", P("fsdp", "tensor")),
+    (r"lm_head/kernel$", P("fsdp", "tensor")),
+    (r".*", P()),  # norms, biases: small, replicated
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh; -1 on one axis takes whatever devices are left."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"make_mesh: at most one axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"make_mesh: {len(devices)} devices do not split into fsdp*tensor*... = {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"make_mesh: data*fsdp*tensor = {int(np.prod(sizes))} but there are {len(devices)} devices")
+    try:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(sizes, devices)
+    except (AssertionError, ValueError, NotImplementedError):
+        grid = np.asarray(devices).reshape(sizes)
+    return Mesh(grid, AXES)
+
+
+def _axis_size(mesh: Mesh, axis: Any) -> int:
+    names = axis if isinstance(axis, tuple) else (axis,)
+    return int(np.prod([mesh.shape[n] for n in names]))
+
+
+def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh | None) -> P:
+    """Drops spec entries beyond the array's rank, and (with a mesh) any axis that does not divide
+    its dimension: such a dimension is replicated rather than unevenly split."""
+    entries = list(spec)[: len(shape)]
+    if mesh is not None:
+        entries = [a if a is None or shape[d] % _axis_size(mesh, a) == 0 else None for d, a in enumerate(entries)]
+    return P(*entries)
+
+
+def spec_for_path(path: str, shape: tuple[int, ...], rules: Sequence[tuple[str, P]], mesh: Mesh | None = None) -> P:
+    for pattern, spec in rules:
+        if re.search(pattern, path):
+            return fit_spec(spec, shape, mesh)
+    raise ValueError(f"no partition rule matches parameter {path!r}")
+
+
+def partition_specs_for_shapes(shapes: Mapping[str, tuple[int, ...]], rules=DEFAULT_RULES, mesh: Mesh | None = None) -> dict[str, P]:
+    return {path: spec_for_path(path, tuple(shape), rules, mesh) for path, shape in shapes.items()}
+
+
+def param_partition_specs(params: Any, rules: Sequence[tuple[str, P]] = DEFAULT_RULES, mesh: Mesh | None = None) -> Any:
+    """A tree of PartitionSpecs like `params` (arrays or ShapeDtypeStructs). With `mesh`, a dimension
+    not divisible by its mesh axis size falls back to replication on that dimension."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    specs = {path: spec_for_path(path, tuple(np.shape(leaf)), rules, mesh) for path, leaf in flat.items()}
+    return traverse_util.unflatten_dict(specs, sep="/")
+
+
+def param_shardings(params: Any, mesh: Mesh, rules: Sequence[tuple[str, P]] = DEFAULT_RULES) -> Any:
+    specs = param_partition_specs(params, rules, mesh)
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def shard_params(params: Any, mesh: Mesh, rules: Sequence[tuple[str, P]] = DEFAULT_RULES) -> Any:
+    return jax.device_put(params, param_shardings(params, mesh, rules))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batch dim split over ("data", "fsdp"), everything else replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def _env_says_multiprocess() -> bool:
+    env = os.environ
+    if env.get("PDPO_DISTRIBUTED", "").lower() in ("1", "true", "yes"):
+        return True
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+        return True
+    for count in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        if int(env.get(count, "1") or 1) > 1:
+            return True
+    return False
+
+
+def initialize_distributed(force: bool | None = None, **kwargs: Any) -> bool:
+    """Calls jax.distributed.initialize() when the environment describes several processes (TPU pod
+    slice, SLURM, MPI, JAX_COORDINATOR_ADDRESS, or PDPO_DISTRIBUTED=1). Must run before any other JAX
+    call. Returns whether it initialized."""
+    wanted = _env_says_multiprocess() if force is None else force
+    if not wanted:
+        return False
+    jax.distributed.initialize(**kwargs)
+    return True
+
+
+def global_batch_from_local(local_batch: Any, mesh: Mesh) -> Any:
+    """Each process passes its own rows; returns global arrays split over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
