@@ -195,7 +195,7 @@ def _ci(low: float | None, high: float | None) -> str:
 
 def judge_markdown(results: Mapping[str, Any]) -> str:
     """Pairwise: the win/draw/lose row of model A vs B. Tournament: win rates and head-to-head."""
-    convention = results.get("win_rate_convention", "")
+    convention = results.get("win_rate_convention", "").rstrip(".") + "."
     if results.get("mode") == "pairwise":
         counts, pct = results["counts"], results["percentages"]
         rate = results["win_rate_a"]
@@ -206,7 +206,7 @@ def judge_markdown(results: Mapping[str, Any]) -> str:
               _fmt(None if rate["value"] is None else 100 * rate["value"]), _ci(rate["ci_low"], rate["ci_high"])]],
             align_right_from=2,
         )
-        return f"### Judge: {results['model_a']} vs {results['model_b']}\n\n{table}\n\n{_status_line(results)} {convention}.\n"
+        return f"### Judge: {results['model_a']} vs {results['model_b']}\n\n{table}\n\n{_status_line(results)} {convention}\n"
     if results.get("mode") != "tournament":
         raise ValueError(f"judge results: unknown mode {results.get('mode')!r}")
     confidence = 100 * results.get("confidence", 0.95)
@@ -224,7 +224,7 @@ def judge_markdown(results: Mapping[str, Any]) -> str:
     ]
     matrix = _table(["row vs column (win/draw/lose)", *models], matrix_rows)
     return (
-        f"### Judge tournament\n\n{table}\n\n{_status_line(results)} {convention}; "
+        f"### Judge tournament\n\n{table}\n\n{_status_line(results)} {convention} "
         f"CIs: percentile bootstrap over games ({results.get('bootstrap_samples', '?')} resamples).\n\n"
         f"#### Head to head\n\n{matrix}\n"
     )
@@ -253,7 +253,8 @@ def plot_win_rates(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
     ax.barh(ys, values, xerr=[lower, upper], color="C0", capsize=4, error_kw={"elinewidth": 1})
     for y, (_, v, lo, hi) in zip(ys, rows):
         label = "n/a" if v is None else f"{100 * v:.1f}" + ("" if lo is None else f" [{100 * lo:.1f}, {100 * hi:.1f}]")
-        ax.text(1, y, label, va="center", ha="left", fontsize=8, color="white" if v and v > 0.2 else "black")
+        right = 0.0 if v is None else 100 * (v if hi is None else hi)
+        ax.text(right + 1.5, y, label, va="center", ha="left", fontsize=8)
     ax.set_yticks(list(ys), [r[0] for r in rows], fontsize=9)
     ax.axvline(50, color="gray", linestyle="--", linewidth=1)
     ax.set_xlim(0, 100)
