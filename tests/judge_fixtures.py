@@ -51,6 +51,7 @@ class ScriptedJudgeServer:
         self._hold = hold_until_in_flight
         self._hold_timeout_s = hold_timeout_s
         self._reached = threading.Event()
+        self._stopping = threading.Event()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
@@ -65,6 +66,7 @@ class ScriptedJudgeServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._stopping.set()
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -102,17 +104,20 @@ class ScriptedJudgeServer:
                     self.send_error(404)
                     return
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                attempt = server._begin(body, self.headers.get("Authorization", ""))
+                authorization = self.headers.get("Authorization", "")
+                attempt = server._begin(body, authorization)
                 try:
                     if server._hold is not None:
                         server._reached.wait(server._hold_timeout_s)
                     reply = server.policy(body, attempt)
                     if reply.delay_s:
-                        time.sleep(reply.delay_s)
+                        server._stopping.wait(reply.delay_s)  # cut short when the server stops
                     payload = (
                         completion_json(reply.text, body.get("model", ""))
                         if reply.status == 200
-                        else {"error": {"message": f"scripted HTTP {reply.status}", "type": "test", "code": None}}
+                        # Echoing the credentials, as a careless proxy might, tests that error
+                        # messages are redacted before they reach any file.
+                        else {"error": {"message": f"scripted HTTP {reply.status} for {authorization}", "type": "test", "code": None}}
                     )
                     data = json.dumps(payload).encode()
                     self.send_response(reply.status)

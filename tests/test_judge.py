@@ -62,7 +62,9 @@ SCRIPT = {
 }
 N_PAIRWISE = len(SCRIPT)
 MAX_RETRIES = 2
-TIMEOUT_S = 0.3
+# Generous, so a loaded machine never times out an ordinary reply; the scripted slow reply
+# outlasts it by far and is cut short when the server stops.
+TIMEOUT_S = 2.0
 
 
 def pairwise_policy(body: dict, attempt: int) -> Reply:
@@ -74,7 +76,7 @@ def pairwise_policy(body: dict, attempt: int) -> Reply:
     if behaviour == "rate_limited_twice" and attempt < 2:
         return Reply(status=429, headers={"Retry-After": "0", "retry-after-ms": "20"})
     if behaviour == "slow_once" and attempt == 0:
-        return Reply(delay_s=1.0, text="too late [[1]]")
+        return Reply(delay_s=60.0, text="too late [[1]]")
     if behaviour == "malformed_always" or (behaviour == "malformed_once" and not reasked):
         return Reply(text="Both responses are fine, I think response 1 is [1] maybe.")
     if behaviour == "position1":
@@ -140,6 +142,7 @@ def test_pairwise_counts_retries_cache_and_key_safety(tmp_path):
         assert by_id["7"].outcome == "win" and by_id["7"].consistent is False
         assert by_id["9"].status == "unparsable" and by_id["11"].status == "failed"
         assert "gave up after 3 attempts" in by_id["11"].orders[0].error
+        assert "HTTP 500" in by_id["11"].orders[0].error and "Bearer ***" in by_id["11"].orders[0].error
 
         # Requests: 2 per plain pair (ids 0-7), 2 per order for re-asked ones (8, 9), 3 per order
         # for the twice rate-limited (10), 1 + MAX_RETRIES per order for the always-500 (11), 2
@@ -288,6 +291,7 @@ def test_tournament_is_seeded_and_win_rates_match_the_games(tmp_path):
             out = tmp_path / name
             results, _, _ = run_judge(argv_for(server, files, out, "--mode", "tournament", "--games", "30", "--seed", seed))
             games = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
+            results.pop("requests_sent")
             runs[name] = (results, games)
 
     results, games = runs["s1"]
@@ -318,6 +322,14 @@ def test_tournament_is_seeded_and_win_rates_match_the_games(tmp_path):
     md = (tmp_path / "s1" / "judge_results.md").read_text()
     for row in results["models"]:
         assert f"| {row['model']} | {row['games']} | {row['wins']} | {row['draws']} | {row['losses']} | {100 * row['win_rate']:.1f} |" in md
+
+
+def test_tournament_default_games_cap_at_every_combination(tmp_path):
+    files = [write_responses(tmp_path / f"{m}.jsonl", m, dialogue_rows(m, 2)) for m in ("alpha", "beta", "gamma")]
+    with ScriptedJudgeServer(tournament_policy) as server:
+        results, judgments, _ = run_judge(argv_for(server, files, tmp_path / "out", "--mode", "tournament"))
+    assert results["games_requested"] == len(judgments) == 2 * 3  # 2 dialogues x 3 model pairs
+    assert sum(r["games"] for r in results["models"]) == 2 * len(judgments)
 
 
 # --------------------------------------------------------------------------------------------

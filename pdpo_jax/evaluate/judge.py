@@ -31,18 +31,15 @@ to disk (cache, results, logs) contains it.
 
 from __future__ import annotations
 
+from __future__ import annotations
+
 import argparse
 import concurrent.futures
-import hashlib
 import json
 import logging
 import os
-import random
-import re
 import sys
-import threading
 import time
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
@@ -50,419 +47,43 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import numpy as np
 
 from pdpo_jax.evaluate.atomic import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from pdpo_jax.evaluate.judge_client import (
+    ChatCompleter,
+    ClientSettings,
+    JudgeCallFailed,
+    JudgeConfigError,
+    JudgmentCache,
+    RetryPolicy,
+    cache_key,
+)
+from pdpo_jax.evaluate.judge_prompts import (
+    PROMPTS,
+    JudgePrompt,
+    Message,
+    Outcome,
+    build_messages,
+    combine_orders,
+    format_history,
+    parse_verdict,
+    prompt_for,
+    reask_messages,
+    verdict_to_outcome,
+)
 
 LOG = logging.getLogger(__name__)
 
-Outcome = Literal["win", "draw", "lose"]  # always from model A's side
-Message = dict[str, str]
 OUTCOMES: tuple[Outcome, ...] = ("win", "draw", "lose")
+DEFAULT_GAMES = 1000
 WIN_RATE_CONVENTION = "win rate = (wins + 0.5 * draws) / games; unparsable and failed games are excluded"
 
-
-# --------------------------------------------------------------------------------------------
-# Prompts
-
-
-@dataclass(frozen=True)
-class JudgePrompt:
-    """Everything language-specific about asking for one verdict."""
-
-    system: str
-    user_template: str  # fields: persona, history, response_1, response_2
-    speaker_label: str  # the persona's owner, who says the judged response
-    partner_label: str
-    empty_history: str
-    reask: str  # sent after an answer without a verdict
-
-
-_SYSTEM_EN = """\
-You are an impartial judge of persona-grounded open-domain dialogue. You are given the persona of \
-a speaker (sentences describing who the speaker is), the dialogue so far, and two candidate \
-responses that the speaker could say next. Decide which response better fulfils the persona and \
-is preferable as the speaker's next turn.
-
-Criteria, most important first:
-1. Persona consistency: the response must not contradict any persona sentence. Naturally \
-reflecting the persona where it fits is a plus; claiming facts that conflict with the persona is \
-a serious fault, even if the response is otherwise fluent.
-2. Response quality: coherent with the dialogue so far, relevant to the partner's last turn, \
-fluent, natural and engaging as casual conversation.
-
-Avoid these biases:
-- Position: the order in which the two responses are shown must not influence your decision.
-- Length: do not prefer a response because it is longer or shorter; judge what it says.
-- Names: the labels "Response 1" and "Response 2" carry no meaning; ignore any names, and do not \
-guess or consider which system wrote a response.
-
-First write a brief explanation that compares the two responses on the criteria. Then end your \
-answer with the verdict on its own line, in exactly this format: "[[1]]" if Response 1 is \
-better, "[[2]]" if Response 2 is better, "[[3]]" if they are equally good or equally bad (a tie). \
-The verdict must be the last thing you write."""
-
-_USER_EN = """\
-[Persona of the speaker]
-{persona}
-
-[Dialogue so far]
-{history}
-
-[Response 1]
-{response_1}
-[End of Response 1]
-
-[Response 2]
-{response_2}
-[End of Response 2]
-
-Which response better fulfils the persona and is preferable as the speaker's next turn? Explain \
-first, then give your verdict as [[1]], [[2]] or [[3]] on the last line."""
-
-_SYSTEM_JA = """\
-あなたはペルソナに基づく雑談対話を評価する公平な審査員です。話者のペルソナ（話者がどんな人物かを説明する文）、\
-ここまでの対話、そして話者が次に言いうる二つの応答候補が与えられます。どちらの応答がペルソナをよりよく満たし、\
-話者の次の発話として望ましいかを判定してください。
-
-評価基準（重要な順）:
-1. ペルソナとの一貫性: 応答はどのペルソナ文とも矛盾してはいけません。自然な形でペルソナを反映していれば加点です。\
-ペルソナと食い違う事実を述べることは、応答がほかの点で流暢であっても重大な欠点です。
-2. 応答の質: ここまでの対話と整合し、相手の直前の発話に関連しており、流暢で自然な、雑談として魅力のある応答であること。
-
-次の偏りを避けてください:
-- 位置: 二つの応答が示される順番を判定に影響させないこと。
-- 長さ: 長い・短いという理由で応答を選ばないこと。内容で判断すること。
-- 名前: 「応答1」「応答2」というラベルに意味はありません。名前は無視し、どのシステムが書いた応答かを推測・考慮しないこと。
-
-まず二つの応答を評価基準に沿って比較する短い説明を書いてください。そのあと最後の行に、判定を次の形式どおりに書いてください: \
-応答1が良ければ「[[1]]」、応答2が良ければ「[[2]]」、同程度に良い、または同程度に悪ければ（引き分け）「[[3]]」。\
-判定は必ず回答の最後に書いてください。"""
-
-_USER_JA = """\
-【話者のペルソナ】
-{persona}
-
-【ここまでの対話】
-{history}
-
-【応答1】
-{response_1}
-【応答1ここまで】
-
-【応答2】
-{response_2}
-【応答2ここまで】
-
-どちらの応答がペルソナをよりよく満たし、話者の次の発話として望ましいですか。まず説明を書き、最後の行に \
-[[1]]、[[2]]、[[3]] のいずれかで判定を書いてください。"""
-
-PROMPTS: dict[str, JudgePrompt] = {
-    "en": JudgePrompt(
-        system=_SYSTEM_EN,
-        user_template=_USER_EN,
-        speaker_label="Speaker",
-        partner_label="Partner",
-        empty_history="(no previous turns: the speaker opens the conversation)",
-        reask="Your answer did not end with a verdict in the required format. Give your final "
-        "verdict now, replying with exactly one of [[1]], [[2]] or [[3]].",
-    ),
-    "ja": JudgePrompt(
-        system=_SYSTEM_JA,
-        user_template=_USER_JA,
-        speaker_label="話者",
-        partner_label="相手",
-        empty_history="（これまでの発話はありません。話者が会話を始めます）",
-        reask="回答の最後に所定の形式の判定がありませんでした。最終判定を [[1]]、[[2]]、[[3]] の"
-        "いずれか一つだけで答えてください。",
-    ),
-}
-
-
-def prompt_for(language: str) -> JudgePrompt:
-    if language not in PROMPTS:
-        raise ValueError(f"unknown judge language {language!r}; choose one of {sorted(PROMPTS)}")
-    return PROMPTS[language]
-
-
-def format_history(history: Sequence[str], prompt: JudgePrompt) -> str:
-    """Label turns counting back from the end: the last turn is the partner's, the speaker answers it."""
-    if not history:
-        return prompt.empty_history
-    last = len(history) - 1
-    labels = [prompt.partner_label if (last - i) % 2 == 0 else prompt.speaker_label for i in range(len(history))]
-    return "\n".join(f"{label}: {turn}" for label, turn in zip(labels, history))
-
-
-def build_messages(
-    prompt: JudgePrompt, persona: Sequence[str], history: Sequence[str], response_1: str, response_2: str
-) -> list[Message]:
-    user = prompt.user_template.format(
-        persona="\n".join(f"- {line}" for line in persona),
-        history=format_history(history, prompt),
-        response_1=response_1,
-        response_2=response_2,
-    )
-    return [{"role": "system", "content": prompt.system}, {"role": "user", "content": user}]
-
-
-def reask_messages(prompt: JudgePrompt, messages: Sequence[Message], answer: str) -> list[Message]:
-    return [*messages, {"role": "assistant", "content": answer}, {"role": "user", "content": prompt.reask}]
-
-
-# --------------------------------------------------------------------------------------------
-# Verdicts and how two orders combine
-
-_VERDICT = re.compile(r"\[\[\s*([123])\s*\]\]")
-
-
-def parse_verdict(text: str) -> int | None:
-    """The last [[1]]/[[2]]/[[3]] in the text; NFKC first so full-width brackets and digits count."""
-    found = _VERDICT.findall(unicodedata.normalize("NFKC", text or ""))
-    return int(found[-1]) if found else None
-
-
-def verdict_to_outcome(verdict: int, a_first: bool) -> Outcome:
-    if verdict == 3:
-        return "draw"
-    return "win" if (verdict == 1) == a_first else "lose"
-
-
-def combine_orders(first: Outcome, second: Outcome) -> Outcome:
-    """Agreement keeps the outcome; a decision plus a tie keeps the decision; win vs lose is a draw."""
-    if first == second:
-        return first
-    if first == "draw":
-        return second
-    if second == "draw":
-        return first
-    return "draw"
-
-
-# --------------------------------------------------------------------------------------------
-# Cache
-
-
-def cache_key(model: str, messages: Sequence[Message], sampling: Mapping[str, Any]) -> str:
-    payload = json.dumps(
-        {"model": model, "messages": list(messages), "sampling": dict(sampling)},
-        sort_keys=True,
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-
-class JudgmentCache:
-    """Append-only jsonl of judge answers keyed by `cache_key`; every record is fsynced.
-
-    A crash can tear only the last line; loading drops such a line and cuts it off the file so the
-    next append starts on a clean line. Damage anywhere else is reported, not guessed around.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        self.torn_lines_dropped = 0
-        self._answers = self._load()
-
-    def _load(self) -> dict[str, str]:
-        if not self.path.exists():
-            return {}
-        data = self.path.read_bytes()
-        lines = data.split(b"\n")
-        complete, tail = lines[:-1], lines[-1]
-        answers: dict[str, str] = {}
-        for number, raw in enumerate(complete, start=1):
-            if raw.strip():
-                key, text = self._parse_line(raw, number)
-                answers[key] = text
-        if tail.strip():
-            try:
-                key, text = self._parse_line(tail, len(complete) + 1)
-            except ValueError:
-                self.torn_lines_dropped = 1
-                LOG.warning("%s: dropping a torn last line (%d bytes) left by an interrupted write", self.path, len(tail))
-                with open(self.path, "r+b") as handle:
-                    handle.truncate(len(data) - len(tail))
-                    handle.flush()
-                    os.fsync(handle.fileno())
-            else:
-                answers[key] = text
-                with open(self.path, "ab") as handle:
-                    handle.write(b"\n")
-                    handle.flush()
-                    os.fsync(handle.fileno())
-        return answers
-
-    def _parse_line(self, raw: bytes, number: int) -> tuple[str, str]:
-        try:
-            record = json.loads(raw)
-            return str(record["key"]), str(record["text"])
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{self.path}:{number}: not a cache record ({err})") from None
-
-    def __len__(self) -> int:
-        return len(self._answers)
-
-    def get(self, key: str) -> str | None:
-        with self._lock:
-            return self._answers.get(key)
-
-    def put(self, key: str, text: str, model: str) -> None:
-        line = json.dumps({"key": key, "model": model, "text": text, "time": time.time()}, ensure_ascii=False) + "\n"
-        with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "ab") as handle:
-                handle.write(line.encode("utf-8"))
-                handle.flush()
-                os.fsync(handle.fileno())
-            self._answers[key] = text
-
-
-# --------------------------------------------------------------------------------------------
-# The client: bounded retries with exponential backoff and jitter
-
-
-class JudgeConfigError(ValueError):
-    """The judge cannot start: missing key, bad input files, bad options."""
-
-
-class JudgeCallFailed(RuntimeError):
-    """A chat completion that still failed after the allowed retries (or could not be retried)."""
-
-
-@dataclass(frozen=True)
-class ClientSettings:
-    model: str
-    base_url: str | None = None
-    temperature: float = 0.0
-    max_tokens: int = 1024
-    timeout_s: float = 60.0
-    api_key_env: str = "OPENAI_API_KEY"
-
-    def sampling(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "max_tokens": self.max_tokens}
-
-    def public(self) -> dict[str, Any]:
-        """What may be written to results: the name of the key's variable, never its value."""
-        return {
-            "model": self.model,
-            "base_url": self.base_url,
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-            "timeout_s": self.timeout_s,
-            "api_key_env": self.api_key_env,
-        }
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    max_retries: int = 6
-    backoff_base_s: float = 1.0
-    backoff_max_s: float = 60.0
-
-    def delay_s(self, attempt: int, retry_after_s: float | None, rng: random.Random) -> float:
-        """Half fixed, half random ("equal jitter") exponential backoff; a server's Retry-After wins if longer."""
-        backoff = min(self.backoff_max_s, self.backoff_base_s * 2.0**attempt)
-        delay = backoff / 2 + rng.uniform(0.0, backoff / 2)
-        if retry_after_s is not None:
-            delay = max(delay, min(retry_after_s, self.backoff_max_s))
-        return delay
-
-
-_RETRYABLE_STATUS = {408, 409, 429}
-
-
-def _is_retryable(err: Exception) -> bool:
-    import openai
-
-    if isinstance(err, (openai.APITimeoutError, openai.APIConnectionError)):
-        return True
-    if isinstance(err, openai.APIStatusError):
-        return err.status_code in _RETRYABLE_STATUS or err.status_code >= 500
-    return False
-
-
-def _retry_after_s(err: Exception) -> float | None:
-    response = getattr(err, "response", None)
-    headers = getattr(response, "headers", None)
-    if headers is None:
-        return None
-    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is not None:
-            try:
-                return max(0.0, float(value) * scale)
-            except ValueError:
-                continue  # an HTTP date; the exponential backoff covers it
-    return None
-
-
-class ChatCompleter:
-    """One OpenAI-compatible chat endpoint; `complete(messages)` returns the answer text.
-
-    The openai client's own retries are switched off (max_retries=0) so they do not multiply ours.
-    """
-
-    def __init__(
-        self,
-        settings: ClientSettings,
-        retry: RetryPolicy = RetryPolicy(),
-        *,
-        sleep: Callable[[float], None] = time.sleep,
-        rng: random.Random | None = None,
-    ):
-        import openai
-
-        key = os.environ.get(settings.api_key_env)
-        if not key:
-            raise JudgeConfigError(
-                f"environment variable {settings.api_key_env} is not set; put the judge API key there "
-                f"(for a local server without authentication any value works, e.g. EMPTY)"
-            )
-        self.settings = settings
-        self.retry = retry
-        self._secret = key
-        self._sleep = sleep
-        self._rng = rng or random.Random()
-        self._client = openai.OpenAI(
-            api_key=key, base_url=settings.base_url, timeout=settings.timeout_s, max_retries=0
-        )
-        self._count_lock = threading.Lock()
-        self.requests_sent = 0
-
-    def close(self) -> None:
-        self._client.close()
-
-    def _redact(self, text: str) -> str:
-        return text.replace(self._secret, "***")
-
-    def complete(self, messages: Sequence[Message]) -> str:
-        attempts = self.retry.max_retries + 1
-        for attempt in range(attempts):
-            with self._count_lock:
-                self.requests_sent += 1
-            try:
-                response = self._client.chat.completions.create(
-                    model=self.settings.model, messages=list(messages), **self.settings.sampling()
-                )
-            except Exception as err:  # noqa: BLE001 - classified just below, re-raised if unknown
-                import openai
-
-                if not isinstance(err, openai.APIError):
-                    raise
-                status = getattr(err, "status_code", None)
-                what = self._redact(f"{type(err).__name__}" + (f" (HTTP {status})" if status else "") + f": {err}")
-                if not _is_retryable(err):
-                    raise JudgeCallFailed(f"not retryable: {what}") from None
-                if attempt + 1 == attempts:
-                    raise JudgeCallFailed(f"gave up after {attempts} attempts: {what}") from None
-                delay = self.retry.delay_s(attempt, _retry_after_s(err), self._rng)
-                LOG.info("judge call failed (%s); retry %d/%d in %.2fs", what, attempt + 1, self.retry.max_retries, delay)
-                self._sleep(delay)
-                continue
-            if not response.choices:
-                return ""
-            return response.choices[0].message.content or ""
-        raise AssertionError("unreachable")
+__all__ = [
+    "PROMPTS", "ChatCompleter", "ClientSettings", "JudgeCallFailed", "JudgeConfigError", "JudgePrompt",
+    "JudgmentCache", "OrderJudgment", "PairItem", "PairJudge", "PairJudgment", "ResponseSet", "RetryPolicy",
+    "bootstrap_win_rates", "build_messages", "build_parser", "cache_key", "combine_orders", "common_ids",
+    "format_history", "judge_pairs", "load_responses", "main", "make_item", "pairwise_summary", "parse_verdict",
+    "position_consistency", "presentation_orders", "prompt_for", "reask_messages", "run", "sample_games",
+    "tournament_summary", "verdict_to_outcome",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -728,10 +349,16 @@ def bootstrap_win_rates(
         nan = np.full(scores.shape[1], np.nan)
         return nan, nan.copy()
     rng = np.random.default_rng([seed, 2])
-    # Each bootstrap sample as multiplicity weights over games: the same as resampling indices.
-    weights = rng.multinomial(n_games, np.full(n_games, 1.0 / n_games), size=samples).astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rates = (weights @ scores) / (weights @ played)
+    # Each bootstrap sample as multiplicity weights over games (the same as resampling indices),
+    # drawn in chunks so memory stays bounded for long tournaments.
+    chunk = max(1, 4_000_000 // n_games)
+    rates_chunks = []
+    for start in range(0, samples, chunk):
+        size = min(chunk, samples - start)
+        weights = rng.multinomial(n_games, np.full(n_games, 1.0 / n_games), size=size).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rates_chunks.append((weights @ scores) / (weights @ played))
+    rates = np.concatenate(rates_chunks)
     tail = (1.0 - confidence) / 2 * 100
     low = np.full(scores.shape[1], np.nan)
     high = np.full(scores.shape[1], np.nan)
@@ -887,17 +514,30 @@ def tournament_summary(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pdpo judge",
-        description="Pairwise LLM-as-judge evaluation of persona dialogue responses against an "
-        "OpenAI-compatible chat endpoint. The judge explains, then ends with [[1]], [[2]] or [[3]] (tie).",
-        epilog="Responses files are jsonl, one object per line: "
-        '{"id": ..., "persona": [...], "history": [...], "response": "...", "model": "name"} '
-        '(without "model" the file name is used). Files are matched by id. '
-        "pairwise: win/draw/lose of the first file's model against the second's. "
-        "tournament: --games random (dialogue, two distinct models) draws; each model's win rate "
-        "(wins + 0.5 draws) / games with bootstrap 95%% CIs and a head-to-head table. "
-        "Outputs in --out: judge_results.json, judge_results.md, judgments.jsonl, and PNG plots. "
-        "Every judge answer is cached (--cache), so a rerun pays only for what is missing; "
-        "exit status 1 means some calls failed and a rerun will retry them.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Pairwise LLM-as-judge evaluation of persona dialogue responses against an\n"
+        "OpenAI-compatible chat endpoint. The judge explains first, then ends with its verdict:\n"
+        "[[1]] (response 1 is better), [[2]] (response 2) or [[3]] (tie).",
+        epilog="""\
+responses files (jsonl, one per model, matched by id):
+  {"id": ..., "persona": [...], "history": [...], "response": "...", "model": "name"}
+  (without "model" the file's stem names the model)
+
+modes:
+  pairwise    win/draw/lose of the first file's model (A) against the second's (B)
+  tournament  --games random draws of (dialogue, two distinct models); each model's win
+              rate = (wins + 0.5 draws) / games, with bootstrap 95% CIs over games, and
+              a head-to-head win/draw/lose table
+
+orders "both": each pair is judged in both presentation orders; the same outcome twice
+  keeps it, a win (loss) plus a tie is a win (loss), a win plus a loss is a draw.
+  The position-consistency rate is reported. Answers without a verdict are asked again
+  once; still unparsable or failed pairs are excluded from the counts and reported.
+
+outputs in --out: judge_results.json, judge_results.md, judgments.jsonl (every answer),
+  win_rates.png, outcomes.png. Every judge answer is cached (--cache), so a rerun pays
+  only for what is missing. Exit status 1: some calls failed; a rerun retries them.
+  The API key is read from --api-key-env only and is never written anywhere.""",
     )
     parser.add_argument("--responses", nargs="+", required=True, metavar="FILE", help="responses jsonl, one per model")
     parser.add_argument("--mode", choices=("pairwise", "tournament"), default="pairwise",
@@ -916,7 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backoff-base", type=float, default=1.0, help="first backoff in seconds, doubling per retry (default: %(default)s)")
     parser.add_argument("--backoff-max", type=float, default=60.0, help="longest backoff in seconds (default: %(default)s)")
     parser.add_argument("--cache", default=None, help="judge answer cache (jsonl); default: OUT/judge_cache.jsonl")
-    parser.add_argument("--games", type=int, default=1000, help="tournament games (default: %(default)s)")
+    parser.add_argument("--games", type=int, default=None,
+                        help="tournament games (default: 1000, or every (dialogue, model pair) combination if fewer)")
     parser.add_argument("--limit", type=int, default=None, help="pairwise: judge only the first N shared ids")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed for game sampling, single-order coin flips and the bootstrap (default: %(default)s)")
@@ -926,6 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.games is not None and args.games < 1:
+        parser.error("--games must be >= 1")
     for name in ("concurrency", "max_tokens", "bootstrap"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -934,6 +577,8 @@ def _check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             parser.error(f"--{name.replace('_', '-')} must be > 0")
     if args.max_retries < 0:
         parser.error("--max-retries must be >= 0")
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be >= 1")
 
 
 def run(args: argparse.Namespace, *, sleep: Callable[[float], None] = time.sleep) -> tuple[dict[str, Any], list[PairJudgment]]:
@@ -949,7 +594,9 @@ def run(args: argparse.Namespace, *, sleep: Callable[[float], None] = time.sleep
         items = [make_item(i, sets[0], sets[1]) for i in ids]
     else:
         by_model = {s.model: s for s in sets}
-        items = [make_item(i, by_model[a], by_model[b]) for i, a, b in sample_games(shared, list(by_model), args.games, args.seed)]
+        combinations = len(shared) * len(sets) * (len(sets) - 1) // 2
+        games = args.games if args.games is not None else min(DEFAULT_GAMES, combinations)
+        items = [make_item(i, by_model[a], by_model[b]) for i, a, b in sample_games(shared, list(by_model), games, args.seed)]
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -975,7 +622,7 @@ def run(args: argparse.Namespace, *, sleep: Callable[[float], None] = time.sleep
         results["unmatched_ids"] = {s.model: len(s.records) - len(shared) for s in sets}
     else:
         results = tournament_summary(judgments, [s.model for s in sets], bootstrap=args.bootstrap, seed=args.seed)
-        results["games_requested"] = args.games
+        results["games_requested"] = len(items)
     results.update(
         {
             "judge": settings.public(),
