@@ -189,6 +189,7 @@ def test_cache_rerun_is_free_and_survives_a_torn_line(tmp_path):
         again, _, _ = run_judge(argv_for(server, [a, b], tmp_path / "three", "--cache", str(cache)))
         assert server.request_count == 2 * n
         assert again["counts"] == first["counts"]
+        assert again["cache"]["torn_lines_dropped"] == 1
 
         # New prompts (Japanese) append cleanly after the cut: every line parses afterwards.
         ja, _, _ = run_judge(argv_for(server, [a, b], tmp_path / "four", "--cache", str(cache), "--language", "ja"))
@@ -291,7 +292,7 @@ def test_tournament_is_seeded_and_win_rates_match_the_games(tmp_path):
             out = tmp_path / name
             results, _, _ = run_judge(argv_for(server, files, out, "--mode", "tournament", "--games", "30", "--seed", seed))
             games = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
-            results.pop("requests_sent")
+            results.pop("requests_sent"), results.pop("cache")  # run-specific, not part of the outcome
             runs[name] = (results, games)
 
     results, games = runs["s1"]

@@ -566,7 +566,7 @@ outputs in --out: judge_results.json, judge_results.md, judgments.jsonl (every a
     return parser
 
 
-def _check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.games is not None and args.games < 1:
         parser.error("--games must be >= 1")
     for name in ("concurrency", "max_tokens", "bootstrap"):
@@ -631,6 +631,7 @@ def run(args: argparse.Namespace, *, sleep: Callable[[float], None] = time.sleep
             "seed": args.seed,
             "responses": [{"model": s.model, "path": s.path} for s in sets],
             "requests_sent": completer.requests_sent,
+            "cache": {"path": str(cache.path), "torn_lines_dropped": cache.torn_lines_dropped},
         }
     )
     rows = []
@@ -651,7 +652,7 @@ def run(args: argparse.Namespace, *, sleep: Callable[[float], None] = time.sleep
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _check_positive(parser, args)
+    _validate(parser, args)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:

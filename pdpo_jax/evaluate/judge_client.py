@@ -22,6 +22,10 @@ from pdpo_jax.evaluate.judge_prompts import Message
 LOG = logging.getLogger(__name__)
 
 
+class JudgeConfigError(ValueError):
+    """The judge cannot start: missing key, bad input files or options, a damaged cache."""
+
+
 # --------------------------------------------------------------------------------------------
 # Cache
 
@@ -83,7 +87,7 @@ class JudgmentCache:
             record = json.loads(raw)
             return str(record["key"]), str(record["text"])
         except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{self.path}:{number}: not a cache record ({err})") from None
+            raise JudgeConfigError(f"{self.path}:{number}: not a cache record ({err})") from None
 
     def __len__(self) -> int:
         return len(self._answers)
@@ -105,10 +109,6 @@ class JudgmentCache:
 
 # --------------------------------------------------------------------------------------------
 # The client: bounded retries with exponential backoff and jitter
-
-
-class JudgeConfigError(ValueError):
-    """The judge cannot start: missing key, bad input files, bad options."""
 
 
 class JudgeCallFailed(RuntimeError):
