@@ -94,8 +94,9 @@ def alpha_wins(body: dict, attempt: int) -> Reply:
     return verdict("alpha keeps the persona.", 1 if order[0] == "alpha" else 2)
 
 
-def argv_for(server: ScriptedJudgeServer, files: list[str], out: Path, *extra: str) -> list[str]:
+def argv_for(server: ScriptedJudgeServer, files: list[str], out: Path, *extra: str, plots: bool = False) -> list[str]:
     return [
+        *([] if plots else ["--no-plots"]),
         "--responses", *files,
         "--base-url", server.base_url,
         "--judge-model", "judge-test",
@@ -130,7 +131,7 @@ def test_pairwise_counts_retries_cache_and_key_safety(tmp_path):
     b = write_responses(tmp_path / "b.jsonl", "beta", dialogue_rows("beta", N_PAIRWISE))
     out, cache = tmp_path / "out", tmp_path / "cache" / "judge.jsonl"
     with ScriptedJudgeServer(pairwise_policy) as server:
-        argv = argv_for(server, [a, b], out, "--cache", str(cache), "--concurrency", "4")
+        argv = argv_for(server, [a, b], out, "--cache", str(cache), "--concurrency", "4", plots=True)
         results, judgments, delays = run_judge(argv)
 
         assert results["counts"] == {"win": 6, "draw": 2, "lose": 3}
@@ -232,7 +233,7 @@ def test_main_writes_outputs_and_reports_success(tmp_path, capsys):
     b = write_responses(tmp_path / "b.jsonl", "beta", dialogue_rows("beta", 4)[:3])  # id 3 unmatched
     out = tmp_path / "out"
     with ScriptedJudgeServer(alpha_wins) as server:
-        assert judge.main(argv_for(server, [a, b], out, "--no-plots")) == 0
+        assert judge.main(argv_for(server, [a, b], out)) == 0
     printed = capsys.readouterr().out
     assert "| alpha | beta | 100.0 (3) | 0.0 (0) | 0.0 (0) |" in printed
     saved = json.loads((out / "judge_results.json").read_text())

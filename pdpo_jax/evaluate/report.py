@@ -84,10 +84,9 @@ def _dnli_rows(report: Mapping[str, Any]) -> list[tuple[str, int, dict[str, floa
         n = entry.get("n")
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"{where}: key 'n' must be a non-negative integer")
-        given = entry.get("percentages") or {}
-        percentages = {
-            k: float(given[k]) if k in given else (100.0 * counts[k] / n if n else float("nan")) for k, _, _ in DNLI_METRICS
-        }
+        # Derived from the counts rather than read, so a report storing fractions instead of
+        # percentages cannot slip through as 100x too small.
+        percentages = {k: 100.0 * counts[k] / n if n else float("nan") for k, _, _ in DNLI_METRICS}
         rows.append((name, n, percentages, {k: int(counts[k]) for k, _, _ in DNLI_METRICS}))
     return rows
 
@@ -195,7 +194,8 @@ def _ci(low: float | None, high: float | None) -> str:
 
 def judge_markdown(results: Mapping[str, Any]) -> str:
     """Pairwise: the win/draw/lose row of model A vs B. Tournament: win rates and head-to-head."""
-    convention = results.get("win_rate_convention", "").rstrip(".") + "."
+    convention = results.get("win_rate_convention", "").rstrip(".")
+    convention = f"{convention}." if convention else ""
     if results.get("mode") == "pairwise":
         counts, pct = results["counts"], results["percentages"]
         rate = results["win_rate_a"]
