@@ -1,0 +1,251 @@
+"""Talking to an OpenAI-compatible chat endpoint: bounded retries with backoff, and an on-disk answer cache.
+
+The API key is read from an environment variable and handed to the openai client only; it is
+never written to the cache, results or error messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from pdpo_jax.evaluate.judge_prompts import Message
+
+LOG = logging.getLogger(__name__)
+
+
+class JudgeConfigError(ValueError):
+    """The judge cannot start: missing key, bad input files or options, a damaged cache."""
+
+
+# --------------------------------------------------------------------------------------------
+# Cache
+
+
+def cache_key(model: str, messages: Sequence[Message], sampling: Mapping[str, Any]) -> str:
+    payload = json.dumps(
+        {"model": model, "messages": list(messages), "sampling": dict(sampling)},
+        sort_keys=True,
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+class JudgmentCache:
+    """Append-only jsonl of judge answers keyed by `cache_key`; every record is fsynced.
+
+    A crash can tear only the last line; loading drops such a line and cuts it off the file so the
+    next append starts on a clean line. Damage anywhere else is reported, not guessed around.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self.torn_lines_dropped = 0
+        self._answers = self._load()
+
+    def _load(self) -> dict[str, str]:
+        if not self.path.exists():
+            return {}
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        complete, tail = lines[:-1], lines[-1]
+        answers: dict[str, str] = {}
+        for number, raw in enumerate(complete, start=1):
+            if raw.strip():
+                key, text = self._parse_line(raw, number)
+                answers[key] = text
+        if tail.strip():
+            try:
+                key, text = self._parse_line(tail, len(complete) + 1)
+            except ValueError:
+                self.torn_lines_dropped = 1
+                LOG.warning("%s: dropping a torn last line (%d bytes) left by an interrupted write", self.path, len(tail))
+                with open(self.path, "r+b") as handle:
+                    handle.truncate(len(data) - len(tail))
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            else:
+                answers[key] = text
+                with open(self.path, "ab") as handle:
+                    handle.write(b"\n")
+                    handle.flush()
+                    os.fsync(handle.fileno())
+        return answers
+
+    def _parse_line(self, raw: bytes, number: int) -> tuple[str, str]:
+        try:
+            record = json.loads(raw)
+            return str(record["key"]), str(record["text"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise JudgeConfigError(f"{self.path}:{number}: not a cache record ({err})") from None
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+    def get(self, key: str) -> str | None:
+        with self._lock:
+            return self._answers.get(key)
+
+    def put(self, key: str, text: str, model: str) -> None:
+        line = json.dumps({"key": key, "model": model, "text": text, "time": time.time()}, ensure_ascii=False) + "\n"
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "ab") as handle:
+                handle.write(line.encode("utf-8"))
+                handle.flush()
+                os.fsync(handle.fileno())
+            self._answers[key] = text
+
+
+# --------------------------------------------------------------------------------------------
+# The client: bounded retries with exponential backoff and jitter
+
+
+class JudgeCallFailed(RuntimeError):
+    """A chat completion that still failed after the allowed retries (or could not be retried)."""
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    model: str
+    base_url: str | None = None
+    temperature: float = 0.0
+    max_tokens: int = 1024
+    timeout_s: float = 60.0
+    api_key_env: str = "OPENAI_API_KEY"
+
+    def sampling(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "max_tokens": self.max_tokens}
+
+    def public(self) -> dict[str, Any]:
+        """What may be written to results: the name of the key's variable, never its value."""
+        return {
+            "model": self.model,
+            "base_url": self.base_url,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "timeout_s": self.timeout_s,
+            "api_key_env": self.api_key_env,
+        }
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_retries: int = 6
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+
+    def delay_s(self, attempt: int, retry_after_s: float | None, rng: random.Random) -> float:
+        """Half fixed, half random ("equal jitter") exponential backoff; a server's Retry-After wins if longer."""
+        backoff = min(self.backoff_max_s, self.backoff_base_s * 2.0**attempt)
+        delay = backoff / 2 + rng.uniform(0.0, backoff / 2)
+        if retry_after_s is not None:
+            delay = max(delay, min(retry_after_s, self.backoff_max_s))
+        return delay
+
+
+_RETRYABLE_STATUS = {408, 409, 429}
+
+
+def _is_retryable(err: Exception) -> bool:
+    import openai
+
+    if isinstance(err, (openai.APITimeoutError, openai.APIConnectionError)):
+        return True
+    if isinstance(err, openai.APIStatusError):
+        return err.status_code in _RETRYABLE_STATUS or err.status_code >= 500
+    return False
+
+
+def _retry_after_s(err: Exception) -> float | None:
+    response = getattr(err, "response", None)
+    headers = getattr(response, "headers", None)
+    if headers is None:
+        return None
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is not None:
+            try:
+                return max(0.0, float(value) * scale)
+            except ValueError:
+                continue  # an HTTP date; the exponential backoff covers it
+    return None
+
+
+class ChatCompleter:
+    """One OpenAI-compatible chat endpoint; `complete(messages)` returns the answer text.
+
+    The openai client's own retries are switched off (max_retries=0) so they do not multiply ours.
+    """
+
+    def __init__(
+        self,
+        settings: ClientSettings,
+        retry: RetryPolicy = RetryPolicy(),
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ):
+        import openai
+
+        key = os.environ.get(settings.api_key_env)
+        if not key:
+            raise JudgeConfigError(
+                f"environment variable {settings.api_key_env} is not set; put the judge API key there "
+                f"(for a local server without authentication any value works, e.g. EMPTY)"
+            )
+        self.settings = settings
+        self.retry = retry
+        self._secret = key
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._client = openai.OpenAI(
+            api_key=key, base_url=settings.base_url, timeout=settings.timeout_s, max_retries=0
+        )
+        self._count_lock = threading.Lock()
+        self.requests_sent = 0
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._secret, "***")
+
+    def complete(self, messages: Sequence[Message]) -> str:
+        attempts = self.retry.max_retries + 1
+        for attempt in range(attempts):
+            with self._count_lock:
+                self.requests_sent += 1
+            try:
+                response = self._client.chat.completions.create(
+                    model=self.settings.model, messages=list(messages), **self.settings.sampling()
+                )
+            except Exception as err:  # noqa: BLE001 - classified just below, re-raised if unknown
+                import openai
+
+                if not isinstance(err, openai.APIError):
+                    raise
+                status = getattr(err, "status_code", None)
+                what = self._redact(f"{type(err).__name__}" + (f" (HTTP {status})" if status else "") + f": {err}")
+                if not _is_retryable(err):
+                    raise JudgeCallFailed(f"not retryable: {what}") from None
+                if attempt + 1 == attempts:
+                    raise JudgeCallFailed(f"gave up after {attempts} attempts: {what}") from None
+                delay = self.retry.delay_s(attempt, _retry_after_s(err), self._rng)
+                LOG.info("judge call failed (%s); retry %d/%d in %.2fs", what, attempt + 1, self.retry.max_retries, delay)
+                self._sleep(delay)
+                continue
+            if not response.choices:
+                return ""
+            return response.choices[0].message.content or ""
+        raise AssertionError("unreachable")
