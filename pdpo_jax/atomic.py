@@ -34,7 +34,13 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    # allow_nan=False: NaN/inf are not JSON; callers turn "undefined" into None first.
+    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def atomic_write_jsonl(path: str | Path, rows: list[Any]) -> Path:
+    text = "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
+    return atomic_write_text(path, text)
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:

@@ -46,7 +46,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
-from pdpo_jax.evaluate.atomic import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from pdpo_jax.atomic import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from pdpo_jax.evaluate.judge_client import (
     ChatCompleter,
     ClientSettings,

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from pdpo_jax.evaluate.atomic import atomic_write_bytes, atomic_write_text
+from pdpo_jax.atomic import atomic_write_bytes, atomic_write_text
 
 # DNLI: (key in the report, column title). Hits/Entail: higher is better; Rand/Contradict: lower.
 DNLI_METRICS: tuple[tuple[str, str, bool], ...] = (
