@@ -114,6 +114,7 @@ class EvalSection:
 @dataclass
 class RunConfig:
     run_dir: str = "runs/default"
+    run_suffix: str = ""  # appended to run_dir once all files are merged (variant files set it)
     seed: int = 0
     model: ModelSection = field(default_factory=ModelSection)
     mesh: MeshSection = field(default_factory=MeshSection)
@@ -124,16 +125,29 @@ class RunConfig:
     eval: EvalSection = field(default_factory=EvalSection)
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Reads a YAML config (following `base:` links), applies `a.b=value` overrides, validates."""
-    raw: dict[str, Any] = _read_yaml_with_bases(Path(path)) if path is not None else {}
+def load_config(paths: str | Path | list[str | Path] | None, overrides: list[str] = ()) -> RunConfig:
+    """Reads YAML configs (each following its `base:` links; later files win), applies
+    `a.b=value` overrides, validates."""
+    if paths is None:
+        paths = []
+    elif isinstance(paths, (str, Path)):
+        paths = [paths]
+    raw: dict[str, Any] = {}
+    suffix = ""
+    for path in paths:
+        layer = _read_yaml_with_bases(Path(path))
+        suffix += str(layer.pop("run_suffix", "") or "")
+        _deep_merge(raw, layer)
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {override!r}: expected key=value, e.g. sft.epochs=2")
         _set_dotted(raw, key.strip(), yaml.safe_load(value), where=f"override {override!r}")
-    where = str(path) if path is not None else "defaults"
+    where = " + ".join(str(p) for p in paths) or "defaults"
+    suffix += str(raw.pop("run_suffix", "") or "")
     config = _build(RunConfig(), raw, where=where, prefix="")
+    if suffix:
+        config = dataclasses.replace(config, run_dir=config.run_dir + suffix)
     _validate(config, where)
     return config
 

@@ -53,3 +53,24 @@ def test_bad_file_names_the_file(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+CONFIGS = REPO = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (CONFIGS / "paper").glob("[!_]*.yaml")))
+def test_every_paper_config_loads_with_appendix_b_values(path):
+    config = load_config(CONFIGS / "paper" / path)
+    assert "/" in config.model.path  # a Hugging Face repository name
+    assert config.sft.optimizer.learning_rate == 1e-5 and config.dpo.optimizer.learning_rate == 1e-6
+    assert config.dpo.beta == 0.5 and config.model.dtype == "bfloat16"
+    assert config.run_dir == f"runs/paper/{path[:-5]}"
+
+
+def test_variant_files_stack_on_a_model_file():
+    model = CONFIGS / "paper" / "gpt2-medium.yaml"
+    ablation = load_config([model, CONFIGS / "paper" / "variants" / "wo-shuffle.yaml"])
+    assert ablation.prefs.shuffle is False and ablation.run_dir == "runs/paper/gpt2-medium-wo-shuffle"
+    cross = load_config([model, CONFIGS / "paper" / "variants" / "from-llama-2-13b.yaml"])
+    assert cross.prefs.generator == "runs/paper/llama-2-13b/sft/best"
+    assert cross.model.path == "openai-community/gpt2-medium" and cross.prefs.shuffle is True
