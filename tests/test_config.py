@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from pdpo_jax.config import ConfigError, dump_config, load_config
@@ -55,7 +57,7 @@ def test_bad_file_names_the_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-CONFIGS = REPO = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.mark.parametrize("path", sorted(p.name for p in (CONFIGS / "paper").glob("[!_]*.yaml")))
