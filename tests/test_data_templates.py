@@ -118,17 +118,17 @@ sentences = st.lists(st.sampled_from(WORDS), min_size=1, max_size=6).map(" ".joi
 @settings(max_examples=60, deadline=None)
 @given(
     persona=st.lists(sentences, min_size=1, max_size=4),
-    history_pairs=st.integers(0, 6),
+    history_length=st.integers(0, 13),
     history=st.lists(sentences, min_size=13, max_size=13),
     response=sentences,
     max_length=st.integers(8, 120),
     preset_name=st.sampled_from(sorted(PRESETS)),
     tokenizer_name=st.sampled_from(["word", "bpe"]),
 )
-def test_truncation_keeps_persona_and_response(persona, history_pairs, history, response, max_length, preset_name, tokenizer_name):
+def test_truncation_keeps_persona_and_response(persona, history_length, history, response, max_length, preset_name, tokenizer_name):
     tok = tokenizers()[tokenizer_name]
     encoder = PromptEncoder(tok, preset_name)
-    history = tuple(history[: 2 * history_pairs + 1]) if history_pairs else ()
+    history = tuple(history[13 - history_length :])  # an even length: the model opened the dialogue
     example = Example("x#0", "x", tuple(persona), history, response)
     try:
         tokenized = encoder.encode(example, max_length)
@@ -138,7 +138,7 @@ def test_truncation_keeps_persona_and_response(persona, history_pairs, history, 
         return
     kept = history[tokenized.dropped_history_turns :]
     assert len(tokenized) <= max_length
-    assert not kept or len(kept) % 2 == 1  # the kept history still opens with a partner line
+    assert tokenized.dropped_history_turns == 0 or not kept or len(kept) % 2 == 1  # a cut history opens with the partner
     # the prompt is the full rendering of persona + the newest turns, the response is intact
     assert list(tokenized.prompt_ids) == encoder.prompt_ids(persona, kept)
     assert list(tokenized.response_ids) == encoder.response_ids(response)
@@ -146,9 +146,10 @@ def test_truncation_keeps_persona_and_response(persona, history_pairs, history, 
     assert encoder.template.persona_block(persona) in text and text.index(encoder.template.persona_block(persona)) < 30
     if tokenizer_name == "bpe":  # byte-level BPE decodes back to the exact text
         assert tok.decode(tokenized.prompt_ids) == text
-    if tokenized.dropped_history_turns:  # two more turns would not have fit
-        longer = history[tokenized.dropped_history_turns - 2 :] if tokenized.dropped_history_turns >= 2 else history
-        assert len(encoder.prompt_ids(persona, longer)) + len(tokenized.response_ids) > max_length
+    if tokenized.dropped_history_turns:  # the next longer allowed history would not have fit
+        allowed = [0] + [d for d in range(1, len(history) + 1) if d == len(history) or (len(history) - d) % 2]
+        longer = max(d for d in allowed if d < tokenized.dropped_history_turns)
+        assert len(encoder.prompt_ids(persona, history[longer:])) + len(tokenized.response_ids) > max_length
     batch = per_turn_batch([tokenized], bucket=16)
     mask = batch["loss_mask"][0] > 0
     assert batch["targets"][0][mask].tolist() == list(tokenized.response_ids)  # response tokens + end of turn, nothing else

@@ -26,7 +26,7 @@ response + end of turn + the next partner line, as text and as token ids;
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -128,7 +128,7 @@ def end_of_turn_text(template: PromptTemplate, tokenizer: Any) -> str:
 
 def _chat_end_of_turn(tokenizer: Any) -> str:
     probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
-    prompt = _apply_chat_template(tokenizer, probe)
+    prompt = apply_chat_template(tokenizer, probe)
     full = tokenizer.apply_chat_template(
         probe + [{"role": "assistant", "content": "r"}, {"role": "user", "content": "v"}], tokenize=False
     )
@@ -143,11 +143,21 @@ def _chat_end_of_turn(tokenizer: Any) -> str:
     )
 
 
-def prompt_segments(template: PromptTemplate, persona: Sequence[str], history: Sequence[str], tokenizer: Any = None) -> list[str]:
-    """[context, response, context, ..., context] for the model turn answering `history`."""
+ChatRenderer = Callable[[Any, list[dict[str, str]]], str]
+
+
+def prompt_segments(
+    template: PromptTemplate,
+    persona: Sequence[str],
+    history: Sequence[str],
+    tokenizer: Any = None,
+    render_chat: ChatRenderer | None = None,
+) -> list[str]:
+    """[context, response, context, ..., context] for the model turn answering `history`.
+    `render_chat(tokenizer, messages)` replaces the chat-template call (e.g. with a memoized one)."""
     if template.kind == "plain":
         return _plain_segments(template, persona, history)
-    return _chat_segments(template, persona, history, tokenizer)
+    return _chat_segments(template, persona, history, tokenizer, render_chat or apply_chat_template)
 
 
 def render_prompt(template: PromptTemplate, persona: Sequence[str], history: Sequence[str], tokenizer: Any = None) -> str:
@@ -176,19 +186,22 @@ def chat_messages(template: PromptTemplate, persona: Sequence[str], history: Seq
     return messages
 
 
-def _apply_chat_template(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+def apply_chat_template(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The tokenizer's chat template applied to `messages`, ending with the generation prompt."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise TemplateError("a chat template needs a tokenizer that has a chat_template")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def _chat_segments(template: PromptTemplate, persona: Sequence[str], history: Sequence[str], tokenizer: Any) -> list[str]:
+def _chat_segments(
+    template: PromptTemplate, persona: Sequence[str], history: Sequence[str], tokenizer: Any, render_chat: ChatRenderer
+) -> list[str]:
     messages = chat_messages(template, persona, history)
     eot = end_of_turn_text(template, tokenizer)
     segments: list[str] = []
     consumed = ""  # the text the segments so far stand for
     for cut in [i for i, m in enumerate(messages) if m["role"] == "assistant"] + [len(messages)]:
-        prompt = _apply_chat_template(tokenizer, messages[:cut])
+        prompt = render_chat(tokenizer, messages[:cut])
         if not prompt.startswith(consumed):
             raise TemplateError(
                 f"the chat template does not extend the previous prompt at message {cut}: expected it to start with "

@@ -16,6 +16,7 @@ from pdpo_jax.data.examples import Example
 from pdpo_jax.data.templates import (
     PromptTemplate,
     TemplateError,
+    apply_chat_template,
     end_of_turn_text,
     load_template,
     prompt_segments,
@@ -51,14 +52,34 @@ class TokenizationStats:
 class PromptEncoder:
     """A tokenizer and a template: ids of prompts, responses, and whole examples."""
 
-    def __init__(self, tokenizer: Any, template: PromptTemplate | str | dict):
+    def __init__(self, tokenizer: Any, template: PromptTemplate | str | dict, cache_size: int = 65536):
         self.tokenizer = tokenizer
         self.template = load_template(template)
+        # A dialogue's prompts repeat each other's segments, so ids and chat renderings are memoized.
+        self._ids_cache: dict[str, tuple[int, ...]] = {}
+        self._chat_cache: dict[tuple[tuple[str, str], ...], str] = {}
+        self._cache_size = cache_size
         self.end_of_turn_ids = self._end_of_turn_ids()
         self.bos_ids = self._bos_ids()
 
     def _encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+        if not text:
+            return []
+        ids = self._ids_cache.get(text)
+        if ids is None:
+            if len(self._ids_cache) >= self._cache_size:
+                self._ids_cache.clear()
+            ids = self._ids_cache[text] = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(ids)
+
+    def _render_chat(self, tokenizer: Any, messages: list[dict[str, str]]) -> str:
+        key = tuple((m["role"], m["content"]) for m in messages)
+        text = self._chat_cache.get(key)
+        if text is None:
+            if len(self._chat_cache) >= self._cache_size:
+                self._chat_cache.clear()
+            text = self._chat_cache[key] = apply_chat_template(tokenizer, messages)
+        return text
 
     def _end_of_turn_ids(self) -> tuple[int, ...]:
         text = end_of_turn_text(self.template, self.tokenizer)
@@ -82,7 +103,7 @@ class PromptEncoder:
 
     def prompt_ids(self, persona: Sequence[str], history: Sequence[str]) -> list[int]:
         ids = list(self.bos_ids)
-        for i, text in enumerate(prompt_segments(self.template, persona, history, self.tokenizer)):
+        for i, text in enumerate(prompt_segments(self.template, persona, history, self.tokenizer, self._render_chat)):
             ids += self.response_ids(text) if i % 2 else self._encode(text)
         return ids
 
@@ -90,17 +111,32 @@ class PromptEncoder:
         """The example's ids; over `max_length`, the oldest history turns go first."""
         response = tuple(self.response_ids(example.response))
         history = example.history
-        for dropped in range(0, len(history) + 1):
-            kept = history[dropped:]
-            if dropped and len(kept) % 2 == 0 and kept:
-                continue  # a shortened history opens with a partner line
-            prompt = tuple(self.prompt_ids(example.persona, kept))
-            if max_length is None or len(prompt) + len(response) <= max_length:
-                return TokenizedExample(example.id, prompt, response, dropped)
-        raise ExampleTooLongError(
-            f"example {example.id!r}: persona and response alone take {len(prompt) + len(response)} tokens "
-            f"(prompt {len(prompt)}, response {len(response)}), more than max_length={max_length}"
-        )
+
+        def prompt_after_dropping(dropped: int) -> tuple[int, ...]:
+            return tuple(self.prompt_ids(example.persona, history[dropped:]))
+
+        def fits(prompt: tuple[int, ...]) -> bool:
+            return max_length is None or len(prompt) + len(response) <= max_length
+
+        prompt = prompt_after_dropping(0)
+        if fits(prompt):
+            return TokenizedExample(example.id, prompt, response, 0)
+        # A shortened history opens with a partner line: drop 2, 4, ... turns, or all of them.
+        choices = sorted(set(range(1 + len(history) % 2, len(history), 2)) | {len(history)})
+        shortest = prompt_after_dropping(len(history))
+        if not fits(shortest):
+            raise ExampleTooLongError(
+                f"example {example.id!r}: persona and response alone take {len(shortest) + len(response)} tokens "
+                f"(prompt {len(shortest)}, response {len(response)}), more than max_length={max_length}"
+            )
+        low, high = 0, len(choices) - 1  # the prompt shrinks as turns go: find the fewest dropped that fit
+        while low < high:
+            middle = (low + high) // 2
+            if fits(prompt_after_dropping(choices[middle])):
+                high = middle
+            else:
+                low = middle + 1
+        return TokenizedExample(example.id, prompt_after_dropping(choices[low]), response, choices[low])
 
 
 def tokenize_examples(
