@@ -283,6 +283,9 @@ def test_jpersonachat_bad_input(tmp_path):
 
 
 def test_auto_format_refuses_dnli_and_unknown_files(tmp_path):
+    assert detect_format("AlekseyKorshuk/persona-chat") == "hf"  # a Hub name; loading it needs the network
+    with pytest.raises(FileNotFoundError):
+        detect_format(tmp_path / "missing.txt")
     with pytest.raises(DataError, match="DNLI evaluation file"):
         load_dialogues(write(tmp_path / "x.jsonl", json.dumps({"prefix": ["a"], "candidates": {}}) + "\n"))
     with pytest.raises(DataError, match="cannot tell the format"):

@@ -21,7 +21,8 @@ def detect_format(path: str | Path) -> str:
     if path.is_dir():
         return "hf"
     if not path.exists():
-        if "/" in str(path) and not str(path).startswith((".", "/")) and str(path).count("/") == 1:
+        name = str(path)
+        if name.count("/") == 1 and not name.startswith((".", "/", "~")) and not path.suffix:
             return "hf"  # a Hub name such as owner/dataset
         raise FileNotFoundError(f"no such file or directory: {path}")
     suffix = path.suffix.lower()
