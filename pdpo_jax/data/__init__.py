@@ -1,0 +1,91 @@
+"""Persona dialogue data: readers, examples and splits, prompt templates, tokenization, persona
+shuffling and batching.
+
+    dialogues = load_dialogues("valid_self_original_no_cands.txt")         # list[Dialogue]
+    kept, report = drop_overlapping(dialogues, read_dnli("valid_havenot.jsonl"))
+    train, val, test = split_dialogues(kept, (0.8, 0.1, 0.1), seed=0)
+    tokenized, stats = tokenize_examples(examples_from_dialogues(train), tokenizer, "plain-en", max_length=512)
+    for host_batch in BatchIterator(tokenized, batch_size=32, seed=0):
+        arrays = per_turn_batch(host_batch.items)
+"""
+
+from pdpo_jax.data.batching import BATCH_KEYS, bucketed_length, empty_batch, per_turn_batch, shared_prompt_batch
+from pdpo_jax.data.dialogue import MODEL, PARTNER, Dialogue, ModelTurn, Turn, history_speakers
+from pdpo_jax.data.dnli import CATEGORIES, CATEGORY_OF_GROUP, DnliExample, read_dnli
+from pdpo_jax.data.errors import DataError
+from pdpo_jax.data.examples import Example, examples_from_dialogues, split_dialogues
+from pdpo_jax.data.fbdialog import read_fbdialog
+from pdpo_jax.data.hf_personachat import read_hf_personachat
+from pdpo_jax.data.iterator import BatchIterator, HostBatch
+from pdpo_jax.data.jpersonachat import read_jpersonachat
+from pdpo_jax.data.jsonl import read_dialogue_jsonl, write_dialogue_jsonl
+from pdpo_jax.data.loading import detect_format, load_dialogues
+from pdpo_jax.data.overlap import OverlapReport, drop_overlapping, normalize_utterance
+from pdpo_jax.data.shuffle import DerangementError, persona_derangement, persona_key
+from pdpo_jax.data.templates import (
+    PRESETS,
+    PromptTemplate,
+    TemplateError,
+    chat_messages,
+    load_template,
+    prompt_segments,
+    render_prompt,
+)
+from pdpo_jax.data.tokenization import (
+    ExampleTooLongError,
+    PromptEncoder,
+    TokenizationStats,
+    TokenizedExample,
+    check_prefix_property,
+    tokenize_examples,
+)
+
+__all__ = [
+    "BATCH_KEYS",
+    "CATEGORIES",
+    "CATEGORY_OF_GROUP",
+    "MODEL",
+    "PARTNER",
+    "PRESETS",
+    "BatchIterator",
+    "DataError",
+    "DerangementError",
+    "Dialogue",
+    "DnliExample",
+    "Example",
+    "ExampleTooLongError",
+    "HostBatch",
+    "ModelTurn",
+    "OverlapReport",
+    "PromptEncoder",
+    "PromptTemplate",
+    "TemplateError",
+    "TokenizationStats",
+    "TokenizedExample",
+    "Turn",
+    "bucketed_length",
+    "chat_messages",
+    "check_prefix_property",
+    "detect_format",
+    "drop_overlapping",
+    "empty_batch",
+    "examples_from_dialogues",
+    "history_speakers",
+    "load_dialogues",
+    "load_template",
+    "normalize_utterance",
+    "per_turn_batch",
+    "persona_derangement",
+    "persona_key",
+    "prompt_segments",
+    "read_dialogue_jsonl",
+    "read_dnli",
+    "read_fbdialog",
+    "read_hf_personachat",
+    "read_jpersonachat",
+    "render_prompt",
+    "shared_prompt_batch",
+    "split_dialogues",
+    "tokenize_examples",
+    "write_dialogue_jsonl",
+]

@@ -1,0 +1,58 @@
+"""`load_dialogues`: one entry point that picks the reader from the file name or content."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pdpo_jax.data._files import json_lines
+from pdpo_jax.data.dialogue import Dialogue
+from pdpo_jax.data.errors import DataError
+from pdpo_jax.data.fbdialog import read_fbdialog
+from pdpo_jax.data.hf_personachat import read_hf_personachat
+from pdpo_jax.data.jpersonachat import read_jpersonachat
+from pdpo_jax.data.jsonl import read_dialogue_jsonl
+
+FORMATS = ("auto", "fbdialog", "hf", "jpersonachat", "jsonl")
+
+
+def detect_format(path: str | Path) -> str:
+    """The reader for `path`: by extension, or for `.jsonl` by the keys of the first record."""
+    path = Path(path)
+    if path.is_dir():
+        return "hf"
+    if not path.exists():
+        name = str(path)
+        if name.count("/") == 1 and not name.startswith((".", "/", "~")) and not path.suffix:
+            return "hf"  # a Hub name such as owner/dataset
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return "fbdialog"
+    if suffix in (".xlsx", ".xlsm", ".tsv"):
+        return "jpersonachat"
+    if suffix == ".json":
+        return "hf"
+    if suffix == ".jsonl":
+        for number, record in json_lines(path):
+            if "turns" in record:
+                return "jsonl"
+            if "utterances" in record and "personality" in record:
+                return "hf"
+            if "dialogue_id" in record:
+                return "jpersonachat"
+            if "prefix" in record and "candidates" in record:
+                raise DataError(path, number, "this is a DNLI evaluation file; read it with read_dnli")
+            raise DataError(path, number, f"unknown JSONL layout (keys {sorted(record)})")
+        raise DataError(path, None, "empty file")
+    raise DataError(path, None, f"cannot tell the format from the extension {suffix!r}; pass format=")
+
+
+def load_dialogues(path: str | Path, format: str = "auto", both_speakers: bool = False, **options) -> list[Dialogue]:
+    """Dialogues from any supported source. `options` go to the reader (`split`, `cache_dir` for
+    "hf"; `model_speaker` for "jpersonachat")."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, not {format!r}")
+    if format == "auto":
+        format = detect_format(path)
+    readers = {"fbdialog": read_fbdialog, "hf": read_hf_personachat, "jpersonachat": read_jpersonachat, "jsonl": read_dialogue_jsonl}
+    return readers[format](path, both_speakers=both_speakers, **options)
