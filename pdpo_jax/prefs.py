@@ -65,9 +65,6 @@ SUMMARY_FILE = "summary.json"
 WEIGHT_SUFFIXES = (".safetensors", ".msgpack", ".bin", ".gguf")
 LOGP_SLACK = 1e-3  # a sum of log-probs is <= 0; allow float rounding above it
 
-# field -> check; every record has exactly these fields
-RECORD_FIELDS: dict[str, Any] = {}
-
 
 class PrefsError(ValueError):
     """Preference records that cannot be made or read as asked; the message names the file."""
@@ -139,7 +136,8 @@ def _is_logp(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v <= LOGP_SLACK
 
 
-RECORD_FIELDS.update({
+# field -> check; every record has exactly these fields
+RECORD_FIELDS: dict[str, Any] = {
     "example_id": _is_str,
     "dialogue_id": _is_str,
     "donor_dialogue_id": _is_str,
@@ -165,7 +163,7 @@ RECORD_FIELDS.update({
     "rejected_tokens": lambda v: _is_count(v) and v > 0,
     "degenerate": lambda v: isinstance(v, list) and all(r in DEGENERATE_REASONS for r in v),
     "dropped": lambda v: isinstance(v, bool),
-})
+}
 
 
 def validate_record(record: Any, where: str) -> dict[str, Any]:
@@ -271,45 +269,55 @@ def resolve_model_paths(config: RunConfig) -> tuple[str, str]:
     return config.prefs.generator or sft_best, config.prefs.reference or sft_best
 
 
-def open_side(name: str, config: RunConfig, cache: dict[str, Side]) -> Side:
+def model_dir_of(name: str) -> Path:
+    if name == "default":
+        from pdpo_jax.model.default_model import default_model_dir
+
+        return default_model_dir()
+    if not Path(name).is_dir():
+        hint = " (the SFT stage's output: run `pdpo sft` first, or set prefs.generator / prefs.reference)" \
+            if Path(name).parts[-2:] == ("sft", "best") else ""
+        raise PrefsError(f"model directory not found: {name}{hint}")
+    return Path(name)
+
+
+def open_side(name: str, digest: str, config: RunConfig, cache: dict[str, Side]) -> Side:
+    """The model `name` (one load when generator and reference are the same)."""
     if name in cache:
         return cache[name]
     from pdpo_jax.data.tokenization import PromptEncoder
     from pdpo_jax.model import load_model
 
-    if name != "default" and not Path(name).is_dir():
-        hint = " (the SFT stage's output: run `pdpo sft` first, or set prefs.generator / prefs.reference)" \
-            if name.endswith(os.path.join("sft", "best")) else ""
-        raise PrefsError(f"model directory not found: {name}{hint}")
-    model = load_model(name, allow_pickle=config.model.allow_pickle)
+    model = load_model(model_dir_of(name), allow_pickle=config.model.allow_pickle)
     if model.tokenizer is None:
         raise PrefsError(f"{model.path}: no tokenizer files; the model cannot read prompts or write text")
     model = dataclasses.replace(model, config=model.config.replace(dtype=config.model.dtype))
-    side = Side(name, model, PromptEncoder(model.tokenizer, config.data.template), checkpoint_digest(model.path))
-    cache[name] = side
-    return side
+    cache[name] = Side(name, model, PromptEncoder(model.tokenizer, config.data.template), digest)
+    return cache[name]
 
 
-def settings_of(config: RunConfig, generator: Side, reference: Side) -> dict[str, Any]:
+def settings_of(config: RunConfig, digests: dict[str, str]) -> dict[str, Any]:
     """Everything the records depend on; equal settings give byte-identical shards."""
     full = config_to_dict(config)
+    generator, reference = resolve_model_paths(config)
     return {
         "seed": config.seed,
         "data": full["data"],
         "prefs": full["prefs"],
         "model_dtype": config.model.dtype,
-        "generator": {"path": generator.name, "digest": generator.digest},
-        "reference": {"path": reference.name, "digest": reference.digest},
+        "generator": {"path": generator, "digest": digests[generator]},
+        "reference": {"path": reference, "digest": digests[reference]},
     }
 
 
 def check_settings(prefs_dir: Path, settings: dict[str, Any]) -> None:
-    """Writes settings.json on first use; later runs must match it, or old shards would mix in."""
+    """Writes settings.json; once shards exist, later runs must match it, or old shards would mix in."""
     path = prefs_dir / SETTINGS_FILE
-    if not path.exists():
+    has_shards = any(prefs_dir.glob("*/shard-*.jsonl")) or is_done(prefs_dir)
+    old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    if old is None or not has_shards:
         atomic_write_json(path, settings)
         return
-    old = json.loads(path.read_text(encoding="utf-8"))
     if old != settings:
         changed = _first_difference(old, settings)
         raise PrefsError(
@@ -469,13 +477,13 @@ def make_prefs(config: RunConfig) -> dict[str, Any]:
     prefs, prefs_dir = config.prefs, Path(config.run_dir) / "prefs"
     if prefs.batch_size < 1 or prefs.shard_size < 1 or prefs.max_new_tokens < 1:
         raise PrefsError("prefs.batch_size, prefs.shard_size and prefs.max_new_tokens must be positive")
-    cache: dict[str, Side] = {}
-    generator_name, reference_name = resolve_model_paths(config)
-    generator = open_side(generator_name, config, cache)
-    reference = open_side(reference_name, config, cache)
-    check_settings(prefs_dir, settings_of(config, generator, reference))
+    names = resolve_model_paths(config)
+    digests = {name: checkpoint_digest(model_dir_of(name)) for name in set(names)}
+    check_settings(prefs_dir, settings_of(config, digests))
     if is_done(prefs_dir):
         return json.loads((prefs_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+    cache: dict[str, Side] = {}
+    generator, reference = (open_side(name, digests[name], config, cache) for name in names)
     corpus = prepare_corpus(config.data, config.seed)
     plans = {split: plan_split(getattr(corpus, split), prefs.shuffle, prefs.seed) for split in SPLITS}
     sampler = sampler_from_config(prefs.sampler.kind, temperature=prefs.sampler.temperature,

@@ -41,14 +41,15 @@ def staged_slice(shared_data: Path, out_dir: Path, train_dialogues: int = 5, tra
 
 
 def corpus_text(dialogues: list) -> list[str]:
+    """Every persona sentence and utterance, plus the words templates add around them."""
     return [s for d in dialogues for s in (*d.persona, *(t.text for t in d.turns))] + [
         "your persona : partner you system user assistant"
     ]
 
 
-def tiny_llama_with_words(out_dir: Path, dialogues: list, seed: int = 0) -> Path:
-    """A random tiny Llama and a word-level tokenizer (chat template: ChatML) in one directory."""
-    tokenizer = word_level_tokenizer(corpus_text(dialogues))
+def tiny_llama_with_words(out_dir: Path, texts: list[str], seed: int = 0) -> Path:
+    """A random tiny Llama and a word-level tokenizer of `texts` (chat template: ChatML) in one directory."""
+    tokenizer = word_level_tokenizer(texts)
     ids = tokenizer.convert_tokens_to_ids
     model_dir = make_tiny_hf_model(out_dir, "llama", seed=seed, name=f"llama-words-{seed}", vocab_size=len(tokenizer),
                                    max_position_embeddings=MAX_POSITIONS, bos_token_id=ids("<s>"),
@@ -57,7 +58,7 @@ def tiny_llama_with_words(out_dir: Path, dialogues: list, seed: int = 0) -> Path
     return model_dir
 
 
-def tiny_gpt2_that_stops(out_dir: Path, dialogues: list, stop_probability: float = 0.2) -> Path:
+def tiny_gpt2_that_stops(out_dir: Path, texts: list[str], stop_probability: float = 0.2) -> Path:
     """A tiny GPT-2 with a byte-level BPE tokenizer whose next-token distribution is the same at
     every step: the chat end of turn `<|im_end|>` with `stop_probability`, the rest uniform. Its
     samples are a mix of empty, ordinary and cut-off responses."""
@@ -66,7 +67,7 @@ def tiny_gpt2_that_stops(out_dir: Path, dialogues: list, stop_probability: float
     import torch
     import transformers
 
-    tokenizer = byte_bpe_tokenizer(corpus_text(dialogues), vocab_size=300)
+    tokenizer = byte_bpe_tokenizer(texts, vocab_size=300)
     vocab, end_of_turn = len(tokenizer), tokenizer.convert_tokens_to_ids("<|im_end|>")
     model_dir = make_tiny_hf_model(out_dir, "gpt2", name="gpt2-stopper", vocab_size=vocab, n_positions=MAX_POSITIONS,
                                    bos_token_id=tokenizer.convert_tokens_to_ids("<s>"),
