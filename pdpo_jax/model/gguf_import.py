@@ -144,7 +144,9 @@ def open_gguf(gguf_path: Path) -> Any:
     try:
         return gguf.GGUFReader(gguf_path)
     except Exception as err:  # the reader raises bare ValueError/IndexError/struct errors
-        raise GGUFImportError(f"{gguf_path}: not a readable GGUF file ({type(err).__name__}: {err})") from err
+        raise GGUFImportError(
+            f"{gguf_path}: not a readable GGUF file; it is truncated, corrupt or not GGUF ({type(err).__name__}: {err})"
+        ) from err
 
 
 def read_metadata(reader: Any) -> dict[str, Any]:
