@@ -313,6 +313,112 @@ def test_materialize_uses_the_directory_another_process_finished_first(
     assert default_model.materialize(target, bundled_gguf) == target
 
 
+# ---------------------------------------------------------------- a tiny untied llama GGUF
+
+
+def write_tiny_llama_gguf(path: Path, seed: int = 0) -> Path:
+    """A 2-layer llama GGUF with an untied `output.weight`, q/k permuted the way llama.cpp writes them."""
+    import gguf
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    hidden, ffn, layers, heads, kv_heads, head_dim = 16, 32, 2, 4, 2, 4
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *bytes_to_unicode().values(), "Ġt", "he", "Ġthe"]
+    rng = np.random.default_rng(seed)
+
+    def weight(*shape: int, offset: float = 0.0) -> np.ndarray:
+        return (offset + 0.2 * rng.standard_normal(shape)).astype(np.float32)
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(layers)
+    writer.add_context_length(64)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    writer.add_token_merges(["Ġ t", "h e", "Ġt he"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(2)
+    writer.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    writer.add_tensor("token_embd.weight", weight(len(tokens), hidden))
+    writer.add_tensor("output_norm.weight", weight(hidden, offset=1.0))
+    writer.add_tensor("output.weight", weight(len(tokens), hidden))
+    for i in range(layers):
+        writer.add_tensor(f"blk.{i}.attn_q.weight", llama_cpp_permute(weight(heads * head_dim, hidden), heads))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", llama_cpp_permute(weight(kv_heads * head_dim, hidden), kv_heads))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", weight(kv_heads * head_dim, hidden))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", weight(hidden, heads * head_dim))
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(ffn, hidden))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(ffn, hidden))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(hidden, ffn))
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", weight(hidden, offset=1.0))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", weight(hidden, offset=1.0))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_untied_llama_gguf_matches_transformers_gguf_loader(tmp_path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    ours_dir = gguf_to_hf_dir(source, tmp_path / "tiny-hf")
+    ours = AutoModelForCausalLM.from_pretrained(ours_dir).eval()
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=source.name).eval()
+    assert ours.config.tie_word_embeddings is False
+    assert ours.lm_head.weight.data_ptr() != ours.model.embed_tokens.weight.data_ptr()
+    text = "the theme<|im_end|> then"  # no digits: the two tokenizers agree (see the test above)
+    inputs = AutoTokenizer.from_pretrained(ours_dir)(text, return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == AutoTokenizer.from_pretrained(tmp_path, gguf_file=source.name).encode(text)
+    with torch.no_grad():
+        np.testing.assert_allclose(ours(**inputs).logits.numpy(), reference(**inputs).logits.numpy(), atol=1e-5, rtol=0)
+
+
+def test_concurrent_conversions_end_with_one_complete_directory(tmp_path: Path, monkeypatch):
+    import threading
+
+    from pdpo_jax.model import gguf_import
+
+    source = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    target = tmp_path / "cache" / "model"
+    both_written = threading.Barrier(2, timeout=60)
+    real_write = gguf_import.write_hf_files
+
+    def write_then_wait(*args):
+        real_write(*args)
+        both_written.wait()  # both staging directories are finished before either is renamed
+
+    monkeypatch.setattr(gguf_import, "write_hf_files", write_then_wait)
+    results, errors = [], []
+
+    def convert():
+        try:
+            results.append(default_model.materialize(target, source))
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=convert) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert results == [target, target]
+    assert default_model.is_complete(target, source)
+    assert [p.name for p in target.parent.iterdir()] == ["model"]  # the loser's staging directory is gone
+
+
 # ---------------------------------------------------------------- errors
 
 

@@ -63,12 +63,13 @@ def is_complete(model_dir: Path, gguf_path: Path) -> bool:
     """True when `model_dir` was fully converted from this GGUF by this version of the converter."""
     try:
         marker = json.loads((model_dir / COMPLETE_MARKER).read_text(encoding="utf-8"))
+        gguf_bytes = gguf_path.stat().st_size
     except (OSError, ValueError):
         return False
     return (
         marker.get("conversion_version") == CONVERSION_VERSION
         and marker.get("gguf_file") == gguf_path.name
-        and marker.get("gguf_bytes") == gguf_path.stat().st_size
+        and marker.get("gguf_bytes") == gguf_bytes
     )
 
 
