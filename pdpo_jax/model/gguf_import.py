@@ -84,23 +84,21 @@ class LlamaShape:
     rope_theta: float
 
 
-def gguf_to_hf_dir(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Convert `gguf_path` into a Hugging Face directory at `out_dir` and return its path.
+def gguf_to_hf_dir(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Convert `gguf_path` into a new Hugging Face directory at `out_dir` and return its path.
 
     The directory is built under a temporary sibling name and renamed into place, so `out_dir`
-    is either absent or complete. An existing `out_dir` raises `FileExistsError` unless
-    `overwrite` is set.
+    is either absent or complete. An existing `out_dir` raises `FileExistsError` (so does
+    another writer renaming its directory into place first, as an `OSError`).
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists")
     reader = open_gguf(gguf_path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = make_sibling_dir(out_dir, "tmp")
     try:
         write_hf_files(reader, gguf_path, staging)
-        if overwrite and out_dir.exists():
-            discard_dir(out_dir)
         os.rename(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
