@@ -29,6 +29,7 @@ class StepBatches:
     to_arrays: ToArrays
     length_of: Callable[[Any], int]
     max_length: int
+    length_bucket: int = 64
     shuffle: bool = True
     process_index: int = 0
     process_count: int = 1
@@ -45,9 +46,10 @@ class StepBatches:
         host_batch = next(self._iterator.epoch_batches(epoch, index))
         rows = list(host_batch.items)
         if self.process_count > 1:
-            length = bucketed_length(self.max_length)
+            length = bucketed_length(self.max_length, self.length_bucket)
         else:
-            length = bucketed_length(max(self.length_of(item) for item in rows if item is not None))
+            longest = max(self.length_of(item) for item in rows if item is not None)
+            length = bucketed_length(longest, self.length_bucket)
         per_micro = len(rows) // self.grad_accum
         micro_batches = [self.to_arrays(rows[i * per_micro:(i + 1) * per_micro], length)
                          for i in range(self.grad_accum)]

@@ -35,7 +35,7 @@ def sft_batches(config: RunConfig, model: Any, dialogues: list, *, shuffle: bool
     batches = StepBatches(
         items, config.sft.batch_size, config.sft.grad_accum, config.seed,
         to_arrays=lambda rows, length: per_turn_batch(rows, pad_to=length, pad_id=pad_id),
-        length_of=len, max_length=config.data.max_length, shuffle=shuffle,
+        length_of=len, max_length=config.data.max_length, length_bucket=config.data.length_bucket, shuffle=shuffle,
         process_index=jax.process_index(), process_count=jax.process_count(),
     )
     return batches, {"examples": stats.examples, "truncated": stats.truncated, "skipped": stats.skipped}
