@@ -38,8 +38,6 @@ copied checkpoint keeps its digest and a retrained one never does.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import hashlib
 import json
 import math
@@ -54,6 +52,7 @@ from typing import Any
 
 from pdpo_jax.atomic import append_jsonl, atomic_write_json, atomic_write_jsonl, is_done, mark_done
 from pdpo_jax.config import ConfigError, RunConfig, config_to_dict, load_config
+from pdpo_jax.stage import write_resolved_config
 from pdpo_jax.data.examples import Example, examples_from_dialogues
 from pdpo_jax.data.overlap import normalize_utterance
 
@@ -282,16 +281,13 @@ def model_dir_of(name: str) -> Path:
 
 
 def open_side(name: str, digest: str, config: RunConfig, cache: dict[str, Side]) -> Side:
-    """The model `name` (one load when generator and reference are the same)."""
+    """The model `name` on one device (one load when generator and reference are the same)."""
     if name in cache:
         return cache[name]
     from pdpo_jax.data.tokenization import PromptEncoder
-    from pdpo_jax.model import load_model
+    from pdpo_jax.stage import load_for_run
 
-    model = load_model(model_dir_of(name), allow_pickle=config.model.allow_pickle)
-    if model.tokenizer is None:
-        raise PrefsError(f"{model.path}: no tokenizer files; the model cannot read prompts or write text")
-    model = dataclasses.replace(model, config=model.config.replace(dtype=config.model.dtype))
+    model = load_for_run(model_dir_of(name), config, mesh=None)
     cache[name] = Side(name, model, PromptEncoder(model.tokenizer, config.data.template), digest)
     return cache[name]
 
@@ -338,12 +334,12 @@ class ScoreFn:
     """The reference's summed log-probs of [prompt | chosen | rejected] rows, by the shared
     `sequence_scores` (the function DNLI ranking uses), jitted once per batch shape."""
 
-    def __init__(self, side: Side, rows: int):
+    def __init__(self, side: Side, rows: int, length_bucket: int):
         import jax
 
         from pdpo_jax.train.steps import sequence_scores
 
-        self.side, self.rows = side, rows
+        self.side, self.rows, self.length_bucket = side, rows, length_bucket
         self._jitted = jax.jit(sequence_scores, static_argnames=("config", "num_sequences"))
 
     def __call__(self, prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]]):
@@ -355,6 +351,7 @@ class ScoreFn:
         batch = shared_prompt_batch(
             prompts + [prompts[-1]] * fill,
             [[c, r] for c, r in zip(chosen + [chosen[-1]] * fill, rejected + [rejected[-1]] * fill)],
+            bucket=self.length_bucket,
         )
         logps, counts = self._jitted(self.side.model.params, self.side.model.config,
                                      {k: np.asarray(v) for k, v in batch.items()}, num_sequences=2 * self.rows)
@@ -488,7 +485,7 @@ def make_prefs(config: RunConfig) -> dict[str, Any]:
     plans = {split: plan_split(getattr(corpus, split), prefs.shuffle, prefs.seed) for split in SPLITS}
     sampler = sampler_from_config(prefs.sampler.kind, temperature=prefs.sampler.temperature,
                                   top_k=prefs.sampler.top_k, top_p=prefs.sampler.top_p)
-    score = ScoreFn(reference, prefs.batch_size)
+    score = ScoreFn(reference, prefs.batch_size, config.data.length_bucket)
     todo = [(split, k) for split in SPLITS for k in range(shard_count(len(plans[split]), prefs.shard_size))]
     done_examples = sum(len(_shard_jobs(plans[s], k, prefs.shard_size)) for s, k in todo if shard_path(prefs_dir, s, k).exists())
     total = sum(len(jobs) for jobs in plans.values())
@@ -530,35 +527,21 @@ def _shard_jobs(jobs: Sequence[PairJob], k: int, shard_size: int) -> Sequence[Pa
 # ----------------------------------------------------------------------------- command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pdpo make-prefs",
-        description=(
-            "Build pseudo-preference pairs: for each train/val example, sample a negative from the generator "
-            "under another dialogue's persona and store it with the reference model's log-probs. Writes "
-            "<run_dir>/prefs/{train,val}/shard-*.jsonl, summary.json and DONE; a rerun resumes after the last "
-            "complete shard. The generator and reference default to <run_dir>/sft/best (prefs.generator, "
-            "prefs.reference)."
-        ),
-    )
-    parser.add_argument("--config", action="extend", nargs="+", required=True, metavar="FILE",
-                        help="run config YAML file(s); later files override earlier ones")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. prefs.shuffle=false prefs.max_new_tokens=32")
-    return parser
-
-
-def split_config_args(configs: list[str], overrides: list[str]) -> tuple[list[str], list[str]]:
-    """`--config a.yaml prefs.seed=1` lets argparse take the override as a file: give it back."""
-    files = [c for c in configs if "=" not in c or Path(c).exists()]
-    return files, [c for c in configs if c not in files] + list(overrides)
+DESCRIPTION = (
+    "Build pseudo-preference pairs: for each train/val example, sample a negative from the generator under "
+    "another dialogue's persona and store it with the reference model's log-probs. Writes "
+    "<run_dir>/prefs/{train,val}/shard-*.jsonl, summary.json and DONE; a rerun resumes after the last complete "
+    "shard. The generator and reference default to <run_dir>/sft/best (prefs.generator, prefs.reference)."
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    files, overrides = split_config_args(args.config, args.overrides)
+    from pdpo_jax.stage import stage_parser
+
+    args = stage_parser("pdpo make-prefs", DESCRIPTION).parse_args(argv)
     try:
-        config = load_config(files, overrides)
+        config = load_config(args.config, args.overrides)
+        write_resolved_config(config)
         summary = make_prefs(config)
     except (ConfigError, PrefsError, FileNotFoundError) as err:
         print(f"pdpo make-prefs: {err}", file=sys.stderr)

@@ -18,7 +18,6 @@ from prefs_fixtures import corpus_text, staged_slice, tiny_gpt2_that_stops, tiny
 
 from pdpo_jax import prefs
 from pdpo_jax.atomic import DONE_MARKER
-from pdpo_jax.config import load_config
 from pdpo_jax.respond import cut_at_stop, fit_history, history_drop_choices
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -203,11 +202,13 @@ def test_another_generator_and_dropping_degenerate_negatives(setup):
         assert r["rejected_tokens"] == len(reference.response_ids(r["rejected"]))
 
 
-def test_rerun_with_other_settings_is_refused(setup, shuffled_run):
+def test_rerun_with_other_settings_is_refused(setup, shuffled_run, capsys):
     config = config_file(setup, "shuffled")
-    with pytest.raises(prefs.PrefsError, match="prefs.seed: was 7, now 8"):
-        prefs.make_prefs(load_config([config], ["prefs.seed=8"]))
+    assert prefs.main(["--config", str(config), "prefs.seed=8"]) == 2
+    assert "prefs.seed: was 7, now 8" in capsys.readouterr().err
+    before = shard_bytes(shuffled_run)
     assert prefs.main(["--config", str(config)]) == 0  # same settings: finished, nothing rewritten
+    assert shard_bytes(shuffled_run) == before
 
 
 def test_reader_names_file_and_line_of_a_bad_record(shuffled_run, tmp_path):
