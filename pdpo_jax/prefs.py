@@ -477,6 +477,7 @@ def make_prefs(config: RunConfig) -> dict[str, Any]:
     names = resolve_model_paths(config)
     digests = {name: checkpoint_digest(model_dir_of(name)) for name in set(names)}
     check_settings(prefs_dir, settings_of(config, digests))
+    write_resolved_config(config)
     if is_done(prefs_dir):
         return json.loads((prefs_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
     cache: dict[str, Side] = {}
@@ -541,7 +542,6 @@ def main(argv: list[str] | None = None) -> int:
     args = stage_parser("pdpo make-prefs", DESCRIPTION).parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
-        write_resolved_config(config)
         summary = make_prefs(config)
     except (ConfigError, PrefsError, FileNotFoundError) as err:
         print(f"pdpo make-prefs: {err}", file=sys.stderr)
