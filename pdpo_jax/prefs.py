@@ -30,9 +30,9 @@ the longer of chosen and rejected fits. The history stored in the record is the 
 the DPO stage rebuilds exactly the prompt that was scored. A generator with another tokenizer
 works: negatives cross between models as text and are re-tokenized for the reference.
 
-Checkpoint digests are sha256 over the weight files' names and contents: `*.safetensors`,
+Checkpoint digests are sha256 over the weight files' names, sizes and contents: `*.safetensors`,
 `*.msgpack`, `*.bin`, `*.gguf` and `*.index.json` of a Hugging Face directory, or every file
-under `params/` of an orbax directory (a stage's `best/`). Contents, not sizes or mtimes, so a
+under `params/` of an orbax directory (a stage's `best/`). Contents, not modification times, so a
 copied checkpoint keeps its digest and a retrained one never does.
 """
 
