@@ -52,9 +52,15 @@ def abstract_state(state_shape, shardings):
                         state_shape, shardings)
 
 
+def progress(message: str) -> None:
+    """The parent treats a worker that stays silent too long as hung."""
+    print(f"[process {jax.process_index()}] {message}", flush=True)
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     assert parallel.initialize_distributed(), "the environment should ask for a distributed run"
+    progress("joined")
     assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2, (
         jax.process_count(), jax.device_count(), jax.local_device_count())
     from pdpo_jax.model import load_hf  # after initialization: loading places arrays on devices
@@ -68,6 +74,7 @@ def main(argv: list[str]) -> int:
     shardings = state_shardings(params, optimizer, mesh)
     state = jax.jit(partial(create_train_state, optimizer=optimizer), out_shardings=shardings)(params)
     step = jit_train_step(partial(sft_objective, config=config), optimizer, mesh, shardings)
+    progress("model loaded and sharded")
 
     rows = parallel.process_batch_indices(mesh, global_rows, batch_axis=1)
     losses = []
@@ -78,14 +85,17 @@ def main(argv: list[str]) -> int:
         state, metrics = step(state, global_batch)
         total, count = metrics["loss"]
         losses.append(float(total) / float(count))
+        progress(f"step {k + 1}: loss {losses[-1]:.4f}")
 
     checkpointer = TrainCheckpointer(args.checkpoints)
     checkpointer.save(steps, state, {"step": steps, "losses": losses})
+    progress("checkpoint saved")
     final = flat_numpy(state.params)
 
     restored, meta = checkpointer.restore(abstract_state(state, shardings))
     same_mesh = flat_numpy(restored.params)
     restored_step = int(multihost_utils.process_allgather(restored.step, tiled=True))
+    progress("restored onto the training mesh")
 
     other_mesh = parallel.make_mesh(**RESTORE_MESH)
     other_shardings = state_shardings(params, optimizer, other_mesh)
@@ -102,6 +112,7 @@ def main(argv: list[str]) -> int:
             "meta_step": np.asarray(meta["step"])}
     args.out.mkdir(parents=True, exist_ok=True)
     np.savez(args.out / f"process_{jax.process_index()}.npz", **out)
+    progress("done")
     jax.distributed.shutdown()
     return 0
 
