@@ -53,3 +53,18 @@ def load_for_run(path: str | Path, config: RunConfig, mesh: Any):
     if model.tokenizer is None:
         raise ValueError(f"{path}: no tokenizer files next to the model; training and sampling need one")
     return model
+
+
+def check_batch_fits_mesh(rows: int, config: RunConfig, what: str) -> None:
+    """Each micro-batch's rows are split over the data-parallel axes and over the hosts."""
+    import jax
+
+    split = max(config.mesh.data, 1) * config.mesh.fsdp
+    if config.mesh.data == -1:
+        split = jax.device_count() // (config.mesh.fsdp * config.mesh.tensor)
+    hosts = jax.process_count()
+    if rows % split or rows % hosts:
+        raise ValueError(
+            f"{what} = {rows} rows per micro-batch cannot be split over data x fsdp = {split} devices and "
+            f"{hosts} host(s); choose a batch size that is a multiple of both, or move devices to mesh.tensor"
+        )

@@ -18,7 +18,7 @@ from pdpo_jax.atomic import atomic_write_json, is_done, mark_done
 from pdpo_jax.config import RunConfig
 from pdpo_jax.data import examples_from_dialogues, per_turn_batch, tokenize_examples
 from pdpo_jax.data.corpus import prepare_corpus
-from pdpo_jax.stage import build_mesh, load_for_run, parse_stage_args, stage_dir, write_resolved_config
+from pdpo_jax.stage import build_mesh, check_batch_fits_mesh, load_for_run, parse_stage_args, stage_dir, write_resolved_config
 from pdpo_jax.train.batches import StepBatches, put_stacked_batch
 from pdpo_jax.train.loop import LoopPlan, TrainingDiverged, run_loop, total_steps
 from pdpo_jax.train.optim import make_optimizer
@@ -48,6 +48,7 @@ def run_sft(config: RunConfig) -> dict[str, Any]:
         return {"stage_dir": str(out_dir)}
     write_resolved_config(config)
     mesh = build_mesh(config)
+    check_batch_fits_mesh(config.sft.batch_size, config, "sft.batch_size")
     model = load_for_run(config.model.path, config, mesh)
     corpus = prepare_corpus(config.data, config.seed)
     train, train_stats = sft_batches(config, model, corpus.train, shuffle=True)
