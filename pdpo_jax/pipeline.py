@@ -103,7 +103,7 @@ def run_pipeline(config: RunConfig, stages: tuple[str, ...] = STAGE_NAMES) -> Pa
     for name in stages:
         print(f"== pipeline stage {name}")
         table[name](config)
-    summary = write_summary(config)
+    summary = Path(config.run_dir) / "summary" / "summary.md"
     atomic_write_json(Path(config.run_dir) / "pipeline.json", {"stages": list(stages), "summary": str(summary)})
     print(f"pipeline: summary in {summary}")
     return summary
