@@ -65,11 +65,18 @@ def write_model_dir(out_dir: Path, config: ModelConfig) -> Path:
     return out_dir
 
 
+def next_word(word: np.ndarray | int) -> np.ndarray:
+    """A fixed permutation of the words (5 is coprime with their count)."""
+    return (np.asarray(word) - FIRST_WORD) * 5 % (VOCAB - FIRST_WORD) + FIRST_WORD
+
+
 def pattern_response(prompt: np.ndarray, length: int) -> np.ndarray:
-    """The learnable rule: each response token is a fixed function of the prompt token it mirrors."""
-    words = VOCAB - FIRST_WORD
-    source = prompt[1:][np.arange(length) % (len(prompt) - 1)]  # skip BOS
-    return ((source - FIRST_WORD) * 5 + 7) % words + FIRST_WORD
+    """The learnable rule: the response continues the chain `next_word` from the prompt's last word,
+    so it is a fixed function of the prompt."""
+    words = [next_word(prompt[-1])]
+    for _ in range(length - 1):
+        words.append(next_word(words[-1]))
+    return np.asarray(words, np.int32)
 
 
 def random_prompt(rng: np.random.Generator, length: int) -> np.ndarray:

@@ -64,9 +64,9 @@ def save_best_params(best_dir: str | Path, params: Any, model_dir: str | Path, i
     tmp_dir = best_dir.with_name(best_dir.name + ".tmp")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(tmp_dir / PARAMS_DIR, params)
-    checkpointer.wait_until_finished()
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_dir / PARAMS_DIR, params)
+        checkpointer.wait_until_finished()
     copy_model_files(model_dir, tmp_dir)
     atomic_write_json(tmp_dir / BEST_INFO, info)
     old_dir = best_dir.with_name(best_dir.name + ".old")
@@ -87,12 +87,18 @@ def copy_model_files(model_dir: str | Path, out_dir: str | Path) -> None:
 
 
 def is_orbax_model_dir(path: str | Path) -> bool:
+    """A directory written by `save_best_params`: orbax `params/` beside `config.json`."""
     return (Path(path) / PARAMS_DIR).is_dir() and (Path(path) / "config.json").is_file()
 
 
 def restore_params(model_dir: str | Path, abstract_params: Any) -> Any:
-    """Restores `model_dir/params` onto the shapes, dtypes and shardings of `abstract_params`."""
-    return ocp.StandardCheckpointer().restore(Path(model_dir).absolute() / PARAMS_DIR, abstract_params)
+    """Restores `model_dir/params` onto the shapes, dtypes and shardings of `abstract_params`
+    (ShapeDtypeStructs with `.sharding`; a different dtype than the saved one is cast on restore)."""
+    path = Path(model_dir).absolute() / PARAMS_DIR
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no orbax parameter checkpoint here (written by save_best_params)")
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(path, abstract_params)
 
 
 def read_best_info(model_dir: str | Path) -> dict[str, Any]:

@@ -56,7 +56,8 @@ def total_steps(epochs: int, steps_per_epoch: int, max_steps: int | None) -> int
 
 
 class MetricsLog:
-    """`metrics.jsonl` plus TensorBoard scalars; lines past `resume_step` are dropped on open."""
+    """`metrics.jsonl` plus TensorBoard scalars; lines past `resume_step` are dropped on open
+    (all of them when -1), so a resumed log equals an uninterrupted one."""
 
     def __init__(self, stage_dir: Path, resume_step: int):
         self.path = stage_dir / "metrics.jsonl"
@@ -78,7 +79,7 @@ class MetricsLog:
         self._tensorboard.close()
 
 
-def _line_step(line: str) -> int:
+def _line_step(line: str) -> float:
     try:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
@@ -89,37 +90,59 @@ def _json_float(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def evaluate(eval_fn: Callable[[Any, Any], Metrics], params: Any, batches: list[Any]) -> dict[str, float]:
+def evaluate(eval_fn: Callable[[Any, Any], Metrics], params: Any, batches: list[Any],
+             put_batch: Callable[[Any], Any] = lambda batch: batch) -> dict[str, float]:
     total: Metrics = {}
     for batch in batches:
-        total = merge_metrics(total, jax.device_get(eval_fn(params, batch)))
+        total = merge_metrics(total, jax.device_get(eval_fn(params, put_batch(batch))))
     return finalize_metrics(total)
+
+
+def divergence_message(step: int, epoch: int, index: int, values: dict[str, float], checkpointer: TrainCheckpointer) -> str:
+    last = checkpointer.latest_step()
+    where = (f"the last good checkpoint is step {last} in {checkpointer.directory}" if last is not None
+             else f"no checkpoint had been written yet in {checkpointer.directory}")
+    return (f"non-finite training step {step} (epoch {epoch}, batch {index}): loss={values['loss']}, "
+            f"grad_norm={values.get('grad_norm')}; stopped without saving it; {where}.")
 
 
 def run_loop(plan: LoopPlan, state: Any, *, step_fn: Callable, eval_fn: Callable, train_batches: EpochBatches,
              val_batches: list[Any], put_batch: Callable[[dict[str, np.ndarray]], Any],
-             state_shardings: Any = None, seed: int = 0) -> dict[str, Any]:
-    """Runs (or resumes) training to `plan.total_steps`; returns a summary with the best step."""
+             state_shardings: Any = None, schedule: Callable[[int], Any] | None = None,
+             seed: int = 0) -> dict[str, Any]:
+    """Runs (or resumes) training to `plan.total_steps`; returns a summary with the best step.
+
+    `state` is the starting train state; when `plan.stage_dir/checkpoints` holds a checkpoint it
+    only serves as the restore target (its shapes, and `state_shardings` or its own shardings).
+    `step_fn(state, batch) -> (state, metrics)` may donate its state. `schedule(step)` adds the
+    learning rate of each update to the train metrics. Raises TrainingDiverged at the first step
+    whose loss or gradient norm is not finite, before anything of that step is written.
+    """
     stage_dir = plan.stage_dir
     stage_dir.mkdir(parents=True, exist_ok=True)
     checkpointer = TrainCheckpointer(stage_dir / "checkpoints")
     meta = {"epoch": 0, "index": 0, "best_value": None, "best_step": None, "seed": seed}
+    resume_step = -1  # a fresh start keeps no line of an earlier, unfinished attempt
     if checkpointer.latest_step() is not None:
         shardings = state_shardings or jax.tree_util.tree_map(lambda x: x.sharding, state)
         state, meta = checkpointer.restore(abstract_like(state, shardings))
+        resume_step = int(jax.device_get(state.step))
     step = int(jax.device_get(state.step))
-    log = MetricsLog(stage_dir, resume_step=step)
+    log = MetricsLog(stage_dir, resume_step=resume_step)
     steps_per_epoch = train_batches.steps_per_epoch()
     better = (lambda new, old: new > old) if plan.select_higher else (lambda new, old: new < old)
 
     def validate_and_select() -> None:
-        values = evaluate(eval_fn, state.params, val_batches)
+        values = evaluate(eval_fn, state.params, val_batches, put_batch)
+        if plan.select_metric not in values:
+            raise KeyError(f"validation metrics {sorted(values)} lack the selection metric {plan.select_metric!r}")
         log.write(step, "val", values)
         value = values[plan.select_metric]
         if math.isfinite(value) and (meta["best_value"] is None or better(value, meta["best_value"])):
             meta.update(best_value=value, best_step=step)
             save_best_params(stage_dir / "best", state.params, plan.model_dir,
-                             {"step": step, "metric": plan.select_metric, "value": value, "val": values})
+                             {"step": step, "metric": plan.select_metric, "value": value,
+                              "val": {k: _json_float(v) for k, v in values.items()}})
         best = "none yet" if meta["best_value"] is None else f"{meta['best_value']:.4f} at step {meta['best_step']}"
         bar.write(f"[{plan.description}] step {step} val {plan.select_metric}={value:.4f} (best {best})")
 
@@ -135,12 +158,10 @@ def run_loop(plan: LoopPlan, state: Any, *, step_fn: Callable, eval_fn: Callable
             state, metrics = step_fn(state, put_batch(host_batch))
             values = finalize_metrics(jax.device_get(metrics))
             elapsed = time.perf_counter() - started
-            if not math.isfinite(values["loss"]):
-                last = checkpointer.latest_step()
-                raise TrainingDiverged(
-                    f"non-finite loss ({values['loss']}) at step {step + 1} (epoch {epoch}, batch {index}); "
-                    f"stopped without saving. The last good checkpoint is step {last} in {checkpointer.directory}."
-                )
+            if not (math.isfinite(values["loss"]) and math.isfinite(values.get("grad_norm", 0.0))):
+                raise TrainingDiverged(divergence_message(step + 1, epoch, index, values, checkpointer))
+            if schedule is not None:
+                values["learning_rate"] = float(schedule(step))
             step += 1
             index += 1
             if index == steps_per_epoch:
