@@ -182,9 +182,11 @@ def test_sharded_step_equals_single_device(sharded_and_single):
     mu = adam_moments.mu["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"]
     assert mu.sharding.spec == parallel.P("fsdp", "tensor"), "Adam moments must be sharded like their parameters"
     assert int(sharded_state.step) == int(single_state.step) == 1
-    assert tree_max_abs_diff(sharded_state.params, single_state.params) < 1e-6
     # mu = 0.1 * clipped gradient, nu = 0.001 * its square: the gradients agree, not only their signs
     assert tree_max_abs_diff(sharded_state.opt_state, single_state.opt_state) < 1e-7
+    # Adam's first update is lr * g / (|g| + eps): where |g| is near eps, rounding noise in g moves
+    # it by a visible fraction of lr (1e-2), so the parameters get a looser bound than the moments.
+    assert tree_max_abs_diff(sharded_state.params, single_state.params) < 1e-4
     assert abs(float(adam_moments.mu["model"]["norm"]["weight"].sum())) > 0
     for name, (total, count) in single_metrics.items():
         np.testing.assert_allclose(sharded_metrics[name][0], total, rtol=1e-5, atol=1e-6, err_msg=name)

@@ -91,6 +91,14 @@ class DPOSettings:
     reference_free: bool = False
 
 
+def pairs_in(batch: dict[str, jax.Array]) -> int:
+    """The (static) number of pairs of a DPO micro-batch, from its `[pairs]` arrays."""
+    for key in ("ref_chosen_logps", "pair_mask"):
+        if key in batch:
+            return batch[key].shape[0]
+    raise KeyError("a DPO batch needs `ref_chosen_logps`/`ref_rejected_logps` (or, reference-free, a `pair_mask`)")
+
+
 def dpo_objective(params: Any, batch: dict[str, jax.Array], *, config: ModelConfig, settings: DPOSettings,
                   reference_params: Any = None) -> tuple[jax.Array, Metrics]:
     """Summed DPO loss of one micro-batch: one policy forward over every chosen and rejected sequence.
@@ -101,11 +109,11 @@ def dpo_objective(params: Any, batch: dict[str, jax.Array], *, config: ModelConf
     to check that precomputed log-probs give the same step, not for training. Those parameters are
     closed over by the jitted step, so they must not share buffers with the donated train state.
     """
-    num_pairs = batch["ref_chosen_logps"].shape[0]
+    num_pairs = pairs_in(batch)
     logps, _ = sequence_scores(params, config, batch, 2 * num_pairs)
     policy_chosen, policy_rejected = split_chosen_rejected(logps)
     if reference_params is None:
-        ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        ref_chosen, ref_rejected = batch.get("ref_chosen_logps"), batch.get("ref_rejected_logps")
     else:
         ref_logps, _ = sequence_scores(jax.lax.stop_gradient(reference_params), config, batch, 2 * num_pairs)
         ref_chosen, ref_rejected = split_chosen_rejected(ref_logps)
