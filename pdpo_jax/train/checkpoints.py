@@ -46,6 +46,8 @@ class TrainCheckpointer:
         """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs with `.sharding`),
         which may describe a different mesh than the one the checkpoint was written from."""
         step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no train checkpoint to restore")
         restored = self._manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
         )

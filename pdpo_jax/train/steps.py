@@ -162,7 +162,7 @@ def train_step(state: TrainState, micro_batches: dict[str, jax.Array], *, object
     grads, metrics = _accumulate(objective, state.params, micro_batches, True, grad_shardings)
     count = jnp.maximum(metrics["loss"][1], 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / count.astype(g.dtype), grads)
-    metrics = dict(metrics, grad_norm=(optax.global_norm(grads), jnp.ones((), jnp.float32)))
+    metrics = dict(metrics, grad_norm=(optax.tree.norm(grads), jnp.ones((), jnp.float32)))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
