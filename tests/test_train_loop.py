@@ -19,7 +19,14 @@ from pdpo_jax import parallel
 from pdpo_jax.model import load_model
 from pdpo_jax.model.decoder import param_shapes
 from pdpo_jax.train import steps
-from pdpo_jax.train.checkpoints import TrainCheckpointer, abstract_like, read_best_info, restore_params
+from pdpo_jax.train.checkpoints import (
+    TrainCheckpointer,
+    abstract_like,
+    read_best_info,
+    recover_best_dir,
+    restore_params,
+    save_best_params,
+)
 from pdpo_jax.train.loop import LoopPlan, TrainingDiverged, run_loop
 from pdpo_jax.train.optim import OptimizerConfig, make_optimizer
 from train_fixtures import (
@@ -140,6 +147,20 @@ def test_best_dir_loads_like_a_hugging_face_dir(sft_run, model_dir):
     assert kernel.dtype == np.dtype("bfloat16") and kernel.sharding.spec == parallel.P("fsdp", "tensor")
     expected = params_at[summary["best_step"]]["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"]
     np.testing.assert_array_equal(np.asarray(kernel), expected.astype("bfloat16"))
+
+
+def test_best_dir_replaced_whole_and_recovered_after_a_kill_between_renames(tmp_path, model_dir):
+    best_dir = tmp_path / "stage" / "best"
+    first, second = random_params(CONFIG, seed=5), random_params(CONFIG, seed=6)
+    save_best_params(best_dir, first, model_dir, {"step": 1})
+    save_best_params(best_dir, second, model_dir, {"step": 2})
+    assert sorted(p.name for p in best_dir.parent.iterdir()) == ["best"]
+    assert read_best_info(best_dir) == {"step": 2} and (best_dir / "tokenizer.json").is_file()
+    abstract = single_device_abstract(param_shapes(CONFIG))
+    assert tree_equal(restore_params(best_dir, abstract), second)
+    best_dir.rename(best_dir.with_name("best.old"))  # killed after moving the old one aside
+    recover_best_dir(best_dir)
+    assert read_best_info(best_dir) == {"step": 2} and tree_equal(restore_params(best_dir, abstract), second)
 
 
 class PoisonedBatches(FixedEpochBatches):

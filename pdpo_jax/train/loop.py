@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from pdpo_jax.atomic import atomic_write_text
 from pdpo_jax.losses import Metrics, finalize_metrics, merge_metrics
-from pdpo_jax.train.checkpoints import TrainCheckpointer, abstract_like, save_best_params
+from pdpo_jax.train.checkpoints import TrainCheckpointer, abstract_like, recover_best_dir, save_best_params
 
 
 class TrainingDiverged(RuntimeError):
@@ -59,8 +59,12 @@ class MetricsLog:
     """`metrics.jsonl` plus TensorBoard scalars; lines past `resume_step` are dropped on open
     (all of them when -1), so a resumed log equals an uninterrupted one."""
 
-    def __init__(self, stage_dir: Path, resume_step: int):
+    def __init__(self, stage_dir: Path, resume_step: int, enabled: bool = True):
         self.path = stage_dir / "metrics.jsonl"
+        self.enabled = enabled  # one writer per run: the first process
+        self._tensorboard = None
+        if not enabled:
+            return
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if _line_step(line) <= resume_step]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
@@ -69,6 +73,8 @@ class MetricsLog:
         self._tensorboard = SummaryWriter(str(stage_dir / "tensorboard"))
 
     def write(self, step: int, split: str, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         record = {"step": step, "split": split, **{k: _json_float(v) for k, v in values.items()}}
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -76,7 +82,8 @@ class MetricsLog:
             self._tensorboard.add_scalar(f"{split}/{name}", value, step)
 
     def close(self) -> None:
-        self._tensorboard.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
 
 
 def _line_step(line: str) -> float:
@@ -128,7 +135,10 @@ def run_loop(plan: LoopPlan, state: Any, *, step_fn: Callable, eval_fn: Callable
         state, meta = checkpointer.restore(abstract_like(state, shardings))
         resume_step = int(jax.device_get(state.step))
     step = int(jax.device_get(state.step))
-    log = MetricsLog(stage_dir, resume_step=resume_step)
+    primary = jax.process_index() == 0
+    if primary:
+        recover_best_dir(stage_dir / "best")
+    log = MetricsLog(stage_dir, resume_step=resume_step, enabled=primary)
     steps_per_epoch = train_batches.steps_per_epoch()
     better = (lambda new, old: new > old) if plan.select_higher else (lambda new, old: new < old)
 
@@ -144,9 +154,10 @@ def run_loop(plan: LoopPlan, state: Any, *, step_fn: Callable, eval_fn: Callable
                              {"step": step, "metric": plan.select_metric, "value": value,
                               "val": {k: _json_float(v) for k, v in values.items()}})
         best = "none yet" if meta["best_value"] is None else f"{meta['best_value']:.4f} at step {meta['best_step']}"
-        bar.write(f"[{plan.description}] step {step} val {plan.select_metric}={value:.4f} (best {best})")
+        if primary:
+            bar.write(f"[{plan.description}] step {step} val {plan.select_metric}={value:.4f} (best {best})")
 
-    bar = tqdm(total=plan.total_steps, initial=step, desc=plan.description, dynamic_ncols=True)
+    bar = tqdm(total=plan.total_steps, initial=step, desc=plan.description, dynamic_ncols=True, disable=not primary)
     try:
         if step == 0 and meta["best_step"] is None:
             validate_and_select()  # the starting model is a candidate too
