@@ -164,17 +164,20 @@ def test_best_dir_replaced_whole_and_recovered_after_a_kill_between_renames(tmp_
 
 
 class PoisonedBatches(FixedEpochBatches):
-    """Batch `poison_index` of epoch 0 has a NaN in its loss mask (a corrupt record)."""
+    """Batch `poison_index` of epoch 0 has a NaN in its loss mask (a corrupt record); batch
+    `empty_index` scores no token at all (legitimate, if useless: loss 0/0, no divergence)."""
 
-    def __init__(self, stacks, poison_index: int):
+    def __init__(self, stacks, poison_index: int, empty_index: int):
         super().__init__(stacks, seed=0)
-        self.poison_index = poison_index
+        self.poison_index, self.empty_index = poison_index, empty_index
 
     def batch(self, epoch, index):
         batch = super().batch(epoch, index)
         if (epoch, index) == (0, self.poison_index):
             batch = dict(batch, loss_mask=batch["loss_mask"].copy())
             batch["loss_mask"][0, 0, -1] = np.nan
+        if (epoch, index) == (0, self.empty_index):
+            batch = dict(batch, loss_mask=np.zeros_like(batch["loss_mask"]))
         return batch
 
 
@@ -186,11 +189,13 @@ def test_nan_guard_stops_with_the_last_good_checkpoint_intact(tmp_path, model_di
     plan = sft_plan(stage_dir, model_dir, epochs=1, checkpoint_every=1)
     with pytest.raises(TrainingDiverged) as caught:
         run_loop(plan, steps.create_train_state(jax.device_put(start), optimizer), step_fn=recorder, eval_fn=eval_step,
-                 train_batches=PoisonedBatches(SFT_TRAIN, poison_index=3), val_batches=SFT_VAL,
+                 train_batches=PoisonedBatches(SFT_TRAIN, poison_index=3, empty_index=1), val_batches=SFT_VAL,
                  put_batch=steps.put_micro_batches)
     message = str(caught.value)
     assert "step 4 " in message and "checkpoint is step 3" in message and str(stage_dir / "checkpoints") in message
-    assert [line["step"] for line in read_metrics(stage_dir, "train")] == [1, 2, 3]  # nothing of step 4
+    train_lines = read_metrics(stage_dir, "train")
+    assert [line["step"] for line in train_lines] == [1, 2, 3]  # nothing of step 4
+    assert train_lines[1]["loss"] is None and train_lines[1]["grad_norm"] == 0.0  # the empty batch
 
     shapes = jax.eval_shape(partial(steps.create_train_state, optimizer=optimizer), param_shapes(CONFIG))
     checkpointer = TrainCheckpointer(stage_dir / "checkpoints")

@@ -79,7 +79,8 @@ class MetricsLog:
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         for name, value in values.items():
-            self._tensorboard.add_scalar(f"{split}/{name}", value, step)
+            if math.isfinite(value):
+                self._tensorboard.add_scalar(f"{split}/{name}", value, step)
 
     def close(self) -> None:
         if self._tensorboard is not None:
@@ -167,9 +168,11 @@ def run_loop(plan: LoopPlan, state: Any, *, step_fn: Callable, eval_fn: Callable
             tokens = int((host_batch["segment_ids"] > 0).sum())
             started = time.perf_counter()
             state, metrics = step_fn(state, put_batch(host_batch))
-            values = finalize_metrics(jax.device_get(metrics))
+            metrics = jax.device_get(metrics)
+            values = finalize_metrics(metrics)
             elapsed = time.perf_counter() - started
-            if not (math.isfinite(values["loss"]) and math.isfinite(values.get("grad_norm", 0.0))):
+            # The sums, not the means: a batch with nothing to score has loss 0/0 and is no divergence.
+            if not all(math.isfinite(float(metrics[name][0])) for name in ("loss", "grad_norm") if name in metrics):
                 raise TrainingDiverged(divergence_message(step + 1, epoch, index, values, checkpointer))
             if schedule is not None:
                 values["learning_rate"] = float(schedule(step))
