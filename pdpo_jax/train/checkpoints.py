@@ -46,6 +46,8 @@ class TrainCheckpointer:
         """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs with `.sharding`),
         which may describe a different mesh than the one the checkpoint was written from."""
         step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no train checkpoint to restore")
         restored = self._manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
         )
@@ -58,23 +60,46 @@ class TrainCheckpointer:
 def save_best_params(best_dir: str | Path, params: Any, model_dir: str | Path, info: dict[str, Any]) -> None:
     """Writes the best parameters next to the base model's config and tokenizer files.
 
-    Written into a sibling temporary folder and renamed, so `best/` is always one complete model.
+    Written into a sibling temporary folder and renamed, so `best/` is always one complete model
+    (a kill between the two renames leaves the previous one as `best.old`, see `recover_best_dir`).
+    Every process takes part in the orbax save; the first one alone touches files.
     """
     best_dir = Path(best_dir).absolute()
     tmp_dir = best_dir.with_name(best_dir.name + ".tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(tmp_dir / PARAMS_DIR, params)
-    checkpointer.wait_until_finished()
-    copy_model_files(model_dir, tmp_dir)
-    atomic_write_json(tmp_dir / BEST_INFO, info)
     old_dir = best_dir.with_name(best_dir.name + ".old")
-    shutil.rmtree(old_dir, ignore_errors=True)
-    if best_dir.exists():
-        best_dir.rename(old_dir)
-    tmp_dir.rename(best_dir)
-    shutil.rmtree(old_dir, ignore_errors=True)
+    primary = jax.process_index() == 0
+    if primary:
+        recover_best_dir(best_dir)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir(parents=True)
+    _sync("pdpo_best_params_start")
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_dir / PARAMS_DIR, params)
+        checkpointer.wait_until_finished()
+    if primary:
+        copy_model_files(model_dir, tmp_dir)
+        atomic_write_json(tmp_dir / BEST_INFO, info)
+        shutil.rmtree(old_dir, ignore_errors=True)
+        if best_dir.exists():
+            best_dir.rename(old_dir)
+        tmp_dir.rename(best_dir)
+        shutil.rmtree(old_dir, ignore_errors=True)
+    _sync("pdpo_best_params_done")
+
+
+def recover_best_dir(best_dir: str | Path) -> None:
+    """Puts `best.old` back as `best` when a save was killed between its two renames."""
+    best_dir = Path(best_dir).absolute()
+    old_dir = best_dir.with_name(best_dir.name + ".old")
+    if old_dir.is_dir() and not best_dir.exists():
+        old_dir.rename(best_dir)
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def copy_model_files(model_dir: str | Path, out_dir: str | Path) -> None:
@@ -87,12 +112,18 @@ def copy_model_files(model_dir: str | Path, out_dir: str | Path) -> None:
 
 
 def is_orbax_model_dir(path: str | Path) -> bool:
+    """A directory written by `save_best_params`: orbax `params/` beside `config.json`."""
     return (Path(path) / PARAMS_DIR).is_dir() and (Path(path) / "config.json").is_file()
 
 
 def restore_params(model_dir: str | Path, abstract_params: Any) -> Any:
-    """Restores `model_dir/params` onto the shapes, dtypes and shardings of `abstract_params`."""
-    return ocp.StandardCheckpointer().restore(Path(model_dir).absolute() / PARAMS_DIR, abstract_params)
+    """Restores `model_dir/params` onto the shapes, dtypes and shardings of `abstract_params`
+    (ShapeDtypeStructs with `.sharding`; a different dtype than the saved one is cast on restore)."""
+    path = Path(model_dir).absolute() / PARAMS_DIR
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no orbax parameter checkpoint here (written by save_best_params)")
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(path, abstract_params)
 
 
 def read_best_info(model_dir: str | Path) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from pdpo_jax.atomic import atomic_write_text
 from pdpo_jax.losses import Metrics, finalize_metrics, merge_metrics
-from pdpo_jax.train.checkpoints import TrainCheckpointer, abstract_like, save_best_params
+from pdpo_jax.train.checkpoints import TrainCheckpointer, abstract_like, recover_best_dir, save_best_params
 
 
 class TrainingDiverged(RuntimeError):
@@ -56,10 +56,15 @@ def total_steps(epochs: int, steps_per_epoch: int, max_steps: int | None) -> int
 
 
 class MetricsLog:
-    """`metrics.jsonl` plus TensorBoard scalars; lines past `resume_step` are dropped on open."""
+    """`metrics.jsonl` plus TensorBoard scalars; lines past `resume_step` are dropped on open
+    (all of them when -1), so a resumed log equals an uninterrupted one."""
 
-    def __init__(self, stage_dir: Path, resume_step: int):
+    def __init__(self, stage_dir: Path, resume_step: int, enabled: bool = True):
         self.path = stage_dir / "metrics.jsonl"
+        self.enabled = enabled  # one writer per run: the first process
+        self._tensorboard = None
+        if not enabled:
+            return
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if _line_step(line) <= resume_step]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
@@ -68,17 +73,21 @@ class MetricsLog:
         self._tensorboard = SummaryWriter(str(stage_dir / "tensorboard"))
 
     def write(self, step: int, split: str, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         record = {"step": step, "split": split, **{k: _json_float(v) for k, v in values.items()}}
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         for name, value in values.items():
-            self._tensorboard.add_scalar(f"{split}/{name}", value, step)
+            if math.isfinite(value):
+                self._tensorboard.add_scalar(f"{split}/{name}", value, step)
 
     def close(self) -> None:
-        self._tensorboard.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
 
 
-def _line_step(line: str) -> int:
+def _line_step(line: str) -> float:
     try:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
@@ -89,41 +98,67 @@ def _json_float(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def evaluate(eval_fn: Callable[[Any, Any], Metrics], params: Any, batches: list[Any]) -> dict[str, float]:
+def evaluate(eval_fn: Callable[[Any, Any], Metrics], params: Any, batches: list[Any],
+             put_batch: Callable[[Any], Any] = lambda batch: batch) -> dict[str, float]:
     total: Metrics = {}
     for batch in batches:
-        total = merge_metrics(total, jax.device_get(eval_fn(params, batch)))
+        total = merge_metrics(total, jax.device_get(eval_fn(params, put_batch(batch))))
     return finalize_metrics(total)
+
+
+def divergence_message(step: int, epoch: int, index: int, values: dict[str, float], checkpointer: TrainCheckpointer) -> str:
+    last = checkpointer.latest_step()
+    where = (f"the last good checkpoint is step {last} in {checkpointer.directory}" if last is not None
+             else f"no checkpoint had been written yet in {checkpointer.directory}")
+    return (f"non-finite training step {step} (epoch {epoch}, batch {index}): loss={values['loss']}, "
+            f"grad_norm={values.get('grad_norm')}; stopped without saving it; {where}.")
 
 
 def run_loop(plan: LoopPlan, state: Any, *, step_fn: Callable, eval_fn: Callable, train_batches: EpochBatches,
              val_batches: list[Any], put_batch: Callable[[dict[str, np.ndarray]], Any],
-             state_shardings: Any = None, seed: int = 0) -> dict[str, Any]:
-    """Runs (or resumes) training to `plan.total_steps`; returns a summary with the best step."""
+             state_shardings: Any = None, schedule: Callable[[int], Any] | None = None,
+             seed: int = 0) -> dict[str, Any]:
+    """Runs (or resumes) training to `plan.total_steps`; returns a summary with the best step.
+
+    `state` is the starting train state; when `plan.stage_dir/checkpoints` holds a checkpoint it
+    only serves as the restore target (its shapes, and `state_shardings` or its own shardings).
+    `step_fn(state, batch) -> (state, metrics)` may donate its state. `schedule(step)` adds the
+    learning rate of each update to the train metrics. Raises TrainingDiverged at the first step
+    whose loss or gradient norm is not finite, before anything of that step is written.
+    """
     stage_dir = plan.stage_dir
     stage_dir.mkdir(parents=True, exist_ok=True)
     checkpointer = TrainCheckpointer(stage_dir / "checkpoints")
     meta = {"epoch": 0, "index": 0, "best_value": None, "best_step": None, "seed": seed}
+    resume_step = -1  # a fresh start keeps no line of an earlier, unfinished attempt
     if checkpointer.latest_step() is not None:
         shardings = state_shardings or jax.tree_util.tree_map(lambda x: x.sharding, state)
         state, meta = checkpointer.restore(abstract_like(state, shardings))
+        resume_step = int(jax.device_get(state.step))
     step = int(jax.device_get(state.step))
-    log = MetricsLog(stage_dir, resume_step=step)
+    primary = jax.process_index() == 0
+    if primary:
+        recover_best_dir(stage_dir / "best")
+    log = MetricsLog(stage_dir, resume_step=resume_step, enabled=primary)
     steps_per_epoch = train_batches.steps_per_epoch()
     better = (lambda new, old: new > old) if plan.select_higher else (lambda new, old: new < old)
 
     def validate_and_select() -> None:
-        values = evaluate(eval_fn, state.params, val_batches)
+        values = evaluate(eval_fn, state.params, val_batches, put_batch)
+        if plan.select_metric not in values:
+            raise KeyError(f"validation metrics {sorted(values)} lack the selection metric {plan.select_metric!r}")
         log.write(step, "val", values)
         value = values[plan.select_metric]
         if math.isfinite(value) and (meta["best_value"] is None or better(value, meta["best_value"])):
             meta.update(best_value=value, best_step=step)
             save_best_params(stage_dir / "best", state.params, plan.model_dir,
-                             {"step": step, "metric": plan.select_metric, "value": value, "val": values})
+                             {"step": step, "metric": plan.select_metric, "value": value,
+                              "val": {k: _json_float(v) for k, v in values.items()}})
         best = "none yet" if meta["best_value"] is None else f"{meta['best_value']:.4f} at step {meta['best_step']}"
-        bar.write(f"[{plan.description}] step {step} val {plan.select_metric}={value:.4f} (best {best})")
+        if primary:
+            bar.write(f"[{plan.description}] step {step} val {plan.select_metric}={value:.4f} (best {best})")
 
-    bar = tqdm(total=plan.total_steps, initial=step, desc=plan.description, dynamic_ncols=True)
+    bar = tqdm(total=plan.total_steps, initial=step, desc=plan.description, dynamic_ncols=True, disable=not primary)
     try:
         if step == 0 and meta["best_step"] is None:
             validate_and_select()  # the starting model is a candidate too
@@ -133,14 +168,14 @@ def run_loop(plan: LoopPlan, state: Any, *, step_fn: Callable, eval_fn: Callable
             tokens = int((host_batch["segment_ids"] > 0).sum())
             started = time.perf_counter()
             state, metrics = step_fn(state, put_batch(host_batch))
-            values = finalize_metrics(jax.device_get(metrics))
+            metrics = jax.device_get(metrics)
+            values = finalize_metrics(metrics)
             elapsed = time.perf_counter() - started
-            if not math.isfinite(values["loss"]):
-                last = checkpointer.latest_step()
-                raise TrainingDiverged(
-                    f"non-finite loss ({values['loss']}) at step {step + 1} (epoch {epoch}, batch {index}); "
-                    f"stopped without saving. The last good checkpoint is step {last} in {checkpointer.directory}."
-                )
+            # The sums, not the means: a batch with nothing to score has loss 0/0 and is no divergence.
+            if not all(math.isfinite(float(metrics[name][0])) for name in ("loss", "grad_norm") if name in metrics):
+                raise TrainingDiverged(divergence_message(step + 1, epoch, index, values, checkpointer))
+            if schedule is not None:
+                values["learning_rate"] = float(schedule(step))
             step += 1
             index += 1
             if index == steps_per_epoch:

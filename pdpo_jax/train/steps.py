@@ -1,9 +1,11 @@
 """Jitted train and eval steps for SFT and DPO, with gradient accumulation and sharding.
 
-A step takes a stack of micro-batches `[accumulation, batch, length]` (see docs/design.md for
-the batch layout). Each objective returns the *sum* of its per-item losses and (sum, count)
-metrics; gradients are summed over micro-batches and divided once by the total count, so the
-result is the exact token mean (SFT) or pair mean (DPO) over the whole accumulated batch.
+A step takes a stack of micro-batches `[accumulation, batch, ...]` (see docs/design.md for the
+batch layout; DPO micro-batches also carry `ref_chosen_logps`, `ref_rejected_logps` and optionally
+`pair_mask`, all `[accumulation, pairs]`). Each objective returns the *sum* of its per-item losses
+and (sum, count) metrics; gradients are summed over micro-batches and divided once by the total
+count, so the result is the exact token mean (SFT) or pair mean (DPO) over the whole accumulated
+batch, however the items fall into micro-batches.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -28,11 +31,12 @@ from pdpo_jax.losses import (
     token_logprobs_from_hidden,
 )
 from pdpo_jax.model import Decoder, ModelConfig, unembedding
-from pdpo_jax.parallel import param_shardings
+from pdpo_jax.parallel import BATCH_AXES, param_shardings, replicated
 
 LOGPROB_CHUNK = 256  # positions per chunk of fp32 logits when scoring (bounds [B, chunk, V] memory)
 
 Objective = Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, Metrics]]
+"""`(params, micro_batch) -> (summed loss, metrics)`; `metrics["loss"][1]` is what the sum is over."""
 
 
 class TrainState(struct.PyTreeNode):
@@ -45,6 +49,9 @@ def create_train_state(params: Any, optimizer: optax.GradientTransformation) -> 
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
+# --- scoring ----------------------------------------------------------------------------------------
+
+
 def token_logps(params: Any, config: ModelConfig, batch: dict[str, jax.Array]) -> jax.Array:
     """log p(targets) at every position of a layout batch, `[batch, length]` fp32."""
     hidden, _ = Decoder(config).apply(
@@ -55,17 +62,24 @@ def token_logps(params: Any, config: ModelConfig, batch: dict[str, jax.Array]) -
                                       chunk_size=LOGPROB_CHUNK)
 
 
-def sequence_scores(params: Any, config: ModelConfig, batch: dict[str, jax.Array], num_sequences: int):
+def sequence_scores(params: Any, config: ModelConfig, batch: dict[str, jax.Array],
+                    num_sequences: int) -> tuple[jax.Array, jax.Array]:
     """Summed response log-probs and token counts of every scored sequence, both `[num_sequences]`.
 
     The one scoring function: DPO's reference log-probs and DNLI candidate ranking both use it.
+    Jit it with `config` and `num_sequences` static.
     """
     logps = token_logps(params, config, batch)
     return sequence_logprobs(logps, batch["loss_mask"], batch["sequence_ids"], num_sequences)
 
 
+# --- objectives -------------------------------------------------------------------------------------
+
+
 def sft_objective(params: Any, batch: dict[str, jax.Array], *, config: ModelConfig) -> tuple[jax.Array, Metrics]:
+    """Summed response-token NLL of one micro-batch; `metrics["loss"]` = (NLL sum, token count)."""
     loss, metrics = sft_loss(token_logps(params, config, batch), batch["loss_mask"])
+    # The metric sums are detached, so the differentiable sum is the mean times its (constant) count.
     return loss * metrics["loss"][1], metrics
 
 
@@ -77,30 +91,53 @@ class DPOSettings:
     reference_free: bool = False
 
 
-def dpo_objective(params: Any, batch: dict[str, jax.Array], *, config: ModelConfig,
-                  settings: DPOSettings) -> tuple[jax.Array, Metrics]:
-    """DPO on one micro-batch: one policy forward over every chosen and rejected sequence.
+def pairs_in(batch: dict[str, jax.Array]) -> int:
+    """The (static) number of pairs of a DPO micro-batch, from its `[pairs]` arrays."""
+    for key in ("ref_chosen_logps", "pair_mask"):
+        if key in batch:
+            return batch[key].shape[0]
+    raise KeyError("a DPO batch needs `ref_chosen_logps`/`ref_rejected_logps` (or, reference-free, a `pair_mask`)")
+
+
+def dpo_objective(params: Any, batch: dict[str, jax.Array], *, config: ModelConfig, settings: DPOSettings,
+                  reference_params: Any = None) -> tuple[jax.Array, Metrics]:
+    """Summed DPO loss of one micro-batch: one policy forward over every chosen and rejected sequence.
 
     Reference log-probs come with the batch (`ref_chosen_logps`, `ref_rejected_logps`, `[pairs]`):
-    they were computed once by `sequence_scores` with the frozen SFT model.
+    they were computed once by `sequence_scores` with the frozen SFT model. `reference_params`
+    instead scores the reference live inside the step (a second forward per micro-batch); it exists
+    to check that precomputed log-probs give the same step, not for training. Those parameters are
+    closed over by the jitted step, so they must not share buffers with the donated train state.
     """
-    num_pairs = batch["ref_chosen_logps"].shape[0]
+    num_pairs = pairs_in(batch)
     logps, _ = sequence_scores(params, config, batch, 2 * num_pairs)
     policy_chosen, policy_rejected = split_chosen_rejected(logps)
+    if reference_params is None:
+        ref_chosen, ref_rejected = batch.get("ref_chosen_logps"), batch.get("ref_rejected_logps")
+    else:
+        ref_logps, _ = sequence_scores(jax.lax.stop_gradient(reference_params), config, batch, 2 * num_pairs)
+        ref_chosen, ref_rejected = split_chosen_rejected(ref_logps)
     loss, metrics = dpo_loss(
-        policy_chosen, policy_rejected, batch["ref_chosen_logps"], batch["ref_rejected_logps"],
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected,
         beta=settings.beta, loss_type=settings.loss_type, label_smoothing=settings.label_smoothing,
         reference_free=settings.reference_free, pair_mask=batch.get("pair_mask"),
     )
     return loss * metrics["loss"][1], metrics
 
 
-def _accumulate(objective: Objective, params: Any, micro_batches: dict[str, jax.Array], with_grads: bool):
-    """Sums objective (and gradients) over the leading micro-batch axis with `lax.scan`."""
+# --- steps ------------------------------------------------------------------------------------------
+
+
+def _accumulate(objective: Objective, params: Any, micro_batches: dict[str, jax.Array], with_grads: bool,
+                grad_shardings: Any = None) -> tuple[Any, Metrics]:
+    """Sums metrics (and gradients) over the leading micro-batch axis with `lax.scan`."""
     first = jax.tree_util.tree_map(lambda x: x[0], micro_batches)
     _, metric_shapes = jax.eval_shape(objective, params, first)
     zero_metrics = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
     zero_grads = jax.tree_util.tree_map(jnp.zeros_like, params) if with_grads else None
+    if with_grads and grad_shardings is not None:
+        # Constants carry no sharding; without this the accumulator may be replicated on every device.
+        zero_grads = jax.lax.with_sharding_constraint(zero_grads, grad_shardings)
 
     def one_micro_batch(carry, batch):
         grads, metrics = carry
@@ -116,11 +153,16 @@ def _accumulate(objective: Objective, params: Any, micro_batches: dict[str, jax.
 
 
 def train_step(state: TrainState, micro_batches: dict[str, jax.Array], *, objective: Objective,
-               optimizer: optax.GradientTransformation) -> tuple[TrainState, Metrics]:
-    grads, metrics = _accumulate(objective, state.params, micro_batches, with_grads=True)
+               optimizer: optax.GradientTransformation, grad_shardings: Any = None) -> tuple[TrainState, Metrics]:
+    """One optimizer update from the mean gradient over every item of every micro-batch.
+
+    Metrics are the objective's summed (sum, count) pairs plus `grad_norm` (global norm of the mean
+    gradient, before clipping).
+    """
+    grads, metrics = _accumulate(objective, state.params, micro_batches, True, grad_shardings)
     count = jnp.maximum(metrics["loss"][1], 1.0)
-    grads = jax.tree_util.tree_map(lambda g: g / count, grads)
-    metrics = dict(metrics, grad_norm=(optax.global_norm(grads), jnp.ones((), jnp.float32)))
+    grads = jax.tree_util.tree_map(lambda g: g / count.astype(g.dtype), grads)
+    metrics = dict(metrics, grad_norm=(optax.tree.norm(grads), jnp.ones((), jnp.float32)))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -130,36 +172,76 @@ def eval_step(params: Any, micro_batches: dict[str, jax.Array], *, objective: Ob
     return _accumulate(objective, params, micro_batches, with_grads=False)[1]
 
 
+# --- sharding and jit -------------------------------------------------------------------------------
+
+
 def batch_spec() -> P:
-    """Micro-batch stacks `[accumulation, batch, ...]` are split over the data-parallel axes."""
-    return P(None, ("data", "fsdp"))
+    """Micro-batch stacks `[accumulation, batch, ...]` (and `[accumulation, pairs]`) are split over
+    the data-parallel axes, so rows and pairs of a micro-batch must divide by data * fsdp. Row block
+    k then holds exactly the pairs of pair block k (rows 2i and 2i + 1 are pair i)."""
+    return P(None, BATCH_AXES)
 
 
-def state_shardings(params_shape: Any, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
-    """Shardings of a train state on `mesh`: parameters by the partition rules, and optimizer
-    moments as XLA propagates them from the parameters through `optimizer.init` (compiled only,
-    never run, so this is also how an abstract restore target gets its shardings)."""
-    params = param_shardings(params_shape, mesh)
-    abstract = jax.tree_util.tree_map(
-        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), params_shape, params
-    )
-    compiled = jax.jit(partial(create_train_state, optimizer=optimizer)).lower(abstract).compile()
-    return compiled.output_shardings
+def micro_batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, batch_spec())
 
 
-def jit_train_step(objective: Objective, optimizer: optax.GradientTransformation, mesh: Mesh | None,
-                   shardings: TrainState | None = None):
-    """The jitted step; on a mesh, `shardings` comes from `state_shardings` and the state is donated."""
-    step = partial(train_step, objective=objective, optimizer=optimizer)
+def put_micro_batches(host_batch: dict[str, np.ndarray], mesh: Mesh | None = None) -> dict[str, jax.Array]:
+    """Host micro-batch stack onto devices: the default device, or split over the mesh's batch axes
+    (on several hosts each process passes its own rows of every micro-batch)."""
     if mesh is None:
-        return jax.jit(step, donate_argnums=0)
-    return jax.jit(step, in_shardings=(shardings, NamedSharding(mesh, batch_spec())),
-                   out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+        return jax.device_put(host_batch)
+    sharding = micro_batch_sharding(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(host_batch, sharding)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in host_batch.items()}
 
 
-def jit_eval_step(objective: Objective, mesh: Mesh | None, params_shape: Any = None):
+def state_shardings(params_shape: Any, optimizer: optax.GradientTransformation, mesh: Mesh | None = None) -> TrainState:
+    """Shardings of a train state on `mesh`: parameters by the partition rules, every optimizer
+    leaf that mirrors a parameter (Adam moments) like that parameter, everything else (step
+    counts) replicated. Without a mesh, everything on the default device. Also what an abstract
+    restore target carries."""
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shapes = jax.eval_shape(partial(create_train_state, optimizer=optimizer), params_shape)
+        return jax.tree_util.tree_map(lambda _: device, shapes)
+    params = param_shardings(params_shape, mesh)
+    opt_shape = jax.eval_shape(optimizer.init, params_shape)
+    opt_state = optax.tree_map_params(
+        optimizer, lambda _, sharding: sharding, opt_shape, params,
+        transform_non_params=lambda _: replicated(mesh),
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+    )
+    return TrainState(step=replicated(mesh), params=params, opt_state=opt_state)
+
+
+def abstract_train_state(params_shape: Any, optimizer: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+    """ShapeDtypeStructs with shardings for every leaf of a train state: an orbax restore target."""
+    shapes = jax.eval_shape(partial(create_train_state, optimizer=optimizer), params_shape)
+    return jax.tree_util.tree_map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), shapes, shardings
+    )
+
+
+def jit_train_step(objective: Objective, optimizer: optax.GradientTransformation, mesh: Mesh | None = None,
+                   shardings: TrainState | None = None):
+    """`step(state, micro_batches) -> (state, metrics)`, jitted with the state donated. On a mesh,
+    `shardings` comes from `state_shardings`; metrics come back replicated."""
+    if mesh is None:
+        return jax.jit(partial(train_step, objective=objective, optimizer=optimizer), donate_argnums=0)
+    if shardings is None:
+        raise ValueError("jit_train_step on a mesh needs the state shardings (see state_shardings)")
+    step = partial(train_step, objective=objective, optimizer=optimizer, grad_shardings=shardings.params)
+    return jax.jit(step, in_shardings=(shardings, micro_batch_sharding(mesh)),
+                   out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+
+
+def jit_eval_step(objective: Objective, mesh: Mesh | None = None, params_shardings: Any = None):
+    """`evaluate(params, micro_batches) -> metrics`, jitted (nothing donated)."""
     step = partial(eval_step, objective=objective)
     if mesh is None:
         return jax.jit(step)
-    return jax.jit(step, in_shardings=(param_shardings(params_shape, mesh), NamedSharding(mesh, batch_spec())),
-                   out_shardings=NamedSharding(mesh, P()))
+    if params_shardings is None:
+        raise ValueError("jit_eval_step on a mesh needs the parameter shardings (state_shardings(...).params)")
+    return jax.jit(step, in_shardings=(params_shardings, micro_batch_sharding(mesh)), out_shardings=replicated(mesh))
