@@ -11,9 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pdpo_jax.data import BatchIterator, bucketed_length
 
@@ -59,14 +57,3 @@ class StepBatches:
         """Every step of one epoch in order (validation sets)."""
         return [self.batch(0, index) for index in range(self.steps_per_epoch())]
 
-
-def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(None, ("data", "fsdp")))
-
-
-def put_stacked_batch(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Places a host's micro-batch stack on the mesh; on a pod each host passes only its rows."""
-    sharding = stacked_batch_sharding(mesh)
-    if jax.process_count() == 1:
-        return jax.device_put(host_batch, sharding)
-    return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in host_batch.items()}

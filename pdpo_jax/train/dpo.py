@@ -22,17 +22,10 @@ from pdpo_jax.config import RunConfig
 from pdpo_jax.data import PromptEncoder, TokenizedExample, per_turn_batch
 from pdpo_jax.prefs import read_preference_pairs, resolve_model_paths
 from pdpo_jax.stage import build_mesh, check_batch_fits_mesh, load_for_run, parse_stage_args, stage_dir, write_resolved_config
-from pdpo_jax.train.batches import StepBatches, put_stacked_batch
-from pdpo_jax.train.loop import LoopPlan, TrainingDiverged, run_loop, total_steps
-from pdpo_jax.train.optim import make_optimizer
-from pdpo_jax.train.steps import (
-    DPOSettings,
-    create_train_state,
-    dpo_objective,
-    jit_eval_step,
-    jit_train_step,
-    state_shardings,
-)
+from pdpo_jax.train.batches import StepBatches
+from pdpo_jax.train.fit import fit
+from pdpo_jax.train.loop import TrainingDiverged
+from pdpo_jax.train.steps import DPOSettings, dpo_objective
 
 STAGE = "dpo"
 
@@ -113,26 +106,12 @@ def run_dpo(config: RunConfig) -> dict[str, Any]:
     train = dpo_batches(config, train_pairs, pad_id, shuffle=True)
     val = dpo_batches(config, val_pairs, pad_id, shuffle=False)
 
-    steps = total_steps(config.dpo.epochs, train.steps_per_epoch(), config.dpo.max_steps)
-    optimizer, _ = make_optimizer(config.dpo.optimizer, steps)
     settings = DPOSettings(beta=config.dpo.beta, loss_type=config.dpo.loss_type,
                            label_smoothing=config.dpo.label_smoothing, reference_free=config.dpo.reference_free)
     objective = functools.partial(dpo_objective, config=model.config, settings=settings)
-    shardings = state_shardings(model.params, optimizer, mesh)
-    state = jax.jit(functools.partial(create_train_state, optimizer=optimizer), out_shardings=shardings)(model.params)
-    put = functools.partial(put_stacked_batch, mesh=mesh)
-    plan = LoopPlan(
-        stage_dir=out_dir, epochs=config.dpo.epochs, total_steps=steps, eval_every=config.dpo.eval_every,
-        checkpoint_every=config.dpo.checkpoint_every, select_metric="rewards/accuracies", select_higher=True,
-        model_dir=Path(reference_path), description="dpo",
-    )
-    result = run_loop(
-        plan, state, step_fn=jit_train_step(objective, optimizer, mesh, shardings),
-        eval_fn=jit_eval_step(objective, mesh, model.params), train_batches=train,
-        val_batches=[put(batch) for batch in val.all_batches()], put_batch=put,
-        state_shardings=shardings, seed=config.seed,
-    )
-    summary = {key: value for key, value in result.items() if key != "state"}
+    summary = fit(model=model, objective=objective, section=config.dpo, train=train, val=val, out_dir=out_dir,
+                  mesh=mesh, seed=config.seed, select_metric="rewards/accuracies", select_higher=True,
+                  description="dpo")
     summary["best_dir"] = str(out_dir / "best")
     summary["start_check"] = check_start(out_dir, config.dpo.loss_type, config.dpo.reference_free)
     mark_done(out_dir, summary)

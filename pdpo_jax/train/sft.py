@@ -19,10 +19,10 @@ from pdpo_jax.config import RunConfig
 from pdpo_jax.data import examples_from_dialogues, per_turn_batch, tokenize_examples
 from pdpo_jax.data.corpus import prepare_corpus
 from pdpo_jax.stage import build_mesh, check_batch_fits_mesh, load_for_run, parse_stage_args, stage_dir, write_resolved_config
-from pdpo_jax.train.batches import StepBatches, put_stacked_batch
-from pdpo_jax.train.loop import LoopPlan, TrainingDiverged, run_loop, total_steps
-from pdpo_jax.train.optim import make_optimizer
-from pdpo_jax.train.steps import create_train_state, jit_eval_step, jit_train_step, sft_objective, state_shardings
+from pdpo_jax.train.batches import StepBatches
+from pdpo_jax.train.fit import fit
+from pdpo_jax.train.loop import TrainingDiverged
+from pdpo_jax.train.steps import sft_objective
 
 STAGE = "sft"
 
@@ -55,24 +55,10 @@ def run_sft(config: RunConfig) -> dict[str, Any]:
     val, val_stats = sft_batches(config, model, corpus.val, shuffle=False)
     atomic_write_json(out_dir / "data_summary.json", {**corpus.summary(), "train": train_stats, "val": val_stats})
 
-    steps = total_steps(config.sft.epochs, train.steps_per_epoch(), config.sft.max_steps)
-    optimizer, _ = make_optimizer(config.sft.optimizer, steps)
     objective = functools.partial(sft_objective, config=model.config)
-    shardings = state_shardings(model.params, optimizer, mesh)
-    state = jax.jit(functools.partial(create_train_state, optimizer=optimizer), out_shardings=shardings)(model.params)
-    put = functools.partial(put_stacked_batch, mesh=mesh)
-    plan = LoopPlan(
-        stage_dir=out_dir, epochs=config.sft.epochs, total_steps=steps, eval_every=config.sft.eval_every,
-        checkpoint_every=config.sft.checkpoint_every, select_metric="loss", select_higher=False,
-        model_dir=Path(model.path), description="sft",
-    )
-    result = run_loop(
-        plan, state, step_fn=jit_train_step(objective, optimizer, mesh, shardings),
-        eval_fn=jit_eval_step(objective, mesh, model.params), train_batches=train,
-        val_batches=[put(batch) for batch in val.all_batches()], put_batch=put,
-        state_shardings=shardings, seed=config.seed,
-    )
-    summary = {key: value for key, value in result.items() if key != "state"}
+    summary = fit(model=model, objective=objective, section=config.sft, train=train, val=val, out_dir=out_dir,
+                  mesh=mesh, seed=config.seed, select_metric="loss", select_higher=False,
+                  description="sft")
     summary["best_dir"] = str(out_dir / "best")
     mark_done(out_dir, summary)
     print(f"sft: best val loss {summary['best_value']:.4f} at step {summary['best_step']} -> {summary['best_dir']}")
