@@ -119,12 +119,13 @@ class PromptEncoder:
         history: Sequence[str],
         reserved: int,
         max_length: int | None,
-        max_dropped: int | None = None,
+        drop_choices: Sequence[int] | None = None,
         name: str = "example",
     ) -> tuple[tuple[int, ...], int]:
-        """`(prompt ids, dropped)`: the prompt with the fewest oldest history turns dropped (see
-        `history_drop_choices`, at most `max_dropped`) such that it and `reserved` more tokens fit
-        in `max_length`. Raises ExampleTooLongError when even the most allowed drop does not fit."""
+        """`(prompt ids, dropped)`: the prompt with the fewest oldest history turns dropped, out of
+        `drop_choices` (ascending; default `history_drop_choices(len(history))`), such that it and
+        `reserved` more tokens fit in `max_length`. Raises ExampleTooLongError when even the
+        largest choice does not fit."""
 
         def prompt_after_dropping(dropped: int) -> tuple[int, ...]:
             return tuple(self.prompt_ids(persona, history[dropped:]))
@@ -135,7 +136,7 @@ class PromptEncoder:
         prompt = prompt_after_dropping(0)
         if fits(prompt):
             return prompt, 0
-        choices = [d for d in history_drop_choices(len(history)) if max_dropped is None or d <= max_dropped]
+        choices = list(history_drop_choices(len(history)) if drop_choices is None else drop_choices)
         shortest = prompt_after_dropping(choices[-1])
         if not fits(shortest):
             what = "persona and response alone take" if choices[-1] == len(history) else "the shortest allowed prompt and the rest take"
