@@ -241,8 +241,8 @@ def test_changing_chosen_does_not_change_rejected(tiny_models, tokenizer):
     pairs = [p for p in dpo_pairs(tokenizer, "plain-en") if p is not None][:3]
     changed = [PairIds(p.prompt_ids, tuple(reversed(p.chosen_ids[:-1])) + (7,) + p.chosen_ids[-1:], p.rejected_ids)
                for p in pairs]
-    before = sequence_logps(params, config, dpo_batch(pairs, True), 6)
-    after = sequence_logps(params, config, dpo_batch(changed, True), 6)
+    before = sequence_logps(params, config, dpo_batch(pairs, share_prompt=True), 6)
+    after = sequence_logps(params, config, dpo_batch(changed, share_prompt=True), 6)
     np.testing.assert_allclose(before[1::2], after[1::2], rtol=0, atol=1e-5)
     assert np.abs(before[0::2] - after[0::2]).min() > 1e-3
 

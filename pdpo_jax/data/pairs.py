@@ -61,15 +61,16 @@ def encode_pair(
 
 def dpo_batch(
     pairs: Sequence[PairIds | None],
-    share_prompt: bool,
-    *,
     pad_to: int | None = None,
     pad_id: int = 0,
     bucket: int = 64,
+    *,
+    share_prompt: bool,
 ) -> dict[str, np.ndarray]:
     """The batch layout (shared: `[pairs, length]`; unshared: `[2 * pairs, length]`) plus
     `ref_chosen_logps`, `ref_rejected_logps` and `pair_mask` (float32 `[pairs]`). `None` pairs
-    (the filler of a short last batch) are padding with pair_mask 0."""
+    (the filler of a short last batch) are padding with pair_mask 0. Row lengths: `shared_length()`
+    or `unshared_length()` of the longest pair, rounded up to `bucket` unless `pad_to` is given."""
     real = [i for i, pair in enumerate(pairs) if pair is not None]
     if share_prompt:
         batch = _shared(pairs, real, pad_to, pad_id, bucket)
