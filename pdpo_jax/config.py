@@ -50,6 +50,7 @@ class DataSection:
     both_speakers: bool = False
     template: str = "chat-en"  # a preset name or a path to a YAML template
     max_length: int = 512
+    length_bucket: int = 64  # batch lengths round up to a multiple of this (= max_length: one shape, one compile)
     on_overflow: Literal["error", "skip"] = "error"
     max_dialogues: int | None = None  # keep the first N dialogues (demos, smoke runs)
 

@@ -106,32 +106,88 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def _env_says_multiprocess() -> bool:
-    env = os.environ
-    if env.get("PDPO_DISTRIBUTED", "").lower() in ("1", "true", "yes"):
+TRUTHY = ("1", "true", "yes", "on")
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int | None:
+    value = env.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _env_says_multiprocess(env: Mapping[str, str]) -> bool:
+    if env.get("PDPO_DISTRIBUTED", "").strip().lower() in TRUTHY:
         return True
     if env.get("JAX_COORDINATOR_ADDRESS"):
         return True
     if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
         return True
-    for count in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
-        if int(env.get(count, "1") or 1) > 1:
-            return True
-    return False
+    return any((_env_int(env, count) or 1) > 1 for count in ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+
+
+def distributed_settings_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Arguments of jax.distributed.initialize() that the environment states explicitly.
+
+    JAX reads JAX_COORDINATOR_ADDRESS itself but not the process count and index, which a
+    hand-launched cluster (several machines or processes without TPU/SLURM/MPI metadata) has to
+    give: JAX_NUM_PROCESSES and JAX_PROCESS_ID. Whatever is missing JAX detects on TPU VMs,
+    SLURM, Open MPI and Kubernetes.
+    """
+    env = os.environ if env is None else env
+    settings: dict[str, Any] = {}
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        settings["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
+    for key, name in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+        value = _env_int(env, name)
+        if value is not None:
+            settings[key] = value
+    timeout = _env_int(env, "PDPO_DISTRIBUTED_TIMEOUT")
+    if timeout is not None:
+        settings["initialization_timeout"] = timeout
+    return settings
 
 
 def initialize_distributed(force: bool | None = None, **kwargs: Any) -> bool:
-    """Calls jax.distributed.initialize() when the environment describes several processes (TPU pod
-    slice, SLURM, MPI, JAX_COORDINATOR_ADDRESS, or PDPO_DISTRIBUTED=1). Must run before any other JAX
-    call. Returns whether it initialized."""
-    wanted = _env_says_multiprocess() if force is None else force
+    """Calls jax.distributed.initialize() when the environment describes several processes: a TPU
+    pod slice, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES, or PDPO_DISTRIBUTED=1
+    (set by tpu/launch.sh). Settings come from `distributed_settings_from_env`, overridden by
+    `kwargs`. Must run before any other JAX call; calling it again is harmless. Returns whether
+    this process is part of an initialized multi-process run."""
+    if jax.distributed.is_initialized():
+        return True
+    wanted = _env_says_multiprocess(os.environ) if force is None else force
     if not wanted:
         return False
-    jax.distributed.initialize(**kwargs)
+    jax.distributed.initialize(**(distributed_settings_from_env() | kwargs))
     return True
 
 
-def global_batch_from_local(local_batch: Any, mesh: Mesh) -> Any:
-    """Each process passes its own rows; returns global arrays split over the batch axes."""
-    sharding = batch_sharding(mesh)
+def _batch_sharding_at(mesh: Mesh, batch_axis: int) -> NamedSharding:
+    return NamedSharding(mesh, P(*([None] * batch_axis), BATCH_AXES))
+
+
+def process_batch_indices(mesh: Mesh, global_batch_size: int, batch_axis: int = 0) -> np.ndarray:
+    """The rows of a global batch this process feeds, in the order `global_batch_from_local` expects.
+
+    With the mesh of `make_mesh` process p usually holds the contiguous block p (what
+    pdpo_jax.data.iterator hands it), but a device order that interleaves hosts gives other rows;
+    asking the sharding keeps a host's rows and the global array in step either way.
+    """
+    sharding = _batch_sharding_at(mesh, batch_axis)
+    shape = (1,) * batch_axis + (global_batch_size,)
+    rows: list[int] = []
+    for index in sorted({idx[batch_axis].indices(global_batch_size) for idx in sharding.addressable_devices_indices_map(shape).values()}):
+        rows.extend(range(*index))
+    return np.asarray(rows, dtype=np.int64)
+
+
+def global_batch_from_local(local_batch: Any, mesh: Mesh, batch_axis: int = 0) -> Any:
+    """Each process passes its own rows (`process_batch_indices`); returns global arrays whose axis
+    `batch_axis` is split over the batch axes. Micro-batch stacks `[accumulation, batch, ...]` use
+    batch_axis=1."""
+    sharding = _batch_sharding_at(mesh, batch_axis)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)

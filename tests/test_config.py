@@ -67,6 +67,8 @@ def test_every_paper_config_loads_with_appendix_b_values(path):
     assert config.sft.optimizer.learning_rate == 1e-5 and config.dpo.optimizer.learning_rate == 1e-6
     assert config.dpo.beta == 0.5 and config.model.dtype == "bfloat16"
     assert config.run_dir == f"runs/paper/{path[:-5]}"
+    for batch in (config.sft.batch_size, config.dpo.batch_size):
+        assert batch % (config.mesh.data * config.mesh.fsdp) == 0  # rows split over the data-parallel axes
 
 
 def test_variant_files_stack_on_a_model_file():

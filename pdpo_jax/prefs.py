@@ -1,0 +1,562 @@
+"""`pdpo make-prefs`: pseudo-preference pairs with swapped personas, resumable shard by shard.
+
+For every example i of the train and val splits (dialogue d, persona p_d, history x_i, response
+y_i), the persona of a donor dialogue j = derangement(d) is put in front of the same history and
+the generator samples a negative y_neg ~ π_gen(· | p_j, x_i). The pair the DPO stage trains on is
+(prompt = p_d + x_i, chosen = y_i, rejected = y_neg), stored with both log-probs under the reference
+model for that prompt. `prefs.shuffle: false` samples with the example's own persona (the paper's
+"w/o shuffle" ablation).
+
+Layout of `<run_dir>/prefs/`:
+
+    settings.json         what the shards depend on (config subset, model digests); a rerun with
+                          different settings refuses to mix its records with these
+    train/shard-00000.jsonl, ...   `shard_size` examples each, in corpus order, written atomically
+    val/shard-00000.jsonl, ...
+    metrics.jsonl         one line per shard written (timing)
+    summary.json, DONE    counts (degenerate negatives by reason, dropped, skipped), written last
+
+Determinism: shard k of a split holds the examples [k*shard_size, (k+1)*shard_size) of that
+split; they are sampled in batches of `prefs.batch_size`, and batch b of shard k uses the seed
+`sample_seed(prefs.seed, split, k, b)` (sha256 of those four values, 31 bits; stored in every
+record with the record's row in that batch). Sampling a row depends on its batch's seed and
+shape, both fixed by (config, k), so a rerun after a crash skips the complete shards and
+rewrites the missing ones exactly as one uninterrupted run would.
+
+Prompts and truncation: the generation prompt (donor persona + history) keeps the longest history
+tail that leaves room for `max_new_tokens` within `data.max_length` (and the model's positions);
+the pair's prompt (own persona + that history) then keeps the longest tail for which prompt plus
+the longer of chosen and rejected fits. The history stored in the record is the one used, so
+the DPO stage rebuilds exactly the prompt that was scored. A generator with another tokenizer
+works: negatives cross between models as text and are re-tokenized for the reference.
+
+Checkpoint digests are sha256 over the weight files' names, sizes and contents: `*.safetensors`,
+`*.msgpack`, `*.bin`, `*.gguf` and `*.index.json` of a Hugging Face directory, or every file
+under `params/` of an orbax directory (a stage's `best/`). Contents, not modification times, so a
+copied checkpoint keeps its digest and a retrained one never does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from pdpo_jax.atomic import append_jsonl, atomic_write_json, atomic_write_jsonl, is_done, mark_done
+from pdpo_jax.config import ConfigError, RunConfig, config_to_dict, load_config
+from pdpo_jax.stage import write_resolved_config
+from pdpo_jax.data.examples import Example, examples_from_dialogues
+from pdpo_jax.data.overlap import normalize_utterance
+
+SPLITS = ("train", "val")
+DEGENERATE_REASONS = ("empty", "same_as_chosen", "truncated")
+SHARD_PATTERN = "shard-{:05d}.jsonl"
+SETTINGS_FILE = "settings.json"
+SUMMARY_FILE = "summary.json"
+WEIGHT_SUFFIXES = (".safetensors", ".msgpack", ".bin", ".gguf")
+LOGP_SLACK = 1e-3  # a sum of log-probs is <= 0; allow float rounding above it
+
+
+class PrefsError(ValueError):
+    """Preference records that cannot be made or read as asked; the message names the file."""
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+
+def sample_seed(base_seed: int, split: str, shard: int, batch: int) -> int:
+    digest = hashlib.sha256(f"pdpo-prefs\x00{base_seed}\x00{split}\x00{shard}\x00{batch}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") >> 1
+
+
+def degenerate_reasons(rejected: str, chosen: str, stopped: bool) -> list[str]:
+    """Why a sampled negative teaches nothing: empty, the chosen response again, or cut off."""
+    reasons = []
+    if not rejected.strip():
+        reasons.append("empty")
+    elif normalize_utterance(rejected) == normalize_utterance(chosen):
+        reasons.append("same_as_chosen")
+    if not stopped:
+        reasons.append("truncated")
+    return reasons
+
+
+def checkpoint_digest(model_dir: str | os.PathLike) -> str:
+    model_dir = Path(model_dir)
+    if (model_dir / "params").is_dir():
+        files = [p for p in (model_dir / "params").rglob("*") if p.is_file()]
+    else:
+        files = [p for p in model_dir.iterdir()
+                 if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".index.json"))]
+    if not files:
+        raise PrefsError(f"{model_dir}: no weight files to digest")
+    digest = hashlib.sha256()
+    for path in sorted(files, key=lambda p: p.relative_to(model_dir).as_posix()):
+        digest.update(path.relative_to(model_dir).as_posix().encode() + b"\x00")
+        digest.update(path.stat().st_size.to_bytes(8, "big"))
+        with open(path, "rb") as handle:
+            for block in iter(partial(handle.read, 1 << 20), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def shard_path(prefs_dir: str | os.PathLike, split: str, index: int) -> Path:
+    return Path(prefs_dir) / split / SHARD_PATTERN.format(index)
+
+
+def shard_count(examples: int, shard_size: int) -> int:
+    return math.ceil(examples / shard_size)
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(s, str) for s in v)
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_logp(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v <= LOGP_SLACK
+
+
+# field -> check; every record has exactly these fields
+RECORD_FIELDS: dict[str, Any] = {
+    "example_id": _is_str,
+    "dialogue_id": _is_str,
+    "donor_dialogue_id": _is_str,
+    "split": lambda v: v in SPLITS,
+    "persona": _is_str_list,
+    "donor_persona": _is_str_list,
+    "history": _is_str_list,
+    "history_turns_dropped": _is_count,
+    "chosen": _is_str,
+    "rejected": _is_str,
+    "shuffled": lambda v: isinstance(v, bool),
+    "generator": _is_str,
+    "generator_digest": lambda v: isinstance(v, str) and v.startswith("sha256:"),
+    "reference": _is_str,
+    "reference_digest": lambda v: isinstance(v, str) and v.startswith("sha256:"),
+    "sampler": lambda v: isinstance(v, dict) and isinstance(v.get("kind"), str),
+    "max_new_tokens": _is_count,
+    "sample_seed": _is_count,
+    "sample_row": _is_count,
+    "ref_chosen_logp": _is_logp,
+    "ref_rejected_logp": _is_logp,
+    "chosen_tokens": lambda v: _is_count(v) and v > 0,
+    "rejected_tokens": lambda v: _is_count(v) and v > 0,
+    "degenerate": lambda v: isinstance(v, list) and all(r in DEGENERATE_REASONS for r in v),
+    "dropped": lambda v: isinstance(v, bool),
+}
+
+
+def validate_record(record: Any, where: str) -> dict[str, Any]:
+    if not isinstance(record, dict):
+        raise PrefsError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    missing = [k for k in RECORD_FIELDS if k not in record]
+    if missing:
+        raise PrefsError(f"{where}: record lacks field(s) {missing}")
+    unknown = sorted(set(record) - set(RECORD_FIELDS))
+    if unknown:
+        raise PrefsError(f"{where}: unknown field(s) {unknown}")
+    for key, check in RECORD_FIELDS.items():
+        if not check(record[key]):
+            raise PrefsError(f"{where}: field {key!r} has an invalid value {record[key]!r}")
+    if record["dropped"] and not record["degenerate"]:
+        raise PrefsError(f"{where}: record is marked dropped but not degenerate")
+    return record
+
+
+def read_shard(path: Path) -> list[dict[str, Any]]:
+    """Every record of one shard file, validated; errors name the file and line."""
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        where = f"{path}:{number}"
+        if not line.strip():
+            raise PrefsError(f"{where}: empty line")
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PrefsError(f"{where}: not valid JSON ({err.msg})") from None
+        records.append(validate_record(record, where))
+    return records
+
+
+def read_preference_pairs(prefs_dir: str | os.PathLike, split: str, *, include_dropped: bool = False) -> list[dict[str, Any]]:
+    """The records of one split of a finished `make-prefs` stage, in corpus order.
+
+    Records marked `dropped` (degenerate negatives under `prefs.drop_degenerate`) are left out
+    unless `include_dropped`. Raises PrefsError naming the file and line of the first bad record,
+    and when the stage is unfinished, a shard is missing, or the counts disagree with the summary.
+    """
+    prefs_dir = Path(prefs_dir)
+    if split not in SPLITS:
+        raise PrefsError(f"split must be one of {SPLITS}, got {split!r}")
+    if not is_done(prefs_dir):
+        raise PrefsError(f"{prefs_dir}: no DONE marker; the make-prefs stage has not finished (run `pdpo make-prefs`)")
+    summary_path = prefs_dir / SUMMARY_FILE
+    try:
+        expected = json.loads(summary_path.read_text(encoding="utf-8"))["splits"][split]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise PrefsError(f"{summary_path}: unreadable or without counts for split {split!r} ({err!r})") from None
+    found = sorted((prefs_dir / split).glob("shard-*.jsonl"))
+    wanted = [shard_path(prefs_dir, split, k) for k in range(expected["shards"])]
+    if found != wanted:
+        missing = sorted(set(wanted) - set(found))
+        extra = sorted(set(found) - set(wanted))
+        raise PrefsError(f"{prefs_dir / split}: shard files do not match the summary (missing {missing}, unexpected {extra})")
+    records, seen = [], {}
+    for path in wanted:
+        for number, record in enumerate(read_shard(path), 1):
+            if record["split"] != split:
+                raise PrefsError(f"{path}:{number}: record of split {record['split']!r} in the {split!r} folder")
+            if record["example_id"] in seen:
+                raise PrefsError(f"{path}:{number}: example {record['example_id']!r} repeats {seen[record['example_id']]}")
+            seen[record["example_id"]] = f"{path}:{number}"
+            records.append(record)
+    if len(records) != expected["records"]:
+        raise PrefsError(f"{prefs_dir / split}: {len(records)} records, the summary says {expected['records']}")
+    return [r for r in records if include_dropped or not r["dropped"]]
+
+
+# ----------------------------------------------------------------------------- building
+
+
+@dataclass(frozen=True)
+class PairJob:
+    example: Example
+    donor_id: str
+    donor_persona: tuple[str, ...]
+
+
+@dataclass
+class Side:
+    """A model opened for one role (generator or reference) with what a record says about it."""
+
+    name: str  # as configured
+    model: Any  # LoadedModel
+    encoder: Any  # PromptEncoder
+    digest: str
+
+
+def plan_split(dialogues: Sequence[Any], shuffle: bool, seed: int) -> list[PairJob]:
+    """Every example of `dialogues` with the persona it is sampled under, in corpus order."""
+    from pdpo_jax.data.shuffle import persona_derangement
+
+    donors = persona_derangement(dialogues, seed=seed, shuffle=shuffle)
+    persona_of = {d.id: tuple(d.persona) for d in dialogues}
+    return [PairJob(ex, donors[ex.dialogue_id], persona_of[donors[ex.dialogue_id]]) for ex in examples_from_dialogues(dialogues)]
+
+
+def resolve_model_paths(config: RunConfig) -> tuple[str, str]:
+    sft_best = os.fspath(Path(config.run_dir) / "sft" / "best")
+    return config.prefs.generator or sft_best, config.prefs.reference or sft_best
+
+
+def model_dir_of(name: str) -> Path:
+    if name == "default":
+        from pdpo_jax.model.default_model import default_model_dir
+
+        return default_model_dir()
+    if not Path(name).is_dir():
+        hint = " (the SFT stage's output: run `pdpo sft` first, or set prefs.generator / prefs.reference)" \
+            if Path(name).parts[-2:] == ("sft", "best") else ""
+        raise PrefsError(f"model directory not found: {name}{hint}")
+    return Path(name)
+
+
+def open_side(name: str, digest: str, config: RunConfig, cache: dict[str, Side]) -> Side:
+    """The model `name` on one device (one load when generator and reference are the same)."""
+    if name in cache:
+        return cache[name]
+    from pdpo_jax.data.tokenization import PromptEncoder
+    from pdpo_jax.stage import load_for_run
+
+    model = load_for_run(model_dir_of(name), config, mesh=None)
+    cache[name] = Side(name, model, PromptEncoder(model.tokenizer, config.data.template), digest)
+    return cache[name]
+
+
+def settings_of(config: RunConfig, digests: dict[str, str]) -> dict[str, Any]:
+    """Everything the records depend on; equal settings give byte-identical shards."""
+    full = config_to_dict(config)
+    generator, reference = resolve_model_paths(config)
+    return {
+        "seed": config.seed,
+        "data": full["data"],
+        "prefs": full["prefs"],
+        "model_dtype": config.model.dtype,
+        "generator": {"path": generator, "digest": digests[generator]},
+        "reference": {"path": reference, "digest": digests[reference]},
+    }
+
+
+def check_settings(prefs_dir: Path, settings: dict[str, Any]) -> None:
+    """Writes settings.json; once shards exist, later runs must match it, or old shards would mix in."""
+    path = prefs_dir / SETTINGS_FILE
+    has_shards = any(prefs_dir.glob("*/shard-*.jsonl")) or is_done(prefs_dir)
+    old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    if old is None or not has_shards:
+        atomic_write_json(path, settings)
+        return
+    if old != settings:
+        changed = _first_difference(old, settings)
+        raise PrefsError(
+            f"{path}: this folder holds records made with other settings ({changed}); delete {prefs_dir} "
+            "to rebuild, or run with the original settings to resume"
+        )
+
+
+def _first_difference(old: Any, new: Any, prefix: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            if old.get(key) != new.get(key):
+                return _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+    return f"{prefix.rstrip('.')}: was {old!r}, now {new!r}"
+
+
+class ScoreFn:
+    """The reference's summed log-probs of [prompt | chosen | rejected] rows, by the shared
+    `sequence_scores` (the function DNLI ranking uses), jitted once per batch shape."""
+
+    def __init__(self, side: Side, rows: int, length_bucket: int):
+        import jax
+
+        from pdpo_jax.train.steps import sequence_scores
+
+        self.side, self.rows, self.length_bucket = side, rows, length_bucket
+        self._jitted = jax.jit(sequence_scores, static_argnames=("config", "num_sequences"))
+
+    def __call__(self, prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]]):
+        import numpy as np
+
+        from pdpo_jax.data.batching import shared_prompt_batch
+
+        fill = self.rows - len(prompts)
+        batch = shared_prompt_batch(
+            prompts + [prompts[-1]] * fill,
+            [[c, r] for c, r in zip(chosen + [chosen[-1]] * fill, rejected + [rejected[-1]] * fill)],
+            bucket=self.length_bucket,
+        )
+        logps, counts = self._jitted(self.side.model.params, self.side.model.config,
+                                     {k: np.asarray(v) for k, v in batch.items()}, num_sequences=2 * self.rows)
+        logps, counts = np.asarray(logps, np.float64), np.asarray(counts)
+        n = len(prompts)
+        return logps[0 : 2 * n : 2], logps[1 : 2 * n : 2], counts[0 : 2 * n : 2], counts[1 : 2 * n : 2]
+
+
+def build_shard(jobs: Sequence[PairJob], split: str, shard: int, config: RunConfig, generator: Side,
+                reference: Side, score: ScoreFn, sampler: Any) -> list[dict[str, Any]]:
+    """The records of one shard: a pure function of (config, split, shard)."""
+    from pdpo_jax.respond import context_limit, fit_history, respond
+    from pdpo_jax.sample import sampler_description
+
+    prefs = config.prefs
+    records = []
+    for b, start in enumerate(range(0, len(jobs), prefs.batch_size)):
+        batch_jobs, seed = jobs[start : start + prefs.batch_size], sample_seed(prefs.seed, split, shard, b)
+        fitted = []  # (job, generation history, generation prompt ids)
+        room = context_limit(generator.model, config.data.max_length) - prefs.max_new_tokens
+        for job in batch_jobs:
+            history = fit_history(generator.encoder, job.donor_persona, job.example.history, room)
+            if history is None:
+                _too_long(config, job, f"the donor persona leaves no room for {prefs.max_new_tokens} new tokens")
+                continue
+            fitted.append((job, history, generator.encoder.prompt_ids(job.donor_persona, history)))
+        if not fitted:
+            continue
+        responses = respond(generator.model, generator.encoder, [p for _, _, p in fitted],
+                            max_new_tokens=prefs.max_new_tokens, sampler=sampler, seed=seed, rows=prefs.batch_size)
+        pairs = []  # (row, job, pair history, prompt ids, chosen ids, rejected ids, response)
+        limit = context_limit(reference.model, config.data.max_length)
+        for row, ((job, history, _), response) in enumerate(zip(fitted, responses)):
+            chosen_ids = reference.encoder.response_ids(job.example.response)
+            rejected_ids = reference.encoder.response_ids(response.text)
+            pair_history = fit_history(reference.encoder, job.example.persona, history,
+                                       limit - max(len(chosen_ids), len(rejected_ids)))
+            if pair_history is None:
+                _too_long(config, job, "the persona and the longer response alone exceed data.max_length")
+                continue
+            prompt = reference.encoder.prompt_ids(job.example.persona, pair_history)
+            pairs.append((row, job, pair_history, prompt, chosen_ids, rejected_ids, response))
+        if not pairs:
+            continue
+        chosen_logps, rejected_logps, chosen_counts, rejected_counts = score(
+            [p[3] for p in pairs], [p[4] for p in pairs], [p[5] for p in pairs]
+        )
+        for i, (row, job, pair_history, _, _, _, response) in enumerate(pairs):
+            reasons = degenerate_reasons(response.text, job.example.response, response.stopped)
+            records.append({
+                "example_id": job.example.id,
+                "dialogue_id": job.example.dialogue_id,
+                "donor_dialogue_id": job.donor_id,
+                "split": split,
+                "persona": list(job.example.persona),
+                "donor_persona": list(job.donor_persona),
+                "history": list(pair_history),
+                "history_turns_dropped": len(job.example.history) - len(pair_history),
+                "chosen": job.example.response,
+                "rejected": response.text,
+                "shuffled": prefs.shuffle,
+                "generator": generator.name,
+                "generator_digest": generator.digest,
+                "reference": reference.name,
+                "reference_digest": reference.digest,
+                "sampler": sampler_description(sampler),
+                "max_new_tokens": prefs.max_new_tokens,
+                "sample_seed": seed,
+                "sample_row": row,
+                "ref_chosen_logp": float(chosen_logps[i]),
+                "ref_rejected_logp": float(rejected_logps[i]),
+                "chosen_tokens": int(chosen_counts[i]),
+                "rejected_tokens": int(rejected_counts[i]),
+                "degenerate": reasons,
+                "dropped": bool(reasons) and prefs.drop_degenerate,
+            })
+    return records
+
+
+def _too_long(config: RunConfig, job: PairJob, why: str) -> None:
+    if config.data.on_overflow == "error":
+        raise PrefsError(
+            f"example {job.example.id!r}: {why} (data.max_length={config.data.max_length}); "
+            "set data.on_overflow=skip to leave such examples out"
+        )
+
+
+def write_shard(path: Path, records: list[dict[str, Any]]) -> None:
+    atomic_write_jsonl(path, records)
+
+
+def split_summary(prefs_dir: Path, split: str, jobs: Sequence[PairJob], shard_size: int) -> dict[str, Any]:
+    """Counts recomputed from the shard files, so a resumed run reports what one run would."""
+    shards = shard_count(len(jobs), shard_size)
+    records = [r for k in range(shards) for r in read_shard(shard_path(prefs_dir, split, k))]
+    planned = [job.example.id for job in jobs]
+    written = {r["example_id"] for r in records}
+    unexpected = written - set(planned)
+    if unexpected:
+        raise PrefsError(f"{prefs_dir / split}: records for examples not in this split: {sorted(unexpected)[:5]}")
+    return {
+        "examples": len(jobs),
+        "records": len(records),
+        "shards": shards,
+        "skipped_too_long": [i for i in planned if i not in written],
+        "degenerate": {reason: sum(reason in r["degenerate"] for r in records) for reason in DEGENERATE_REASONS},
+        "degenerate_records": sum(bool(r["degenerate"]) for r in records),
+        "dropped": sum(r["dropped"] for r in records),
+        "kept": sum(not r["dropped"] for r in records),
+    }
+
+
+def make_prefs(config: RunConfig) -> dict[str, Any]:
+    """Builds (or resumes) `<run_dir>/prefs`; returns the summary written with the DONE marker."""
+    from tqdm.auto import tqdm
+
+    from pdpo_jax.data.corpus import prepare_corpus
+    from pdpo_jax.sample import sampler_description, sampler_from_config
+
+    prefs, prefs_dir = config.prefs, Path(config.run_dir) / "prefs"
+    if prefs.batch_size < 1 or prefs.shard_size < 1 or prefs.max_new_tokens < 1:
+        raise PrefsError("prefs.batch_size, prefs.shard_size and prefs.max_new_tokens must be positive")
+    names = resolve_model_paths(config)
+    digests = {name: checkpoint_digest(model_dir_of(name)) for name in set(names)}
+    check_settings(prefs_dir, settings_of(config, digests))
+    write_resolved_config(config)
+    if is_done(prefs_dir):
+        return json.loads((prefs_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+    cache: dict[str, Side] = {}
+    generator, reference = (open_side(name, digests[name], config, cache) for name in names)
+    corpus = prepare_corpus(config.data, config.seed)
+    plans = {split: plan_split(getattr(corpus, split), prefs.shuffle, prefs.seed) for split in SPLITS}
+    sampler = sampler_from_config(prefs.sampler.kind, temperature=prefs.sampler.temperature,
+                                  top_k=prefs.sampler.top_k, top_p=prefs.sampler.top_p)
+    score = ScoreFn(reference, prefs.batch_size, config.data.length_bucket)
+    todo = [(split, k) for split in SPLITS for k in range(shard_count(len(plans[split]), prefs.shard_size))]
+    done_examples = sum(len(_shard_jobs(plans[s], k, prefs.shard_size)) for s, k in todo if shard_path(prefs_dir, s, k).exists())
+    total = sum(len(jobs) for jobs in plans.values())
+    with tqdm(total=total, initial=done_examples, desc="make-prefs", unit="ex", dynamic_ncols=True) as bar:
+        for split, k in todo:
+            path = shard_path(prefs_dir, split, k)
+            if path.exists():
+                continue
+            started = time.perf_counter()
+            jobs = _shard_jobs(plans[split], k, prefs.shard_size)
+            records = build_shard(jobs, split, k, config, generator, reference, score, sampler)
+            write_shard(path, records)
+            append_jsonl(prefs_dir / "metrics.jsonl", {
+                "split": split, "shard": k, "records": len(records),
+                "degenerate": sum(bool(r["degenerate"]) for r in records),
+                "seconds": round(time.perf_counter() - started, 3),
+            })
+            bar.update(len(jobs))
+    summary = {
+        "splits": {split: split_summary(prefs_dir, split, plans[split], prefs.shard_size) for split in SPLITS},
+        "shuffled": prefs.shuffle,
+        "drop_degenerate": prefs.drop_degenerate,
+        "generator": {"path": generator.name, "digest": generator.digest},
+        "reference": {"path": reference.name, "digest": reference.digest},
+        "sampler": sampler_description(sampler),
+        "max_new_tokens": prefs.max_new_tokens,
+        "seed": prefs.seed,
+        "seed_derivation": "sha256('pdpo-prefs\\0{prefs.seed}\\0{split}\\0{shard}\\0{batch}')[:4] >> 1",
+    }
+    atomic_write_json(prefs_dir / SUMMARY_FILE, summary)
+    mark_done(prefs_dir, summary)
+    return summary
+
+
+def _shard_jobs(jobs: Sequence[PairJob], k: int, shard_size: int) -> Sequence[PairJob]:
+    return jobs[k * shard_size : (k + 1) * shard_size]
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+DESCRIPTION = (
+    "Build pseudo-preference pairs: for each train/val example, sample a negative from the generator under "
+    "another dialogue's persona and store it with the reference model's log-probs. Writes "
+    "<run_dir>/prefs/{train,val}/shard-*.jsonl, summary.json and DONE; a rerun resumes after the last complete "
+    "shard. The generator and reference default to <run_dir>/sft/best (prefs.generator, prefs.reference)."
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pdpo_jax.stage import stage_parser
+
+    args = stage_parser("pdpo make-prefs", DESCRIPTION).parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        summary = make_prefs(config)
+    except (ConfigError, PrefsError, FileNotFoundError) as err:
+        print(f"pdpo make-prefs: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # data errors name their file and line
+        print(f"pdpo make-prefs: {err}", file=sys.stderr)
+        return 1
+    prefs_dir = Path(config.run_dir) / "prefs"
+    for split in SPLITS:
+        counts = summary["splits"][split]
+        print(f"{split}: {counts['kept']} pairs kept of {counts['records']} "
+              f"({counts['degenerate_records']} degenerate, {counts['dropped']} dropped, "
+              f"{len(counts['skipped_too_long'])} too long) -> {prefs_dir / split}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Persona + history in, response text out: the prompt a model answers, sampled, cut at its end of turn.
+
+Shared by `pdpo generate` and the preference builder. Prompts are built by the data layer's
+`PromptEncoder` (the same ids SFT trains on); a history too long for the context loses its oldest
+turns first, two at a time so it still opens with a partner line, exactly like training examples.
+Sampling stops at an end-of-sequence id; chat templates close a turn with their own token, which
+need not be the tokenizer's EOS, so the sample is cut at whichever comes first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pdpo_jax.data.tokenization import PromptEncoder
+from pdpo_jax.sample import Sampler, generate
+
+
+@dataclass(frozen=True)
+class Response:
+    text: str
+    stopped: bool  # an end of turn (or EOS) was sampled within the token budget
+    token_ids: tuple[int, ...]  # sampled ids before the stop
+
+
+def history_drop_choices(turns: int) -> list[int]:
+    """How many of the oldest turns may be dropped, fewest first; kept histories open with a
+    partner line (a history always ends with one)."""
+    return [0] + sorted(set(range(1 + turns % 2, turns, 2)) | ({turns} if turns else set()))
+
+
+def fit_history(encoder: PromptEncoder, persona: Sequence[str], history: Sequence[str], room: int) -> tuple[str, ...] | None:
+    """The longest tail of `history` whose prompt takes at most `room` tokens; None when even the
+    persona alone does not fit."""
+    history = tuple(history)
+    for dropped in history_drop_choices(len(history)):
+        if len(encoder.prompt_ids(persona, history[dropped:])) <= room:
+            return history[dropped:]
+    return None
+
+
+def context_limit(model: Any, max_length: int | None) -> int:
+    """Tokens a prompt plus its response may take: `max_length`, never more than the model's positions."""
+    limit = int(model.config.max_position_embeddings)
+    return limit if max_length is None else min(limit, int(max_length))
+
+
+def stop_sequences(model: Any, encoder: PromptEncoder) -> tuple[tuple[int, ...], ...]:
+    """Id sequences that end a sampled turn: every EOS id and the template's end-of-turn ids."""
+    eos = model.config.eos_token_id
+    eos_ids = (eos,) if isinstance(eos, int) else tuple(eos or ())
+    tokenizer_eos = getattr(model.tokenizer, "eos_token_id", None)
+    if tokenizer_eos is not None:
+        eos_ids += (int(tokenizer_eos),)
+    return tuple(dict.fromkeys([(int(i),) for i in eos_ids] + [tuple(encoder.end_of_turn_ids)]))
+
+
+def cut_at_stop(token_ids: Sequence[int], stops: Sequence[Sequence[int]]) -> tuple[list[int], bool]:
+    """(ids before the earliest stop sequence, whether one was found)."""
+    ids = [int(t) for t in token_ids]
+    for start in range(len(ids)):
+        for stop in stops:
+            if stop and ids[start : start + len(stop)] == list(stop):
+                return ids[:start], True
+    return ids, False
+
+
+def decode_response(tokenizer: Any, token_ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()
+
+
+def right_padded(prompts: Sequence[Sequence[int]], rows: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """`[rows, width]` ids and mask; rows past the prompts repeat the last prompt (one jitted shape
+    per batch size, and the filler never changes what the real rows sample)."""
+    prompts = list(prompts) + [prompts[-1]] * (rows - len(prompts))
+    width = max(len(p) for p in prompts)
+    ids = np.full((rows, width), pad_id, np.int32)
+    mask = np.zeros((rows, width), np.int32)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = prompt
+        mask[row, : len(prompt)] = 1
+    return ids, mask
+
+
+def respond(model: Any, encoder: PromptEncoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+            sampler: Sampler | None, seed: int, rows: int | None = None) -> list[Response]:
+    """One response per prompt (token ids from `encoder`), sampled in one batch of `rows` rows."""
+    if not prompts:
+        return []
+    rows = max(rows or len(prompts), len(prompts))
+    ids, mask = right_padded(prompts, rows, pad_id=0)
+    sampled = generate(model, ids, mask, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed)
+    stops = stop_sequences(model, encoder)
+    responses = []
+    for row in range(len(prompts)):
+        kept, stopped = cut_at_stop(sampled[row], stops)
+        responses.append(Response(decode_response(model.tokenizer, kept), stopped, tuple(kept)))
+    return responses

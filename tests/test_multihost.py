@@ -1,0 +1,247 @@
+"""Two JAX processes on 127.0.0.1 train like one: the multi-host path of SFT, on CPU.
+
+Each worker (tests/multihost_worker.py) has two fake CPU devices; together they form a 4-device
+mesh whose parameters are split across the processes. Every process feeds only its own rows of
+each global batch. The final parameters must equal a single-process run of the same steps on the
+same global batches, and the orbax checkpoint they write together must restore the saved values,
+on the training mesh and on a different one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from model_fixtures import TINY_VOCAB, make_tiny_hf_model
+from pdpo_jax.model import load_hf
+from pdpo_jax.train.optim import OptimizerConfig, make_optimizer
+from pdpo_jax.train.steps import create_train_state, jit_train_step, sft_objective
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+WORKER = TESTS_DIR / "multihost_worker.py"
+NUM_PROCESSES = 2
+STEPS, GLOBAL_ROWS, LENGTH = 3, 8, 16
+LEARNING_RATE = 1e-2
+# Adam's first update is g / (|g| + eps): with the default eps a gradient that is zero up to rounding
+# moves by a full +-learning rate whichever way the rounding went. A larger eps keeps the update
+# a smooth function of the gradient, so the comparison measures the sharding, not that cliff.
+ADAM_EPS = 1e-3
+# A worker reports each phase; one that goes quiet this long is stuck (a hung collective) and fails
+# the test, as does a run past the overall deadline (compiles included, on a loaded machine).
+STALL_S = 60
+DEADLINE_S = 300
+# Sharded reductions sum in another order than one device does; fp32 rounding of that order.
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def layout_row(rng: np.random.Generator, length: int, sequence_id: int) -> dict[str, np.ndarray]:
+    """One row in the batch layout of docs/design.md: one or two packed [prompt | response]
+    segments, right padding; loss on the tokens that predict each response."""
+    row = {key: np.zeros(length, np.int32) for key in ("input_ids", "positions", "segment_ids", "branch_ids", "targets")}
+    row["loss_mask"] = np.zeros(length, np.float32)
+    row["sequence_ids"] = np.full(length, -1, np.int32)
+    start = 0
+    for segment in (1, 2)[: rng.integers(1, 3)]:
+        prompt, response = int(rng.integers(2, 5)), int(rng.integers(2, 4))
+        n = min(prompt + response, length - start)
+        if n <= prompt:
+            break
+        ids = rng.integers(3, TINY_VOCAB, size=n).astype(np.int32)
+        span = slice(start, start + n)
+        row["input_ids"][span] = ids
+        row["positions"][span] = np.arange(n)
+        row["segment_ids"][span] = segment
+        row["targets"][start : start + n - 1] = ids[1:]
+        scored = slice(start + prompt - 1, start + n - 1)
+        row["loss_mask"][scored] = 1.0
+        row["sequence_ids"][scored] = sequence_id
+        sequence_id += 1
+        start += n
+    return row
+
+
+def global_batches(seed: int = 0) -> dict[str, np.ndarray]:
+    """[steps, 1, rows, length] per key: `steps` global batches, each one micro-batch."""
+    rng = np.random.default_rng(seed)
+    steps = []
+    for _ in range(STEPS):
+        rows = [layout_row(rng, LENGTH, sequence_id=2 * r) for r in range(GLOBAL_ROWS)]
+        steps.append({key: np.stack([row[key] for row in rows])[None] for key in rows[0]})
+    return {key: np.stack([batch[key] for batch in steps]) for key in steps[0]}
+
+
+def single_process_params(model_dir: Path, batches: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    config, params = load_hf(model_dir)
+    optimizer, _ = make_optimizer(OptimizerConfig(learning_rate=LEARNING_RATE, eps=ADAM_EPS, schedule="constant",
+                                                  warmup_ratio=0.0),
+                                  total_steps=STEPS)
+    state = create_train_state(params, optimizer)
+    step = jit_train_step(partial(sft_objective, config=config), optimizer, None)
+    for k in range(STEPS):
+        state, _ = step(state, {key: value[k] for key, value in batches.items()})
+    return {path: np.asarray(leaf) for path, leaf in traverse_util.flatten_dict(state.params, sep="/").items()}
+
+
+def worker_env(port: int, process_id: int) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("JAX_", "TPU_", "SLURM_", "OMPI_"))}
+    env.update(
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        PDPO_DISTRIBUTED="1",
+        PDPO_DISTRIBUTED_TIMEOUT="60",
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+        JAX_NUM_PROCESSES=str(NUM_PROCESSES),
+        JAX_PROCESS_ID=str(process_id),
+        PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(TESTS_DIR), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        OMP_NUM_THREADS="1",
+    )
+    return env
+
+
+def run_workers(args: list[str], log_dir: Path) -> None:
+    """Starts every process, and fails as soon as one fails or the deadline passes (killing the
+    rest, which would otherwise wait on a collective that never completes)."""
+    port = free_port()
+    procs, logs = [], []
+    for process_id in range(NUM_PROCESSES):
+        log = open(log_dir / f"worker_{process_id}.log", "w+")
+        logs.append(log)
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), *args], env=worker_env(port, process_id),
+                                      cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT))
+    start = last_progress = time.monotonic()
+    sizes = [0] * NUM_PROCESSES
+    failure = None
+    try:
+        while any(p.poll() is None for p in procs):
+            failed = [i for i, p in enumerate(procs) if p.returncode not in (None, 0)]
+            if failed:
+                failure = f"process {failed[0]} exited with {procs[failed[0]].returncode}"
+                break
+            now_sizes = [os.fstat(log.fileno()).st_size for log in logs]
+            if now_sizes != sizes:
+                sizes, last_progress = now_sizes, time.monotonic()
+            if time.monotonic() - last_progress > STALL_S:
+                failure = f"no progress for {STALL_S} s (a hung collective?)"
+                break
+            if time.monotonic() - start > DEADLINE_S:
+                failure = f"no result within {DEADLINE_S} s"
+                break
+            time.sleep(0.2)
+        else:
+            failed = [i for i, p in enumerate(procs) if p.returncode != 0]
+            if failed:
+                failure = f"process {failed[0]} exited with {procs[failed[0]].returncode}"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        texts = []
+        for i, log in enumerate(logs):
+            log.seek(0)
+            texts.append(f"--- process {i} ---\n{log.read()[-4000:]}")
+            log.close()
+    if failure:
+        pytest.fail(f"{failure}\n" + "\n".join(texts))
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multihost")
+    model_dir = make_tiny_hf_model(root, "llama", seed=3)
+    batches = global_batches(seed=1)
+    np.savez(root / "batches.npz", **batches)
+    out = root / "out"
+    run_workers(["--model", str(model_dir), "--batches", str(root / "batches.npz"),
+                 "--checkpoints", str(root / "shared_checkpoints"), "--out", str(out),
+                 "--learning-rate", str(LEARNING_RATE), "--adam-eps", str(ADAM_EPS)], log_dir=root)
+    results = [dict(np.load(out / f"process_{i}.npz")) for i in range(NUM_PROCESSES)]
+    return model_dir, batches, results
+
+
+def section(result: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
+    prefix = f"{name}/"
+    return {key[len(prefix):]: value for key, value in result.items() if key.startswith(prefix)}
+
+
+def test_each_process_feeds_its_own_half_of_every_batch(two_process_run):
+    _, _, results = two_process_run
+    rows = [set(result["rows"].tolist()) for result in results]
+    assert all(len(r) == GLOBAL_ROWS // NUM_PROCESSES for r in rows)
+    assert rows[0].isdisjoint(rows[1]) and rows[0] | rows[1] == set(range(GLOBAL_ROWS))
+
+
+def test_two_processes_match_a_single_process_run(two_process_run):
+    model_dir, batches, results = two_process_run
+    expected = single_process_params(model_dir, batches)
+    _, initial = load_hf(model_dir)
+    initial = traverse_util.flatten_dict(jax.tree.map(np.asarray, initial), sep="/")
+    for result in results:
+        final = section(result, "final")
+        assert final.keys() == expected.keys()
+        for path, value in expected.items():
+            np.testing.assert_allclose(final[path], value, rtol=RTOL, atol=ATOL, err_msg=path)
+    # the steps moved the weights far more than the tolerance, so equality above is not vacuous
+    moved = max(float(np.max(np.abs(expected[p] - initial[p]))) for p in expected)
+    assert moved > 1e3 * ATOL
+    np.testing.assert_array_equal(results[0]["losses"], results[1]["losses"])
+
+
+def test_checkpoint_written_by_both_processes_restores_the_saved_values(two_process_run):
+    _, _, results = two_process_run
+    for result in results:
+        final = section(result, "final")
+        assert int(result["restored_step"]) == STEPS and int(result["meta_step"]) == STEPS
+        for name in ("restored", "other_mesh"):
+            restored = section(result, name)
+            assert restored.keys() == final.keys()
+            for path, value in final.items():
+                np.testing.assert_array_equal(restored[path], value, err_msg=f"{name}: {path}")
+
+
+# ----------------------------------------------------------------------------- single-process helpers
+
+
+def test_distributed_settings_come_from_the_standard_variables():
+    from pdpo_jax.parallel import distributed_settings_from_env
+
+    env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3",
+           "PDPO_DISTRIBUTED_TIMEOUT": "60"}
+    assert distributed_settings_from_env(env) == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4,
+                                                  "process_id": 3, "initialization_timeout": 60}
+    assert distributed_settings_from_env({}) == {}  # a TPU VM: JAX detects everything itself
+    with pytest.raises(ValueError, match="JAX_PROCESS_ID='one'"):
+        distributed_settings_from_env({"JAX_PROCESS_ID": "one"})
+
+
+def test_micro_batch_stacks_are_split_on_their_batch_axis():
+    from jax.sharding import PartitionSpec as P
+
+    from pdpo_jax import parallel
+
+    mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+    rows = parallel.process_batch_indices(mesh, 8, batch_axis=1)
+    np.testing.assert_array_equal(rows, np.arange(8))  # one process feeds every row
+    stack = np.arange(2 * 8 * 3, dtype=np.int32).reshape(2, 8, 3)
+    batch = parallel.global_batch_from_local({"input_ids": stack[:, rows]}, mesh, batch_axis=1)
+    assert batch["input_ids"].shape == (2, 8, 3)
+    assert batch["input_ids"].sharding.spec == P(None, ("data", "fsdp"))
+    assert {shard.data.shape for shard in batch["input_ids"].addressable_shards} == {(2, 2, 3)}
+    np.testing.assert_array_equal(np.asarray(batch["input_ids"]), stack)

@@ -1,0 +1,294 @@
+"""make-prefs on a slice of the staged PersonaChat data with tiny random models: swapped personas,
+the no-shuffle ablation, exact resumption after SIGKILL, reference log-probs against PyTorch,
+a generator other than the reference, degenerate negatives, and the reader's validation."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prefs_fixtures import corpus_text, staged_slice, tiny_gpt2_that_stops, tiny_llama_with_words, write_config
+
+from pdpo_jax import prefs
+from pdpo_jax.atomic import DONE_MARKER
+from pdpo_jax.respond import cut_at_stop, fit_history, history_drop_choices
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(shared_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("prefs")
+    train, val, dialogues = staged_slice(shared_data, root / "data")
+    return {
+        "root": root, "train": train, "val": val, "dialogues": {d.id: d for d in dialogues},
+        "llama": tiny_llama_with_words(root, corpus_text(dialogues)),
+        "stopper": tiny_gpt2_that_stops(root, corpus_text(dialogues)),
+    }
+
+
+def config_file(setup, name: str, **prefs_settings) -> Path:
+    prefs_settings.setdefault("generator", setup["llama"])
+    prefs_settings.setdefault("reference", setup["llama"])
+    return write_config(setup["root"] / f"{name}.yaml", train=setup["train"], val=setup["val"],
+                        run_dir=setup["root"] / name, **prefs_settings)
+
+
+@pytest.fixture(scope="module")
+def shuffled_run(setup):
+    """One uninterrupted run: the records the other tests compare against."""
+    assert prefs.main(["--config", str(config_file(setup, "shuffled"))]) == 0
+    return setup["root"] / "shuffled" / "prefs"
+
+
+def all_records(prefs_dir: Path, include_dropped: bool = True) -> list[dict]:
+    return [r for split in prefs.SPLITS for r in prefs.read_preference_pairs(prefs_dir, split, include_dropped=include_dropped)]
+
+
+def shard_bytes(prefs_dir: Path) -> dict[str, bytes]:
+    return {p.relative_to(prefs_dir).as_posix(): p.read_bytes() for p in sorted(prefs_dir.glob("*/shard-*.jsonl"))}
+
+
+def test_every_negative_is_sampled_under_another_dialogues_persona(setup, shuffled_run):
+    dialogues = setup["dialogues"]
+    summary = json.loads((shuffled_run / "summary.json").read_text())
+    assert summary["splits"]["train"]["records"] == 10 and summary["splits"]["val"]["records"] == 3
+    assert summary["splits"]["train"]["shards"] == 3  # 4 + 4 + 2 examples
+    for record in all_records(shuffled_run):
+        own, donor = dialogues[record["dialogue_id"]], dialogues[record["donor_dialogue_id"]]
+        assert record["shuffled"] is True
+        assert record["donor_dialogue_id"] != record["dialogue_id"]
+        assert record["persona"] == list(own.persona) and record["donor_persona"] == list(donor.persona)
+        assert record["donor_persona"] != record["persona"]
+        assert record["example_id"].startswith(record["dialogue_id"] + "#")
+    val_donors = {r["donor_dialogue_id"] for r in prefs.read_preference_pairs(shuffled_run, "val")}
+    val_ids = {r["dialogue_id"] for r in prefs.read_preference_pairs(shuffled_run, "val")}
+    assert val_donors <= val_ids  # personas are swapped within a split
+
+
+def test_records_carry_provenance(setup, shuffled_run):
+    records = all_records(shuffled_run)
+    seeds = {(r["split"], r["example_id"]): (r["sample_seed"], r["sample_row"]) for r in records}
+    first_train = [r for r in records if r["split"] == "train"][:4]  # shard 0: batches of 3 and 1
+    assert [r["sample_row"] for r in first_train] == [0, 1, 2, 0]
+    assert [r["sample_seed"] for r in first_train] == [prefs.sample_seed(7, "train", 0, b) for b in (0, 0, 0, 1)]
+    assert len(set(seeds.values())) == len(records)
+    digest = prefs.checkpoint_digest(setup["llama"])
+    for r in records:
+        assert r["generator"] == r["reference"] == str(setup["llama"])
+        assert r["generator_digest"] == r["reference_digest"] == digest
+        assert r["sampler"] == {"kind": "TopP", "p": 0.9, "temperature": 1.0} and r["max_new_tokens"] == 8
+        assert r["rejected_tokens"] <= 8 + 1  # sampled tokens plus the end of turn
+
+
+def test_no_shuffle_ablation_keeps_the_own_persona_and_defaults_to_sft_best(setup):
+    """Also: with no generator/reference configured, both are <run_dir>/sft/best (an orbax dir)."""
+    from pdpo_jax.model import load_model
+    from pdpo_jax.train.checkpoints import save_best_params
+
+    run_dir = setup["root"] / "ablation"
+    base = load_model(setup["llama"])
+    save_best_params(run_dir / "sft" / "best", base.params, setup["llama"], {"step": 0})
+    config = config_file(setup, "ablation", shuffle=False, generator=None, reference=None)
+    assert prefs.main(["--config", str(config)]) == 0
+    records = all_records(run_dir / "prefs")
+    assert len(records) == 13
+    best = str(run_dir / "sft" / "best")
+    for r in records:
+        assert r["shuffled"] is False
+        assert r["donor_dialogue_id"] == r["dialogue_id"] and r["donor_persona"] == r["persona"]
+        assert r["generator"] == r["reference"] == best
+        assert r["generator_digest"] == prefs.checkpoint_digest(best) != prefs.checkpoint_digest(setup["llama"])
+
+
+KILLER = """
+import os, signal, sys
+from pathlib import Path
+import pdpo_jax.prefs as prefs
+kill_at, written = int(sys.argv[1]), []
+write = prefs.write_shard
+def write_then_die(path, records):
+    if len(written) == kill_at:  # as if killed while writing: a torn temporary file, no shard
+        (path.parent / f".{path.name}.tmp").write_text(str(records)[:40])
+        os.kill(os.getpid(), signal.SIGKILL)
+    write(path, records)
+    written.append(path)
+prefs.write_shard = write_then_die
+sys.exit(prefs.main(sys.argv[2:]))
+"""
+
+
+def test_a_run_killed_midway_and_rerun_writes_exactly_the_uninterrupted_records(setup, shuffled_run):
+    config = config_file(setup, "killed")
+    env = dict(os.environ, PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    killed = subprocess.run([sys.executable, "-c", KILLER, "1", "--config", str(config)], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    prefs_dir = setup["root"] / "killed" / "prefs"
+    assert sorted(shard_bytes(prefs_dir)) == ["train/shard-00000.jsonl"]
+    assert not (prefs_dir / DONE_MARKER).exists()
+    with pytest.raises(prefs.PrefsError, match="no DONE marker"):
+        prefs.read_preference_pairs(prefs_dir, "train")
+
+    assert prefs.main(["--config", str(config)]) == 0
+    assert shard_bytes(prefs_dir) == shard_bytes(shuffled_run)
+    assert json.loads((prefs_dir / "summary.json").read_text()) == json.loads((shuffled_run / "summary.json").read_text())
+    shards_written = [json.loads(line)["shard"] for line in (prefs_dir / "metrics.jsonl").read_text().splitlines()]
+    assert shards_written == [0, 1, 2, 0]  # train 0 before the kill; train 1, 2 and val 0 after: no shard twice
+
+
+def test_reference_logps_match_pytorch_scoring(setup, shuffled_run):
+    import torch
+    import transformers
+
+    from pdpo_jax.data.tokenization import PromptEncoder
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(setup["llama"])
+    encoder = PromptEncoder(tokenizer, "chat-en")
+    model = transformers.AutoModelForCausalLM.from_pretrained(setup["llama"], dtype=torch.float32).eval()
+    records = prefs.read_preference_pairs(shuffled_run, "train")
+    for record in (records[1], records[-1]):
+        prompt = encoder.prompt_ids(record["persona"], record["history"])
+        for side in ("chosen", "rejected"):
+            response = encoder.response_ids(record[side])
+            ids = torch.tensor([prompt + response])
+            with torch.no_grad():
+                logps = torch.log_softmax(model(ids).logits[0, :-1].double(), dim=-1)
+            targets = ids[0, 1:]
+            scored = logps[torch.arange(len(targets)), targets][len(prompt) - 1 :]
+            assert record[f"{side}_tokens"] == len(response) == len(scored)
+            assert abs(record[f"ref_{side}_logp"] - scored.sum().item()) < 1e-3
+
+
+def test_another_generator_and_dropping_degenerate_negatives(setup):
+    config = config_file(setup, "cross", generator=setup["stopper"], drop_degenerate=True,
+                         sampler={"kind": "temperature", "temperature": 1.0})
+    assert prefs.main(["--config", str(config)]) == 0
+    prefs_dir = setup["root"] / "cross" / "prefs"
+    summary = json.loads((prefs_dir / "summary.json").read_text())
+    everything = all_records(prefs_dir)
+    kept = all_records(prefs_dir, include_dropped=False)
+    degenerate = [r for r in everything if r["degenerate"]]
+    assert degenerate and kept, "the stopping generator must give both kinds"
+    assert len(kept) == len(everything) - len(degenerate)
+    assert all(not r["degenerate"] and not r["dropped"] for r in kept)
+    assert all(r["dropped"] for r in degenerate)
+    for split in prefs.SPLITS:
+        counts, records = summary["splits"][split], [r for r in everything if r["split"] == split]
+        assert counts["records"] == len(records)
+        assert counts["dropped"] == counts["degenerate_records"] == sum(bool(r["degenerate"]) for r in records)
+        assert counts["kept"] == sum(not r["dropped"] for r in records)
+        for reason in prefs.DEGENERATE_REASONS:
+            assert counts["degenerate"][reason] == sum(reason in r["degenerate"] for r in records)
+    assert sum(summary["splits"][s]["degenerate"]["empty"] for s in prefs.SPLITS) > 0
+    assert {r["rejected"] for r in everything if "empty" in r["degenerate"]} == {""}
+
+    # negatives cross as text: the reference re-tokenizes them with its own tokenizer
+    from transformers import AutoTokenizer
+
+    from pdpo_jax.data.tokenization import PromptEncoder
+
+    reference = PromptEncoder(AutoTokenizer.from_pretrained(setup["llama"]), "chat-en")
+    for r in everything:
+        assert r["generator"] == str(setup["stopper"]) and r["reference"] == str(setup["llama"])
+        assert r["generator_digest"] != r["reference_digest"]
+        assert r["rejected_tokens"] == len(reference.response_ids(r["rejected"]))
+
+
+def test_rerun_with_other_settings_is_refused(setup, shuffled_run, capsys):
+    config = config_file(setup, "shuffled")
+    assert prefs.main(["--config", str(config), "prefs.seed=8"]) == 2
+    assert "prefs.seed: was 7, now 8" in capsys.readouterr().err
+    before = shard_bytes(shuffled_run)
+    assert prefs.main(["--config", str(config)]) == 0  # same settings: finished, nothing rewritten
+    assert shard_bytes(shuffled_run) == before
+
+
+def test_reader_names_file_and_line_of_a_bad_record(shuffled_run, tmp_path):
+    copy = tmp_path / "prefs"
+    shutil.copytree(shuffled_run, copy)
+    shard = copy / "train" / "shard-00001.jsonl"
+    lines = shard.read_text().splitlines()
+
+    lines[1] = lines[1][:-5]
+    shard.write_text("\n".join(lines) + "\n")
+    with pytest.raises(prefs.PrefsError, match=r"shard-00001\.jsonl:2: not valid JSON"):
+        prefs.read_preference_pairs(copy, "train")
+
+    record = json.loads(lines[0])
+    del record["ref_rejected_logp"]
+    lines[1] = json.dumps(record)
+    shard.write_text("\n".join(lines) + "\n")
+    with pytest.raises(prefs.PrefsError, match=r"shard-00001\.jsonl:2: record lacks field\(s\) \['ref_rejected_logp'\]"):
+        prefs.read_preference_pairs(copy, "train")
+
+    record["ref_rejected_logp"] = float("nan")
+    lines[1] = json.dumps(record)
+    shard.write_text("\n".join(lines) + "\n")
+    with pytest.raises(prefs.PrefsError, match=r"shard-00001\.jsonl:2: field 'ref_rejected_logp'"):
+        prefs.read_preference_pairs(copy, "train")
+
+    shard.unlink()
+    with pytest.raises(prefs.PrefsError, match="missing"):
+        prefs.read_preference_pairs(copy, "train")
+    with pytest.raises(prefs.PrefsError, match="split must be one of"):
+        prefs.read_preference_pairs(copy, "test")
+
+
+def test_degenerate_reasons():
+    assert prefs.degenerate_reasons("", "hi there .", stopped=True) == ["empty"]
+    assert prefs.degenerate_reasons("  ", "hi there .", stopped=False) == ["empty", "truncated"]
+    assert prefs.degenerate_reasons("Hi there!", "hi there .", stopped=True) == ["same_as_chosen"]
+    assert prefs.degenerate_reasons("i'm fine", "i am fine .", stopped=True) == ["same_as_chosen"]
+    assert prefs.degenerate_reasons("i like dogs", "hi there .", stopped=False) == ["truncated"]
+    assert prefs.degenerate_reasons("i like dogs", "hi there .", stopped=True) == []
+
+
+def test_cut_at_stop_takes_the_earliest_stop_sequence():
+    assert cut_at_stop([5, 6, 2, 7], [(2,), (9, 9)]) == ([5, 6], True)
+    assert cut_at_stop([5, 9, 9, 2], [(2,), (9, 9)]) == ([5], True)
+    assert cut_at_stop([5, 9, 8], [(2,), (9, 9)]) == ([5, 9, 8], False)
+    assert cut_at_stop([2], [(2,)]) == ([], True)
+
+
+def test_history_is_shortened_oldest_first_keeping_a_partner_line_first():
+    assert history_drop_choices(0) == [0]
+    assert history_drop_choices(1) == [0, 1]
+    assert history_drop_choices(5) == [0, 2, 4, 5]
+    assert history_drop_choices(4) == [0, 1, 3, 4]
+
+    class CountingEncoder:  # a prompt costs 10 tokens of persona plus 3 per turn
+        def prompt_ids(self, persona, history):
+            return [0] * (10 + 3 * len(history))
+
+    history = ("p1", "m1", "p2", "m2", "p3")
+    assert fit_history(CountingEncoder(), ["x"], history, room=25) == history
+    assert fit_history(CountingEncoder(), ["x"], history, room=21) == ("p2", "m2", "p3")
+    assert fit_history(CountingEncoder(), ["x"], history, room=12) == ()
+    assert fit_history(CountingEncoder(), ["x"], history, room=9) is None
+
+
+def test_sample_seeds_differ_by_split_shard_and_batch():
+    seeds = {prefs.sample_seed(0, split, shard, batch) for split in prefs.SPLITS for shard in range(3) for batch in range(3)}
+    assert len(seeds) == 18 and all(0 <= s < 2**31 for s in seeds)
+    assert prefs.sample_seed(0, "train", 1, 2) == prefs.sample_seed(0, "train", 1, 2) != prefs.sample_seed(1, "train", 1, 2)
+
+
+def test_checkpoint_digest_follows_weight_contents_only(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "a" / "config.json").write_text("{}")
+    first = prefs.checkpoint_digest(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "b" / "config.json").write_text('{"x": 1}')
+    assert prefs.checkpoint_digest(tmp_path / "b") == first
+    (tmp_path / "b" / "model.safetensors").write_bytes(b"weightz")
+    assert prefs.checkpoint_digest(tmp_path / "b") != first
+    assert first.startswith("sha256:")
