@@ -82,7 +82,7 @@ def load(args: argparse.Namespace):
             path = "default"
         loaded = load_model(path)
         config, params, tokenizer = loaded.config.replace(dtype=args.dtype), loaded.params, loaded.tokenizer
-        description = f"{'bundled model' if path == 'default' else path} ({loaded.path})"
+        description = f"bundled model ({loaded.path})" if path == "default" else str(loaded.path)
     if args.layers is not None and args.layers < config.num_layers:
         backbone = next(iter(params))
         layers = "layers" if "layers" in params[backbone] else "h"

@@ -39,10 +39,11 @@ from pdpo_jax.data.packing import (
 )
 from pdpo_jax.data.pairs import PairIds, dpo_batch, encode_pair
 from pdpo_jax.data.tokenization import ExampleTooLongError, history_drop_choices
-from pdpo_jax.model import load_hf
+from pdpo_jax.model import load_hf, load_model
 from pdpo_jax.train.steps import DPOSettings, dpo_objective, sequence_scores, sft_objective, token_logps
-from tests.data_fixtures import CHATML_TEMPLATE, byte_bpe_tokenizer, word_level_tokenizer
-from tests.model_fixtures import make_tiny_hf_model
+from data_fixtures import byte_bpe_tokenizer, word_level_tokenizer
+from default_model_fixtures import bundled_gguf, default_model_path  # noqa: F401  (pytest fixtures)
+from model_fixtures import make_tiny_hf_model
 
 LOGP_TOL = dict(rtol=1e-5, atol=2e-4)  # summed fp32 log-probs of up to ~40 tokens
 GRAD_RTOL = 2e-4  # of the largest gradient entry
@@ -385,3 +386,54 @@ def test_packing_staged_personachat_keeps_every_response(shared_data):
     packed = packed_batch(rows)
     assert packed["loss_mask"].sum() == sum(len(e.response_ids) for e in examples)
     assert packed["input_ids"].size * 3 < sum(len(e) for e in examples)
+
+
+# ---------------------------------------------------------------------------- the bundled model
+
+
+def staged_dialogues(shared_data, count: int, turns: int) -> list[Dialogue]:
+    """The first `count` staged PersonaChat dialogues, cut to their first `turns` turns (runtime)."""
+    dialogues = load_dialogues(shared_data / "personachat" / "valid_self_original_no_cands.txt")[:count]
+    return [Dialogue(d.id, d.persona, d.partner_persona, d.turns[:turns]) for d in dialogues]
+
+
+@pytest.fixture(scope="module")
+def bundled(default_model_path, shared_data):
+    loaded = load_model(default_model_path)
+    return loaded.config, loaded.params, loaded.tokenizer, staged_dialogues(shared_data, 2, 4)
+
+
+def test_bundled_model_packed_sft_equals_per_turn(bundled):
+    config, params, tokenizer, dialogues = bundled
+    encoder = PromptEncoder(tokenizer, "chat-en")
+    rows = pack_dialogues(dialogues, encoder, max_length=512)
+    examples, _ = tokenize_examples(examples_from_dialogues(dialogues), tokenizer, "chat-en")
+    length = 256  # one shape for both layouts: one compilation of the 30-layer gradient
+    per_turn = per_turn_batch(examples, pad_to=length, pad_id=tokenizer.pad_token_id)
+    packed = packed_batch(list(rows) + [None] * (len(examples) - len(rows)), pad_to=length, pad_id=tokenizer.pad_token_id)
+    assert len(rows) == 1 and len(rows[0].chunks) == 2  # both dialogues in one row, as two segments
+
+    step = sft_value_and_grad(config)
+    (packed_sum, packed_metrics), packed_grads = step(params, packed)
+    (turn_sum, turn_metrics), turn_grads = step(params, per_turn)
+    assert float(packed_metrics["loss"][1]) == float(turn_metrics["loss"][1]) > 0
+    np.testing.assert_allclose(float(packed_sum), float(turn_sum), rtol=1e-5)
+    assert_trees_close(packed_grads, turn_grads)
+
+
+def test_bundled_model_shared_prompt_dpo_equals_unshared(bundled):
+    config, params, tokenizer, dialogues = bundled
+    encoder = PromptEncoder(tokenizer, "chat-en")
+    examples = examples_from_dialogues(dialogues)[-2:]  # the two longest prompts
+    pairs = [encode_pair(encoder, ex.persona, ex.history, ex.response, examples[1 - i].response,
+                         ref_chosen_logps=-30.0 - i, ref_rejected_logps=-35.0 + i, pair_id=ex.id)
+             for i, ex in enumerate(examples)]
+    shared = dpo_batch(pairs, pad_id=tokenizer.pad_token_id, share_prompt=True)
+    unshared = dpo_batch(pairs, pad_id=tokenizer.pad_token_id, share_prompt=False)
+    objective = jax.jit(jax.value_and_grad(partial(dpo_objective, config=config, settings=DPOSettings()), has_aux=True))
+    (shared_sum, shared_metrics), shared_grads = objective(params, shared)
+    (unshared_sum, unshared_metrics), unshared_grads = objective(params, unshared)
+    np.testing.assert_allclose(float(shared_sum), float(unshared_sum), rtol=1e-4, atol=1e-5)
+    for name in ("logps/chosen", "logps/rejected", "rewards/margins"):
+        np.testing.assert_allclose(float(shared_metrics[name][0]), float(unshared_metrics[name][0]), rtol=1e-5, atol=2e-4)
+    assert_trees_close(shared_grads, unshared_grads)
