@@ -21,6 +21,18 @@ from pdpo_jax.data.jpersonachat import read_jpersonachat
 from pdpo_jax.data.jsonl import read_dialogue_jsonl, write_dialogue_jsonl
 from pdpo_jax.data.loading import detect_format, load_dialogues
 from pdpo_jax.data.overlap import OverlapReport, drop_overlapping, normalize_utterance
+from pdpo_jax.data.packing import (
+    DialogueChunk,
+    PackedRow,
+    PackingError,
+    dialogue_chunks,
+    pack_chunks,
+    pack_dialogues,
+    packed_batch,
+    packed_batches,
+    packing_summary,
+)
+from pdpo_jax.data.pairs import PairIds, dpo_batch, encode_pair
 from pdpo_jax.data.shuffle import DerangementError, persona_derangement, persona_key
 from pdpo_jax.data.templates import (
     PRESETS,
@@ -37,6 +49,7 @@ from pdpo_jax.data.tokenization import (
     TokenizationStats,
     TokenizedExample,
     check_prefix_property,
+    history_drop_choices,
     tokenize_examples,
 )
 
@@ -51,12 +64,16 @@ __all__ = [
     "DataError",
     "DerangementError",
     "Dialogue",
+    "DialogueChunk",
     "DnliExample",
     "Example",
     "ExampleTooLongError",
     "HostBatch",
     "ModelTurn",
     "OverlapReport",
+    "PackedRow",
+    "PackingError",
+    "PairIds",
     "PromptEncoder",
     "PromptTemplate",
     "TemplateError",
@@ -67,13 +84,22 @@ __all__ = [
     "chat_messages",
     "check_prefix_property",
     "detect_format",
+    "dialogue_chunks",
+    "dpo_batch",
     "drop_overlapping",
     "empty_batch",
+    "encode_pair",
     "examples_from_dialogues",
+    "history_drop_choices",
     "history_speakers",
     "load_dialogues",
     "load_template",
     "normalize_utterance",
+    "pack_chunks",
+    "pack_dialogues",
+    "packed_batch",
+    "packed_batches",
+    "packing_summary",
     "per_turn_batch",
     "persona_derangement",
     "persona_key",

@@ -110,24 +110,39 @@ class PromptEncoder:
     def encode(self, example: Example, max_length: int | None = None) -> TokenizedExample:
         """The example's ids; over `max_length`, the oldest history turns go first."""
         response = tuple(self.response_ids(example.response))
-        history = example.history
+        prompt, dropped = self.fit_prompt(example.persona, example.history, len(response), max_length, name=f"example {example.id!r}")
+        return TokenizedExample(example.id, prompt, response, dropped)
+
+    def fit_prompt(
+        self,
+        persona: Sequence[str],
+        history: Sequence[str],
+        reserved: int,
+        max_length: int | None,
+        drop_choices: Sequence[int] | None = None,
+        name: str = "example",
+    ) -> tuple[tuple[int, ...], int]:
+        """`(prompt ids, dropped)`: the prompt with the fewest oldest history turns dropped, out of
+        `drop_choices` (ascending; default `history_drop_choices(len(history))`), such that it and
+        `reserved` more tokens fit in `max_length`. Raises ExampleTooLongError when even the
+        largest choice does not fit."""
 
         def prompt_after_dropping(dropped: int) -> tuple[int, ...]:
-            return tuple(self.prompt_ids(example.persona, history[dropped:]))
+            return tuple(self.prompt_ids(persona, history[dropped:]))
 
         def fits(prompt: tuple[int, ...]) -> bool:
-            return max_length is None or len(prompt) + len(response) <= max_length
+            return max_length is None or len(prompt) + reserved <= max_length
 
         prompt = prompt_after_dropping(0)
         if fits(prompt):
-            return TokenizedExample(example.id, prompt, response, 0)
-        # A shortened history opens with a partner line: drop 2, 4, ... turns, or all of them.
-        choices = sorted(set(range(1 + len(history) % 2, len(history), 2)) | {len(history)})
-        shortest = prompt_after_dropping(len(history))
+            return prompt, 0
+        choices = list(history_drop_choices(len(history)) if drop_choices is None else drop_choices)
+        shortest = prompt_after_dropping(choices[-1])
         if not fits(shortest):
+            what = "persona and response alone take" if choices[-1] == len(history) else "the shortest allowed prompt and the rest take"
             raise ExampleTooLongError(
-                f"example {example.id!r}: persona and response alone take {len(shortest) + len(response)} tokens "
-                f"(prompt {len(shortest)}, response {len(response)}), more than max_length={max_length}"
+                f"{name}: {what} {len(shortest) + reserved} tokens "
+                f"(prompt {len(shortest)}, response {reserved}), more than max_length={max_length}"
             )
         low, high = 0, len(choices) - 1  # the prompt shrinks as turns go: find the fewest dropped that fit
         while low < high:
@@ -136,7 +151,14 @@ class PromptEncoder:
                 high = middle
             else:
                 low = middle + 1
-        return TokenizedExample(example.id, prompt_after_dropping(choices[low]), response, choices[low])
+        return prompt_after_dropping(choices[low]), choices[low]
+
+
+def history_drop_choices(history_length: int) -> list[int]:
+    """How many of the oldest history turns truncation may drop, fewest first: none, then so many
+    that the kept history still opens with a partner line (2, 4, ... turns before the answered
+    partner line), or all of them."""
+    return sorted({0, history_length} | set(range(1 + history_length % 2, history_length, 2)))
 
 
 def tokenize_examples(
