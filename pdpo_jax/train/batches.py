@@ -3,7 +3,7 @@
 A step takes `rows_per_step = batch_size * grad_accum` items of the epoch's order (this host's
 share of them on a pod), lays them out with `to_arrays`, and stacks `grad_accum` micro-batches
 into `[grad_accum, rows, length]` arrays. All micro-batches of a step share one length; on several
-hosts every step is padded to the configured maximum so all hosts agree on the shape.
+hosts every step is padded to the longest item of the whole set, so all hosts agree on the shape.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ class StepBatches:
     seed: int
     to_arrays: ToArrays
     length_of: Callable[[Any], int]
-    max_length: int
     length_bucket: int = 64
     shuffle: bool = True
     process_index: int = 0
@@ -36,6 +35,7 @@ class StepBatches:
         self._iterator = BatchIterator(self.items, self.batch_size * self.grad_accum, self.seed,
                                        shuffle=self.shuffle, process_index=self.process_index,
                                        process_count=self.process_count)
+        self._longest = max(self.length_of(item) for item in self.items)
 
     def steps_per_epoch(self) -> int:
         return self._iterator.steps_per_epoch
@@ -44,7 +44,7 @@ class StepBatches:
         host_batch = next(self._iterator.epoch_batches(epoch, index))
         rows = list(host_batch.items)
         if self.process_count > 1:
-            length = bucketed_length(self.max_length, self.length_bucket)
+            length = bucketed_length(self._longest, self.length_bucket)
         else:
             longest = max(self.length_of(item) for item in rows if item is not None)
             length = bucketed_length(longest, self.length_bucket)

@@ -12,14 +12,14 @@ import functools
 import math
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
-import numpy as np
 
 from pdpo_jax.atomic import atomic_write_json, is_done, mark_done
 from pdpo_jax.config import RunConfig
-from pdpo_jax.data import PromptEncoder, TokenizedExample, per_turn_batch
+from pdpo_jax.data import PromptEncoder
+from pdpo_jax.data.pairs import PairIds, dpo_batch
 from pdpo_jax.prefs import read_preference_pairs, resolve_model_paths
 from pdpo_jax.stage import build_mesh, check_batch_fits_mesh, load_for_run, parse_stage_args, stage_dir, write_resolved_config
 from pdpo_jax.train.batches import StepBatches
@@ -30,58 +30,32 @@ from pdpo_jax.train.steps import DPOSettings, dpo_objective
 STAGE = "dpo"
 
 
-class TokenizedPair:
-    """One preference pair as token ids, with the reference log-probs stored by make-prefs."""
-
-    def __init__(self, prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[int],
-                 ref_chosen: float, ref_rejected: float, pair_id: str):
-        self.prompt, self.chosen, self.rejected = tuple(prompt), tuple(chosen), tuple(rejected)
-        self.ref_chosen, self.ref_rejected, self.pair_id = ref_chosen, ref_rejected, pair_id
-
-    def __len__(self) -> int:  # the longer of the two [prompt | response] rows
-        return len(self.prompt) + max(len(self.chosen), len(self.rejected))
-
-
-def tokenize_pairs(records: list[dict[str, Any]], encoder: PromptEncoder) -> list[TokenizedPair]:
+def tokenize_pairs(records: list[dict[str, Any]], encoder: PromptEncoder) -> list[PairIds]:
     """Prompts are rebuilt from the stored (already length-fitted) persona and history, exactly
     as make-prefs scored them, so the stored reference log-probs belong to these very tokens."""
     return [
-        TokenizedPair(encoder.prompt_ids(r["persona"], r["history"]), encoder.response_ids(r["chosen"]),
-                      encoder.response_ids(r["rejected"]), r["ref_chosen_logp"], r["ref_rejected_logp"],
-                      r["example_id"])
+        PairIds(tuple(encoder.prompt_ids(r["persona"], r["history"])), tuple(encoder.response_ids(r["chosen"])),
+                tuple(encoder.response_ids(r["rejected"])), r["ref_chosen_logp"], r["ref_rejected_logp"],
+                r["example_id"])
         for r in records
     ]
 
 
-def unshared_pair_batch(pairs: Sequence[TokenizedPair | None], pad_to: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Rows [prompt | chosen] (2i) and [prompt | rejected] (2i + 1); sequence id = row."""
-    rows: list[TokenizedExample | None] = []
-    for pair in pairs:
-        if pair is None:
-            rows += [None, None]
-        else:
-            rows.append(TokenizedExample(pair.pair_id, pair.prompt, pair.chosen))
-            rows.append(TokenizedExample(pair.pair_id, pair.prompt, pair.rejected))
-    arrays = per_turn_batch(rows, pad_to=pad_to, pad_id=pad_id)
-    arrays.update(pair_arrays(pairs))
-    return arrays
-
-
-def pair_arrays(pairs: Sequence[TokenizedPair | None]) -> dict[str, np.ndarray]:
-    return {
-        "ref_chosen_logps": np.array([p.ref_chosen if p else 0.0 for p in pairs], np.float32),
-        "ref_rejected_logps": np.array([p.ref_rejected if p else 0.0 for p in pairs], np.float32),
-        "pair_mask": np.array([p is not None for p in pairs], np.float32),
-    }
-
-
-def dpo_batches(config: RunConfig, pairs: list[TokenizedPair], pad_id: int, *, shuffle: bool) -> StepBatches:
+def dpo_batches(config: RunConfig, pairs: list[PairIds], pad_id: int, *, shuffle: bool) -> StepBatches:
+    """`dpo.share_prompt`: one row [prompt | chosen | rejected] per pair (the prompt runs once),
+    else rows [prompt | chosen] and [prompt | rejected]; both give the same log-probs."""
+    share = config.dpo.share_prompt
     return StepBatches(
         pairs, config.dpo.batch_size, config.dpo.grad_accum, config.seed,
-        to_arrays=lambda rows, length: unshared_pair_batch(rows, length, pad_id),
-        length_of=len, max_length=config.data.max_length, length_bucket=config.data.length_bucket,
-        shuffle=shuffle, process_index=jax.process_index(), process_count=jax.process_count(),
+        to_arrays=functools.partial(_pair_arrays, pad_id=pad_id, share_prompt=share),
+        length_of=PairIds.shared_length if share else PairIds.unshared_length,
+        length_bucket=config.data.length_bucket, shuffle=shuffle,
+        process_index=jax.process_index(), process_count=jax.process_count(),
     )
+
+
+def _pair_arrays(pairs, length, *, pad_id, share_prompt):
+    return dpo_batch(pairs, pad_to=length, pad_id=pad_id, share_prompt=share_prompt)
 
 
 def run_dpo(config: RunConfig) -> dict[str, Any]:

@@ -15,7 +15,8 @@ import jax
 
 from pdpo_jax.atomic import atomic_write_json, is_done, mark_done
 from pdpo_jax.config import RunConfig
-from pdpo_jax.data import examples_from_dialogues, per_turn_batch, tokenize_examples
+from pdpo_jax.data import PromptEncoder, examples_from_dialogues, per_turn_batch, tokenize_examples
+from pdpo_jax.data.packing import pack_dialogues, packed_batch, packing_summary
 from pdpo_jax.data.corpus import prepare_corpus
 from pdpo_jax.stage import build_mesh, check_batch_fits_mesh, load_for_run, parse_stage_args, stage_dir, write_resolved_config
 from pdpo_jax.train.batches import StepBatches
@@ -27,17 +28,39 @@ STAGE = "sft"
 
 
 def sft_batches(config: RunConfig, model: Any, dialogues: list, *, shuffle: bool) -> tuple[StepBatches, dict]:
-    """Per-turn SFT batches of `dialogues` and a summary of what tokenization kept."""
-    items, stats = tokenize_examples(examples_from_dialogues(dialogues), model.tokenizer, config.data.template,
-                                     max_length=config.data.max_length, on_overflow=config.data.on_overflow)
+    """SFT batches of `dialogues` and a summary of the rows.
+
+    `sft.packing: dialogue` puts a dialogue's prompt once in a row with every model response
+    scored (several short dialogues may share a row); `turn` makes one row per model turn. Both give
+    the same token-mean loss over the same response tokens; a packed row counts as one row of
+    `sft.batch_size`, so a step then covers whole dialogues.
+    """
+    data = config.data
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    if config.sft.packing == "dialogue":
+        encoder = PromptEncoder(model.tokenizer, data.template)
+        items = pack_dialogues(dialogues, encoder, data.max_length, on_overflow=data.on_overflow)
+        to_arrays = functools.partial(_packed_arrays, pad_id=pad_id)
+        summary = {"layout": "dialogue", **packing_summary(items, data.max_length)}
+    else:
+        items, stats = tokenize_examples(examples_from_dialogues(dialogues), model.tokenizer, data.template,
+                                         max_length=data.max_length, on_overflow=data.on_overflow)
+        to_arrays = functools.partial(_per_turn_arrays, pad_id=pad_id)
+        summary = {"layout": "turn", "examples": stats.examples, "truncated": stats.truncated, "skipped": stats.skipped}
     batches = StepBatches(
-        items, config.sft.batch_size, config.sft.grad_accum, config.seed,
-        to_arrays=lambda rows, length: per_turn_batch(rows, pad_to=length, pad_id=pad_id),
-        length_of=len, max_length=config.data.max_length, length_bucket=config.data.length_bucket, shuffle=shuffle,
+        items, config.sft.batch_size, config.sft.grad_accum, config.seed, to_arrays=to_arrays, length_of=len,
+        length_bucket=data.length_bucket, shuffle=shuffle,
         process_index=jax.process_index(), process_count=jax.process_count(),
     )
-    return batches, {"examples": stats.examples, "truncated": stats.truncated, "skipped": stats.skipped}
+    return batches, summary
+
+
+def _packed_arrays(rows, length, *, pad_id):
+    return packed_batch(rows, pad_to=length, pad_id=pad_id)
+
+
+def _per_turn_arrays(rows, length, *, pad_id):
+    return per_turn_batch(rows, pad_to=length, pad_id=pad_id)
 
 
 def run_sft(config: RunConfig) -> dict[str, Any]:
