@@ -112,6 +112,7 @@ def test_scores_match_naive_full_sequence_scoring(request, family, template, end
     assert report["end_of_turn"] is end_of_turn and report["template"] == template
 
 
+@pytest.mark.slow
 @needs_bundled_model
 def test_bundled_model_matches_naive_full_sequence_scoring(shared_data):
     data = shared_data / "dnli" / "valid_havenot.jsonl"
@@ -182,6 +183,7 @@ def test_report_on_staged_files_tiny_model(shared_data, tiny_llama, tmp_path):
     assert report["protocol"] == "31" and report["scoring"] == "sum" and report["candidates"] == 6 * 31
 
 
+@pytest.mark.slow
 @needs_bundled_model
 def test_report_on_staged_files_bundled_model(shared_data, tmp_path):
     files = [shared_data / "dnli" / "valid_havenot.jsonl", shared_data / "dnli" / "valid_likedislike.jsonl"]
