@@ -75,8 +75,9 @@ def naive_torch_logps(model_dir: Path | str, tokenizer, template: str, examples,
     return out
 
 
-def _evaluate(model_dir, data, **settings):
-    model = load_model(model_dir)
+def _evaluate(model, data, **settings):
+    """`model`: a directory, "default", or an already loaded model."""
+    model = load_model(model) if isinstance(model, (str, Path)) else model
     return dnli.evaluate_dnli(model, data, dnli.DnliSettings(**settings))
 
 
@@ -114,12 +115,11 @@ def test_scores_match_naive_full_sequence_scoring(request, family, template, end
 
 @pytest.mark.slow
 @needs_bundled_model
-def test_bundled_model_matches_naive_full_sequence_scoring(shared_data):
-    data = shared_data / "dnli" / "valid_havenot.jsonl"
-    _, records = _evaluate("default", [data], template="chat-en", max_examples=2, batch_examples=2)
+def test_bundled_model_matches_naive_full_sequence_scoring():
+    # The demo file keeps the naive reference (one full forward per candidate) quick on a laptop.
     model = load_model("default")
-    examples = read_dnli(data, "31")[:2]
-    reference = naive_torch_logps(model.path, model.tokenizer, "chat-en", examples)
+    _, records = _evaluate(model, [DEMO_DNLI], protocol="all", template="chat-en", max_examples=1, batch_examples=1)
+    reference = naive_torch_logps(model.path, model.tokenizer, "chat-en", read_dnli(DEMO_DNLI, "all")[:1])
     _assert_matches_naive(records, reference)
 
 
