@@ -432,13 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pdpo eval-dnli",
         description="Rank Dialogue NLI candidates by log-likelihood and report Hits/Entail/Rand/Contradict@1 "
         "per data file and overall (REPORT.json + .md + .png + .examples.jsonl).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of --config")
     parser.add_argument("--config", nargs="+", default=None, metavar="FILE",
                         help="run config(s); takes model.path, eval.dnli, eval.protocol, eval.length_normalized, "
                         "eval.max_examples, data.template, model.dtype and the mesh (flags win)")
-    parser.add_argument("--model", help="model: a Hugging Face directory, a checkpoint dir load_model reads, or 'default'")
+    parser.add_argument("--model", help="model: a Hugging Face directory, a checkpoint dir load_model reads, or 'default' (the default)")
     parser.add_argument("--tokenizer", help="tokenizer directory when the model directory has none")
     parser.add_argument("--name", help="model name shown in the report (default: the model path)")
     parser.add_argument("--data", nargs="+", metavar="FILE", help="DNLI .jsonl files; each is a subset named by its stem")
@@ -449,8 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-end-of-turn", dest="end_of_turn", action="store_false",
                         help="score the candidate tokens only, without the end-of-turn token that closes a response")
     parser.add_argument("--template", help="prompt template: a preset (%s) or a YAML file (default chat-en)" % ", ".join(PRESETS))
-    parser.add_argument("--batch-examples", type=int, default=8, help="examples (rows) per jitted call")
-    parser.add_argument("--bucket", type=int, default=128, help="row lengths are padded to a multiple of this")
+    parser.add_argument("--batch-examples", type=int, default=8, help="examples (rows) per jitted call (default 8)")
+    parser.add_argument("--bucket", type=int, default=128, help="row lengths are padded to a multiple of this (default 128)")
     parser.add_argument("--max-examples", type=int, help="score only the first N examples of each file")
     parser.add_argument("--max-length", type=int, help="longest prompt + candidate; older history is dropped beyond "
                         "(default: the model's maximum position)")
