@@ -1,0 +1,541 @@
+"""Dialogue NLI evaluation: rank each example's candidate responses by log-likelihood.
+
+    pdpo eval-dnli --model PATH --data valid_havenot.jsonl valid_likedislike.jsonl --out dnli.json
+
+For every example, each candidate is scored as a response to persona + history under the prompt
+template: the summed log-probability of its tokens (the paper's ranking), or their mean with
+`--length-normalized`. The top candidate's category (hits / entail / rand / contradict) is tallied
+per data file (subset = file stem) and overall.
+
+What is scored: the candidate's tokens followed by the end-of-turn token (EOS for plain
+templates, the chat template's end-of-turn token for chat templates), because that is how
+responses are trained and it also charges a candidate for leaving the turn unfinished.
+`--no-end-of-turn` scores the candidate's tokens only.
+
+The candidates of one example share the prompt, so each example is one row of the shared-prompt
+layout (docs/design.md): the trunk `prompt[:-1]` once, then one branch per candidate,
+`[prompt[-1]] + candidate`. Rows are sorted by length, grouped `--batch-examples` at a time and
+padded to a multiple of `--bucket` tokens, so the jitted scorer compiles once per distinct length.
+Scores come from `pdpo_jax.train.steps.sequence_scores`, the function that also computes DPO's
+reference log-probs. Ties go to the earlier candidate (the gold comes first).
+
+Outputs, each written atomically: REPORT.json, REPORT.md (table), REPORT.png (bars) and
+REPORT.examples.jsonl (one record per example with every candidate's score).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pdpo_jax.data.batching import bucketed_length, empty_batch, shared_prompt_batch
+from pdpo_jax.data.dnli import CATEGORIES, PROTOCOLS, DnliExample, read_dnli
+from pdpo_jax.data.examples import Example
+from pdpo_jax.data.templates import PRESETS, PromptTemplate, TemplateError, load_template
+from pdpo_jax.data.tokenization import PromptEncoder
+
+SCORINGS = ("sum", "mean")  # summed log-likelihood (the paper), or per-token mean
+DNLI_SUFFIXES = (".jsonl", ".json")
+
+
+class DnliEvalError(ValueError):
+    """Inputs of a DNLI evaluation that cannot be used; the message says which."""
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+
+
+def read_subsets(paths: Sequence[str | os.PathLike], protocol: str) -> dict[str, list[DnliExample]]:
+    """Examples of every file, keyed by subset name (the file stem). A file named twice, two files
+    with the same stem, or a file that is not DNLI JSON Lines is an error; the names are checked
+    before any file is read."""
+    if not paths:
+        raise DnliEvalError("no DNLI files given")
+    named: dict[Path, str] = {}
+    stems: dict[str, str] = {}
+    for raw in paths:
+        path = Path(raw)
+        if path.resolve() in named:
+            raise DnliEvalError(f"{raw}: DNLI file given twice (also as {named[path.resolve()]})")
+        named[path.resolve()] = str(raw)
+        if path.suffix.lower() not in DNLI_SUFFIXES:
+            raise DnliEvalError(f"{raw}: unknown DNLI file format {path.suffix!r}; expected JSON Lines ({', '.join(DNLI_SUFFIXES)})")
+        if path.stem in stems:
+            raise DnliEvalError(f"{raw}: {stems[path.stem]} already has the subset name {path.stem!r} (names come from file stems)")
+        stems[path.stem] = str(raw)
+        if not path.is_file():
+            raise DnliEvalError(f"{raw}: DNLI file not found")
+    return {Path(raw).stem: read_dnli(raw, protocol) for raw in paths}
+
+
+def resolve_template(spec: str | dict | PromptTemplate) -> PromptTemplate:
+    """A preset name, a YAML file of template fields, a dict of them, or a template."""
+    if isinstance(spec, str) and spec not in PRESETS and Path(spec).suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            fields = yaml.safe_load(Path(spec).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as err:
+            raise TemplateError(f"{spec}: cannot read the template file: {err}") from None
+        if not isinstance(fields, dict):
+            raise TemplateError(f"{spec}: a template file must be a mapping of template fields")
+        return load_template(fields)
+    return load_template(spec)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokens and batches
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    example: DnliExample
+    subset: str
+    prompt_ids: tuple[int, ...]
+    candidate_ids: tuple[tuple[int, ...], ...]
+    dropped_history_turns: int = 0
+
+    @property
+    def row_length(self) -> int:
+        """Tokens of its shared-prompt row: trunk, then each branch's copied last prompt token + candidate."""
+        return len(self.prompt_ids) - 1 + sum(1 + len(c) for c in self.candidate_ids)
+
+
+def encode_example(example: DnliExample, subset: str, encoder: PromptEncoder, end_of_turn: bool = True,
+                   max_length: int | None = None) -> EncodedExample:
+    """Token ids of the prompt and of every candidate. Over `max_length` (prompt + the longest
+    candidate, i.e. the largest position used), the oldest history turns are dropped first."""
+    candidates = tuple(tuple(encoder.response_ids(text, end_of_turn=end_of_turn)) for text, _ in example.candidates)
+    if any(not ids for ids in candidates):
+        empty = next(text for (text, _), ids in zip(example.candidates, candidates) if not ids)
+        raise DnliEvalError(f"{example.id}: candidate {empty!r} encodes to no tokens; score it with the end-of-turn token")
+    prompt = tuple(encoder.prompt_ids(example.persona, example.history))
+    longest = max(range(len(candidates)), key=lambda i: len(candidates[i]))
+    if max_length is None or len(prompt) + len(candidates[longest]) <= max_length:
+        return EncodedExample(example, subset, prompt, candidates)
+    # The encoder's truncation counts the end-of-turn ids too, so with `end_of_turn=False` it may cut one turn early.
+    as_turn = Example(id=example.id, dialogue_id=example.id, persona=example.persona, history=example.history,
+                      response=example.candidates[longest][0])
+    shortened = encoder.encode(as_turn, max_length)
+    return EncodedExample(example, subset, shortened.prompt_ids, candidates, shortened.dropped_history_turns)
+
+
+def plan_batches(lengths: Sequence[int], batch_examples: int) -> list[list[int]]:
+    """Example indices grouped `batch_examples` at a time, longest rows first, so each batch pads
+    little and the first compile is the largest shape (a memory error shows at once)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i : i + batch_examples] for i in range(0, len(order), batch_examples)]
+
+
+def dnli_batch(encoded: Sequence[EncodedExample], rows: int, bucket: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """One shared-prompt row per example, padded to `rows` rows and a multiple of `bucket` tokens.
+    Sequence ids run over the candidates in order: example 0's first, then example 1's, ..."""
+    if len(encoded) > rows:
+        raise ValueError(f"{len(encoded)} examples do not fit in {rows} rows")
+    length = bucketed_length(max(e.row_length for e in encoded), bucket)
+    batch = shared_prompt_batch([e.prompt_ids for e in encoded], [e.candidate_ids for e in encoded],
+                                pad_to=length, pad_id=pad_id)
+    if len(encoded) < rows:
+        filler = empty_batch(rows - len(encoded), length, pad_id)
+        batch = {key: np.concatenate([batch[key], filler[key]]) for key in batch}
+    return batch
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring
+
+Scorer = Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]
+
+
+def make_scorer(params: Any, config: Any, num_sequences: int, mesh: Any = None) -> Scorer:
+    """Jitted `batch -> (summed log-probs, token counts)`, both `[num_sequences]` numpy. On a mesh
+    the batch is split over its data axes and the parameters keep the shardings they were loaded with."""
+    import jax
+
+    from pdpo_jax.train.steps import sequence_scores
+
+    def score(p, batch):
+        return sequence_scores(p, config, batch, num_sequences)
+
+    if mesh is None:
+        jitted = jax.jit(score)
+
+        def run(batch):
+            logps, counts = jitted(params, batch)
+            return np.asarray(logps), np.asarray(counts)
+
+        return run
+
+    from pdpo_jax.parallel import batch_sharding, replicated
+
+    sharding = batch_sharding(mesh)
+    jitted = jax.jit(score, out_shardings=replicated(mesh))
+
+    def run_sharded(batch):
+        # Every process holds the whole batch; each device takes its rows.
+        arrays = {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index]) for k, v in batch.items()}
+        logps, counts = jitted(params, arrays)
+        return np.asarray(logps), np.asarray(counts)
+
+    return run_sharded
+
+
+@dataclass(frozen=True)
+class ScoredExample:
+    encoded: EncodedExample
+    logps: np.ndarray  # summed log-prob of each candidate, in candidate order
+    token_counts: np.ndarray
+
+    def scores(self, scoring: str) -> np.ndarray:
+        if scoring == "sum":
+            return self.logps
+        if scoring == "mean":
+            return self.logps / np.maximum(self.token_counts, 1.0)
+        raise ValueError(f"scoring must be one of {SCORINGS}, not {scoring!r}")
+
+    def top(self, scoring: str) -> int:
+        return int(np.argmax(self.scores(scoring)))  # first maximum: ties go to the earlier candidate
+
+
+def score_examples(encoded: Sequence[EncodedExample], scorer: Scorer, batch_examples: int, bucket: int,
+                   candidates_per_row: int, pad_id: int = 0,
+                   progress: Callable[[int], None] | None = None) -> list[ScoredExample]:
+    """Every example's candidate log-probs, in the order given. `candidates_per_row` is the most
+    candidates any example has: the scorer's `num_sequences` is `batch_examples * candidates_per_row`."""
+    results: list[ScoredExample | None] = [None] * len(encoded)
+    for indices in plan_batches([e.row_length for e in encoded], batch_examples):
+        members = [encoded[i] for i in indices]
+        logps, counts = scorer(dnli_batch(members, batch_examples, bucket, pad_id))
+        start = 0
+        for index, member in zip(indices, members):
+            end = start + len(member.candidate_ids)
+            if np.any(counts[start:end] == 0):
+                raise RuntimeError(f"{member.example.id}: a candidate got no scored tokens (batch layout mismatch)")
+            results[index] = ScoredExample(member, logps[start:end].copy(), counts[start:end].copy())
+            start = end
+        if start > batch_examples * candidates_per_row:
+            raise ValueError(f"{start} candidates in one batch, more than num_sequences={batch_examples * candidates_per_row}")
+        if progress is not None:
+            progress(len(members))
+    return [r for r in results if r is not None]
+
+
+# --------------------------------------------------------------------------------------------
+# Tallies and the report
+
+
+def tally(predicted_categories: Sequence[str]) -> dict[str, Any]:
+    """Counts and percentages of each category among the top candidates; percentages sum to 100."""
+    n = len(predicted_categories)
+    counts = {c: sum(1 for p in predicted_categories if p == c) for c in CATEGORIES}
+    percentages = {c: (100.0 * counts[c] / n if n else None) for c in CATEGORIES}
+    return {"n": n, "counts": counts, "percentages": percentages}
+
+
+def example_record(scored: ScoredExample, scoring: str) -> dict[str, Any]:
+    example = scored.encoded.example
+    scores = scored.scores(scoring)
+    top = scored.top(scoring)
+    return {
+        "id": example.id,
+        "subset": scored.encoded.subset,
+        "predicted_index": top,
+        "predicted_category": example.candidates[top][1],
+        "predicted_text": example.candidates[top][0],
+        "gold_rank": int(np.sum(scores > scores[0])) + 1,
+        "dropped_history_turns": scored.encoded.dropped_history_turns,
+        "categories": [category for _, category in example.candidates],
+        "scores": [round(float(s), 6) for s in scores],
+        "logps": [round(float(s), 6) for s in scored.logps],
+        "token_counts": [int(c) for c in scored.token_counts],
+    }
+
+
+def build_report(records: Sequence[dict[str, Any]], subsets: Sequence[str], **header: Any) -> dict[str, Any]:
+    """The report of pdpo_jax.evaluate.report: `header` fields, then per-subset and overall tallies."""
+    per_subset = {name: tally([r["predicted_category"] for r in records if r["subset"] == name]) for name in subsets}
+    return {**header, "subsets": per_subset, "overall": tally([r["predicted_category"] for r in records])}
+
+
+def output_paths(report_path: str | os.PathLike) -> dict[str, Path]:
+    """REPORT.json and, beside it, REPORT.md, REPORT.png and REPORT.examples.jsonl."""
+    path = Path(report_path)
+    report = path if path.suffix.lower() == ".json" else Path(f"{path}.json")
+    base = report.with_suffix("")
+    return {
+        "json": report,
+        "markdown": Path(f"{base}.md"),
+        "plot": Path(f"{base}.png"),
+        "examples": Path(f"{base}.examples.jsonl"),
+    }
+
+
+def write_outputs(report: dict[str, Any], records: Sequence[dict[str, Any]], report_path: str | os.PathLike) -> dict[str, Path]:
+    from pdpo_jax.atomic import atomic_write_json, atomic_write_jsonl, atomic_write_text
+    from pdpo_jax.evaluate.report import dnli_markdown, plot_dnli
+
+    paths = output_paths(report_path)
+    report = dict(report, files={k: paths[k].name for k in ("markdown", "plot", "examples")})
+    atomic_write_jsonl(paths["examples"], list(records))
+    atomic_write_text(paths["markdown"], dnli_markdown(report) + _settings_line(report) + "\n")
+    plot_dnli(report, paths["plot"])
+    atomic_write_json(paths["json"], report)  # last: its presence means the evaluation finished
+    return paths
+
+
+def _settings_line(report: dict[str, Any]) -> str:
+    eot = "with" if report.get("end_of_turn") else "without"
+    return (f"\nScoring: {report.get('scoring_description', report.get('scoring'))} of each candidate {eot} the "
+            f"end-of-turn token; template {report.get('template')}; model path {report.get('model_path')}.\n")
+
+
+# --------------------------------------------------------------------------------------------
+# The whole evaluation
+
+
+@dataclass(frozen=True)
+class DnliSettings:
+    protocol: str = "31"
+    scoring: str = "sum"
+    template: str | dict | PromptTemplate = "chat-en"
+    end_of_turn: bool = True
+    batch_examples: int = 8
+    bucket: int = 128
+    max_examples: int | None = None  # per file: the first N examples
+    max_length: int | None = None  # None: the model's max_position_embeddings
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise DnliEvalError(f"protocol must be one of {PROTOCOLS}, not {self.protocol!r}")
+        if self.scoring not in SCORINGS:
+            raise DnliEvalError(f"scoring must be one of {SCORINGS}, not {self.scoring!r}")
+        for name in ("batch_examples", "bucket", "max_examples", "max_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise DnliEvalError(f"{name} must be positive, got {value}")
+
+
+def evaluate_dnli(model: Any, data: Sequence[str | os.PathLike], settings: DnliSettings, *, mesh: Any = None,
+                  model_name: str | None = None, tokenizer: Any = None, show_progress: bool = False
+                  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(report, per-example records) of a loaded model (`pdpo_jax.model.LoadedModel`) on DNLI files."""
+    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+    if tokenizer is None:
+        raise DnliEvalError(f"{model.path}: no tokenizer files; pass a tokenizer directory")
+    subsets = read_subsets(data, settings.protocol)
+    if settings.max_examples is not None:
+        subsets = {name: examples[: settings.max_examples] for name, examples in subsets.items()}
+    template = resolve_template(settings.template)
+    encoder = PromptEncoder(tokenizer, template)
+    max_length = settings.max_length or model.config.max_position_embeddings
+    encoded = [
+        encode_example(example, name, encoder, settings.end_of_turn, max_length)
+        for name, examples in subsets.items()
+        for example in examples
+    ]
+    rows = _rows_for_mesh(settings.batch_examples, mesh)
+    candidates_per_row = max(len(e.candidate_ids) for e in encoded)
+    scorer = make_scorer(model.params, model.config, rows * candidates_per_row, mesh)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    shapes = {bucketed_length(max(encoded[i].row_length for i in group), settings.bucket)
+              for group in plan_batches([e.row_length for e in encoded], rows)}
+
+    start = time.perf_counter()
+    with _progress_bar(len(encoded), show_progress) as advance:
+        scored = score_examples(encoded, scorer, rows, settings.bucket, candidates_per_row, pad_id, advance)
+    seconds = time.perf_counter() - start
+
+    records = [example_record(s, settings.scoring) for s in scored]
+    num_candidates = sum(len(e.candidate_ids) for e in encoded)
+    report = build_report(
+        records,
+        list(subsets),
+        model=model_name or str(model.path),
+        model_path=str(model.path),
+        protocol=settings.protocol,
+        scoring=settings.scoring,
+        scoring_description="summed log-likelihood" if settings.scoring == "sum" else "length-normalized (per-token mean) log-likelihood",
+        end_of_turn=settings.end_of_turn,
+        template=settings.template if isinstance(settings.template, str) else template.to_dict(),
+        data={name: str(Path(p)) for name, p in zip(subsets, data)},
+        max_examples_per_file=settings.max_examples,
+        truncated_examples=sum(1 for e in encoded if e.dropped_history_turns),
+        candidates=num_candidates,
+        batch_examples=rows,
+        compiled_lengths=sorted(shapes),
+        seconds=round(seconds, 3),
+        candidates_per_second=round(num_candidates / seconds, 2) if seconds > 0 else None,
+    )
+    return report, records
+
+
+def _rows_for_mesh(batch_examples: int, mesh: Any) -> int:
+    """Rows per batch, rounded up so the data axes of the mesh split them evenly."""
+    if mesh is None:
+        return batch_examples
+    from pdpo_jax.parallel import BATCH_AXES
+
+    shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    return -(-batch_examples // shards) * shards
+
+
+class _progress_bar:
+    """tqdm over examples on stderr when asked for and on the first process; otherwise nothing."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.bar = total, enabled, None
+
+    def __enter__(self) -> Callable[[int], None]:
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, unit="ex", desc="DNLI", file=sys.stderr, dynamic_ncols=True)
+            return self.bar.update
+        return lambda n: None
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_mesh(spec: str) -> dict[str, int] | None:
+    """"data=2,fsdp=2,tensor=1" (omitted axes: data -1, others 1); "none" for no mesh."""
+    if spec.strip().lower() == "none":
+        return None
+    sizes = {"data": -1, "fsdp": 1, "tensor": 1}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        axis, sep, value = part.partition("=")
+        if not sep or axis.strip() not in sizes:
+            raise DnliEvalError(f"--mesh {spec!r}: expected data=N,fsdp=N,tensor=N (or none)")
+        try:
+            sizes[axis.strip()] = int(value)
+        except ValueError:
+            raise DnliEvalError(f"--mesh {spec!r}: {axis.strip()} must be an integer") from None
+    return sizes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pdpo eval-dnli",
+        description="Rank Dialogue NLI candidates by log-likelihood and report Hits/Entail/Rand/Contradict@1 "
+        "per data file and overall (REPORT.json + .md + .png + .examples.jsonl).",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of --config")
+    parser.add_argument("--config", nargs="+", default=None, metavar="FILE",
+                        help="run config(s); takes model.path, eval.dnli, eval.protocol, eval.length_normalized, "
+                        "eval.max_examples, data.template, model.dtype and the mesh (flags win)")
+    parser.add_argument("--model", help="model: a Hugging Face directory, a checkpoint dir load_model reads, or 'default' (the default)")
+    parser.add_argument("--tokenizer", help="tokenizer directory when the model directory has none")
+    parser.add_argument("--name", help="model name shown in the report (default: the model path)")
+    parser.add_argument("--data", nargs="+", metavar="FILE", help="DNLI .jsonl files; each is a subset named by its stem")
+    parser.add_argument("--out", required=True, help="report JSON path; .md, .png and .examples.jsonl go beside it")
+    parser.add_argument("--protocol", choices=PROTOCOLS, help="31: gold + first 10 of each group; all: every candidate (default 31)")
+    parser.add_argument("--length-normalized", action="store_true", default=None,
+                        help="rank by the per-token mean log-likelihood instead of the sum")
+    parser.add_argument("--no-end-of-turn", dest="end_of_turn", action="store_false",
+                        help="score the candidate tokens only, without the end-of-turn token that closes a response")
+    parser.add_argument("--template", help="prompt template: a preset (%s) or a YAML file (default chat-en)" % ", ".join(PRESETS))
+    parser.add_argument("--batch-examples", type=int, default=8, help="examples (rows) per jitted call (default 8)")
+    parser.add_argument("--bucket", type=int, default=128, help="row lengths are padded to a multiple of this (default 128)")
+    parser.add_argument("--max-examples", type=int, help="score only the first N examples of each file")
+    parser.add_argument("--max-length", type=int, help="longest prompt + candidate; older history is dropped beyond "
+                        "(default: the model's maximum position)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (parameters stay float32)")
+    parser.add_argument("--mesh", help="data=N,fsdp=N,tensor=N to score on a device mesh, or none")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[str, list[str], DnliSettings, str | None, dict | None]:
+    """(model path, data files, settings, compute dtype, mesh sizes) from flags over the run config."""
+    model_path, data, protocol, normalized, template, max_examples, dtype, mesh = (
+        "default", [], "31", False, "chat-en", None, None, None)
+    if args.config:
+        from pdpo_jax.config import load_config
+
+        # `--config a.yaml key=value` puts the overrides into --config's list; sort them back out.
+        files = [c for c in args.config if "=" not in c]
+        overrides = [c for c in args.config if "=" in c] + list(args.overrides)
+        config = load_config(files, overrides)
+        model_path, data, protocol = config.model.path, list(config.eval.dnli), config.eval.protocol
+        normalized, template, max_examples = config.eval.length_normalized, config.data.template, config.eval.max_examples
+        dtype = config.model.dtype
+        mesh = {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor}
+    elif args.overrides:
+        parser.error(f"key=value overrides need --config: {args.overrides}")
+    model_path = args.model or model_path
+    data = args.data or data
+    if not data:
+        parser.error("no DNLI files: give --data FILE ... or eval.dnli in --config")
+    settings = DnliSettings(
+        protocol=args.protocol or protocol,
+        scoring="mean" if (normalized if args.length_normalized is None else args.length_normalized) else "sum",
+        template=args.template or template,
+        end_of_turn=args.end_of_turn,
+        batch_examples=args.batch_examples,
+        bucket=args.bucket,
+        max_examples=args.max_examples if args.max_examples is not None else max_examples,
+        max_length=args.max_length,
+    )
+    if args.mesh is not None:
+        mesh = parse_mesh(args.mesh)
+    return model_path, data, settings, args.dtype or dtype, mesh
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from pdpo_jax.parallel import initialize_distributed
+
+    initialize_distributed()  # before any other JAX call; a no-op on one machine
+    import jax
+
+    from pdpo_jax.config import ConfigError
+    from pdpo_jax.data.errors import DataError
+    from pdpo_jax.model import load_model
+    from pdpo_jax.parallel import make_mesh
+
+    try:
+        model_path, data, settings, dtype, mesh_sizes = _settings_from_args(args, parser)
+        read_subsets(data, settings.protocol)  # bad files fail before the model loads
+        mesh = make_mesh(**mesh_sizes) if mesh_sizes is not None else None
+        model = load_model(model_path, mesh=mesh)
+        if dtype is not None:
+            model.config = model.config.replace(dtype=dtype)
+        tokenizer = None
+        if args.tokenizer:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        first = jax.process_index() == 0
+        report, records = evaluate_dnli(model, data, settings, mesh=mesh, model_name=args.name or model_path.rstrip("/"),
+                                        tokenizer=tokenizer, show_progress=first and not args.quiet)
+    except (DnliEvalError, TemplateError, DataError, ConfigError, FileNotFoundError) as err:
+        print(f"pdpo eval-dnli: {err}", file=sys.stderr)
+        return 2
+    if first:
+        paths = write_outputs(report, records, args.out)
+        from pdpo_jax.evaluate.report import dnli_markdown
+
+        print(dnli_markdown(report))
+        print(f"{report['candidates']} candidates in {report['seconds']:.1f} s "
+              f"({report['candidates_per_second']} candidates/s); wrote {paths['json']}, {paths['markdown'].name}, "
+              f"{paths['plot'].name}, {paths['examples'].name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
