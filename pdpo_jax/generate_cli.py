@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pdpo_jax.atomic import atomic_write_jsonl
+from pdpo_jax.atomic import atomic_write_jsonl, jsonl_objects
 
 SAMPLERS = ("greedy", "temperature", "top_k", "top_p")
 
@@ -54,16 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_conversations(path: Path) -> list[dict[str, Any]]:
     conversations = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{where}: not valid JSON ({err.msg})") from None
-        if not isinstance(item, dict):
-            raise InputError(f"{where}: expected an object with persona and history")
+    for where, item in jsonl_objects(path, InputError):
         for key in ("persona", "history"):
             value = item.get(key, [] if key == "history" else None)
             if not isinstance(value, list) or not all(isinstance(s, str) for s in value):

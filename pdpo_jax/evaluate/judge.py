@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import logging
 import os
 import sys
@@ -46,7 +45,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
-from pdpo_jax.atomic import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from pdpo_jax.atomic import atomic_write_json, atomic_write_jsonl, atomic_write_text, jsonl_objects
 from pdpo_jax.evaluate.judge_client import (
     ChatCompleter,
     ClientSettings,
@@ -115,34 +114,24 @@ def load_responses(path: str | os.PathLike) -> ResponseSet:
         raise JudgeConfigError(f"{path}: responses file not found")
     records: dict[str, dict[str, Any]] = {}
     models: set[str] = set()
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise JudgeConfigError(f"{where}: not valid JSON ({err})") from None
-            if not isinstance(row, dict):
-                raise JudgeConfigError(f"{where}: expected a JSON object")
-            for key in ("id", "persona", "history", "response"):
-                if key not in row:
-                    raise JudgeConfigError(f"{where}: missing key {key!r}")
-            if not isinstance(row["response"], str):
-                raise JudgeConfigError(f"{where}: key 'response' must be a string")
-            example_id = str(row["id"])
-            if example_id in records:
-                raise JudgeConfigError(f"{where}: duplicate id {example_id!r}")
-            model = row.get("model", path.stem)
-            if not isinstance(model, str) or not model:
-                raise JudgeConfigError(f"{where}: key 'model' must be a non-empty string")
-            models.add(model)
-            records[example_id] = {
-                "persona": _require_str_list(row["persona"], where, "persona"),
-                "history": _require_str_list(row["history"], where, "history"),
-                "response": row["response"],
-            }
+    for where, row in jsonl_objects(path, JudgeConfigError):
+        for key in ("id", "persona", "history", "response"):
+            if key not in row:
+                raise JudgeConfigError(f"{where}: missing key {key!r}")
+        if not isinstance(row["response"], str):
+            raise JudgeConfigError(f"{where}: key 'response' must be a string")
+        example_id = str(row["id"])
+        if example_id in records:
+            raise JudgeConfigError(f"{where}: duplicate id {example_id!r}")
+        model = row.get("model", path.stem)
+        if not isinstance(model, str) or not model:
+            raise JudgeConfigError(f"{where}: key 'model' must be a non-empty string")
+        models.add(model)
+        records[example_id] = {
+            "persona": _require_str_list(row["persona"], where, "persona"),
+            "history": _require_str_list(row["history"], where, "history"),
+            "response": row["response"],
+        }
     if not records:
         raise JudgeConfigError(f"{path}: no responses")
     if len(models) > 1:

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from pdpo_jax.atomic import atomic_write_bytes, atomic_write_text
+from pdpo_jax.atomic import atomic_write_bytes, atomic_write_text, jsonl_objects
 
 # DNLI: (key in the report, column title). Hits/Entail: higher is better; Rand/Contradict: lower.
 DNLI_METRICS: tuple[tuple[str, str, bool], ...] = (
@@ -297,20 +297,11 @@ def load_metrics_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """metrics.jsonl lines: {"step": int, "split": "train"|"val", metric: number, ...}."""
     path = Path(path)
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object")
-            if not isinstance(row.get("step"), (int, float)) or isinstance(row.get("step"), bool):
-                raise ValueError(f"{path}:{number}: missing numeric key 'step'")
-            row.setdefault("split", "train")
-            rows.append(row)
+    for where, row in jsonl_objects(path):
+        if not isinstance(row.get("step"), (int, float)) or isinstance(row.get("step"), bool):
+            raise ValueError(f"{where}: missing numeric key 'step'")
+        row.setdefault("split", "train")
+        rows.append(row)
     return rows
 
 

@@ -21,10 +21,10 @@ from pdpo_jax.config import RunConfig
 from pdpo_jax.data import PromptEncoder
 from pdpo_jax.data.pairs import PairIds, dpo_batch
 from pdpo_jax.prefs import read_preference_pairs, resolve_model_paths
-from pdpo_jax.stage import build_mesh, check_batch_fits_mesh, load_for_run, parse_stage_args, stage_dir, write_resolved_config
+from pdpo_jax.stage import build_mesh, check_batch_fits_mesh, load_for_run, stage_dir, write_resolved_config
 from pdpo_jax.train.batches import StepBatches
 from pdpo_jax.train.fit import fit
-from pdpo_jax.train.loop import TrainingDiverged
+from pdpo_jax.train.loop import run_stage_main
 from pdpo_jax.train.steps import DPOSettings, dpo_objective
 
 STAGE = "dpo"
@@ -113,11 +113,5 @@ def check_start(out_dir: Path, loss_type: str, reference_free: bool) -> str:
 
 
 def main(argv: list[str]) -> int:
-    config = parse_stage_args(argv, "pdpo dpo", "DPO from the SFT model on pseudo-preference pairs "
-                              "(needs <run_dir>/prefs from `pdpo make-prefs`).")
-    try:
-        run_dpo(config)
-    except TrainingDiverged as err:
-        print(f"pdpo dpo: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_stage_main(argv, "pdpo dpo", "DPO from the SFT model on pseudo-preference pairs "
+                              "(needs <run_dir>/prefs from `pdpo make-prefs`).", run_dpo)

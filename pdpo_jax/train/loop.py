@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,3 +197,17 @@ def run_loop(plan: LoopPlan, state: Any, *, step_fn: Callable, eval_fn: Callable
         checkpointer.close()
     return {"final_step": step, "best_step": meta["best_step"], "best_value": meta["best_value"],
             "select_metric": plan.select_metric, "state": state}
+
+
+def run_stage_main(argv: list[str], prog: str, description: str, run: Callable[[Any], Any]) -> int:
+    """The `main` of a training stage: parse `--config ... key=value`, run, and turn a diverged run
+    into exit status 1 with the message (the last good checkpoint stays on disk)."""
+    from pdpo_jax.stage import parse_stage_args
+
+    config = parse_stage_args(argv, prog, description)
+    try:
+        run(config)
+    except TrainingDiverged as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 1
+    return 0

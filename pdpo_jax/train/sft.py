@@ -8,7 +8,6 @@ parameters with the lowest validation loss, loadable like a Hugging Face directo
 from __future__ import annotations
 
 import functools
-import sys
 from typing import Any
 
 import jax
@@ -18,10 +17,10 @@ from pdpo_jax.config import RunConfig
 from pdpo_jax.data import PromptEncoder, examples_from_dialogues, per_turn_batch, tokenize_examples
 from pdpo_jax.data.packing import pack_dialogues, packed_batch, packing_summary
 from pdpo_jax.data.corpus import prepare_corpus
-from pdpo_jax.stage import build_mesh, check_batch_fits_mesh, load_for_run, parse_stage_args, stage_dir, write_resolved_config
+from pdpo_jax.stage import build_mesh, check_batch_fits_mesh, load_for_run, stage_dir, write_resolved_config
 from pdpo_jax.train.batches import StepBatches
 from pdpo_jax.train.fit import fit
-from pdpo_jax.train.loop import TrainingDiverged
+from pdpo_jax.train.loop import run_stage_main
 from pdpo_jax.train.steps import sft_objective
 
 STAGE = "sft"
@@ -88,11 +87,5 @@ def run_sft(config: RunConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    config = parse_stage_args(argv, "pdpo sft", "Supervised fine-tuning of a causal LM on persona dialogues "
-                              "(persona + history -> response; loss on the response tokens only).")
-    try:
-        run_sft(config)
-    except TrainingDiverged as err:
-        print(f"pdpo sft: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_stage_main(argv, "pdpo sft", "Supervised fine-tuning of a causal LM on persona dialogues "
+                              "(persona + history -> response; loss on the response tokens only).", run_sft)
