@@ -3,7 +3,8 @@
 Samplers are small frozen dataclasses with one method, `choose(logits, key) -> token ids`, so a
 sampling strategy is a value that can be hashed into the jit cache and written into a record.
 Prompts may be left- or right-padded: they are re-aligned to end in the same column (left padding)
-with positions counted from the attention mask, so RoPE never sees the padding.
+with positions counted from the attention mask, so RoPE never sees the padding. The aligned width
+is rounded up to a few sizes per octave, so prompts of similar length share one compilation.
 """
 
 from __future__ import annotations
@@ -16,25 +17,45 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pdpo_jax.model import Decoder, ModelConfig, init_cache
+from pdpo_jax.model import Decoder, ModelConfig, init_cache, unembedding
+from pdpo_jax.parallel import BATCH_AXES, batch_sharding, shard_params
 
-PROMPT_BUCKET = 64  # prompt lengths are rounded up to a multiple of this to limit recompilation
+MIN_PROMPT_BUCKET = 16
+OCTAVE_SPLIT_BITS = 3  # 2**3 widths per octave: padding wastes under 1/4 of the prefill, typically ~1/16
+NUCLEUS_CANDIDATES = 256  # top-p draws among this many most likely tokens when they hold p
 
 
 class Sampler(Protocol):
     def choose(self, logits: jax.Array, key: jax.Array) -> jax.Array: ...
 
 
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (use Greedy() for argmax), got {temperature!r}")
+
+
 @dataclass(frozen=True)
 class Greedy:
     def choose(self, logits: jax.Array, key: jax.Array) -> jax.Array:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return first_argmax(logits)
+
+
+def first_argmax(logits: jax.Array) -> jax.Array:
+    """argmax over the last axis (first index on ties) as two plain reductions; XLA's CPU argmax
+    (one reduction over (value, index) pairs) is several times slower on large vocabularies."""
+    largest = jnp.max(logits, axis=-1, keepdims=True)
+    index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(logits == largest, index, logits.shape[-1]), axis=-1)
 
 
 @dataclass(frozen=True)
 class Temperature:
     temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_temperature(self.temperature)
 
     def choose(self, logits: jax.Array, key: jax.Array) -> jax.Array:
         scaled = logits.astype(jnp.float32) / self.temperature
@@ -46,30 +67,74 @@ class TopK:
     k: int = 50
     temperature: float = 1.0
 
+    def __post_init__(self) -> None:
+        _check_temperature(self.temperature)
+        if self.k < 1:
+            raise ValueError(f"TopK.k must be >= 1, got {self.k!r}")
+
     def choose(self, logits: jax.Array, key: jax.Array) -> jax.Array:
         scaled = logits.astype(jnp.float32) / self.temperature
-        kth_largest = jax.lax.top_k(scaled, self.k)[0][..., -1:]
-        masked = jnp.where(scaled < kth_largest, -jnp.inf, scaled)
-        return jax.random.categorical(key, masked, axis=-1).astype(jnp.int32)
+        top_logits, top_ids = jax.lax.top_k(scaled, min(self.k, scaled.shape[-1]))
+        choice = jax.random.categorical(key, top_logits, axis=-1)
+        return jnp.take_along_axis(top_ids, choice[..., None], axis=-1)[..., 0].astype(jnp.int32)
 
 
 @dataclass(frozen=True)
 class TopP:
-    """Nucleus sampling: the smallest set of most likely tokens whose probability reaches `p`."""
+    """Nucleus sampling: the smallest set of most likely tokens whose probability reaches `p`.
+
+    A token is in the nucleus when the mass of the tokens ranked before it is below `p` (so the
+    top token always is). When the NUCLEUS_CANDIDATES most likely tokens of every row already hold
+    `p`, the nucleus lies among them and the draw is made there; otherwise the nucleus is found
+    over the whole vocabulary without sorting it (XLA's CPU sort of a large vocabulary costs more
+    than a model step), by bisecting on the smallest kept probability.
+    """
 
     p: float = 0.9
     temperature: float = 1.0
 
+    def __post_init__(self) -> None:
+        _check_temperature(self.temperature)
+        if not 0 < self.p <= 1:
+            raise ValueError(f"TopP.p must be in (0, 1], got {self.p!r}")
+
     def choose(self, logits: jax.Array, key: jax.Array) -> jax.Array:
         scaled = logits.astype(jnp.float32) / self.temperature
-        sorted_logits = jnp.sort(scaled, axis=-1)[..., ::-1]
-        sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
-        # A token is kept when the mass strictly before it is below p (the top token always is).
-        mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-        kept = mass_before < self.p
-        threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        masked = jnp.where(scaled < threshold, -jnp.inf, scaled)
-        return jax.random.categorical(key, masked, axis=-1).astype(jnp.int32)
+        probs = jax.nn.softmax(scaled, axis=-1)
+        top_probs, top_ids = jax.lax.top_k(probs, min(NUCLEUS_CANDIDATES, probs.shape[-1]))
+
+        def among_candidates():
+            mass_before = jnp.cumsum(top_probs, axis=-1) - top_probs
+            kept = jnp.where(mass_before < self.p, jnp.log(top_probs), -jnp.inf)
+            choice = jax.random.categorical(key, kept, axis=-1)
+            return jnp.take_along_axis(top_ids, choice[..., None], axis=-1)[..., 0].astype(jnp.int32)
+
+        def over_vocabulary():
+            kept = jnp.where(probs >= nucleus_threshold(probs, self.p), scaled, -jnp.inf)
+            return jax.random.categorical(key, kept, axis=-1).astype(jnp.int32)
+
+        return jax.lax.cond(jnp.all(jnp.sum(top_probs, axis=-1) >= self.p), among_candidates, over_vocabulary)
+
+
+def nucleus_threshold(probs: jax.Array, p: float) -> jax.Array:
+    """[..., 1]: the largest t such that the tokens with probability >= t hold at least `p`.
+
+    Those tokens are exactly the nucleus. Non-negative float32 values order like their int32 bit
+    patterns, so 31 halvings of the bit range [0, bits(1.0)] find t exactly, each one pass over
+    the vocabulary.
+    """
+    bits = jax.lax.bitcast_convert_type(probs.astype(jnp.float32), jnp.int32)
+    low = jnp.zeros(probs.shape[:-1] + (1,), jnp.int32)  # invariant: mass(>= low) >= p > mass(>= high)
+    high = jnp.full_like(low, int(np.float32(1.0).view(np.int32)) + 1)
+
+    def halve(_, bounds):
+        low, high = bounds
+        middle = low + (high - low) // 2
+        enough = jnp.sum(jnp.where(bits >= middle, probs, 0.0), axis=-1, keepdims=True) >= p
+        return jnp.where(enough, middle, low), jnp.where(enough, high, middle)
+
+    low, _ = jax.lax.fori_loop(0, 31, halve, (low, high))
+    return jax.lax.bitcast_convert_type(low, jnp.float32)
 
 
 def sampler_from_config(kind: str, *, temperature: float = 1.0, top_k: int = 50, top_p: float = 0.9) -> Sampler:
@@ -88,14 +153,26 @@ def sampler_description(sampler: Sampler) -> dict[str, Any]:
     return {"kind": type(sampler).__name__, **dataclasses.asdict(sampler)}
 
 
-def left_align(input_ids: np.ndarray, attention_mask: np.ndarray, pad_id: int, bucket: int = PROMPT_BUCKET):
-    """Moves every prompt to the right edge (left padding) of a width rounded up to `bucket`."""
+# ----------------------------------------------------------------------------- prompt layout
+
+
+def bucket_width(length: int) -> int:
+    """`length` rounded up to a multiple of 1/8 of its octave (at least MIN_PROMPT_BUCKET)."""
+    octave = (int(length) - 1).bit_length()  # 2**(octave-1) < length <= 2**octave
+    step = max(MIN_PROMPT_BUCKET, 2 ** max(0, octave - OCTAVE_SPLIT_BITS))
+    return -(-int(length) // step) * step
+
+
+def left_align(input_ids: np.ndarray, attention_mask: np.ndarray, pad_id: int, width: int | None = None):
+    """Moves every prompt to the right edge (left padding) of `width` (default: the bucketed longest)."""
     input_ids = np.asarray(input_ids)
     mask = np.asarray(attention_mask).astype(bool)
+    if input_ids.ndim != 2 or mask.shape != input_ids.shape:
+        raise ValueError(f"input_ids {input_ids.shape} and attention_mask {mask.shape} must be the same [batch, length]")
     lengths = mask.sum(axis=1)
     if (lengths == 0).any():
         raise ValueError(f"prompt rows {np.flatnonzero(lengths == 0).tolist()} are empty")
-    width = int(-(-lengths.max() // bucket) * bucket)
+    width = bucket_width(int(lengths.max())) if width is None else width
     ids = np.full((input_ids.shape[0], width), pad_id, np.int32)
     valid = np.zeros((input_ids.shape[0], width), np.int32)
     for row in range(input_ids.shape[0]):
@@ -105,55 +182,120 @@ def left_align(input_ids: np.ndarray, attention_mask: np.ndarray, pad_id: int, b
     return ids, valid
 
 
-@partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampler", "eos_ids", "pad_id"))
-def _generate_aligned(params, prompt_ids, prompt_valid, key, *, config: ModelConfig, max_new_tokens: int,
-                      sampler: Sampler, eos_ids: tuple[int, ...], pad_id: int):
+# ----------------------------------------------------------------------------- the jitted loop
+
+
+def last_token_logits(hidden: jax.Array, params: Any, config: ModelConfig) -> jax.Array:
+    """fp32 [batch, vocab] for hidden [batch, hidden]: the prefill needs only the last column."""
+    return jnp.einsum("bd,dv->bv", hidden, unembedding(params, config).astype(hidden.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def _constrain_batch(tree: Any, mesh: Mesh | None) -> Any:
+    """Keeps every per-row array split over the batch axes (scalars replicated)."""
+    if mesh is None:
+        return tree
+
+    def constrain(x):
+        spec = PartitionSpec(BATCH_AXES) if x.ndim else PartitionSpec()
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    return jax.tree.map(constrain, tree)
+
+
+@partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampler", "eos_ids", "pad_id", "keep_logits", "mesh"))
+def _decode(params, prompt_ids, prompt_valid, key, *, config: ModelConfig, max_new_tokens: int, sampler: Sampler,
+            eos_ids: tuple[int, ...], pad_id: int, keep_logits: bool = False, mesh: Mesh | None = None):
+    """tokens [batch, max_new_tokens] (and, with keep_logits, the fp32 logits each was chosen from)."""
     decoder = Decoder(config)
     batch, width = prompt_ids.shape
-    cache = init_cache(config, batch, width + max_new_tokens, dtype=jnp.dtype(config.dtype))
+    cache = _constrain_batch(init_cache(config, batch, width + max_new_tokens, dtype=jnp.dtype(config.dtype)), mesh)
     positions = jnp.maximum(jnp.cumsum(prompt_valid, axis=1) - 1, 0).astype(jnp.int32)
-    logits, cache = decoder.apply({"params": params}, prompt_ids, positions, prompt_valid, cache=cache)
-    next_logits = logits[:, -1, :]
-    next_position = positions[:, -1] + 1
+    hidden, cache = decoder.apply({"params": params}, prompt_ids, positions, prompt_valid, cache=cache,
+                                  return_hidden=True)
+    logits = last_token_logits(hidden[:, -1], params, config)
     eos = jnp.asarray(eos_ids, jnp.int32)
+    ones = jnp.ones((batch, 1), jnp.int32)
 
     def keep_going(state):
-        step, _, _, _, finished, _ = state
+        step, finished = state[0], state[4]
         return (step < max_new_tokens) & ~jnp.all(finished)
 
     def one_token(state):
-        step, cache, next_logits, tokens, finished, position = state
-        token = sampler.choose(next_logits, jax.random.fold_in(key, step))
+        step, cache, logits, tokens, finished, position, seen = state
+        token = sampler.choose(logits, jax.random.fold_in(key, step))
         token = jnp.where(finished, pad_id, token)
-        tokens = tokens.at[:, step].set(token)
+        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
+        if keep_logits:
+            seen = jax.lax.dynamic_update_slice(seen, logits[:, None, :], (0, step, 0))
         finished = finished | jnp.isin(token, eos)
-        logits, cache = decoder.apply(
-            {"params": params}, token[:, None], position[:, None], jnp.ones((batch, 1), jnp.int32), cache=cache
-        )
-        return step + 1, cache, logits[:, -1, :], tokens, finished, position + 1
+        logits, cache = decoder.apply({"params": params}, token[:, None], position[:, None], ones, cache=cache)
+        return step + 1, _constrain_batch(cache, mesh), logits[:, -1, :], tokens, finished, position + 1, seen
 
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
-    state = (jnp.int32(0), cache, next_logits, tokens, jnp.zeros((batch,), bool), next_position)
-    return jax.lax.while_loop(keep_going, one_token, state)[3]
+    seen = jnp.zeros((batch, max_new_tokens, config.vocab_size) if keep_logits else (), jnp.float32)
+    state = (jnp.int32(0), cache, logits, tokens, jnp.zeros((batch,), bool), positions[:, -1] + 1, seen)
+    _, _, _, tokens, _, _, seen = jax.lax.while_loop(keep_going, one_token, state)
+    return _constrain_batch((tokens, seen) if keep_logits else tokens, mesh)
+
+
+# ----------------------------------------------------------------------------- public entry point
 
 
 def generate(model, input_ids, attention_mask, *, max_new_tokens: int, sampler: Sampler | None = None,
-             seed: int = 0) -> np.ndarray:
+             seed: int = 0, mesh: Mesh | None = None) -> np.ndarray:
     """New token ids `[batch, max_new_tokens]` after each prompt, padded with the pad id after EOS.
 
     `model` is a `LoadedModel`; prompts may be left- or right-padded (`attention_mask` says which
     tokens are real). Greedy when `sampler` is None; the same seed reproduces the same sample.
+    With `mesh`, rows are split over its ("data", "fsdp") axes and parameters placed by
+    `pdpo_jax.parallel`'s rules; the tokens are the same as on one device.
     """
+    return _run(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
+                mesh=mesh, keep_logits=False)
+
+
+def _generate_with_step_logits(model, input_ids, attention_mask, *, max_new_tokens: int,
+                               sampler: Sampler | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`generate`'s tokens plus the fp32 logits `[batch, max_new_tokens, vocab]` each was chosen from."""
+    return _run(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
+                mesh=None, keep_logits=True)
+
+
+def _run(model, input_ids, attention_mask, *, max_new_tokens, sampler, seed, mesh, keep_logits):
+    args, options, batch = _prepare(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, sampler=sampler,
+                                    seed=seed, mesh=mesh, keep_logits=keep_logits)
+    out = _decode(*args, **options)
+    if keep_logits:
+        return np.asarray(out[0])[:batch], np.asarray(out[1])[:batch]
+    return np.asarray(out)[:batch]
+
+
+def _prepare(model, input_ids, attention_mask, *, max_new_tokens, sampler, seed, mesh, keep_logits):
+    """`_decode`'s arguments and static options for this request, and the number of real rows."""
     config = model.config
+    if int(max_new_tokens) < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
     eos_ids = _eos_ids(model)
     pad_id = _pad_id(model, eos_ids)
     prompt_ids, prompt_valid = left_align(input_ids, attention_mask, pad_id)
-    tokens = _generate_aligned(
-        model.params, jnp.asarray(prompt_ids), jnp.asarray(prompt_valid), jax.random.PRNGKey(seed),
-        config=config, max_new_tokens=int(max_new_tokens), sampler=sampler or Greedy(),
-        eos_ids=eos_ids, pad_id=pad_id,
-    )
-    return np.asarray(tokens)
+    longest = int(prompt_valid.sum(axis=1).max()) + int(max_new_tokens)
+    if config.family == "gpt2" and longest > config.max_position_embeddings:
+        raise ValueError(f"{model.path}: prompt + max_new_tokens = {longest} tokens exceeds the model's "
+                         f"{config.max_position_embeddings} learned positions")
+    batch = prompt_ids.shape[0]
+    params = model.params
+    if mesh is not None:
+        rows = int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
+        extra = -batch % rows  # filler rows (copies of row 0) so the batch splits evenly
+        prompt_ids = np.concatenate([prompt_ids, np.repeat(prompt_ids[:1], extra, axis=0)])
+        prompt_valid = np.concatenate([prompt_valid, np.repeat(prompt_valid[:1], extra, axis=0)])
+        params = shard_params(params, mesh)
+        prompt_ids, prompt_valid = jax.device_put((prompt_ids, prompt_valid), batch_sharding(mesh))
+    args = (params, jnp.asarray(prompt_ids), jnp.asarray(prompt_valid), jax.random.PRNGKey(seed))
+    options = dict(config=config, max_new_tokens=int(max_new_tokens), sampler=sampler or Greedy(), eos_ids=eos_ids,
+                   pad_id=pad_id, keep_logits=keep_logits, mesh=mesh)
+    return args, options, batch
 
 
 def _eos_ids(model) -> tuple[int, ...]:
