@@ -48,7 +48,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "personachat" / "valid_self_original_no_cands.txt"
+PERSONACHAT_FILE = Path("data") / "personachat" / "valid_self_original_no_cands.txt"
+# The staged data sits in a `shared/` folder beside the checkout, or beside the folder of checkouts.
+DEFAULT_DATA = next((p for p in (Path(__file__).resolve().parents[i] / "shared" / PERSONACHAT_FILE for i in (2, 3))
+                     if p.is_file()), Path(__file__).resolve().parents[2] / "shared" / PERSONACHAT_FILE)
 DPO_CONFIGS = ("dpo-ours-unshared", "dpo-ours-shared", "dpo-trl-live", "dpo-trl-precomputed")
 SFT_CONFIGS = ("sft-ours-per-turn", "sft-torch", "sft-ours-packed")
 CONFIGS = DPO_CONFIGS + SFT_CONFIGS
@@ -78,8 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must be at least 1 (the first step compiles)")
     if args.quick:
-        args.prompt_tokens, args.response_tokens = min(args.prompt_tokens, 40), min(args.response_tokens, 8)
-        args.sft_length = min(args.sft_length, 64)
+        args.prompt_tokens, args.response_tokens = min(args.prompt_tokens, 100), min(args.response_tokens, 12)
+        args.sft_length = min(args.sft_length, 128)
     return args
 
 
@@ -143,7 +146,7 @@ def dpo_pairs(args: argparse.Namespace, tokenizer) -> tuple[list, str]:
         candidates = []
         for _ in range(2 * args.pairs):
             prompt = tuple(tokenizer(generated_text(rng, 2 * target_prompt), add_special_tokens=False)["input_ids"])[:target_prompt]
-            response = tuple(encoder.response_ids(generated_text(rng, target_response)))
+            response = tuple(encoder.response_ids(" " + generated_text(rng, target_response)))  # no merge with the prompt
             candidates.append((prompt, response))
         source = "generated text" + (f" ({args.data} gave too few fitting examples)" if examples else "")
     pairs = [
@@ -293,7 +296,7 @@ def child_sft_ours(args: argparse.Namespace, packed: bool) -> dict[str, Any]:
     if packed:
         rows = packed_rows(args, tokenizer)
         if rows is None:
-            return {"skipped": f"packing needs the dialogue file ({args.data}) with at least {args.sft_rows} rows"}
+            return {"skipped": f"fewer than {args.sft_rows} packed rows of {args.sft_length} tokens from {args.data}"}
         host_batch, source = packed_batch(rows, pad_to=args.sft_length, pad_id=tokenizer.pad_token_id), "packed dialogues"
     else:
         rows, source = sft_rows(args, tokenizer)
@@ -407,7 +410,7 @@ def child_dpo_trl(args: argparse.Namespace, precompute: bool) -> dict[str, Any]:
         output = trainer.train()
     ours_tokens = [[len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)] for p in pairs]
     return {**timing_summary(timer.seconds, args.warmup), "items_per_step": len(pairs), "unit": "pairs/s",
-            "source": source, "setup_s": setup_s, "rss_loaded_mib": rss_loaded, "threads": torch.get_num_threads(),
+            "source": source, "setup_s": setup_s, "ours_pair_tokens": ours_tokens, "rss_loaded_mib": rss_loaded, "threads": torch.get_num_threads(),
             "pair_tokens": trl_tokens, "same_tokens_as_ours": trl_tokens == ours_tokens,
             "live_reference": trainer.ref_model is not None, "train_loss": float(output.training_loss)}
 
