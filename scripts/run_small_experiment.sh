@@ -11,13 +11,13 @@ CONFIG=$(mktemp --suffix=.yaml)
 trap 'rm -f "$CONFIG"' EXIT
 sed "s#PDPO_DATA#$DATA#g" configs/experiments/staged-small.yaml > "$CONFIG"
 SHUFFLED="$ROOT/staged-small"
-UNSHUFFLED="$ROOT/staged-small-wo-shuffle"
+UNSHUFFLED="$SHUFFLED-wo-shuffle"  # the variant file appends -wo-shuffle to run_dir
 time pdpo pipeline --config "$CONFIG" run_dir="$SHUFFLED"
 # The ablation differs from the start of make-prefs on: share the finished SFT stage.
 mkdir -p "$UNSHUFFLED"
 [ -e "$UNSHUFFLED/sft" ] || cp -r "$SHUFFLED/sft" "$UNSHUFFLED/sft"
 [ -e "$UNSHUFFLED/eval/sft" ] || { mkdir -p "$UNSHUFFLED/eval"; cp -r "$SHUFFLED/eval/sft" "$UNSHUFFLED/eval/sft"; }
-time pdpo pipeline --config "$CONFIG" --config configs/paper/variants/wo-shuffle.yaml run_dir="$UNSHUFFLED" \
+time pdpo pipeline --config "$CONFIG" --config configs/paper/variants/wo-shuffle.yaml run_dir="$SHUFFLED" \
   --stages make-prefs,dpo,eval-dpo,summary
 python -m pdpo_jax.evaluate.report dnli "$SHUFFLED/eval/sft/dnli.json" "$SHUFFLED/eval/dpo/dnli.json" \
   "$UNSHUFFLED/eval/dpo/dnli.json" --out "$ROOT/staged-small-comparison"
