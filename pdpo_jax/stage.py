@@ -68,3 +68,18 @@ def check_batch_fits_mesh(rows: int, config: RunConfig, what: str) -> None:
             f"{what} = {rows} rows per micro-batch cannot be split over data x fsdp = {split} devices and "
             f"{hosts} host(s); choose a batch size that is a multiple of both, or move devices to mesh.tensor"
         )
+
+
+def start_training_stage(config: RunConfig, name: str, batch_size: int):
+    """The stage folder and the mesh of a training stage, or None when its DONE marker says it
+    already finished; a stage that runs writes the resolved config first."""
+    from pdpo_jax.atomic import is_done
+
+    out_dir = stage_dir(config, name)
+    if is_done(out_dir):
+        print(f"{name}: already finished in {out_dir} (delete its DONE file to rerun)")
+        return None
+    write_resolved_config(config)
+    mesh = build_mesh(config)
+    check_batch_fits_mesh(batch_size, config, f"{name}.batch_size")
+    return out_dir, mesh

@@ -16,12 +16,12 @@ from typing import Any
 
 import jax
 
-from pdpo_jax.atomic import atomic_write_json, is_done, mark_done
+from pdpo_jax.atomic import atomic_write_json, mark_done
 from pdpo_jax.config import RunConfig
 from pdpo_jax.data import PromptEncoder
 from pdpo_jax.data.pairs import PairIds, dpo_batch
 from pdpo_jax.prefs import read_preference_pairs, resolve_model_paths
-from pdpo_jax.stage import build_mesh, check_batch_fits_mesh, load_for_run, stage_dir, write_resolved_config
+from pdpo_jax.stage import load_for_run, stage_dir, start_training_stage
 from pdpo_jax.train.batches import StepBatches
 from pdpo_jax.train.fit import fit
 from pdpo_jax.train.loop import run_stage_main
@@ -59,13 +59,10 @@ def _pair_arrays(pairs, length, *, pad_id, share_prompt):
 
 
 def run_dpo(config: RunConfig) -> dict[str, Any]:
-    out_dir = stage_dir(config, STAGE)
-    if is_done(out_dir):
-        print(f"dpo: already finished in {out_dir} (delete its DONE file to rerun)")
-        return {"stage_dir": str(out_dir)}
-    write_resolved_config(config)
-    mesh = build_mesh(config)
-    check_batch_fits_mesh(config.dpo.batch_size, config, "dpo.batch_size")
+    started = start_training_stage(config, STAGE, config.dpo.batch_size)
+    if started is None:
+        return {"stage_dir": str(stage_dir(config, STAGE))}
+    out_dir, mesh = started
     _, reference_path = resolve_model_paths(config)
     model = load_for_run(reference_path, config, mesh)
     encoder = PromptEncoder(model.tokenizer, config.data.template)

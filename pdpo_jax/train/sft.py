@@ -12,12 +12,12 @@ from typing import Any
 
 import jax
 
-from pdpo_jax.atomic import atomic_write_json, is_done, mark_done
+from pdpo_jax.atomic import atomic_write_json, mark_done
 from pdpo_jax.config import RunConfig
 from pdpo_jax.data import PromptEncoder, examples_from_dialogues, per_turn_batch, tokenize_examples
 from pdpo_jax.data.packing import pack_dialogues, packed_batch, packing_summary
 from pdpo_jax.data.corpus import prepare_corpus
-from pdpo_jax.stage import build_mesh, check_batch_fits_mesh, load_for_run, stage_dir, write_resolved_config
+from pdpo_jax.stage import load_for_run, stage_dir, start_training_stage
 from pdpo_jax.train.batches import StepBatches
 from pdpo_jax.train.fit import fit
 from pdpo_jax.train.loop import run_stage_main
@@ -63,13 +63,10 @@ def _per_turn_arrays(rows, length, *, pad_id):
 
 
 def run_sft(config: RunConfig) -> dict[str, Any]:
-    out_dir = stage_dir(config, STAGE)
-    if is_done(out_dir):
-        print(f"sft: already finished in {out_dir} (delete its DONE file to rerun)")
-        return {"stage_dir": str(out_dir)}
-    write_resolved_config(config)
-    mesh = build_mesh(config)
-    check_batch_fits_mesh(config.sft.batch_size, config, "sft.batch_size")
+    started = start_training_stage(config, STAGE, config.sft.batch_size)
+    if started is None:
+        return {"stage_dir": str(stage_dir(config, STAGE))}
+    out_dir, mesh = started
     model = load_for_run(config.model.path, config, mesh)
     corpus = prepare_corpus(config.data, config.seed)
     train, train_stats = sft_batches(config, model, corpus.train, shuffle=True)
