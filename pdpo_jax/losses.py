@@ -74,6 +74,29 @@ def token_logprobs_from_hidden(
     return chunks.swapaxes(0, 1).reshape(batch, num_chunks * chunk_size)[:, :length]
 
 
+def token_logprobs_at(
+    hidden: jax.Array,
+    unembedding: jax.Array,
+    targets: jax.Array,
+    columns: jax.Array,
+    *,
+    chunk_size: int = 512,
+) -> jax.Array:
+    """`token_logprobs_from_hidden` at the positions `columns` only; every other position gets 0.
+
+    `columns` is `[B, S]`: indices into the length axis of each row; an index >= T is filler and
+    ignored. The vocabulary projection, the costliest part of scoring a response after a long
+    prompt, then runs over S positions per row instead of T.
+    """
+    length = hidden.shape[1]
+    safe = jnp.minimum(columns, length - 1)
+    picked_hidden = jnp.take_along_axis(hidden, safe[..., None], axis=1)
+    picked_targets = jnp.take_along_axis(targets, safe, axis=1)
+    logps = token_logprobs_from_hidden(picked_hidden, unembedding, picked_targets, chunk_size=chunk_size)
+    rows = jnp.arange(hidden.shape[0])[:, None]
+    return jnp.zeros(targets.shape, jnp.float32).at[rows, columns].set(logps, mode="drop")
+
+
 def sequence_logprobs(
     token_logps: jax.Array,
     loss_mask: jax.Array,

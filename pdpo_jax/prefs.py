@@ -345,14 +345,14 @@ class ScoreFn:
     def __call__(self, prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]]):
         import numpy as np
 
-        from pdpo_jax.data.batching import shared_prompt_batch
+        from pdpo_jax.data.batching import shared_prompt_batch, with_scored_positions
 
         fill = self.rows - len(prompts)
-        batch = shared_prompt_batch(
+        batch = with_scored_positions(shared_prompt_batch(
             prompts + [prompts[-1]] * fill,
             [[c, r] for c, r in zip(chosen + [chosen[-1]] * fill, rejected + [rejected[-1]] * fill)],
             bucket=self.length_bucket,
-        )
+        ))
         logps, counts = self._jitted(self.side.model.params, self.side.model.config,
                                      {k: np.asarray(v) for k, v in batch.items()}, num_sequences=2 * self.rows)
         logps, counts = np.asarray(logps, np.float64), np.asarray(counts)

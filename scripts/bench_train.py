@@ -226,12 +226,14 @@ def xla_memory(compiled) -> dict[str, float]:
 
 
 def run_our_step(args: argparse.Namespace, config, params, objective, optimizer, host_batch: dict) -> dict[str, Any]:
-    """Compiles and times `jit_train_step(objective)` on one fixed micro-batch."""
+    """Compiles and times `jit_train_step(objective)` on one fixed micro-batch, laid out as the
+    training loop's `StepBatches` lays it out (a stack with its scored positions)."""
     import jax
 
+    from pdpo_jax.data import with_scored_positions
     from pdpo_jax.train.steps import create_train_state, jit_train_step, put_micro_batches
 
-    batch = put_micro_batches({key: value[None] for key, value in host_batch.items()})  # one micro-batch
+    batch = put_micro_batches(with_scored_positions({key: value[None] for key, value in host_batch.items()}))
     state = create_train_state(params, optimizer)
     start = time.perf_counter()
     compiled = jit_train_step(objective, optimizer).lower(state, batch).compile()
@@ -257,7 +259,7 @@ def load_ours(model_dir: str):
 def child_dpo_ours(args: argparse.Namespace, share_prompt: bool) -> dict[str, Any]:
     import jax
 
-    from pdpo_jax.data import dpo_batch
+    from pdpo_jax.data import dpo_batch, with_scored_positions
     from pdpo_jax.train.optim import DPO_DEFAULTS, make_optimizer
     from pdpo_jax.train.steps import DPOSettings, dpo_objective, sequence_scores
 
@@ -271,7 +273,8 @@ def child_dpo_ours(args: argparse.Namespace, share_prompt: bool) -> dict[str, An
     unshared = dpo_batch(pairs, pad_id=pad_id, bucket=8, share_prompt=False)
     score = jax.jit(partial(sequence_scores, config=config, num_sequences=2 * len(pairs)))
     start = time.perf_counter()
-    ref_logps = jax.device_get(score(params, batch={k: v for k, v in unshared.items() if k != "pair_mask"})[0])
+    ref_batch = with_scored_positions({k: v for k, v in unshared.items() if k != "pair_mask"})
+    ref_logps = jax.device_get(score(params, batch=ref_batch)[0])
     reference_s = time.perf_counter() - start
     pairs = [dataclasses.replace(pair, ref_chosen_logps=float(ref_logps[2 * i]), ref_rejected_logps=float(ref_logps[2 * i + 1]))
              for i, pair in enumerate(pairs)]

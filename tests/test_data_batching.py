@@ -9,7 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdpo_jax.data import BATCH_KEYS, BatchIterator, TokenizedExample, per_turn_batch, shared_prompt_batch
+from pdpo_jax.data import (
+    BATCH_KEYS,
+    SCORED_POSITIONS,
+    BatchIterator,
+    TokenizedExample,
+    per_turn_batch,
+    scored_width,
+    shared_prompt_batch,
+    with_scored_positions,
+)
 
 
 def visible(batch: dict[str, np.ndarray], row: int, i: int) -> list[int]:
@@ -83,6 +92,34 @@ def test_batch_argument_errors():
         shared_prompt_batch([[1]], [[[]]])
     with pytest.raises(ValueError, match="at least one token"):
         per_turn_batch([TokenizedExample("x", (), (1,))])
+
+
+def test_scored_positions_list_every_scored_column_in_order_then_filler():
+    batch = per_turn_batch([TokenizedExample("a", (5, 6, 7), (8, 9)), TokenizedExample("b", (5,), (8, 9, 10, 11)), None],
+                           pad_to=20)
+    scored = with_scored_positions(batch)[SCORED_POSITIONS]
+    assert scored.shape == (3, 16) and scored.dtype == np.int32
+    for row in range(3):
+        columns = np.flatnonzero(batch["loss_mask"][row])
+        assert scored[row, : len(columns)].tolist() == columns.tolist()
+        assert (scored[row, len(columns):] == 20).all()  # one past the row: filler
+    assert (with_scored_positions(batch, width=4)[SCORED_POSITIONS][1] == [0, 1, 2, 3]).all()
+
+
+def test_scored_positions_of_a_micro_batch_stack_share_one_width():
+    rows = [TokenizedExample(str(i), (1,) * 3, (2,) * (1 + 5 * i)) for i in range(4)]
+    stack = {k: np.stack([v[:2], v[2:]]) for k, v in per_turn_batch(rows, pad_to=40).items()}
+    scored = with_scored_positions(stack)[SCORED_POSITIONS]
+    assert scored.shape == (2, 2, 16)
+    assert (scored[1, 1, :16] == np.arange(2, 18)).all()
+
+
+def test_scored_width_is_a_power_of_two_within_the_row():
+    assert [scored_width(n, 300) for n in (0, 1, 16, 17, 100, 256, 257)] == [16, 16, 16, 32, 128, 256, 300]
+    assert scored_width(5, 8) == 8
+    batch = per_turn_batch([TokenizedExample("a", (1,), (2, 3, 4))], pad_to=8)
+    with pytest.raises(ValueError, match="width 2 must lie between the fullest row's 3 scored tokens"):
+        with_scored_positions(batch, width=2)
 
 
 def epoch_items(iterators, epoch):

@@ -19,6 +19,7 @@ from pdpo_jax.losses import (
     sft_loss,
     split_chosen_rejected,
     token_logprobs,
+    token_logprobs_at,
     token_logprobs_from_hidden,
 )
 
@@ -126,6 +127,27 @@ def test_chunked_logprobs_equal_unchunked_values_and_gradients(chunk_size):
     )
     for got, want in zip(grads_chunked, grads_unchunked):
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_logprobs_at_chosen_columns_equal_the_full_ones_there_and_zero_elsewhere():
+    rng = np.random.default_rng(5)
+    hidden = jnp.asarray(rng.normal(size=(2, 13, 8)), jnp.float32)
+    unembedding = jnp.asarray(rng.normal(size=(8, 50)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 50, size=(2, 13)), jnp.int32)
+    columns = jnp.asarray([[2, 3, 7, 13, 13], [0, 12, 13, 13, 13]], jnp.int32)  # 13 = filler
+    picked = np.zeros((2, 13), bool)
+    picked[0, [2, 3, 7]] = picked[1, [0, 12]] = True
+    weights = jnp.asarray(rng.normal(size=(2, 13)) * picked, jnp.float32)
+
+    full = lambda h, w: token_logprobs_from_hidden(h, w, targets, chunk_size=4)  # noqa: E731
+    at = lambda h, w: token_logprobs_at(h, w, targets, columns, chunk_size=4)  # noqa: E731
+    got, want = np.asarray(at(hidden, unembedding)), np.asarray(full(hidden, unembedding))
+    np.testing.assert_allclose(got[picked], want[picked], atol=1e-6)
+    assert (got[~picked] == 0).all()
+    grads_at = jax.jit(jax.grad(lambda h, w: jnp.sum(at(h, w) * weights), argnums=(0, 1)))(hidden, unembedding)
+    grads_full = jax.grad(lambda h, w: jnp.sum(full(h, w) * weights), argnums=(0, 1))(hidden, unembedding)
+    for got_grad, want_grad in zip(grads_at, grads_full):
+        np.testing.assert_allclose(got_grad, want_grad, atol=1e-5)
 
 
 def test_chunked_logprobs_gradient_never_holds_all_logits():

@@ -17,6 +17,7 @@ import optax
 import pytest
 
 from pdpo_jax import parallel
+from pdpo_jax.data import SCORED_POSITIONS, with_scored_positions
 from pdpo_jax.model.decoder import param_shapes
 from pdpo_jax.train import steps
 from pdpo_jax.train.checkpoints import TrainCheckpointer
@@ -93,6 +94,24 @@ def test_sft_accumulation_equals_one_big_batch(params):
     mean_loss = lambda p: steps.sft_objective(p, jax.tree.map(lambda x: x[0], micro_batches(batch, 1)), config=CONFIG)[0] / counts.sum()
     expected = jax.tree.map(lambda p, g: p - g, params, jax.jit(jax.grad(mean_loss))(jax.device_put(params)))
     assert tree_max_abs_diff(state_4x2.params, expected) < GRAD_ATOL
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_scoring_only_the_scored_positions_gives_the_same_step(params, dpo_data_far_reference, kind):
+    """`scored_positions` (what the training loop's batches carry) changes the work, not the step."""
+    if kind == "sft":
+        batch, objective = sft_batch(seed=4, rows=8), partial(steps.sft_objective, config=CONFIG)
+    else:
+        batch, objective = dpo_data_far_reference, partial(steps.dpo_objective, config=CONFIG, settings=DPO)
+    full = micro_batches(batch, 2)
+    narrow = with_scored_positions(full)
+    assert narrow[SCORED_POSITIONS].shape[-1] < full["input_ids"].shape[-1], "the test must skip some positions"
+    step = jax.jit(partial(steps.train_step, objective=objective, optimizer=SGD))
+    state_full, metrics_full = step(fresh_state(params), full)
+    state_narrow, metrics_narrow = step(fresh_state(params), narrow)
+    assert tree_max_abs_diff(state_full.params, state_narrow.params) < GRAD_ATOL
+    for name in metrics_full:
+        np.testing.assert_allclose(metrics_narrow[name], metrics_full[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_dpo_accumulation_equals_one_big_batch(params, dpo_data_far_reference, dpo_step):

@@ -9,7 +9,16 @@ shuffling and batching.
         arrays = per_turn_batch(host_batch.items)
 """
 
-from pdpo_jax.data.batching import BATCH_KEYS, bucketed_length, empty_batch, per_turn_batch, shared_prompt_batch
+from pdpo_jax.data.batching import (
+    BATCH_KEYS,
+    SCORED_POSITIONS,
+    bucketed_length,
+    empty_batch,
+    per_turn_batch,
+    scored_width,
+    shared_prompt_batch,
+    with_scored_positions,
+)
 from pdpo_jax.data.dialogue import MODEL, PARTNER, Dialogue, ModelTurn, Turn, history_speakers
 from pdpo_jax.data.dnli import CATEGORIES, CATEGORY_OF_GROUP, DnliExample, read_dnli
 from pdpo_jax.data.errors import DataError
@@ -60,6 +69,7 @@ __all__ = [
     "MODEL",
     "PARTNER",
     "PRESETS",
+    "SCORED_POSITIONS",
     "BatchIterator",
     "DataError",
     "DerangementError",
@@ -110,8 +120,10 @@ __all__ = [
     "read_hf_personachat",
     "read_jpersonachat",
     "render_prompt",
+    "scored_width",
     "shared_prompt_batch",
     "split_dialogues",
     "tokenize_examples",
+    "with_scored_positions",
     "write_dialogue_jsonl",
 ]

@@ -2,7 +2,9 @@
 
 Every batch is a dict of `[batch, length]` numpy arrays: input_ids, positions, segment_ids,
 branch_ids, targets, loss_mask, sequence_ids. Rows are right-padded; lengths are rounded up to a
-multiple of `bucket` so a jitted step sees few distinct shapes.
+multiple of `bucket` so a jitted step sees few distinct shapes. `with_scored_positions` adds the
+optional `scored_positions` index that lets scoring skip the vocabulary projection of every
+position that carries no loss.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import numpy as np
 from pdpo_jax.data.tokenization import TokenizedExample
 
 BATCH_KEYS = ("input_ids", "positions", "segment_ids", "branch_ids", "targets", "loss_mask", "sequence_ids")
+SCORED_POSITIONS = "scored_positions"
+MIN_SCORED_WIDTH = 16
 
 
 def bucketed_length(length: int, bucket: int = 64) -> int:
@@ -106,3 +110,32 @@ def shared_prompt_batch(
             start = end
         batch["segment_ids"][row, :start] = 1
     return batch
+
+
+def scored_width(most_scored: int, length: int) -> int:
+    """Columns of `scored_positions` for rows of `length` holding at most `most_scored` scored
+    tokens: the next power of two (at least MIN_SCORED_WIDTH, at most `length`), so a run sees
+    only a handful of shapes."""
+    width = MIN_SCORED_WIDTH
+    while width < most_scored:
+        width *= 2
+    return min(width, length)
+
+
+def with_scored_positions(batch: dict[str, np.ndarray], width: int | None = None) -> dict[str, np.ndarray]:
+    """`batch` plus `scored_positions` `[..., width]` int32: the columns where `loss_mask` is
+    non-zero, in order, then `length` (one past the row) as filler.
+
+    Works on one batch `[batch, length]` or a micro-batch stack `[accumulation, batch, length]`.
+    `width` defaults to `scored_width` of the fullest row; a given width must hold every row.
+    """
+    scored = np.asarray(batch["loss_mask"]) != 0
+    length = scored.shape[-1]
+    most_scored = int(scored.sum(axis=-1).max(initial=0))
+    width = scored_width(most_scored, length) if width is None else int(width)
+    if not most_scored <= width <= length:
+        raise ValueError(f"scored_positions width {width} must lie between the fullest row's {most_scored} "
+                         f"scored tokens and the row length {length}")
+    columns = np.argsort(~scored, axis=-1, kind="stable")[..., :width]  # scored columns first, in order
+    kept = np.take_along_axis(scored, columns, axis=-1)
+    return {**batch, SCORED_POSITIONS: np.where(kept, columns, length).astype(np.int32)}

@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pdpo_jax.data.batching import bucketed_length, empty_batch, shared_prompt_batch
+from pdpo_jax.data.batching import bucketed_length, empty_batch, shared_prompt_batch, with_scored_positions
 from pdpo_jax.data.dnli import CATEGORIES, PROTOCOLS, DnliExample, read_dnli
 from pdpo_jax.data.examples import Example
 from pdpo_jax.data.templates import PRESETS, PromptTemplate, TemplateError, load_template
@@ -138,7 +138,8 @@ def plan_batches(lengths: Sequence[int], batch_examples: int) -> list[list[int]]
 
 def dnli_batch(encoded: Sequence[EncodedExample], rows: int, bucket: int, pad_id: int = 0) -> dict[str, np.ndarray]:
     """One shared-prompt row per example, padded to `rows` rows and a multiple of `bucket` tokens.
-    Sequence ids run over the candidates in order: example 0's first, then example 1's, ..."""
+    Sequence ids run over the candidates in order: example 0's first, then example 1's, ... The batch
+    carries its `scored_positions`, so only candidate tokens are projected onto the vocabulary."""
     if len(encoded) > rows:
         raise ValueError(f"{len(encoded)} examples do not fit in {rows} rows")
     length = bucketed_length(max(e.row_length for e in encoded), bucket)
@@ -147,7 +148,7 @@ def dnli_batch(encoded: Sequence[EncodedExample], rows: int, bucket: int, pad_id
     if len(encoded) < rows:
         filler = empty_batch(rows - len(encoded), length, pad_id)
         batch = {key: np.concatenate([batch[key], filler[key]]) for key in batch}
-    return batch
+    return with_scored_positions(batch)
 
 
 # --------------------------------------------------------------------------------------------

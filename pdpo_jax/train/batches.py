@@ -2,8 +2,9 @@
 
 A step takes `rows_per_step = batch_size * grad_accum` items of the epoch's order (this host's
 share of them on a pod), lays them out with `to_arrays`, and stacks `grad_accum` micro-batches
-into `[grad_accum, rows, length]` arrays. All micro-batches of a step share one length; on several
-hosts every step is padded to the longest item of the whole set, so all hosts agree on the shape.
+into `[grad_accum, rows, length]` arrays with their `scored_positions`. All micro-batches of a step
+share one length and one scored width; on several hosts every step uses the longest item and the
+most scored tokens of the whole set, so all hosts agree on the shapes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pdpo_jax.data import BatchIterator, bucketed_length
+from pdpo_jax.data import BatchIterator, bucketed_length, scored_width, with_scored_positions
 
 ToArrays = Callable[[Sequence[Any], int], dict[str, np.ndarray]]  # (items or None, pad_to) -> layout arrays
 
@@ -36,6 +37,10 @@ class StepBatches:
                                        shuffle=self.shuffle, process_index=self.process_index,
                                        process_count=self.process_count)
         self._longest = max(self.length_of(item) for item in self.items)
+        self._most_scored = None
+        if self.process_count > 1:
+            self._most_scored = max(int(np.count_nonzero(self.to_arrays([item], self.length_of(item))["loss_mask"]))
+                                    for item in self.items)
 
     def steps_per_epoch(self) -> int:
         return self._iterator.steps_per_epoch
@@ -51,7 +56,9 @@ class StepBatches:
         per_micro = len(rows) // self.grad_accum
         micro_batches = [self.to_arrays(rows[i * per_micro:(i + 1) * per_micro], length)
                          for i in range(self.grad_accum)]
-        return {key: np.stack([mb[key] for mb in micro_batches]) for key in micro_batches[0]}
+        stack = {key: np.stack([mb[key] for mb in micro_batches]) for key in micro_batches[0]}
+        width = None if self._most_scored is None else scored_width(self._most_scored, length)
+        return with_scored_positions(stack, width)
 
     def all_batches(self) -> list[dict[str, np.ndarray]]:
         """Every step of one epoch in order (validation sets)."""

@@ -21,6 +21,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from pdpo_jax.data.batching import SCORED_POSITIONS
 from pdpo_jax.losses import (
     Metrics,
     dpo_loss,
@@ -28,6 +29,7 @@ from pdpo_jax.losses import (
     sequence_logprobs,
     sft_loss,
     split_chosen_rejected,
+    token_logprobs_at,
     token_logprobs_from_hidden,
 )
 from pdpo_jax.model import Decoder, ModelConfig, unembedding
@@ -53,13 +55,20 @@ def create_train_state(params: Any, optimizer: optax.GradientTransformation) -> 
 
 
 def token_logps(params: Any, config: ModelConfig, batch: dict[str, jax.Array]) -> jax.Array:
-    """log p(targets) at every position of a layout batch, `[batch, length]` fp32."""
+    """log p(targets) at every position of a layout batch, `[batch, length]` fp32.
+
+    With `scored_positions` in the batch (see `pdpo_jax.data.with_scored_positions`) only those
+    positions are projected onto the vocabulary and every other one reads 0: the same values
+    wherever `loss_mask` is non-zero, for a fraction of the work when prompts are long.
+    """
     hidden, _ = Decoder(config).apply(
         {"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"],
         branch_ids=batch.get("branch_ids"), return_hidden=True,
     )
-    return token_logprobs_from_hidden(hidden, unembedding(params, config).astype(hidden.dtype), batch["targets"],
-                                      chunk_size=LOGPROB_CHUNK)
+    kernel = unembedding(params, config).astype(hidden.dtype)
+    if SCORED_POSITIONS in batch:
+        return token_logprobs_at(hidden, kernel, batch["targets"], batch[SCORED_POSITIONS], chunk_size=LOGPROB_CHUNK)
+    return token_logprobs_from_hidden(hidden, kernel, batch["targets"], chunk_size=LOGPROB_CHUNK)
 
 
 def sequence_scores(params: Any, config: ModelConfig, batch: dict[str, jax.Array],
