@@ -15,6 +15,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from pdpo_jax.model.matmul import matmul_last_axis
+
 Metric = tuple[jax.Array, jax.Array]
 """A metric as `(sum, count)`; its value is `sum / count`."""
 Metrics = dict[str, Metric]
@@ -67,7 +69,7 @@ def token_logprobs_from_hidden(
 
     @jax.checkpoint
     def chunk_logprobs(hidden_chunk: jax.Array, target_chunk: jax.Array, kernel: jax.Array) -> jax.Array:
-        logits = jnp.einsum("bcd,dv->bcv", hidden_chunk, kernel, preferred_element_type=jnp.float32)
+        logits = matmul_last_axis(hidden_chunk, kernel, preferred_element_type=jnp.float32)
         return token_logprobs(logits, target_chunk)
 
     chunks = jax.lax.map(lambda xs: chunk_logprobs(xs[0], xs[1], unembedding), (hidden_chunks, target_chunks))

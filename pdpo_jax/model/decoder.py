@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pdpo_jax.model.config import ModelConfig
+from pdpo_jax.model.matmul import matmul_last_axis
 
 Array = jax.Array
 # finite, so a fully masked (padding) row softmaxes to a uniform row instead of NaN
@@ -93,16 +94,22 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 
 def grouped_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """q [b,t,heads,d], k/v [b,s,kv_heads,d], mask [b,t,s] -> [b,t,heads,d]; no key/value repeat."""
+    """q [b,t,heads,d], k/v [b,s,kv_heads,d], mask [b,t,s] -> [b,t,heads,d]; no key/value repeat.
+
+    The query heads sharing a key/value head are stacked along the query axis, so both products
+    are plain batched matmuls over (batch, kv head): about twice as fast on XLA's CPU backend as
+    contracting a 5-D layout, forward and backward.
+    """
     b, t, heads, d = q.shape
     kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, heads // kv_heads, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / np.sqrt(d))
-    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, heads, d)
+    group = heads // kv_heads
+    q = q.reshape(b, t, kv_heads, group, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, group * t, d)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * (1.0 / np.sqrt(d))
+    scores = jnp.where(mask[:, None, None, :, :], scores.reshape(b, kv_heads, group, t, -1), MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, group * t, -1)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kv_heads, group, t, d)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, heads, d)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -130,15 +137,28 @@ class Conv1D(nn.Module):
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", nn.initializers.normal(0.02), (self.features, x.shape[-1]), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+        y = matmul_last_axis(x.astype(self.dtype), kernel.astype(self.dtype).T)
         return y + bias.astype(self.dtype)
 
 
-def dense(features: int, use_bias: bool, dtype: Any, name: str) -> nn.Dense:
-    return nn.Dense(
-        features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-        kernel_init=nn.initializers.normal(0.02), name=name,
-    )
+class Dense(nn.Module):
+    """`nn.Dense` with the same parameters (kernel [in, out], bias [out], fp32), computed in `dtype`."""
+
+    features: int
+    use_bias: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), jnp.float32)
+        y = matmul_last_axis(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+        return y
+
+
+def dense(features: int, use_bias: bool, dtype: Any, name: str) -> Dense:
+    return Dense(features, use_bias, dtype, name=name)
 
 
 def update_kv_cache(layer_cache: tuple[Array, Array], k: Array, v: Array, index: Array) -> tuple[Array, Array]:
@@ -327,7 +347,7 @@ class Decoder(nn.Module):
         if return_hidden:
             return hidden, cache
         if c.tie_word_embeddings:
-            logits = jnp.einsum("btd,vd->btv", hidden, table.astype(hidden.dtype), preferred_element_type=jnp.float32)
+            logits = matmul_last_axis(hidden, table.astype(hidden.dtype).T, preferred_element_type=jnp.float32)
         else:
             logits = LMHead(c, name="lm_head")(hidden)
         return logits.astype(jnp.float32), cache
@@ -340,7 +360,7 @@ class LMHead(nn.Module):
     def __call__(self, hidden):
         c = self.config
         kernel = self.param("kernel", nn.initializers.normal(0.02), (c.hidden_size, c.vocab_size), jnp.float32)
-        return jnp.einsum("btd,dv->btv", hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        return matmul_last_axis(hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
 
 def write_cache_ids(cache: dict, positions: Array, segment_ids: Array, branch_ids: Array, index: Array) -> dict:
