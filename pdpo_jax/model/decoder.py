@@ -108,7 +108,8 @@ def grouped_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * (1.0 / np.sqrt(d))
     scores = jnp.where(mask[:, None, None, :, :], scores.reshape(b, kv_heads, group, t, -1), MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, group * t, -1)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kv_heads, group, t, d)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+    out = out.reshape(b, kv_heads, group, t, d)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, heads, d)
 
 
@@ -137,7 +138,8 @@ class Conv1D(nn.Module):
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", nn.initializers.normal(0.02), (self.features, x.shape[-1]), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        y = matmul_last_axis(x.astype(self.dtype), kernel.astype(self.dtype).T)
+        y = matmul_last_axis(x.astype(self.dtype), kernel.astype(self.dtype).T, preferred_element_type=jnp.float32)
+        y = y.astype(self.dtype)
         return y + bias.astype(self.dtype)
 
 
@@ -151,7 +153,8 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), jnp.float32)
-        y = matmul_last_axis(x.astype(self.dtype), kernel.astype(self.dtype))
+        y = matmul_last_axis(x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=jnp.float32)
+        y = y.astype(self.dtype)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
         return y
