@@ -2,7 +2,7 @@
 
     python scripts/bench_generate.py [--model DIR] [--batch 32] [--prompt-length 128] [--new-tokens 64]
 
-Both run fp32 on the same left-padded batch of mixed-length prompts (lengths spread +-25% around
+Both run in the same precision (`--dtype`, fp32 by default) on the same left-padded batch of mixed-length prompts (lengths spread +-25% around
 --prompt-length), greedy and then top-p (p=0.9). End-of-sequence is switched off in both, so every
 row produces exactly --new-tokens tokens and the two do the same amount of work. Our compile time
 is measured by compiling ahead of time; the timed run (prompt alignment, the compiled prefill and
@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt-length", type=int, default=128, help="mean prompt length in tokens")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute precision of both sides (ours: the model's compute dtype; torch: the weights' dtype)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: all cores)")
     parser.add_argument("--skip-torch", action="store_true", help="time only our generate")
     return parser.parse_args(argv)
@@ -73,20 +75,22 @@ def main(argv: list[str] | None = None) -> int:
         args.model = str(default_model_dir())
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     model = without_eos(load_model(args.model))
+    model = dataclasses.replace(model, config=model.config.replace(dtype=args.dtype))
     pad_id = 0
     ids, mask = prompt_batch(args.batch, args.prompt_length, model.config.vocab_size, pad_id)
     new_tokens = args.batch * args.new_tokens
 
     torch_model = None
     if not args.skip_torch:
-        torch_model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        torch_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+        torch_model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch_dtype).eval()
         torch_model.generation_config.eos_token_id = None  # run every row to the full length, like ours
     torch_ids, torch_mask = torch.as_tensor(ids), torch.as_tensor(mask)
 
     print(f"model: {args.model} ({model.config.model_type}, {model.config.num_layers} layers, "
           f"hidden {model.config.hidden_size}, vocab {model.config.vocab_size})")
     print(f"batch {args.batch}, prompt lengths {int(mask.sum(1).min())}..{int(mask.sum(1).max())} (left-padded), "
-          f"{args.new_tokens} new tokens, fp32; jax {jax.__version__} on {jax.devices()[0].platform}, "
+          f"{args.new_tokens} new tokens, {args.dtype}; jax {jax.__version__} on {jax.devices()[0].platform}, "
           f"torch {torch.__version__} with {torch.get_num_threads()} threads")
     for name, sampler, hf_kwargs in (
         ("greedy", Greedy(), dict(do_sample=False)),
