@@ -206,8 +206,10 @@ def test_sharded_step_equals_single_device(sharded_and_single):
     # it by a visible fraction of lr (1e-2), so the parameters get a looser bound than the moments.
     assert tree_max_abs_diff(sharded_state.params, single_state.params) < 1e-4
     assert abs(float(adam_moments.mu["model"]["norm"]["weight"].sum())) > 0
+    # Reward sums are differences between log-prob sums of order 1e2 (fp32 spacing ~1e-5 there):
+    # summing in another order moves a small reward sum by a few 1e-6.
     for name, (total, count) in single_metrics.items():
-        np.testing.assert_allclose(sharded_metrics[name][0], total, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(sharded_metrics[name][0], total, rtol=1e-5, atol=1e-5, err_msg=name)
         assert float(sharded_metrics[name][1]) == float(count)
 
 
