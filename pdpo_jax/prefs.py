@@ -44,7 +44,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -361,73 +361,87 @@ class ScoreFn:
 
 
 def build_shard(jobs: Sequence[PairJob], split: str, shard: int, config: RunConfig, generator: Side,
-                reference: Side, score: ScoreFn, sampler: Any) -> list[dict[str, Any]]:
-    """The records of one shard: a pure function of (config, split, shard)."""
+                reference: Side, score: ScoreFn, sampler: Any,
+                progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+    """The records of one shard: a pure function of (config, split, shard). `progress(n)` is
+    called after each sampling batch with its number of examples."""
+    batch_size = config.prefs.batch_size
+    records = []
+    for b, start in enumerate(range(0, len(jobs), batch_size)):
+        batch_jobs = jobs[start : start + batch_size]
+        seed = sample_seed(config.prefs.seed, split, shard, b)
+        records += batch_records(batch_jobs, split, seed, config, generator, reference, score, sampler)
+        if progress is not None:
+            progress(len(batch_jobs))
+    return records
+
+
+def batch_records(batch_jobs: Sequence[PairJob], split: str, seed: int, config: RunConfig, generator: Side,
+                  reference: Side, score: ScoreFn, sampler: Any) -> list[dict[str, Any]]:
+    """The records of one sampling batch: negatives drawn with `seed`, both sides scored."""
     from pdpo_jax.respond import context_limit, fit_history, respond
     from pdpo_jax.sample import sampler_description
 
     prefs = config.prefs
+    fitted = []  # (job, generation history, generation prompt ids)
+    room = context_limit(generator.model, config.data.max_length) - prefs.max_new_tokens
+    for job in batch_jobs:
+        history = fit_history(generator.encoder, job.donor_persona, job.example.history, room)
+        if history is None:
+            _too_long(config, job, f"the donor persona leaves no room for {prefs.max_new_tokens} new tokens")
+            continue
+        fitted.append((job, history, generator.encoder.prompt_ids(job.donor_persona, history)))
+    if not fitted:
+        return []
+    responses = respond(generator.model, generator.encoder, [p for _, _, p in fitted],
+                        max_new_tokens=prefs.max_new_tokens, sampler=sampler, seed=seed, rows=prefs.batch_size)
+    pairs = []  # (row, job, pair history, prompt ids, chosen ids, rejected ids, response)
+    limit = context_limit(reference.model, config.data.max_length)
+    for row, ((job, history, _), response) in enumerate(zip(fitted, responses)):
+        chosen_ids = reference.encoder.response_ids(job.example.response)
+        rejected_ids = reference.encoder.response_ids(response.text)
+        pair_history = fit_history(reference.encoder, job.example.persona, history,
+                                   limit - max(len(chosen_ids), len(rejected_ids)))
+        if pair_history is None:
+            _too_long(config, job, "the persona and the longer response alone exceed data.max_length")
+            continue
+        prompt = reference.encoder.prompt_ids(job.example.persona, pair_history)
+        pairs.append((row, job, pair_history, prompt, chosen_ids, rejected_ids, response))
+    if not pairs:
+        return []
     records = []
-    for b, start in enumerate(range(0, len(jobs), prefs.batch_size)):
-        batch_jobs, seed = jobs[start : start + prefs.batch_size], sample_seed(prefs.seed, split, shard, b)
-        fitted = []  # (job, generation history, generation prompt ids)
-        room = context_limit(generator.model, config.data.max_length) - prefs.max_new_tokens
-        for job in batch_jobs:
-            history = fit_history(generator.encoder, job.donor_persona, job.example.history, room)
-            if history is None:
-                _too_long(config, job, f"the donor persona leaves no room for {prefs.max_new_tokens} new tokens")
-                continue
-            fitted.append((job, history, generator.encoder.prompt_ids(job.donor_persona, history)))
-        if not fitted:
-            continue
-        responses = respond(generator.model, generator.encoder, [p for _, _, p in fitted],
-                            max_new_tokens=prefs.max_new_tokens, sampler=sampler, seed=seed, rows=prefs.batch_size)
-        pairs = []  # (row, job, pair history, prompt ids, chosen ids, rejected ids, response)
-        limit = context_limit(reference.model, config.data.max_length)
-        for row, ((job, history, _), response) in enumerate(zip(fitted, responses)):
-            chosen_ids = reference.encoder.response_ids(job.example.response)
-            rejected_ids = reference.encoder.response_ids(response.text)
-            pair_history = fit_history(reference.encoder, job.example.persona, history,
-                                       limit - max(len(chosen_ids), len(rejected_ids)))
-            if pair_history is None:
-                _too_long(config, job, "the persona and the longer response alone exceed data.max_length")
-                continue
-            prompt = reference.encoder.prompt_ids(job.example.persona, pair_history)
-            pairs.append((row, job, pair_history, prompt, chosen_ids, rejected_ids, response))
-        if not pairs:
-            continue
-        chosen_logps, rejected_logps, chosen_counts, rejected_counts = score(
-            [p[3] for p in pairs], [p[4] for p in pairs], [p[5] for p in pairs]
-        )
-        for i, (row, job, pair_history, _, _, _, response) in enumerate(pairs):
-            reasons = degenerate_reasons(response.text, job.example.response, response.stopped)
-            records.append({
-                "example_id": job.example.id,
-                "dialogue_id": job.example.dialogue_id,
-                "donor_dialogue_id": job.donor_id,
-                "split": split,
-                "persona": list(job.example.persona),
-                "donor_persona": list(job.donor_persona),
-                "history": list(pair_history),
-                "history_turns_dropped": len(job.example.history) - len(pair_history),
-                "chosen": job.example.response,
-                "rejected": response.text,
-                "shuffled": prefs.shuffle,
-                "generator": generator.name,
-                "generator_digest": generator.digest,
-                "reference": reference.name,
-                "reference_digest": reference.digest,
-                "sampler": sampler_description(sampler),
-                "max_new_tokens": prefs.max_new_tokens,
-                "sample_seed": seed,
-                "sample_row": row,
-                "ref_chosen_logp": float(chosen_logps[i]),
-                "ref_rejected_logp": float(rejected_logps[i]),
-                "chosen_tokens": int(chosen_counts[i]),
-                "rejected_tokens": int(rejected_counts[i]),
-                "degenerate": reasons,
-                "dropped": bool(reasons) and prefs.drop_degenerate,
-            })
+    chosen_logps, rejected_logps, chosen_counts, rejected_counts = score(
+        [p[3] for p in pairs], [p[4] for p in pairs], [p[5] for p in pairs]
+    )
+    for i, (row, job, pair_history, _, _, _, response) in enumerate(pairs):
+        reasons = degenerate_reasons(response.text, job.example.response, response.stopped)
+        records.append({
+            "example_id": job.example.id,
+            "dialogue_id": job.example.dialogue_id,
+            "donor_dialogue_id": job.donor_id,
+            "split": split,
+            "persona": list(job.example.persona),
+            "donor_persona": list(job.donor_persona),
+            "history": list(pair_history),
+            "history_turns_dropped": len(job.example.history) - len(pair_history),
+            "chosen": job.example.response,
+            "rejected": response.text,
+            "shuffled": prefs.shuffle,
+            "generator": generator.name,
+            "generator_digest": generator.digest,
+            "reference": reference.name,
+            "reference_digest": reference.digest,
+            "sampler": sampler_description(sampler),
+            "max_new_tokens": prefs.max_new_tokens,
+            "sample_seed": seed,
+            "sample_row": row,
+            "ref_chosen_logp": float(chosen_logps[i]),
+            "ref_rejected_logp": float(rejected_logps[i]),
+            "chosen_tokens": int(chosen_counts[i]),
+            "rejected_tokens": int(rejected_counts[i]),
+            "degenerate": reasons,
+            "dropped": bool(reasons) and prefs.drop_degenerate,
+        })
     return records
 
 
@@ -497,14 +511,13 @@ def make_prefs(config: RunConfig) -> dict[str, Any]:
                 continue
             started = time.perf_counter()
             jobs = _shard_jobs(plans[split], k, prefs.shard_size)
-            records = build_shard(jobs, split, k, config, generator, reference, score, sampler)
+            records = build_shard(jobs, split, k, config, generator, reference, score, sampler, progress=bar.update)
             write_shard(path, records)
             append_jsonl(prefs_dir / "metrics.jsonl", {
                 "split": split, "shard": k, "records": len(records),
                 "degenerate": sum(bool(r["degenerate"]) for r in records),
                 "seconds": round(time.perf_counter() - started, 3),
             })
-            bar.update(len(jobs))
     summary = {
         "splits": {split: split_summary(prefs_dir, split, plans[split], prefs.shard_size) for split in SPLITS},
         "shuffled": prefs.shuffle,

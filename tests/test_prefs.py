@@ -144,6 +144,28 @@ def test_a_run_killed_midway_and_rerun_writes_exactly_the_uninterrupted_records(
     assert shards_written == [0, 1, 2, 0]  # train 0 before the kill; train 1, 2 and val 0 after: no shard twice
 
 
+def test_progress_advances_after_every_sampling_batch(setup, monkeypatch):
+    import tqdm.auto
+
+    updates, totals = [], []
+
+    class RecordingBar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            totals.append(kwargs["total"])
+            super().__init__(*args, **kwargs)
+
+        def update(self, n=1):
+            updates.append(n)
+            return super().update(n)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+    assert prefs.main(["--config", str(config_file(setup, "progress"))]) == 0
+    metrics = (setup["root"] / "progress" / "prefs" / "metrics.jsonl").read_text().splitlines()
+    # shard_size 4 with batch_size 3: a full shard moves the bar by 3, then by 1
+    assert len(updates) > len(metrics) and 3 in updates and set(updates) <= {1, 2, 3}
+    assert sum(updates) == totals[0]
+
+
 def test_reference_logps_match_pytorch_scoring(setup, shuffled_run):
     import torch
     import transformers
