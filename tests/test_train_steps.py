@@ -106,6 +106,9 @@ def test_scoring_only_the_scored_positions_gives_the_same_step(params, dpo_data_
     full = micro_batches(batch, 2)
     narrow = with_scored_positions(full)
     assert narrow[SCORED_POSITIONS].shape[-1] < full["input_ids"].shape[-1], "the test must skip some positions"
+    first = jax.tree.map(lambda x: x[0], narrow)
+    unscored = first["loss_mask"] == 0
+    assert (np.asarray(steps.token_logps(params, CONFIG, first))[unscored] == 0).all(), "scored_positions were ignored"
     step = jax.jit(partial(steps.train_step, objective=objective, optimizer=SGD))
     state_full, metrics_full = step(fresh_state(params), full)
     state_narrow, metrics_narrow = step(fresh_state(params), narrow)
