@@ -42,6 +42,7 @@ from pdpo_jax.data.packing import (
     packing_summary,
 )
 from pdpo_jax.data.pairs import PairIds, dpo_batch, encode_pair
+from pdpo_jax.data.parallel_text import read_parallel_personachat
 from pdpo_jax.data.shuffle import DerangementError, persona_derangement, persona_key
 from pdpo_jax.data.templates import (
     PRESETS,
@@ -119,6 +120,7 @@ __all__ = [
     "read_fbdialog",
     "read_hf_personachat",
     "read_jpersonachat",
+    "read_parallel_personachat",
     "render_prompt",
     "scored_width",
     "shared_prompt_batch",

@@ -11,12 +11,14 @@ from pdpo_jax.data.fbdialog import read_fbdialog
 from pdpo_jax.data.hf_personachat import read_hf_personachat
 from pdpo_jax.data.jpersonachat import read_jpersonachat
 from pdpo_jax.data.jsonl import read_dialogue_jsonl
+from pdpo_jax.data.parallel_text import is_parallel_file, read_parallel_personachat
 
-FORMATS = ("auto", "fbdialog", "hf", "jpersonachat", "jsonl")
+FORMATS = ("auto", "fbdialog", "hf", "jpersonachat", "jsonl", "parallel")
 
 
 def detect_format(path: str | Path) -> str:
-    """The reader for `path`: by extension, or for `.jsonl` by the keys of the first record."""
+    """The reader for `path`: "parallel" for a `per-`/`src-`/`tgt-` file with its two siblings, else by
+    extension, or for `.jsonl` by the keys of the first record."""
     path = Path(path)
     if path.is_dir():
         return "hf"
@@ -25,6 +27,8 @@ def detect_format(path: str | Path) -> str:
         if name.count("/") == 1 and not name.startswith((".", "/", "~")) and not path.suffix:
             return "hf"  # a Hub name such as owner/dataset
         raise FileNotFoundError(f"no such file or directory: {path}")
+    if is_parallel_file(path):
+        return "parallel"
     suffix = path.suffix.lower()
     if suffix == ".txt":
         return "fbdialog"
@@ -54,5 +58,11 @@ def load_dialogues(path: str | Path, format: str = "auto", both_speakers: bool =
         raise ValueError(f"format must be one of {FORMATS}, not {format!r}")
     if format == "auto":
         format = detect_format(path)
-    readers = {"fbdialog": read_fbdialog, "hf": read_hf_personachat, "jpersonachat": read_jpersonachat, "jsonl": read_dialogue_jsonl}
+    readers = {
+        "fbdialog": read_fbdialog,
+        "hf": read_hf_personachat,
+        "jpersonachat": read_jpersonachat,
+        "jsonl": read_dialogue_jsonl,
+        "parallel": read_parallel_personachat,
+    }
     return readers[format](path, both_speakers=both_speakers, **options)
