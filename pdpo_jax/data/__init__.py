@@ -1,5 +1,5 @@
-"""Persona dialogue data: readers, examples and splits, prompt templates, tokenization, persona
-shuffling and batching.
+"""Persona dialogue data: readers (dialogues, DNLI evaluation sets, NLI sentence pairs), examples
+and splits, prompt templates, tokenization, persona shuffling and batching.
 
     dialogues = load_dialogues("valid_self_original_no_cands.txt")         # list[Dialogue]
     kept, report = drop_overlapping(dialogues, read_dnli("valid_havenot.jsonl"))
@@ -29,6 +29,7 @@ from pdpo_jax.data.iterator import BatchIterator, HostBatch
 from pdpo_jax.data.jpersonachat import read_jpersonachat
 from pdpo_jax.data.jsonl import read_dialogue_jsonl, write_dialogue_jsonl
 from pdpo_jax.data.loading import detect_format, load_dialogues
+from pdpo_jax.data.nli_pairs import NLI_LABELS, NliPair, read_nli_pairs
 from pdpo_jax.data.overlap import OverlapReport, drop_overlapping, normalize_utterance
 from pdpo_jax.data.packing import (
     DialogueChunk,
@@ -68,6 +69,7 @@ __all__ = [
     "CATEGORIES",
     "CATEGORY_OF_GROUP",
     "MODEL",
+    "NLI_LABELS",
     "PARTNER",
     "PRESETS",
     "SCORED_POSITIONS",
@@ -81,6 +83,7 @@ __all__ = [
     "ExampleTooLongError",
     "HostBatch",
     "ModelTurn",
+    "NliPair",
     "OverlapReport",
     "PackedRow",
     "PackingError",
@@ -120,6 +123,7 @@ __all__ = [
     "read_fbdialog",
     "read_hf_personachat",
     "read_jpersonachat",
+    "read_nli_pairs",
     "read_parallel_personachat",
     "render_prompt",
     "scored_width",

@@ -27,16 +27,33 @@ def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
 
 def json_lines(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line of a JSON Lines file."""
+    for number, record in _json_values(path):
+        if not isinstance(record, dict):
+            raise DataError(path, number, f"expected a JSON object, found {type(record).__name__}")
+        yield number, record
+
+
+def json_records(path: str | Path) -> Iterator[tuple[int, int | None, dict[str, Any]]]:
+    """(line number, position in that line's array or None, object) for a file whose lines hold JSON
+    objects or JSON arrays of objects (a whole data set may be one array on one line)."""
+    for number, value in _json_values(path):
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for position, record in items:
+            if not isinstance(record, dict):
+                where = "" if position is None else f"item {position} of the array: "
+                raise DataError(path, number, f"{where}expected a JSON object, found {type(record).__name__}")
+            yield number, position, record
+
+
+def _json_values(path: str | Path) -> Iterator[tuple[int, Any]]:
     for number, line in text_lines(path):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            value = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(path, number, f"not valid JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(record, dict):
-            raise DataError(path, number, f"expected a JSON object, found {type(record).__name__}")
-        yield number, record
+        yield number, value
 
 
 def string_list(value: Any, path: str | Path, line: int | None, key: str, allow_empty: bool = False) -> tuple[str, ...]:
