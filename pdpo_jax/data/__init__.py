@@ -25,6 +25,7 @@ from pdpo_jax.data.errors import DataError
 from pdpo_jax.data.examples import Example, examples_from_dialogues, split_dialogues
 from pdpo_jax.data.fbdialog import read_fbdialog
 from pdpo_jax.data.hf_personachat import read_hf_personachat
+from pdpo_jax.data.inspect import inspect_file, inspect_files
 from pdpo_jax.data.iterator import BatchIterator, HostBatch
 from pdpo_jax.data.jpersonachat import read_jpersonachat
 from pdpo_jax.data.jsonl import read_dialogue_jsonl, write_dialogue_jsonl
@@ -106,6 +107,8 @@ __all__ = [
     "examples_from_dialogues",
     "history_drop_choices",
     "history_speakers",
+    "inspect_file",
+    "inspect_files",
     "load_dialogues",
     "load_template",
     "normalize_utterance",

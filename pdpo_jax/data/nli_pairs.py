@@ -45,7 +45,8 @@ class NliPair:
 def read_nli_pairs(path: str | Path) -> list[NliPair]:
     layout = nli_pairs_layout(path)
     if layout is None:
-        raise DataError(path, None, f"not NLI sentence pairs: expected 'sentence1{FIELD_SEPARATOR}sentence2{FIELD_SEPARATOR}label' lines or JSON objects")
+        expected = FIELD_SEPARATOR.join(("sentence1", "sentence2", "label"))
+        raise DataError(path, None, f"not NLI sentence pairs: expected {expected!r} lines or JSON objects")
     pairs = _text_pairs(path) if layout == "text" else _json_pairs(path)
     if not pairs:
         raise DataError(path, None, "no sentence pairs in file")
@@ -53,13 +54,14 @@ def read_nli_pairs(path: str | Path) -> list[NliPair]:
 
 
 def nli_pairs_layout(path: str | Path) -> str | None:
-    """"text" or "json" from the first non-blank line, or None when it is neither layout (or empty)."""
+    """"text" or "json" from the first non-blank line, or None when it is neither (or the file is empty)."""
     for _, line in text_lines(path):
         if not line.strip():
             continue
         if line.lstrip().startswith(("{", "[")):
             return "json"
-        return "text" if line.count(FIELD_SEPARATOR) == 2 else None
+        fields = line.split(FIELD_SEPARATOR)
+        return "text" if len(fields) == 3 and fields[2].strip().lower() in LABEL_OF_NAME else None
     return None
 
 
