@@ -147,6 +147,16 @@ def test_jpersonachat_table(tmp_path):
     )
 
 
+def test_jpersonachat_workbook(tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "table.xlsx"
+    rows = [("PP1", "persona:B", "東京に住む。"), ("PP1", "A", "こんにちは。"), ("PP1", "B", "どうも。")]
+    pd.DataFrame(rows, columns=["dialogue_id", "speaker", "text"]).to_excel(path, index=False)
+    format_name, counts, first = dialogue_summary(inspect_file(path))
+    assert (format_name, counts, first["response"]) == ("jpersonachat", {"dialogues": 1, "persona_lines": 1, "turns": 2, "examples": 1}, "どうも。")
+
+
 def test_small_fbdialog_and_parallel_files(tmp_path):
     fbdialog = tmp_path / "dialogues.txt"
     fbdialog.write_text("1 your persona: i am tall.\n2 hi\thello\n3 how tall ?\tvery\n")

@@ -53,7 +53,10 @@ def file_format(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file() or is_parallel_file(path):
         return detect_format(path)
-    first_line = next((line for _, line in text_lines(path) if line.strip()), None)
+    try:
+        first_line = next((line for _, line in text_lines(path) if line.strip()), None)
+    except DataError:
+        return detect_format(path)  # not UTF-8 text (a workbook, say): told by its extension
     if first_line is None:
         raise DataError(path, None, "empty file")
     layout = nli_pairs_layout(path)
