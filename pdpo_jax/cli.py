@@ -1,56 +1,66 @@
-"""The `pdpo` command: parses the stage name and hands the rest of the arguments to that stage.
+"""The `pdpo` command: finds the stage, runs its `main`, and turns what goes wrong into one line.
 
-Each stage lives in its own module and exposes `main(argv) -> int`; this file only knows where.
-Modules are imported lazily so `pdpo --help` stays fast and a stage's heavy imports (JAX, torch)
-are paid only by the stage that needs them.
+Every error a user can cause (a bad config, data file, model directory or flag) reaches the user
+as `pdpo <stage>: <message>` on stderr with exit status 2; a run that stopped on its own (a
+diverged step, a failed download) exits with 1. `--debug` anywhere on the command line, or
+PDPO_DEBUG=1, shows the traceback instead. Stage modules are imported only when run, so
+`pdpo --help` stays fast and a stage's heavy imports are paid only by the stage that needs them.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
-# stage name -> ("module", "one-line description")
-STAGES: dict[str, tuple[str, str]] = {
-    "default-model": ("pdpo_jax.model.default_model", "materialize the bundled SmolLM2-135M-Instruct as a Hugging Face directory"),
-    "sft": ("pdpo_jax.train.sft", "supervised fine-tuning on persona dialogues"),
-    "make-prefs": ("pdpo_jax.prefs", "build pseudo-preference pairs with swapped personas"),
-    "dpo": ("pdpo_jax.train.dpo", "DPO from the SFT model on pseudo-preference pairs"),
-    "eval-dnli": ("pdpo_jax.evaluate.dnli", "Dialogue-NLI candidate ranking by log-likelihood"),
-    "judge": ("pdpo_jax.evaluate.judge", "pairwise LLM-as-judge win rates"),
-    "export-hf": ("pdpo_jax.model.export", "export a checkpoint to a Hugging Face directory"),
-    "generate": ("pdpo_jax.generate_cli", "persona + history in, response out"),
-    "pipeline": ("pdpo_jax.pipeline", "all stages in order inside one run directory"),
-    "data": ("pdpo_jax.data.download", "fetch and verify the public data sets"),
-}
+from pdpo_jax.errors import PdpoError, RunFailed
+from pdpo_jax.stages import STAGES
+
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "PDPO_DEBUG"
 
 
 def _usage() -> str:
     width = max(len(name) for name in STAGES)
-    lines = ["usage: pdpo <stage> [--help] [options]", "", "stages:"]
+    lines = ["usage: pdpo [--debug] <stage> [--help] [options]", "", "stages:"]
     lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in STAGES.items()]
-    lines += ["", "Run `pdpo <stage> --help` for what a stage needs."]
+    lines += ["", "Run `pdpo <stage> --help` for what a stage needs; --debug (or PDPO_DEBUG=1) shows tracebacks."]
     return "\n".join(lines)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, (PdpoError, RunFailed)):
+        return text
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    if isinstance(err, (ValueError, OSError)):
+        return text
+    return f"internal error: {type(err).__name__}: {text} (run with --debug for the traceback)"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    argv = [arg for arg in argv if arg != DEBUG_FLAG]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
     stage, rest = argv[0], argv[1:]
     if stage not in STAGES:
-        print(f"pdpo: unknown stage {stage!r}\n\n{_usage()}", file=sys.stderr)
+        print(f"pdpo: unknown stage {stage!r}; run `pdpo --help` for the list", file=sys.stderr)
         return 2
-    module_name, _ = STAGES[stage]
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name and err.name.startswith("pdpo_jax"):
-            print(f"pdpo: stage {stage!r} is not available in this version ({err.name} missing)", file=sys.stderr)
-            return 2
-        raise
-    return int(module.main(rest) or 0)
+        module = importlib.import_module(STAGES[stage][0])
+        return int(module.main(rest) or 0)
+    except KeyboardInterrupt:
+        print(f"pdpo {stage}: interrupted; finished work is on disk and a rerun resumes", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the one place where errors become messages
+        if debug:
+            raise
+        print(f"pdpo {stage}: {_one_line(err)}", file=sys.stderr)
+        return 1 if isinstance(err, RunFailed) or not isinstance(err, (ValueError, OSError)) else 2
 
 
 if __name__ == "__main__":

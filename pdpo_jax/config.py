@@ -18,11 +18,43 @@ from typing import Any, Literal
 
 import yaml
 
-from pdpo_jax.train.optim import DPO_DEFAULTS, SFT_DEFAULTS, OptimizerConfig
+from pdpo_jax.errors import PdpoError
 
 
-class ConfigError(ValueError):
+class ConfigError(PdpoError):
     """A config file or override that cannot be used; the message names where and which key."""
+
+
+Schedule = Literal["cosine", "linear", "constant"]
+SCHEDULES: tuple[str, ...] = ("cosine", "linear", "constant")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    learning_rate: float = 1e-5
+    schedule: Schedule = "cosine"
+    warmup_ratio: float = 0.05
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    max_grad_norm: float | None = 1.0  # None: no clipping
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optimizer.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"optimizer.learning_rate must be positive, got {self.learning_rate}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"optimizer.warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optimizer.weight_decay must be non-negative, got {self.weight_decay}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"optimizer.max_grad_norm must be positive or None, got {self.max_grad_norm}")
+
+
+SFT_DEFAULTS = OptimizerConfig(learning_rate=1e-5, schedule="cosine")
+DPO_DEFAULTS = OptimizerConfig(learning_rate=1e-6, schedule="linear")
 
 
 @dataclass

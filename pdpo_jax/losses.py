@@ -15,7 +15,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from pdpo_jax.model.matmul import matmul_last_axis
+from pdpo_jax.matmul import matmul_last_axis
 
 Metric = tuple[jax.Array, jax.Array]
 """A metric as `(sum, count)`; its value is `sum / count`."""

@@ -171,7 +171,7 @@ def _batch_sharding_at(mesh: Mesh, batch_axis: int) -> NamedSharding:
 
 
 def process_batch_indices(mesh: Mesh, global_batch_size: int, batch_axis: int = 0) -> np.ndarray:
-    """The rows of a global batch this process feeds, in the order `global_batch_from_local` expects.
+    """The rows of a global batch this process feeds, in the order `place_batch(..., rows="local")` expects.
 
     With the mesh of `make_mesh` process p usually holds the contiguous block p (what
     pdpo_jax.data.iterator hands it), but a device order that interleaves hosts gives other rows;
@@ -185,9 +185,21 @@ def process_batch_indices(mesh: Mesh, global_batch_size: int, batch_axis: int = 
     return np.asarray(rows, dtype=np.int64)
 
 
-def global_batch_from_local(local_batch: Any, mesh: Mesh, batch_axis: int = 0) -> Any:
-    """Each process passes its own rows (`process_batch_indices`); returns global arrays whose axis
-    `batch_axis` is split over the batch axes. Micro-batch stacks `[accumulation, batch, ...]` use
-    batch_axis=1."""
+def place_batch(arrays: Any, mesh: Mesh | None, *, batch_axis: int = 0, rows: str = "global") -> Any:
+    """Host arrays onto devices, axis `batch_axis` split over the mesh's batch axes.
+
+    Without a mesh, onto this process's default device. `rows="global"`: every process passes
+    the whole batch and each device takes its rows; `rows="local"`: each process passes only its
+    own rows (`process_batch_indices`), as the training loop feeds a pod slice.
+    """
+    if mesh is None:
+        return jax.device_put(arrays)
     sharding = _batch_sharding_at(mesh, batch_axis)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+    if rows == "global":
+        return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda index, x=x: np.asarray(x)[index]),
+                            arrays)
+    if rows != "local":
+        raise ValueError(f"rows must be 'global' or 'local', not {rows!r}")
+    if jax.process_count() == 1:
+        return jax.device_put(arrays, sharding)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), arrays)

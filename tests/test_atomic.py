@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from pdpo_jax.atomic import append_jsonl, atomic_write_json, is_done, mark_done, read_jsonl
+from pdpo_jax.files import append_jsonl, atomic_write_json, is_done, mark_done, read_jsonl
 
 
 def test_atomic_write_leaves_no_temporary_files(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 from prefs_fixtures import corpus_text, staged_slice, tiny_gpt2_that_stops, tiny_llama_with_words, write_config
 
 from pdpo_jax import prefs
-from pdpo_jax.atomic import DONE_MARKER
+from pdpo_jax.files import DONE_MARKER
 from pdpo_jax.respond import cut_at_stop, fit_history, history_drop_choices
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

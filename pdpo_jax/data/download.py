@@ -1,4 +1,4 @@
-"""`pdpo data download`: fetch, verify and unpack the public data sets.
+"""Fetching, verifying and unpacking the public data sets (`pdpo data download`).
 
     pdpo data download --out data                          # PersonaChat (ConvAI2) + DNLI evaluation set
     pdpo data download --out data --from-archive convai2_fix_723.tgz     # a file fetched by hand
@@ -23,7 +23,6 @@ from where.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import http.client
 import json
@@ -43,7 +42,8 @@ from http.cookiejar import CookieJar
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterator, Sequence
 
-from pdpo_jax.atomic import atomic_write_json
+from pdpo_jax.files import atomic_write_json
+from pdpo_jax.errors import RunFailed, UsageError
 
 CHUNK = 1 << 16
 DOWNLOADS_DIR = ".downloads"
@@ -51,7 +51,7 @@ MANIFEST = "MANIFEST.json"
 USER_AGENT = "pdpo-jax-data-download"
 
 
-class DownloadError(RuntimeError):
+class DownloadError(RunFailed):
     """A data set could not be fetched, verified or unpacked; the message says what to do."""
 
 
@@ -465,17 +465,6 @@ def fetch(source: Source, out_dir: str | Path, *, from_archive: str | Path | Non
 # ----------------------------------------------------------------------------- command line
 
 
-def _pairs(values: Sequence[str], flag: str) -> dict[str, str]:
-    pairs = {}
-    for value in values:
-        name, sep, rest = value.partition("=")
-        if not sep or name not in SOURCES:
-            raise SystemExit(f"pdpo data download: {flag} takes NAME=VALUE with NAME one of {', '.join(SOURCES)}; "
-                             f"got {value!r}")
-        pairs[name] = rest
-    return pairs
-
-
 def configured_sources(url_overrides: dict[str, str], digest_overrides: dict[str, str]) -> dict[str, Source]:
     """SOURCES with --url / --archive-sha256 applied (an empty digest turns the archive check off)."""
     sources = dict(SOURCES)
@@ -484,63 +473,6 @@ def configured_sources(url_overrides: dict[str, str], digest_overrides: dict[str
     for name, hex_digest in digest_overrides.items():
         hex_digest = hex_digest.strip().lower()
         if hex_digest and not re.fullmatch(r"[0-9a-f]{64}", hex_digest):
-            raise SystemExit(f"pdpo data download: --archive-sha256 {name}=... is not 64 hex digits")
+            raise UsageError(f"--archive-sha256 {name}=... is not 64 hex digits")
         sources[name] = replace(sources[name], archive_digest=Digest(SHA256, hex_digest) if hex_digest else None)
     return sources
-
-
-def _source_for_archive(path: Path, what: list[str] | None) -> str:
-    if what:
-        if len(what) != 1:
-            raise SystemExit("pdpo data download: --from-archive installs one data set; give one --what")
-        return what[0]
-    for name, source in SOURCES.items():
-        if path.name == source.archive_name:
-            return name
-    raise SystemExit(f"pdpo data download: cannot tell which data set {path.name} is; add --what NAME")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pdpo data", description="Fetch and verify the public data sets.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    dl = commands.add_parser(
-        "download", help="download, verify and unpack data sets",
-        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    dl.add_argument("--out", required=True, type=Path, help="folder to install into (configs read data/...)")
-    dl.add_argument("--what", nargs="+", choices=list(SOURCES), default=None,
-                    help=f"data sets to install (default: {' '.join(DEFAULT_WHAT)}; jpersonachat needs "
-                         f"--accept-ntt-license or --from-archive)")
-    dl.add_argument("--from-archive", type=Path, default=None,
-                    help="install from a file downloaded by hand instead of the network")
-    dl.add_argument("--force", action="store_true", help="download and unpack again even if already present")
-    dl.add_argument("--url", action="append", default=[], metavar="NAME=URL", help="fetch NAME from a mirror")
-    dl.add_argument("--archive-sha256", action="append", default=[], metavar="NAME=HEX",
-                    help="expected sha256 of NAME's archive (empty: do not check the archive, e.g. a repack)")
-    dl.add_argument("--accept-ntt-license", action="store_true",
-                    help="you have read and accept the JPersonaChat licence (needed to download it)")
-    dl.add_argument("--retries", type=int, default=3, help="attempts per download (default 3)")
-    dl.add_argument("--timeout", type=float, default=60.0, help="seconds without data before a try fails")
-    dl.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    sources = configured_sources(_pairs(args.url, "--url"), _pairs(args.archive_sha256, "--archive-sha256"))
-    if args.from_archive is not None:
-        jobs = [(_source_for_archive(args.from_archive, args.what), args.from_archive)]
-    else:
-        jobs = [(name, None) for name in (args.what or DEFAULT_WHAT)]
-    try:
-        for name, archive in jobs:
-            fetch(sources[name], args.out, from_archive=archive, force=args.force,
-                  accept_license=args.accept_ntt_license, retries=args.retries, timeout_s=args.timeout,
-                  progress=not args.quiet)
-    except DownloadError as err:
-        print(f"pdpo data download: error: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

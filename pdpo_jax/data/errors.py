@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from pdpo_jax.errors import PdpoError
 
 
-class DataError(ValueError):
+class DataError(PdpoError):
     """Input data that cannot be read as documented; `path` and `line` say where (line may be None)."""
 
     def __init__(self, path: str | Path, line: int | None, message: str):

@@ -15,7 +15,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from pdpo_jax.data._files import json_lines, string_list, write_text_atomic
+from pdpo_jax.data._files import json_lines, string_list
+from pdpo_jax.files import atomic_write_text
 from pdpo_jax.data.dialogue import SPEAKERS, Dialogue, Turn, with_swapped
 from pdpo_jax.data.errors import DataError
 
@@ -73,4 +74,4 @@ def dialogue_to_json(dialogue: Dialogue) -> dict:
 def write_dialogue_jsonl(path: str | Path, dialogues: Iterable[Dialogue]) -> None:
     """Write dialogues in the layout `read_dialogue_jsonl` reads (atomically)."""
     lines = [json.dumps(dialogue_to_json(d), ensure_ascii=False) + "\n" for d in dialogues]
-    write_text_atomic(path, "".join(lines))
+    atomic_write_text(path, "".join(lines))

@@ -14,11 +14,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from pdpo_jax.data.dialogue import Dialogue
+from pdpo_jax.errors import PdpoError
 
 _REPAIR_ROUNDS = 200
 
 
-class DerangementError(ValueError):
+class DerangementError(PdpoError):
     """No valid persona assignment exists (or none was found) for the given dialogues."""
 
 

@@ -27,15 +27,20 @@ response + end of turn + the next partner line, as text and as token ids;
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import os
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
+import yaml
+
 from pdpo_jax.data.dialogue import MODEL, history_speakers
+from pdpo_jax.errors import PdpoError
 
 KINDS = ("plain", "chat")
 
 
-class TemplateError(ValueError):
+class TemplateError(PdpoError):
     """A template that cannot render, or whose prompts do not nest turn by turn."""
 
 
@@ -104,13 +109,36 @@ def preset(name: str) -> PromptTemplate:
     return PRESETS[name]
 
 
-def load_template(spec: str | dict[str, Any] | PromptTemplate) -> PromptTemplate:
-    """A template from a preset name, a config dict, or a template."""
+TEMPLATE_FILE_SUFFIXES = (".yaml", ".yml")
+
+
+def load_template(spec: str | os.PathLike | dict[str, Any] | PromptTemplate) -> PromptTemplate:
+    """A template from a preset name, a YAML file of template fields, a dict of them, or a template.
+
+    Every stage takes its template through here, so `data.template: my_template.yaml` works in
+    training, preference building, evaluation and generation alike.
+    """
     if isinstance(spec, PromptTemplate):
         return spec
+    if isinstance(spec, os.PathLike) or (isinstance(spec, str) and spec not in PRESETS
+                                          and Path(spec).suffix.lower() in TEMPLATE_FILE_SUFFIXES):
+        return read_template_file(spec)
     if isinstance(spec, str):
         return preset(spec)
     return PromptTemplate.from_dict(spec)
+
+
+def read_template_file(path: str | os.PathLike) -> PromptTemplate:
+    try:
+        fields = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise TemplateError(f"{path}: cannot read the template file: {err}") from None
+    if not isinstance(fields, dict):
+        raise TemplateError(f"{path}: a template file must be a mapping of template fields")
+    try:
+        return PromptTemplate.from_dict(fields)
+    except TemplateError as err:
+        raise TemplateError(f"{path}: {err}") from None
 
 
 def end_of_turn_text(template: PromptTemplate, tokenizer: Any) -> str:

@@ -22,11 +22,12 @@ from pdpo_jax.data.templates import (
     prompt_segments,
     render_prompt,
 )
+from pdpo_jax.errors import PdpoError
 
 OVERFLOW_POLICIES = ("error", "skip")
 
 
-class ExampleTooLongError(ValueError):
+class ExampleTooLongError(PdpoError):
     """Persona and response alone do not fit in the allowed length."""
 
 
@@ -112,6 +113,16 @@ class PromptEncoder:
         response = tuple(self.response_ids(example.response))
         prompt, dropped = self.fit_prompt(example.persona, example.history, len(response), max_length, name=f"example {example.id!r}")
         return TokenizedExample(example.id, prompt, response, dropped)
+
+    def fit_history(self, persona: Sequence[str], history: Sequence[str], room: int) -> tuple[str, ...] | None:
+        """The longest allowed tail of `history` (see `history_drop_choices`) whose prompt takes at
+        most `room` tokens; None when even the persona alone does not fit."""
+        history = tuple(history)
+        try:
+            _, dropped = self.fit_prompt(persona, history, 0, room)
+        except ExampleTooLongError:
+            return None
+        return history[dropped:]
 
     def fit_prompt(
         self,

@@ -1,6 +1,6 @@
 """Dialogue NLI evaluation: rank each example's candidate responses by log-likelihood.
 
-    pdpo eval-dnli --model PATH --data valid_havenot.jsonl valid_likedislike.jsonl --out dnli.json
+    report, records = evaluate_dnli(load_model("default"), ["valid_havenot.jsonl"], DnliSettings())
 
 For every example, each candidate is scored as a response to persona + history under the prompt
 template: the summed log-probability of its tokens (the paper's ranking), or their mean with
@@ -16,7 +16,7 @@ The candidates of one example share the prompt, so each example is one row of th
 layout (docs/design.md): the trunk `prompt[:-1]` once, then one branch per candidate,
 `[prompt[-1]] + candidate`. Rows are sorted by length, grouped `--batch-examples` at a time and
 padded to a multiple of `--bucket` tokens, so the jitted scorer compiles once per distinct length.
-Scores come from `pdpo_jax.train.steps.sequence_scores`, the function that also computes DPO's
+Scores come from `pdpo_jax.scoring.sequence_scores`, the function that also computes DPO's
 reference log-probs. Ties go to the earlier candidate (the gold comes first).
 
 Outputs, each written atomically: REPORT.json, REPORT.md (table), REPORT.png (bars) and
@@ -25,7 +25,6 @@ REPORT.examples.jsonl (one record per example with every candidate's score).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -35,18 +34,25 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from pdpo_jax.errors import PdpoError
 from pdpo_jax.data.batching import bucketed_length, empty_batch, shared_prompt_batch, with_scored_positions
 from pdpo_jax.data.dnli import CATEGORIES, PROTOCOLS, DnliExample, read_dnli
 from pdpo_jax.data.examples import Example
-from pdpo_jax.data.templates import PRESETS, PromptTemplate, TemplateError, load_template
+from pdpo_jax.data.templates import PromptTemplate, load_template
 from pdpo_jax.data.tokenization import PromptEncoder
+from pdpo_jax.evaluate.report import dnli_markdown, plot_dnli
+from pdpo_jax.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from pdpo_jax.model import Model, pad_id, require_tokenizer
+from pdpo_jax.parallel import BATCH_AXES
+from pdpo_jax.scoring import Scorer, make_scorer
 
 SCORINGS = ("sum", "mean")  # summed log-likelihood (the paper), or per-token mean
 DNLI_SUFFIXES = (".jsonl", ".json")
 
 
-class DnliEvalError(ValueError):
+class DnliEvalError(PdpoError):
     """Inputs of a DNLI evaluation that cannot be used; the message says which."""
 
 
@@ -75,21 +81,6 @@ def read_subsets(paths: Sequence[str | os.PathLike], protocol: str) -> dict[str,
         if not path.is_file():
             raise DnliEvalError(f"{raw}: DNLI file not found")
     return {Path(raw).stem: read_dnli(raw, protocol) for raw in paths}
-
-
-def resolve_template(spec: str | dict | PromptTemplate) -> PromptTemplate:
-    """A preset name, a YAML file of template fields, a dict of them, or a template."""
-    if isinstance(spec, str) and spec not in PRESETS and Path(spec).suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            fields = yaml.safe_load(Path(spec).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as err:
-            raise TemplateError(f"{spec}: cannot read the template file: {err}") from None
-        if not isinstance(fields, dict):
-            raise TemplateError(f"{spec}: a template file must be a mapping of template fields")
-        return load_template(fields)
-    return load_template(spec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,42 +144,6 @@ def dnli_batch(encoded: Sequence[EncodedExample], rows: int, bucket: int, pad_id
 
 # --------------------------------------------------------------------------------------------
 # Scoring
-
-Scorer = Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]
-
-
-def make_scorer(params: Any, config: Any, num_sequences: int, mesh: Any = None) -> Scorer:
-    """Jitted `batch -> (summed log-probs, token counts)`, both `[num_sequences]` numpy. On a mesh
-    the batch is split over its data axes and the parameters keep the shardings they were loaded with."""
-    import jax
-
-    from pdpo_jax.train.steps import sequence_scores
-
-    def score(p, batch):
-        return sequence_scores(p, config, batch, num_sequences)
-
-    if mesh is None:
-        jitted = jax.jit(score)
-
-        def run(batch):
-            logps, counts = jitted(params, batch)
-            return np.asarray(logps), np.asarray(counts)
-
-        return run
-
-    from pdpo_jax.parallel import batch_sharding, replicated
-
-    sharding = batch_sharding(mesh)
-    jitted = jax.jit(score, out_shardings=replicated(mesh))
-
-    def run_sharded(batch):
-        # Every process holds the whole batch; each device takes its rows.
-        arrays = {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index]) for k, v in batch.items()}
-        logps, counts = jitted(params, arrays)
-        return np.asarray(logps), np.asarray(counts)
-
-    return run_sharded
-
 
 @dataclass(frozen=True)
 class ScoredExample:
@@ -281,9 +236,6 @@ def output_paths(report_path: str | os.PathLike) -> dict[str, Path]:
 
 
 def write_outputs(report: dict[str, Any], records: Sequence[dict[str, Any]], report_path: str | os.PathLike) -> dict[str, Path]:
-    from pdpo_jax.atomic import atomic_write_json, atomic_write_jsonl, atomic_write_text
-    from pdpo_jax.evaluate.report import dnli_markdown, plot_dnli
-
     paths = output_paths(report_path)
     report = dict(report, files={k: paths[k].name for k in ("markdown", "plot", "examples")})
     atomic_write_jsonl(paths["examples"], list(records))
@@ -325,17 +277,15 @@ class DnliSettings:
                 raise DnliEvalError(f"{name} must be positive, got {value}")
 
 
-def evaluate_dnli(model: Any, data: Sequence[str | os.PathLike], settings: DnliSettings, *, mesh: Any = None,
-                  model_name: str | None = None, tokenizer: Any = None, show_progress: bool = False
+def evaluate_dnli(model: Model, data: Sequence[str | os.PathLike], settings: DnliSettings, *, mesh: Any = None,
+                  model_name: str | None = None, show_progress: bool = False
                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(report, per-example records) of a loaded model (`pdpo_jax.model.LoadedModel`) on DNLI files."""
-    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-    if tokenizer is None:
-        raise DnliEvalError(f"{model.path}: no tokenizer files; pass a tokenizer directory")
+    """(report, per-example records) of a loaded model on DNLI files."""
+    tokenizer = require_tokenizer(model)
     subsets = read_subsets(data, settings.protocol)
     if settings.max_examples is not None:
         subsets = {name: examples[: settings.max_examples] for name, examples in subsets.items()}
-    template = resolve_template(settings.template)
+    template = load_template(settings.template)
     encoder = PromptEncoder(tokenizer, template)
     max_length = settings.max_length or model.config.max_position_embeddings
     encoded = [
@@ -345,14 +295,14 @@ def evaluate_dnli(model: Any, data: Sequence[str | os.PathLike], settings: DnliS
     ]
     rows = _rows_for_mesh(settings.batch_examples, mesh)
     candidates_per_row = max(len(e.candidate_ids) for e in encoded)
-    scorer = make_scorer(model.params, model.config, rows * candidates_per_row, mesh)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scorer = make_scorer(model, rows * candidates_per_row, mesh)
+    pad = pad_id(model)
     shapes = {bucketed_length(max(encoded[i].row_length for i in group), settings.bucket)
               for group in plan_batches([e.row_length for e in encoded], rows)}
 
     start = time.perf_counter()
     with _progress_bar(len(encoded), show_progress) as advance:
-        scored = score_examples(encoded, scorer, rows, settings.bucket, candidates_per_row, pad_id, advance)
+        scored = score_examples(encoded, scorer, rows, settings.bucket, candidates_per_row, pad, advance)
     seconds = time.perf_counter() - start
 
     records = [example_record(s, settings.scoring) for s in scored]
@@ -383,8 +333,6 @@ def _rows_for_mesh(batch_examples: int, mesh: Any) -> int:
     """Rows per batch, rounded up so the data axes of the mesh split them evenly."""
     if mesh is None:
         return batch_examples
-    from pdpo_jax.parallel import BATCH_AXES
-
     shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
     return -(-batch_examples // shards) * shards
 
@@ -397,8 +345,6 @@ class _progress_bar:
 
     def __enter__(self) -> Callable[[int], None]:
         if self.enabled:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=self.total, unit="ex", desc="DNLI", file=sys.stderr, dynamic_ncols=True)
             return self.bar.update
         return lambda n: None
@@ -406,137 +352,3 @@ class _progress_bar:
     def __exit__(self, *exc: Any) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-
-
-def parse_mesh(spec: str) -> dict[str, int] | None:
-    """"data=2,fsdp=2,tensor=1" (omitted axes: data -1, others 1); "none" for no mesh."""
-    if spec.strip().lower() == "none":
-        return None
-    sizes = {"data": -1, "fsdp": 1, "tensor": 1}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        axis, sep, value = part.partition("=")
-        if not sep or axis.strip() not in sizes:
-            raise DnliEvalError(f"--mesh {spec!r}: expected data=N,fsdp=N,tensor=N (or none)")
-        try:
-            sizes[axis.strip()] = int(value)
-        except ValueError:
-            raise DnliEvalError(f"--mesh {spec!r}: {axis.strip()} must be an integer") from None
-    return sizes
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pdpo eval-dnli",
-        description="Rank Dialogue NLI candidates by log-likelihood and report Hits/Entail/Rand/Contradict@1 "
-        "per data file and overall (REPORT.json + .md + .png + .examples.jsonl).",
-    )
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of --config")
-    parser.add_argument("--config", nargs="+", default=None, metavar="FILE",
-                        help="run config(s); takes model.path, eval.dnli, eval.protocol, eval.length_normalized, "
-                        "eval.max_examples, data.template, model.dtype and the mesh (flags win)")
-    parser.add_argument("--model", help="model: a Hugging Face directory, a checkpoint dir load_model reads, or 'default' (the default)")
-    parser.add_argument("--tokenizer", help="tokenizer directory when the model directory has none")
-    parser.add_argument("--name", help="model name shown in the report (default: the model path)")
-    parser.add_argument("--data", nargs="+", metavar="FILE", help="DNLI .jsonl files; each is a subset named by its stem")
-    parser.add_argument("--out", required=True, help="report JSON path; .md, .png and .examples.jsonl go beside it")
-    parser.add_argument("--protocol", choices=PROTOCOLS, help="31: gold + first 10 of each group; all: every candidate (default 31)")
-    parser.add_argument("--length-normalized", action="store_true", default=None,
-                        help="rank by the per-token mean log-likelihood instead of the sum")
-    parser.add_argument("--no-end-of-turn", dest="end_of_turn", action="store_false",
-                        help="score the candidate tokens only, without the end-of-turn token that closes a response")
-    parser.add_argument("--template", help="prompt template: a preset (%s) or a YAML file (default chat-en)" % ", ".join(PRESETS))
-    parser.add_argument("--batch-examples", type=int, default=8, help="examples (rows) per jitted call (default 8)")
-    parser.add_argument("--bucket", type=int, default=128, help="row lengths are padded to a multiple of this (default 128)")
-    parser.add_argument("--max-examples", type=int, help="score only the first N examples of each file")
-    parser.add_argument("--max-length", type=int, help="longest prompt + candidate; older history is dropped beyond "
-                        "(default: the model's maximum position)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (parameters stay float32)")
-    parser.add_argument("--mesh", help="data=N,fsdp=N,tensor=N to score on a device mesh, or none")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser
-
-
-def _settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[str, list[str], DnliSettings, str | None, dict | None]:
-    """(model path, data files, settings, compute dtype, mesh sizes) from flags over the run config."""
-    model_path, data, protocol, normalized, template, max_examples, dtype, mesh = (
-        "default", [], "31", False, "chat-en", None, None, None)
-    if args.config:
-        from pdpo_jax.config import load_config
-
-        # `--config a.yaml key=value` puts the overrides into --config's list; sort them back out.
-        files = [c for c in args.config if "=" not in c]
-        overrides = [c for c in args.config if "=" in c] + list(args.overrides)
-        config = load_config(files, overrides)
-        model_path, data, protocol = config.model.path, list(config.eval.dnli), config.eval.protocol
-        normalized, template, max_examples = config.eval.length_normalized, config.data.template, config.eval.max_examples
-        dtype = config.model.dtype
-        mesh = {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor}
-    elif args.overrides:
-        parser.error(f"key=value overrides need --config: {args.overrides}")
-    model_path = args.model or model_path
-    data = args.data or data
-    if not data:
-        parser.error("no DNLI files: give --data FILE ... or eval.dnli in --config")
-    settings = DnliSettings(
-        protocol=args.protocol or protocol,
-        scoring="mean" if (normalized if args.length_normalized is None else args.length_normalized) else "sum",
-        template=args.template or template,
-        end_of_turn=args.end_of_turn,
-        batch_examples=args.batch_examples,
-        bucket=args.bucket,
-        max_examples=args.max_examples if args.max_examples is not None else max_examples,
-        max_length=args.max_length,
-    )
-    if args.mesh is not None:
-        mesh = parse_mesh(args.mesh)
-    return model_path, data, settings, args.dtype or dtype, mesh
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from pdpo_jax.parallel import initialize_distributed
-
-    initialize_distributed()  # before any other JAX call; a no-op on one machine
-    import jax
-
-    from pdpo_jax.config import ConfigError
-    from pdpo_jax.data.errors import DataError
-    from pdpo_jax.model import load_model
-    from pdpo_jax.parallel import make_mesh
-
-    try:
-        model_path, data, settings, dtype, mesh_sizes = _settings_from_args(args, parser)
-        read_subsets(data, settings.protocol)  # bad files fail before the model loads
-        mesh = make_mesh(**mesh_sizes) if mesh_sizes is not None else None
-        model = load_model(model_path, mesh=mesh)
-        if dtype is not None:
-            model.config = model.config.replace(dtype=dtype)
-        tokenizer = None
-        if args.tokenizer:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        first = jax.process_index() == 0
-        report, records = evaluate_dnli(model, data, settings, mesh=mesh, model_name=args.name or model_path.rstrip("/"),
-                                        tokenizer=tokenizer, show_progress=first and not args.quiet)
-    except (DnliEvalError, TemplateError, DataError, ConfigError, FileNotFoundError) as err:
-        print(f"pdpo eval-dnli: {err}", file=sys.stderr)
-        return 2
-    if first:
-        paths = write_outputs(report, records, args.out)
-        from pdpo_jax.evaluate.report import dnli_markdown
-
-        print(dnli_markdown(report))
-        print(f"{report['candidates']} candidates in {report['seconds']:.1f} s "
-              f"({report['candidates_per_second']} candidates/s); wrote {paths['json']}, {paths['markdown'].name}, "
-              f"{paths['plot'].name}, {paths['examples'].name}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -45,7 +45,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
-from pdpo_jax.atomic import atomic_write_json, atomic_write_jsonl, atomic_write_text, jsonl_objects
+from pdpo_jax.files import atomic_write_json, atomic_write_jsonl, atomic_write_text, jsonl_objects
 from pdpo_jax.evaluate.judge_client import (
     ChatCompleter,
     ClientSettings,

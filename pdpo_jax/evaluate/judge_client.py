@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from pdpo_jax.errors import PdpoError
 from pdpo_jax.evaluate.judge_prompts import Message
 
 LOG = logging.getLogger(__name__)
 
 
-class JudgeConfigError(ValueError):
+class JudgeConfigError(PdpoError):
     """The judge cannot start: missing key, bad input files or options, a damaged cache."""
 
 

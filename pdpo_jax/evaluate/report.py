@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from pdpo_jax.atomic import atomic_write_bytes, atomic_write_text, jsonl_objects
+from pdpo_jax.files import atomic_write_bytes, atomic_write_text
+from pdpo_jax.metrics_log import read_metrics_jsonl
 
 # DNLI: (key in the report, column title). Hits/Entail: higher is better; Rand/Contradict: lower.
 DNLI_METRICS: tuple[tuple[str, str, bool], ...] = (
@@ -293,18 +294,6 @@ def plot_outcomes(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
 NOT_METRICS = frozenset({"step", "split", "epoch", "time", "timestamp", "wall_time", "elapsed_s"})
 
 
-def load_metrics_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """metrics.jsonl lines: {"step": int, "split": "train"|"val", metric: number, ...}."""
-    path = Path(path)
-    rows = []
-    for where, row in jsonl_objects(path):
-        if not isinstance(row.get("step"), (int, float)) or isinstance(row.get("step"), bool):
-            raise ValueError(f"{where}: missing numeric key 'step'")
-        row.setdefault("split", "train")
-        rows.append(row)
-    return rows
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -326,7 +315,7 @@ def plot_training_curves(
     `runs` maps a label to a metrics.jsonl path or to already loaded rows. Returns the metrics drawn.
     """
     loaded = {
-        label: load_metrics_jsonl(src) if isinstance(src, (str, os.PathLike)) else list(src) for label, src in runs.items()
+        label: read_metrics_jsonl(src) if isinstance(src, (str, os.PathLike)) else list(src) for label, src in runs.items()
     }
     names = list(metrics) if metrics else metric_names([row for rows in loaded.values() for row in rows])
     if not names:

@@ -1,11 +1,11 @@
-"""The decoder (GPT-2 and Llama families), its config, and Hugging Face checkpoint import/export."""
+"""The decoder (GPT-2 and Llama families), its config, loading, and Hugging Face import/export."""
 
 from pdpo_jax.model.checkpoint import load_hf, save_hf
 from pdpo_jax.model.config import ModelConfig
 from pdpo_jax.model.decoder import Decoder, init_cache, init_params, unembedding
-from pdpo_jax.model.loader import LoadedModel, load_model
+from pdpo_jax.model.loader import Model, eos_ids, load_model, pad_id, require_tokenizer
 
 __all__ = [
-    "Decoder", "LoadedModel", "ModelConfig", "init_cache", "init_params", "load_hf", "load_model",
-    "save_hf", "unembedding",
+    "Decoder", "Model", "ModelConfig", "eos_ids", "init_cache", "init_params", "load_hf", "load_model",
+    "pad_id", "require_tokenizer", "save_hf", "unembedding",
 ]

@@ -20,8 +20,11 @@ from typing import Any, Callable, Iterator, Mapping
 import jax
 import numpy as np
 from flax import traverse_util
+from jax.sharding import Mesh
 
+from pdpo_jax import parallel
 from pdpo_jax.model.config import ModelConfig
+from pdpo_jax.model.decoder import param_shapes
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -206,15 +209,11 @@ Placer = Callable[[str, np.ndarray], Any]
 def make_placer(shardings: Any, shapes: Mapping[str, tuple[int, ...]], dtype: Any) -> Placer:
     """Where each array goes: host numpy (None), a Mesh (the rules of parallel.py), or a mapping of
     "/"-joined paths to Shardings. Each array is put on its devices as soon as it is read."""
-    from jax.sharding import Mesh
-
     if shardings is None:
         def to_host(path: str, array: np.ndarray) -> Any:
             return jax.numpy.asarray(array.astype(dtype, copy=False))
         return to_host
     if isinstance(shardings, Mesh):
-        from pdpo_jax import parallel
-
         mesh = shardings
         specs = parallel.partition_specs_for_shapes(shapes, parallel.DEFAULT_RULES, mesh)
         shardings = {path: jax.sharding.NamedSharding(mesh, spec) for path, spec in specs.items()}
@@ -236,8 +235,6 @@ def read_config(model_dir: Path, **overrides: Any) -> ModelConfig:
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    from pdpo_jax.model.decoder import param_shapes
-
     flat = traverse_util.flatten_dict(param_shapes(config), sep="/")
     return {path: tuple(leaf.shape) for path, leaf in flat.items()}
 

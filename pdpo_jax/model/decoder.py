@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pdpo_jax.model.config import ModelConfig
-from pdpo_jax.model.matmul import matmul_last_axis
+from pdpo_jax.matmul import matmul_last_axis
 
 Array = jax.Array
 # finite, so a fully masked (padding) row softmaxes to a uniform row instead of NaN

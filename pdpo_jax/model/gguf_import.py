@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from pdpo_jax.errors import PdpoError
+
 # Written last into a converted directory; its presence means the directory is complete.
 COMPLETE_MARKER = "gguf_source.json"
 # Bumped whenever the conversion changes what it writes, so stale caches are rebuilt.
@@ -66,7 +68,7 @@ _GLOBAL_TENSORS = {
 }
 
 
-class GGUFImportError(ValueError):
+class GGUFImportError(PdpoError):
     """A GGUF file that cannot be turned into a Hugging Face directory; the message names it."""
 
 

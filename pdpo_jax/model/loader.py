@@ -1,8 +1,8 @@
-"""load_model: config, parameters and tokenizer of one model directory in one call.
+"""`load_model`: config, parameters and tokenizer of one model directory in one call.
 
 A directory is either a Hugging Face model (safetensors / msgpack / pickle weights) or one written
-by training (`pdpo_jax.train.checkpoints.save_best_params`: orbax `params/` beside the same
-`config.json` and tokenizer files); both load the same way.
+by training (`pdpo_jax.model.model_dir`: orbax `params/` beside the same `config.json` and
+tokenizer files); both load the same way. `default` names the bundled model.
 """
 
 from __future__ import annotations
@@ -10,40 +10,69 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jax
 from flax import traverse_util
 
+from pdpo_jax.errors import ModelDirError
 from pdpo_jax.model.checkpoint import load_hf, read_config
 from pdpo_jax.model.config import ModelConfig
+from pdpo_jax.model.decoder import param_shapes
+from pdpo_jax.model.default_model import default_model_dir
+from pdpo_jax.model.model_dir import has_tokenizer_files, is_orbax_model_dir, restore_params
+from pdpo_jax.parallel import param_shardings
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+ComputeDtype = Literal["float32", "bfloat16"]
 
 
 @dataclass
-class LoadedModel:
+class Model:
+    """A loaded model: `config` (with the compute dtype and remat it runs with), `params` (a Flax
+    parameter tree), `tokenizer` (transformers, or None when the directory has none), `path`."""
+
     config: ModelConfig
     params: Any
     tokenizer: Any
     path: Path
 
 
-def has_tokenizer_files(model_dir: Path) -> bool:
-    return any((model_dir / name).is_file() for name in TOKENIZER_FILES)
+def eos_ids(model: Model) -> tuple[int, ...]:
+    """Every id that ends a sequence: the config's end-of-sequence id(s) and the tokenizer's."""
+    ids = model.config.eos_token_id
+    ids = (ids,) if isinstance(ids, int) else tuple(ids or ())
+    tokenizer_eos = getattr(model.tokenizer, "eos_token_id", None)
+    if tokenizer_eos is not None:
+        ids += (int(tokenizer_eos),)
+    ids = tuple(dict.fromkeys(int(i) for i in ids))
+    if not ids:
+        raise ModelDirError(f"{model.path}: the model has no end-of-sequence token id to stop on")
+    return ids
+
+
+def pad_id(model: Model) -> int:
+    """The id that fills padding: the tokenizer's pad, else the config's, else the first EOS id."""
+    tokenizer_pad = getattr(model.tokenizer, "pad_token_id", None)
+    if tokenizer_pad is not None:
+        return int(tokenizer_pad)
+    if model.config.pad_token_id is not None:
+        return int(model.config.pad_token_id)
+    return eos_ids(model)[0]
+
+
+def require_tokenizer(model: Model) -> Any:
+    if model.tokenizer is None:
+        raise ModelDirError(f"{model.path}: no tokenizer files next to the model; turning text into tokens needs one")
+    return model.tokenizer
 
 
 def load_orbax_params(model_dir: Path, *, dtype: Any = None, shardings: Any = None) -> tuple[ModelConfig, Any]:
-    """(ModelConfig, params) from a `save_best_params` directory, restored straight onto `shardings`
+    """(ModelConfig, params) from a training-written directory, restored straight onto `shardings`
     (None: the default device; a Mesh: the partition rules; or {"a/b/kernel": Sharding}) in `dtype`."""
-    from pdpo_jax.model.decoder import param_shapes
-    from pdpo_jax.parallel import param_shardings
-    from pdpo_jax.train.checkpoints import restore_params
-
     config = read_config(model_dir)
     shapes = param_shapes(config)
     if shardings is None:
-        placement = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), shapes)
+        placement = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), shapes)
     elif isinstance(shardings, jax.sharding.Mesh):
         placement = param_shardings(shapes, shardings)
     else:
@@ -58,25 +87,44 @@ def load_orbax_params(model_dir: Path, *, dtype: Any = None, shardings: Any = No
     return config, restore_params(model_dir, abstract)
 
 
-def load_model(path: str | os.PathLike, *, dtype: Any = None, mesh: Any = None, allow_pickle: bool = False) -> LoadedModel:
-    """`path` is a Hugging Face model directory, a directory written by `save_best_params`, or
-    "default" for the bundled model. `dtype` is the parameter dtype (default float32); `mesh` is
-    None, a Mesh, or a {"a/b/kernel": Sharding} mapping."""
-    from pdpo_jax.train.checkpoints import is_orbax_model_dir
-
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """The directory `path` names ("default": the bundled model, materialized on first use)."""
     if os.fspath(path) == "default":
-        from pdpo_jax.model.default_model import default_model_dir
-
-        path = default_model_dir()
+        return default_model_dir()
     model_dir = Path(path)
+    if not model_dir.is_dir():
+        raise ModelDirError(f"{model_dir}: model directory not found")
+    if not (model_dir / "config.json").is_file():
+        raise ModelDirError(f"{model_dir}: no config.json (is this a model directory?)")
+    return model_dir
+
+
+def load_model(path: str | os.PathLike, *, dtype: Any = None, mesh: Any = None, compute_dtype: ComputeDtype | None = None,
+               remat: bool | None = None, tokenizer: str | os.PathLike | None = None,
+               allow_pickle: bool = False) -> Model:
+    """The model at `path`: a Hugging Face directory, a directory written by training, or
+    "default" for the bundled model.
+
+    `dtype` is the parameter dtype (default float32); `mesh` is None (one local device), a Mesh
+    (parameters placed by the partition rules as they are read), or a {"a/b/kernel": Sharding}
+    mapping. `compute_dtype` and `remat` override the config's; `tokenizer` loads the tokenizer
+    from another directory.
+    """
+    model_dir = resolve_model_dir(path)
     if is_orbax_model_dir(model_dir):
         config, params = load_orbax_params(model_dir, dtype=dtype, shardings=mesh)
     else:
         config, params = load_hf(model_dir, dtype=dtype, shardings=mesh, allow_pickle=allow_pickle)
-    tokenizer = None
-    if has_tokenizer_files(model_dir):
+    if compute_dtype is not None:
+        config = config.replace(dtype=compute_dtype)
+    if remat is not None:
+        config = config.replace(remat=remat)
+    tokenizer_dir = Path(tokenizer) if tokenizer is not None else model_dir
+    loaded_tokenizer = None
+    if has_tokenizer_files(tokenizer_dir):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(os.fspath(model_dir))
-    return LoadedModel(config=config, params=params, tokenizer=tokenizer, path=model_dir)
-
+        loaded_tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer_dir))
+    elif tokenizer is not None:
+        raise ModelDirError(f"{tokenizer_dir}: no tokenizer files here")
+    return Model(config=config, params=params, tokenizer=loaded_tokenizer, path=model_dir)

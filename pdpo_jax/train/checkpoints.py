@@ -4,7 +4,8 @@
 position, best-so-far, RNG seed) written together by one CheckpointManager, so a kill at any moment
 leaves either the previous complete checkpoint or the new one, never a mix. `stage_dir/best/`
 holds the best parameters as a plain orbax tree beside the model's `config.json` and tokenizer
-files, so `load_model(stage_dir / "best")` opens it like a Hugging Face directory.
+files (the layout of `pdpo_jax.model.model_dir`), so `load_model(stage_dir / "best")` opens it
+like a Hugging Face directory.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from pdpo_jax.atomic import atomic_write_json
+from pdpo_jax.files import atomic_write_json
+from pdpo_jax.model.model_dir import copy_model_files, write_params
 
-PARAMS_DIR = "params"
 BEST_INFO = "best.json"
 
 
@@ -73,11 +74,9 @@ def save_best_params(best_dir: str | Path, params: Any, model_dir: str | Path, i
         shutil.rmtree(tmp_dir, ignore_errors=True)
         tmp_dir.mkdir(parents=True)
     _sync("pdpo_best_params_start")
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(tmp_dir / PARAMS_DIR, params)
-        checkpointer.wait_until_finished()
+    write_params(tmp_dir, params)
     if primary:
-        copy_model_files(model_dir, tmp_dir)
+        copy_model_files(model_dir, tmp_dir, skip=(BEST_INFO,))
         atomic_write_json(tmp_dir / BEST_INFO, info)
         shutil.rmtree(old_dir, ignore_errors=True)
         if best_dir.exists():
@@ -102,36 +101,6 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def copy_model_files(model_dir: str | Path, out_dir: str | Path) -> None:
-    """Copies `config.json`, `generation_config.json` and tokenizer files (not weights)."""
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    for source in model_dir.iterdir():
-        is_weights = source.suffix in (".safetensors", ".msgpack", ".bin", ".gguf") or source.name.endswith(".index.json")
-        if source.is_file() and not is_weights and source.name != BEST_INFO:
-            shutil.copy2(source, out_dir / source.name)
-
-
-def is_orbax_model_dir(path: str | Path) -> bool:
-    """A directory written by `save_best_params`: orbax `params/` beside `config.json`."""
-    return (Path(path) / PARAMS_DIR).is_dir() and (Path(path) / "config.json").is_file()
-
-
-def restore_params(model_dir: str | Path, abstract_params: Any) -> Any:
-    """Restores `model_dir/params` onto the shapes, dtypes and shardings of `abstract_params`
-    (ShapeDtypeStructs with `.sharding`; a different dtype than the saved one is cast on restore)."""
-    path = Path(model_dir).absolute() / PARAMS_DIR
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no orbax parameter checkpoint here (written by save_best_params)")
-    with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(path, abstract_params)
-
-
 def read_best_info(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir) / BEST_INFO
     return json.loads(path.read_text()) if path.exists() else {}
-
-
-def abstract_like(tree: Any, shardings: Any) -> Any:
-    return jax.tree_util.tree_map(
-        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), tree, shardings
-    )

@@ -9,9 +9,7 @@ log of a resumed run equals that of an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +19,14 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from pdpo_jax.atomic import atomic_write_text
+from pdpo_jax.errors import RunFailed
+from pdpo_jax.metrics_log import MetricsLog, json_float
 from pdpo_jax.losses import Metrics, finalize_metrics, merge_metrics
-from pdpo_jax.train.checkpoints import TrainCheckpointer, abstract_like, recover_best_dir, save_best_params
+from pdpo_jax.model.model_dir import abstract_like
+from pdpo_jax.train.checkpoints import TrainCheckpointer, recover_best_dir, save_best_params
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RunFailed):
     """A non-finite loss; the last good checkpoint on disk is untouched."""
 
 
@@ -54,49 +54,6 @@ class LoopPlan:
 def total_steps(epochs: int, steps_per_epoch: int, max_steps: int | None) -> int:
     steps = epochs * steps_per_epoch
     return min(steps, max_steps) if max_steps else steps
-
-
-class MetricsLog:
-    """`metrics.jsonl` plus TensorBoard scalars; lines past `resume_step` are dropped on open
-    (all of them when -1), so a resumed log equals an uninterrupted one."""
-
-    def __init__(self, stage_dir: Path, resume_step: int, enabled: bool = True):
-        self.path = stage_dir / "metrics.jsonl"
-        self.enabled = enabled  # one writer per run: the first process
-        self._tensorboard = None
-        if not enabled:
-            return
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if _line_step(line) <= resume_step]
-            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
-        from tensorboardX import SummaryWriter
-
-        self._tensorboard = SummaryWriter(str(stage_dir / "tensorboard"))
-
-    def write(self, step: int, split: str, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        record = {"step": step, "split": split, **{k: _json_float(v) for k, v in values.items()}}
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-        for name, value in values.items():
-            if math.isfinite(value):
-                self._tensorboard.add_scalar(f"{split}/{name}", value, step)
-
-    def close(self) -> None:
-        if self._tensorboard is not None:
-            self._tensorboard.close()
-
-
-def _line_step(line: str) -> float:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return math.inf  # a torn line: drop it
-
-
-def _json_float(value: float) -> float | None:
-    return value if math.isfinite(value) else None
 
 
 def evaluate(eval_fn: Callable[[Any, Any], Metrics], params: Any, batches: list[Any],
@@ -154,7 +111,7 @@ def run_loop(plan: LoopPlan, state: Any, *, step_fn: Callable, eval_fn: Callable
             meta.update(best_value=value, best_step=step)
             save_best_params(stage_dir / "best", state.params, plan.model_dir,
                              {"step": step, "metric": plan.select_metric, "value": value,
-                              "val": {k: _json_float(v) for k, v in values.items()}})
+                              "val": {k: json_float(v) for k, v in values.items()}})
         best = "none yet" if meta["best_value"] is None else f"{meta['best_value']:.4f} at step {meta['best_step']}"
         if primary:
             bar.write(f"[{plan.description}] step {step} val {plan.select_metric}={value:.4f} (best {best})")
@@ -197,17 +154,3 @@ def run_loop(plan: LoopPlan, state: Any, *, step_fn: Callable, eval_fn: Callable
         checkpointer.close()
     return {"final_step": step, "best_step": meta["best_step"], "best_value": meta["best_value"],
             "select_metric": plan.select_metric, "state": state}
-
-
-def run_stage_main(argv: list[str], prog: str, description: str, run: Callable[[Any], Any]) -> int:
-    """The `main` of a training stage: parse `--config ... key=value`, run, and turn a diverged run
-    into exit status 1 with the message (the last good checkpoint stays on disk)."""
-    from pdpo_jax.stage import parse_stage_args
-
-    config = parse_stage_args(argv, prog, description)
-    try:
-        run(config)
-    except TrainingDiverged as err:
-        print(f"{prog}: {err}", file=sys.stderr)
-        return 1
-    return 0

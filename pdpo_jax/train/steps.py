@@ -21,21 +21,10 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from pdpo_jax.data.batching import SCORED_POSITIONS
-from pdpo_jax.losses import (
-    Metrics,
-    dpo_loss,
-    merge_metrics,
-    sequence_logprobs,
-    sft_loss,
-    split_chosen_rejected,
-    token_logprobs_at,
-    token_logprobs_from_hidden,
-)
-from pdpo_jax.model import Decoder, ModelConfig, unembedding
-from pdpo_jax.parallel import BATCH_AXES, param_shardings, replicated
-
-LOGPROB_CHUNK = 256  # positions per chunk of fp32 logits when scoring (bounds [B, chunk, V] memory)
+from pdpo_jax.losses import Metrics, dpo_loss, merge_metrics, sft_loss, split_chosen_rejected
+from pdpo_jax.model import ModelConfig
+from pdpo_jax.parallel import BATCH_AXES, param_shardings, place_batch, replicated
+from pdpo_jax.scoring import sequence_scores, token_logps
 
 Objective = Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, Metrics]]
 """`(params, micro_batch) -> (summed loss, metrics)`; `metrics["loss"][1]` is what the sum is over."""
@@ -49,37 +38,6 @@ class TrainState(struct.PyTreeNode):
 
 def create_train_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
-
-
-# --- scoring ----------------------------------------------------------------------------------------
-
-
-def token_logps(params: Any, config: ModelConfig, batch: dict[str, jax.Array]) -> jax.Array:
-    """log p(targets) at every position of a layout batch, `[batch, length]` fp32.
-
-    With `scored_positions` in the batch (see `pdpo_jax.data.with_scored_positions`) only those
-    positions are projected onto the vocabulary and every other one reads 0: the same values
-    wherever `loss_mask` is non-zero, for a fraction of the work when prompts are long.
-    """
-    hidden, _ = Decoder(config).apply(
-        {"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"],
-        branch_ids=batch.get("branch_ids"), return_hidden=True,
-    )
-    kernel = unembedding(params, config).astype(hidden.dtype)
-    if SCORED_POSITIONS in batch:
-        return token_logprobs_at(hidden, kernel, batch["targets"], batch[SCORED_POSITIONS], chunk_size=LOGPROB_CHUNK)
-    return token_logprobs_from_hidden(hidden, kernel, batch["targets"], chunk_size=LOGPROB_CHUNK)
-
-
-def sequence_scores(params: Any, config: ModelConfig, batch: dict[str, jax.Array],
-                    num_sequences: int) -> tuple[jax.Array, jax.Array]:
-    """Summed response log-probs and token counts of every scored sequence, both `[num_sequences]`.
-
-    The one scoring function: DPO's reference log-probs and DNLI candidate ranking both use it.
-    Jit it with `config` and `num_sequences` static.
-    """
-    logps = token_logps(params, config, batch)
-    return sequence_logprobs(logps, batch["loss_mask"], batch["sequence_ids"], num_sequences)
 
 
 # --- objectives -------------------------------------------------------------------------------------
@@ -108,26 +66,19 @@ def pairs_in(batch: dict[str, jax.Array]) -> int:
     raise KeyError("a DPO batch needs `ref_chosen_logps`/`ref_rejected_logps` (or, reference-free, a `pair_mask`)")
 
 
-def dpo_objective(params: Any, batch: dict[str, jax.Array], *, config: ModelConfig, settings: DPOSettings,
-                  reference_params: Any = None) -> tuple[jax.Array, Metrics]:
+def dpo_objective(params: Any, batch: dict[str, jax.Array], *, config: ModelConfig,
+                  settings: DPOSettings) -> tuple[jax.Array, Metrics]:
     """Summed DPO loss of one micro-batch: one policy forward over every chosen and rejected sequence.
 
     Reference log-probs come with the batch (`ref_chosen_logps`, `ref_rejected_logps`, `[pairs]`):
-    they were computed once by `sequence_scores` with the frozen SFT model. `reference_params`
-    instead scores the reference live inside the step (a second forward per micro-batch); it exists
-    to check that precomputed log-probs give the same step, not for training. Those parameters are
-    closed over by the jitted step, so they must not share buffers with the donated train state.
+    they were computed once by `sequence_scores` with the frozen SFT model, so the step never runs
+    the reference.
     """
     num_pairs = pairs_in(batch)
     logps, _ = sequence_scores(params, config, batch, 2 * num_pairs)
     policy_chosen, policy_rejected = split_chosen_rejected(logps)
-    if reference_params is None:
-        ref_chosen, ref_rejected = batch.get("ref_chosen_logps"), batch.get("ref_rejected_logps")
-    else:
-        ref_logps, _ = sequence_scores(jax.lax.stop_gradient(reference_params), config, batch, 2 * num_pairs)
-        ref_chosen, ref_rejected = split_chosen_rejected(ref_logps)
     loss, metrics = dpo_loss(
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+        policy_chosen, policy_rejected, batch.get("ref_chosen_logps"), batch.get("ref_rejected_logps"),
         beta=settings.beta, loss_type=settings.loss_type, label_smoothing=settings.label_smoothing,
         reference_free=settings.reference_free, pair_mask=batch.get("pair_mask"),
     )
@@ -198,12 +149,7 @@ def micro_batch_sharding(mesh: Mesh) -> NamedSharding:
 def put_micro_batches(host_batch: dict[str, np.ndarray], mesh: Mesh | None = None) -> dict[str, jax.Array]:
     """Host micro-batch stack onto devices: the default device, or split over the mesh's batch axes
     (on several hosts each process passes its own rows of every micro-batch)."""
-    if mesh is None:
-        return jax.device_put(host_batch)
-    sharding = micro_batch_sharding(mesh)
-    if jax.process_count() == 1:
-        return jax.device_put(host_batch, sharding)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in host_batch.items()}
+    return place_batch(host_batch, mesh, batch_axis=1, rows="local")
 
 
 def state_shardings(params_shape: Any, optimizer: optax.GradientTransformation, mesh: Mesh | None = None) -> TrainState:
@@ -212,7 +158,7 @@ def state_shardings(params_shape: Any, optimizer: optax.GradientTransformation, 
     counts) replicated. Without a mesh, everything on the default device. Also what an abstract
     restore target carries."""
     if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shapes = jax.eval_shape(partial(create_train_state, optimizer=optimizer), params_shape)
         return jax.tree_util.tree_map(lambda _: device, shapes)
     params = param_shardings(params_shape, mesh)

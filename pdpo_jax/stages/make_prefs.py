@@ -30,43 +30,47 @@ the longer of chosen and rejected fits. The history stored in the record is the 
 the DPO stage rebuilds exactly the prompt that was scored. A generator with another tokenizer
 works: negatives cross between models as text and are re-tokenized for the reference.
 
-Checkpoint digests are sha256 over the weight files' names, sizes and contents: `*.safetensors`,
-`*.msgpack`, `*.bin`, `*.gguf` and `*.index.json` of a Hugging Face directory, or every file
-under `params/` of an orbax directory (a stage's `best/`). Contents, not modification times, so a
-copied checkpoint keeps its digest and a retrained one never does.
+The generator and reference digests (`pdpo_jax.model.digest`) cover the architecture and every
+weight by name, shape, dtype and bytes: equal for equal models however they were saved, different
+for a retrained one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-from pdpo_jax.atomic import append_jsonl, atomic_write_json, atomic_write_jsonl, is_done, mark_done
-from pdpo_jax.config import ConfigError, RunConfig, config_to_dict, load_config
-from pdpo_jax.stage import write_resolved_config
+import numpy as np
+from tqdm.auto import tqdm
+
+from pdpo_jax.config import RunConfig, config_to_dict
+from pdpo_jax.data import PromptEncoder, shared_prompt_batch, with_scored_positions
+from pdpo_jax.data.corpus import prepare_corpus
 from pdpo_jax.data.examples import Example, examples_from_dialogues
 from pdpo_jax.data.overlap import normalize_utterance
+from pdpo_jax.data.preferences import (
+    DEGENERATE_REASONS,
+    SPLITS,
+    SUMMARY_FILE,
+    PrefsError,
+    read_shard,
+    shard_path,
+)
+from pdpo_jax.data.shuffle import persona_derangement
+from pdpo_jax.files import append_jsonl, atomic_write_json, atomic_write_jsonl, is_done, mark_done
+from pdpo_jax.generation import context_limit, respond, sampler_description, sampler_from_config
+from pdpo_jax.model import Model
+from pdpo_jax.model.digest import model_digest
+from pdpo_jax.scoring import make_scorer
+from pdpo_jax.stages.common import load_for_run, stage_parser, config_from_args, write_resolved_config
 
-SPLITS = ("train", "val")
-DEGENERATE_REASONS = ("empty", "same_as_chosen", "truncated")
-SHARD_PATTERN = "shard-{:05d}.jsonl"
 SETTINGS_FILE = "settings.json"
-SUMMARY_FILE = "summary.json"
-WEIGHT_SUFFIXES = (".safetensors", ".msgpack", ".bin", ".gguf")
-LOGP_SLACK = 1e-3  # a sum of log-probs is <= 0; allow float rounding above it
-
-
-class PrefsError(ValueError):
-    """Preference records that cannot be made or read as asked; the message names the file."""
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -89,149 +93,8 @@ def degenerate_reasons(rejected: str, chosen: str, stopped: bool) -> list[str]:
     return reasons
 
 
-def checkpoint_digest(model_dir: str | os.PathLike) -> str:
-    model_dir = Path(model_dir)
-    if (model_dir / "params").is_dir():
-        files = [p for p in (model_dir / "params").rglob("*") if p.is_file()]
-    else:
-        files = [p for p in model_dir.iterdir()
-                 if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".index.json"))]
-    if not files:
-        raise PrefsError(f"{model_dir}: no weight files to digest")
-    digest = hashlib.sha256()
-    for path in sorted(files, key=lambda p: p.relative_to(model_dir).as_posix()):
-        digest.update(path.relative_to(model_dir).as_posix().encode() + b"\x00")
-        digest.update(path.stat().st_size.to_bytes(8, "big"))
-        with open(path, "rb") as handle:
-            for block in iter(partial(handle.read, 1 << 20), b""):
-                digest.update(block)
-    return "sha256:" + digest.hexdigest()
-
-
-def shard_path(prefs_dir: str | os.PathLike, split: str, index: int) -> Path:
-    return Path(prefs_dir) / split / SHARD_PATTERN.format(index)
-
-
 def shard_count(examples: int, shard_size: int) -> int:
     return math.ceil(examples / shard_size)
-
-
-# ----------------------------------------------------------------------------- records
-
-
-def _is_str(v: Any) -> bool:
-    return isinstance(v, str)
-
-
-def _is_str_list(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(s, str) for s in v)
-
-
-def _is_count(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _is_logp(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v <= LOGP_SLACK
-
-
-# field -> check; every record has exactly these fields
-RECORD_FIELDS: dict[str, Any] = {
-    "example_id": _is_str,
-    "dialogue_id": _is_str,
-    "donor_dialogue_id": _is_str,
-    "split": lambda v: v in SPLITS,
-    "persona": _is_str_list,
-    "donor_persona": _is_str_list,
-    "history": _is_str_list,
-    "history_turns_dropped": _is_count,
-    "chosen": _is_str,
-    "rejected": _is_str,
-    "shuffled": lambda v: isinstance(v, bool),
-    "generator": _is_str,
-    "generator_digest": lambda v: isinstance(v, str) and v.startswith("sha256:"),
-    "reference": _is_str,
-    "reference_digest": lambda v: isinstance(v, str) and v.startswith("sha256:"),
-    "sampler": lambda v: isinstance(v, dict) and isinstance(v.get("kind"), str),
-    "max_new_tokens": _is_count,
-    "sample_seed": _is_count,
-    "sample_row": _is_count,
-    "ref_chosen_logp": _is_logp,
-    "ref_rejected_logp": _is_logp,
-    "chosen_tokens": lambda v: _is_count(v) and v > 0,
-    "rejected_tokens": lambda v: _is_count(v) and v > 0,
-    "degenerate": lambda v: isinstance(v, list) and all(r in DEGENERATE_REASONS for r in v),
-    "dropped": lambda v: isinstance(v, bool),
-}
-
-
-def validate_record(record: Any, where: str) -> dict[str, Any]:
-    if not isinstance(record, dict):
-        raise PrefsError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
-    missing = [k for k in RECORD_FIELDS if k not in record]
-    if missing:
-        raise PrefsError(f"{where}: record lacks field(s) {missing}")
-    unknown = sorted(set(record) - set(RECORD_FIELDS))
-    if unknown:
-        raise PrefsError(f"{where}: unknown field(s) {unknown}")
-    for key, check in RECORD_FIELDS.items():
-        if not check(record[key]):
-            raise PrefsError(f"{where}: field {key!r} has an invalid value {record[key]!r}")
-    if record["dropped"] and not record["degenerate"]:
-        raise PrefsError(f"{where}: record is marked dropped but not degenerate")
-    return record
-
-
-def read_shard(path: Path) -> list[dict[str, Any]]:
-    """Every record of one shard file, validated; errors name the file and line."""
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        where = f"{path}:{number}"
-        if not line.strip():
-            raise PrefsError(f"{where}: empty line")
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise PrefsError(f"{where}: not valid JSON ({err.msg})") from None
-        records.append(validate_record(record, where))
-    return records
-
-
-def read_preference_pairs(prefs_dir: str | os.PathLike, split: str, *, include_dropped: bool = False) -> list[dict[str, Any]]:
-    """The records of one split of a finished `make-prefs` stage, in corpus order.
-
-    Records marked `dropped` (degenerate negatives under `prefs.drop_degenerate`) are left out
-    unless `include_dropped`. Raises PrefsError naming the file and line of the first bad record,
-    and when the stage is unfinished, a shard is missing, or the counts disagree with the summary.
-    """
-    prefs_dir = Path(prefs_dir)
-    if split not in SPLITS:
-        raise PrefsError(f"split must be one of {SPLITS}, got {split!r}")
-    if not is_done(prefs_dir):
-        raise PrefsError(f"{prefs_dir}: no DONE marker; the make-prefs stage has not finished (run `pdpo make-prefs`)")
-    summary_path = prefs_dir / SUMMARY_FILE
-    try:
-        expected = json.loads(summary_path.read_text(encoding="utf-8"))["splits"][split]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise PrefsError(f"{summary_path}: unreadable or without counts for split {split!r} ({err!r})") from None
-    found = sorted((prefs_dir / split).glob("shard-*.jsonl"))
-    wanted = [shard_path(prefs_dir, split, k) for k in range(expected["shards"])]
-    if found != wanted:
-        missing = sorted(set(wanted) - set(found))
-        extra = sorted(set(found) - set(wanted))
-        raise PrefsError(f"{prefs_dir / split}: shard files do not match the summary (missing {missing}, unexpected {extra})")
-    records, seen = [], {}
-    for path in wanted:
-        for number, record in enumerate(read_shard(path), 1):
-            if record["split"] != split:
-                raise PrefsError(f"{path}:{number}: record of split {record['split']!r} in the {split!r} folder")
-            if record["example_id"] in seen:
-                raise PrefsError(f"{path}:{number}: example {record['example_id']!r} repeats {seen[record['example_id']]}")
-            seen[record["example_id"]] = f"{path}:{number}"
-            records.append(record)
-    if len(records) != expected["records"]:
-        raise PrefsError(f"{prefs_dir / split}: {len(records)} records, the summary says {expected['records']}")
-    return [r for r in records if include_dropped or not r["dropped"]]
 
 
 # ----------------------------------------------------------------------------- building
@@ -249,15 +112,13 @@ class Side:
     """A model opened for one role (generator or reference) with what a record says about it."""
 
     name: str  # as configured
-    model: Any  # LoadedModel
-    encoder: Any  # PromptEncoder
+    model: Model
+    encoder: PromptEncoder
     digest: str
 
 
 def plan_split(dialogues: Sequence[Any], shuffle: bool, seed: int) -> list[PairJob]:
     """Every example of `dialogues` with the persona it is sampled under, in corpus order."""
-    from pdpo_jax.data.shuffle import persona_derangement
-
     donors = persona_derangement(dialogues, seed=seed, shuffle=shuffle)
     persona_of = {d.id: tuple(d.persona) for d in dialogues}
     return [PairJob(ex, donors[ex.dialogue_id], persona_of[donors[ex.dialogue_id]]) for ex in examples_from_dialogues(dialogues)]
@@ -268,32 +129,22 @@ def resolve_model_paths(config: RunConfig) -> tuple[str, str]:
     return config.prefs.generator or sft_best, config.prefs.reference or sft_best
 
 
-def model_dir_of(name: str) -> Path:
-    if name == "default":
-        from pdpo_jax.model.default_model import default_model_dir
-
-        return default_model_dir()
-    if not Path(name).is_dir():
-        hint = " (the SFT stage's output: run `pdpo sft` first, or set prefs.generator / prefs.reference)" \
-            if Path(name).parts[-2:] == ("sft", "best") else ""
-        raise PrefsError(f"model directory not found: {name}{hint}")
-    return Path(name)
-
-
-def open_side(name: str, digest: str, config: RunConfig, cache: dict[str, Side]) -> Side:
+def open_side(name: str, config: RunConfig, cache: dict[str, Side]) -> Side:
     """The model `name` on one device (one load when generator and reference are the same)."""
     if name in cache:
         return cache[name]
-    from pdpo_jax.data.tokenization import PromptEncoder
-    from pdpo_jax.stage import load_for_run
-
-    model = load_for_run(model_dir_of(name), config, mesh=None)
-    cache[name] = Side(name, model, PromptEncoder(model.tokenizer, config.data.template), digest)
+    if name != "default" and not Path(name).is_dir():
+        hint = " (the SFT stage's output: run `pdpo sft` first, or set prefs.generator / prefs.reference)" \
+            if Path(name).parts[-2:] == ("sft", "best") else ""
+        raise PrefsError(f"model directory not found: {name}{hint}")
+    model = load_for_run(name, config, mesh=None)
+    cache[name] = Side(name, model, PromptEncoder(model.tokenizer, config.data.template), model_digest(model))
     return cache[name]
 
 
-def settings_of(config: RunConfig, digests: dict[str, str]) -> dict[str, Any]:
-    """Everything the records depend on; equal settings give byte-identical shards."""
+def settings_of(config: RunConfig, digests: dict[str, str] | None) -> dict[str, Any]:
+    """Everything the records depend on; equal settings give byte-identical shards. Without
+    `digests`, the models are left out of the comparison with earlier settings (see check_settings)."""
     full = config_to_dict(config)
     generator, reference = resolve_model_paths(config)
     return {
@@ -301,8 +152,8 @@ def settings_of(config: RunConfig, digests: dict[str, str]) -> dict[str, Any]:
         "data": full["data"],
         "prefs": full["prefs"],
         "model_dtype": config.model.dtype,
-        "generator": {"path": generator, "digest": digests[generator]},
-        "reference": {"path": reference, "digest": digests[reference]},
+        "generator": {"path": generator, "digest": None if digests is None else digests[generator]},
+        "reference": {"path": reference, "digest": None if digests is None else digests[reference]},
     }
 
 
@@ -311,6 +162,9 @@ def check_settings(prefs_dir: Path, settings: dict[str, Any]) -> None:
     path = prefs_dir / SETTINGS_FILE
     has_shards = any(prefs_dir.glob("*/shard-*.jsonl")) or is_done(prefs_dir)
     old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    if old is not None and settings["generator"]["digest"] is None:
+        for side in ("generator", "reference"):
+            settings[side]["digest"] = old.get(side, {}).get("digest")
     if old is None or not has_shards:
         atomic_write_json(path, settings)
         return
@@ -331,31 +185,22 @@ def _first_difference(old: Any, new: Any, prefix: str = "") -> str:
 
 
 class ScoreFn:
-    """The reference's summed log-probs of [prompt | chosen | rejected] rows, by the shared
-    `sequence_scores` (the function DNLI ranking uses), jitted once per batch shape."""
+    """The reference's summed log-probs of [prompt | chosen | rejected] rows, by the shared scorer
+    (the one DNLI ranking uses), in batches of a fixed number of rows."""
 
     def __init__(self, side: Side, rows: int, length_bucket: int):
-        import jax
-
-        from pdpo_jax.train.steps import sequence_scores
-
-        self.side, self.rows, self.length_bucket = side, rows, length_bucket
-        self._jitted = jax.jit(sequence_scores, static_argnames=("config", "num_sequences"))
+        self.rows, self.length_bucket = rows, length_bucket
+        self._scorer = make_scorer(side.model, num_sequences=2 * rows)
 
     def __call__(self, prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]]):
-        import numpy as np
-
-        from pdpo_jax.data.batching import shared_prompt_batch, with_scored_positions
-
         fill = self.rows - len(prompts)
         batch = with_scored_positions(shared_prompt_batch(
             prompts + [prompts[-1]] * fill,
             [[c, r] for c, r in zip(chosen + [chosen[-1]] * fill, rejected + [rejected[-1]] * fill)],
             bucket=self.length_bucket,
         ))
-        logps, counts = self._jitted(self.side.model.params, self.side.model.config,
-                                     {k: np.asarray(v) for k, v in batch.items()}, num_sequences=2 * self.rows)
-        logps, counts = np.asarray(logps, np.float64), np.asarray(counts)
+        logps, counts = self._scorer({k: np.asarray(v) for k, v in batch.items()})
+        logps = logps.astype(np.float64)
         n = len(prompts)
         return logps[0 : 2 * n : 2], logps[1 : 2 * n : 2], counts[0 : 2 * n : 2], counts[1 : 2 * n : 2]
 
@@ -379,14 +224,11 @@ def build_shard(jobs: Sequence[PairJob], split: str, shard: int, config: RunConf
 def batch_records(batch_jobs: Sequence[PairJob], split: str, seed: int, config: RunConfig, generator: Side,
                   reference: Side, score: ScoreFn, sampler: Any) -> list[dict[str, Any]]:
     """The records of one sampling batch: negatives drawn with `seed`, both sides scored."""
-    from pdpo_jax.respond import context_limit, fit_history, respond
-    from pdpo_jax.sample import sampler_description
-
     prefs = config.prefs
     fitted = []  # (job, generation history, generation prompt ids)
     room = context_limit(generator.model, config.data.max_length) - prefs.max_new_tokens
     for job in batch_jobs:
-        history = fit_history(generator.encoder, job.donor_persona, job.example.history, room)
+        history = generator.encoder.fit_history(job.donor_persona, job.example.history, room)
         if history is None:
             _too_long(config, job, f"the donor persona leaves no room for {prefs.max_new_tokens} new tokens")
             continue
@@ -400,8 +242,8 @@ def batch_records(batch_jobs: Sequence[PairJob], split: str, seed: int, config: 
     for row, ((job, history, _), response) in enumerate(zip(fitted, responses)):
         chosen_ids = reference.encoder.response_ids(job.example.response)
         rejected_ids = reference.encoder.response_ids(response.text)
-        pair_history = fit_history(reference.encoder, job.example.persona, history,
-                                   limit - max(len(chosen_ids), len(rejected_ids)))
+        pair_history = reference.encoder.fit_history(job.example.persona, history,
+                                                     limit - max(len(chosen_ids), len(rejected_ids)))
         if pair_history is None:
             _too_long(config, job, "the persona and the longer response alone exceed data.max_length")
             continue
@@ -453,10 +295,6 @@ def _too_long(config: RunConfig, job: PairJob, why: str) -> None:
         )
 
 
-def write_shard(path: Path, records: list[dict[str, Any]]) -> None:
-    atomic_write_jsonl(path, records)
-
-
 def split_summary(prefs_dir: Path, split: str, jobs: Sequence[PairJob], shard_size: int) -> dict[str, Any]:
     """Counts recomputed from the shard files, so a resumed run reports what one run would."""
     shards = shard_count(len(jobs), shard_size)
@@ -480,22 +318,17 @@ def split_summary(prefs_dir: Path, split: str, jobs: Sequence[PairJob], shard_si
 
 def make_prefs(config: RunConfig) -> dict[str, Any]:
     """Builds (or resumes) `<run_dir>/prefs`; returns the summary written with the DONE marker."""
-    from tqdm.auto import tqdm
-
-    from pdpo_jax.data.corpus import prepare_corpus
-    from pdpo_jax.sample import sampler_description, sampler_from_config
-
     prefs, prefs_dir = config.prefs, Path(config.run_dir) / "prefs"
     if prefs.batch_size < 1 or prefs.shard_size < 1 or prefs.max_new_tokens < 1:
         raise PrefsError("prefs.batch_size, prefs.shard_size and prefs.max_new_tokens must be positive")
-    names = resolve_model_paths(config)
-    digests = {name: checkpoint_digest(model_dir_of(name)) for name in set(names)}
-    check_settings(prefs_dir, settings_of(config, digests))
-    write_resolved_config(config)
     if is_done(prefs_dir):
+        # A finished folder is checked without loading the models: its digests stand for them.
+        check_settings(prefs_dir, settings_of(config, digests=None))
         return json.loads((prefs_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
     cache: dict[str, Side] = {}
-    generator, reference = (open_side(name, digests[name], config, cache) for name in names)
+    generator, reference = (open_side(name, config, cache) for name in resolve_model_paths(config))
+    check_settings(prefs_dir, settings_of(config, {side.name: side.digest for side in (generator, reference)}))
+    write_resolved_config(config)
     corpus = prepare_corpus(config.data, config.seed)
     plans = {split: plan_split(getattr(corpus, split), prefs.shuffle, prefs.seed) for split in SPLITS}
     sampler = sampler_from_config(prefs.sampler.kind, temperature=prefs.sampler.temperature,
@@ -512,7 +345,7 @@ def make_prefs(config: RunConfig) -> dict[str, Any]:
             started = time.perf_counter()
             jobs = _shard_jobs(plans[split], k, prefs.shard_size)
             records = build_shard(jobs, split, k, config, generator, reference, score, sampler, progress=bar.update)
-            write_shard(path, records)
+            atomic_write_jsonl(path, records)
             append_jsonl(prefs_dir / "metrics.jsonl", {
                 "split": split, "shard": k, "records": len(records),
                 "degenerate": sum(bool(r["degenerate"]) for r in records),
@@ -550,18 +383,8 @@ DESCRIPTION = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pdpo_jax.stage import stage_parser
-
-    args = stage_parser("pdpo make-prefs", DESCRIPTION).parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-        summary = make_prefs(config)
-    except (ConfigError, PrefsError, FileNotFoundError) as err:
-        print(f"pdpo make-prefs: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:  # data errors name their file and line
-        print(f"pdpo make-prefs: {err}", file=sys.stderr)
-        return 1
+    config = config_from_args(stage_parser("pdpo make-prefs", DESCRIPTION).parse_args(argv))
+    summary = make_prefs(config)
     prefs_dir = Path(config.run_dir) / "prefs"
     for split in SPLITS:
         counts = summary["splits"][split]
@@ -569,7 +392,3 @@ def main(argv: list[str] | None = None) -> int:
               f"({counts['degenerate_records']} degenerate, {counts['dropped']} dropped, "
               f"{len(counts['skipped_too_long'])} too long) -> {prefs_dir / split}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

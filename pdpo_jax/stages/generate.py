@@ -11,22 +11,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from pdpo_jax.atomic import atomic_write_jsonl, jsonl_objects
+from pdpo_jax.data import PromptEncoder
+from pdpo_jax.errors import PdpoError, UsageError
+from pdpo_jax.files import atomic_write_jsonl, jsonl_objects
+from pdpo_jax.generation import context_limit, respond, sampler_from_config
+from pdpo_jax.model import Model, load_model, require_tokenizer
+from pdpo_jax.stages.common import StageParser, stage_parser
 
 SAMPLERS = ("greedy", "temperature", "top_k", "top_p")
 
 
-class InputError(ValueError):
+class InputError(PdpoError):
     """A conversation that cannot be answered; the message names the file and line."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pdpo generate",
+def build_parser() -> StageParser:
+    parser = stage_parser(
+        "pdpo generate",
+        config="none",
+        epilog=None,
         description="Answer a partner's last line in character: persona sentences and the history (oldest first, "
                     "ending with the partner's line; empty when the model speaks first) in, a response out.",
     )
@@ -68,27 +74,13 @@ def read_conversations(path: Path) -> list[dict[str, Any]]:
     return conversations
 
 
-def load_template_arg(spec: str) -> Any:
-    """A preset name, or a YAML file of template fields."""
-    path = Path(spec)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        import yaml
-
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    return spec
-
-
-def answer(model: Any, conversations: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
-    from pdpo_jax.data.tokenization import PromptEncoder
-    from pdpo_jax.respond import context_limit, fit_history, respond
-    from pdpo_jax.sample import sampler_from_config
-
-    encoder = PromptEncoder(model.tokenizer, load_template_arg(args.template))
+def answer(model: Model, conversations: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    encoder = PromptEncoder(model.tokenizer, args.template)
     sampler = sampler_from_config(args.sampler, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     room = context_limit(model, args.max_length) - args.max_new_tokens
     prompts = []
     for number, item in enumerate(conversations, 1):
-        history = fit_history(encoder, item["persona"], item["history"], room)
+        history = encoder.fit_history(item["persona"], item["history"], room)
         if history is None:
             raise InputError(f"conversation {number}: the persona alone leaves no room for {args.max_new_tokens} new tokens")
         prompts.append(encoder.prompt_ids(item["persona"], history))
@@ -103,22 +95,18 @@ def answer(model: Any, conversations: list[dict[str, Any]], args: argparse.Names
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.input is not None and (args.persona or args.history):
-        parser.error("give either --input or --persona/--history, not both")
+        raise UsageError("give either --input or --persona/--history, not both")
     if args.input is None and not args.persona:
-        parser.error("give --persona (and --history), or --input FILE.jsonl")
+        raise UsageError("give --persona (and --history), or --input FILE.jsonl")
     if args.max_new_tokens < 1 or args.batch_size < 1:
-        parser.error("--max-new-tokens and --batch-size must be positive")
-    try:
-        conversations = (read_conversations(args.input) if args.input is not None
-                         else [{"persona": args.persona, "history": args.history}])
-        model = _load(args.model, args.dtype)
-        results = answer(model, conversations, args)
-    except (InputError, FileNotFoundError) as err:
-        print(f"pdpo generate: {err}", file=sys.stderr)
-        return 2
+        raise UsageError("--max-new-tokens and --batch-size must be positive")
+    conversations = (read_conversations(args.input) if args.input is not None
+                     else [{"persona": args.persona, "history": args.history}])
+    model = load_model(args.model, compute_dtype=args.dtype)
+    require_tokenizer(model)
+    results = answer(model, conversations, args)
     if args.output is not None:
         atomic_write_jsonl(args.output, results)
     elif args.input is not None:
@@ -127,18 +115,3 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(results[0]["response"])
     return 0
-
-
-def _load(path: str, dtype: str) -> Any:
-    import dataclasses
-
-    from pdpo_jax.model import load_model
-
-    model = load_model(path)
-    if model.tokenizer is None:
-        raise FileNotFoundError(f"{model.path}: no tokenizer files; cannot turn text into tokens")
-    return dataclasses.replace(model, config=model.config.replace(dtype=dtype))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,7 @@
 
 Shared by `pdpo generate` and the preference builder. Prompts are built by the data layer's
 `PromptEncoder` (the same ids SFT trains on); a history too long for the context loses its oldest
-turns first, two at a time so it still opens with a partner line, exactly like training examples.
+turns first (`PromptEncoder.fit_history`), exactly like training examples.
 Sampling stops at an end-of-sequence id; chat templates close a turn with their own token, which
 need not be the tokenizer's EOS, so the sample is cut at whichever comes first.
 """
@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 
 from pdpo_jax.data.tokenization import PromptEncoder
-from pdpo_jax.sample import Sampler, generate
+from pdpo_jax.generation.decode import generate
+from pdpo_jax.generation.sampling import Sampler
+from pdpo_jax.model import Model, eos_ids
 
 
 @dataclass(frozen=True)
@@ -26,36 +28,15 @@ class Response:
     token_ids: tuple[int, ...]  # sampled ids before the stop
 
 
-def history_drop_choices(turns: int) -> list[int]:
-    """How many of the oldest turns may be dropped, fewest first; kept histories open with a
-    partner line (a history always ends with one)."""
-    return [0] + sorted(set(range(1 + turns % 2, turns, 2)) | ({turns} if turns else set()))
-
-
-def fit_history(encoder: PromptEncoder, persona: Sequence[str], history: Sequence[str], room: int) -> tuple[str, ...] | None:
-    """The longest tail of `history` whose prompt takes at most `room` tokens; None when even the
-    persona alone does not fit."""
-    history = tuple(history)
-    for dropped in history_drop_choices(len(history)):
-        if len(encoder.prompt_ids(persona, history[dropped:])) <= room:
-            return history[dropped:]
-    return None
-
-
-def context_limit(model: Any, max_length: int | None) -> int:
+def context_limit(model: Model, max_length: int | None) -> int:
     """Tokens a prompt plus its response may take: `max_length`, never more than the model's positions."""
     limit = int(model.config.max_position_embeddings)
     return limit if max_length is None else min(limit, int(max_length))
 
 
-def stop_sequences(model: Any, encoder: PromptEncoder) -> tuple[tuple[int, ...], ...]:
+def stop_sequences(model: Model, encoder: PromptEncoder) -> tuple[tuple[int, ...], ...]:
     """Id sequences that end a sampled turn: every EOS id and the template's end-of-turn ids."""
-    eos = model.config.eos_token_id
-    eos_ids = (eos,) if isinstance(eos, int) else tuple(eos or ())
-    tokenizer_eos = getattr(model.tokenizer, "eos_token_id", None)
-    if tokenizer_eos is not None:
-        eos_ids += (int(tokenizer_eos),)
-    return tuple(dict.fromkeys([(int(i),) for i in eos_ids] + [tuple(encoder.end_of_turn_ids)]))
+    return tuple(dict.fromkeys([(i,) for i in eos_ids(model)] + [tuple(encoder.end_of_turn_ids)]))
 
 
 def cut_at_stop(token_ids: Sequence[int], stops: Sequence[Sequence[int]]) -> tuple[list[int], bool]:
@@ -85,7 +66,7 @@ def right_padded(prompts: Sequence[Sequence[int]], rows: int, pad_id: int) -> tu
     return ids, mask
 
 
-def respond(model: Any, encoder: PromptEncoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+def respond(model: Model, encoder: PromptEncoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
             sampler: Sampler | None, seed: int, rows: int | None = None) -> list[Response]:
     """One response per prompt (token ids from `encoder`), sampled in one batch of `rows` rows."""
     if not prompts:

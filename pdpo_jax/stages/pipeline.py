@@ -7,28 +7,31 @@ resumes the unfinished one where it stopped. `--stages` runs a subset (e.g. only
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any, Callable
 
-from pdpo_jax.atomic import atomic_write_json, atomic_write_text, is_done, mark_done
-from pdpo_jax.config import RunConfig, load_config
-from pdpo_jax.stage import write_resolved_config
+from pdpo_jax.config import ConfigError, RunConfig
+from pdpo_jax.errors import UsageError
+from pdpo_jax.evaluate import report as plots
+from pdpo_jax.evaluate.dnli import DnliSettings, evaluate_dnli, write_outputs
+from pdpo_jax.files import atomic_write_json, atomic_write_text, is_done, mark_done
+from pdpo_jax.model.export import export_hf
+from pdpo_jax.stages.common import config_from_args, load_for_run, stage_parser, write_resolved_config
+from pdpo_jax.stages.dpo import run_dpo
+from pdpo_jax.stages.make_prefs import make_prefs
+from pdpo_jax.stages.sft import run_sft
 
 EVALUATED_MODELS = ("sft", "dpo")
 
 
 def run_eval(config: RunConfig, which: str) -> dict[str, Any]:
-    from pdpo_jax.evaluate.dnli import DnliSettings, evaluate_dnli, write_outputs
-    from pdpo_jax.model import load_model
-
     out_dir = Path(config.run_dir) / "eval" / which
     if is_done(out_dir):
         return json.loads((out_dir / "dnli.json").read_text())
     if not config.eval.dnli:
-        raise ValueError("eval.dnli is empty: name the DNLI evaluation files to rank candidates on")
-    model = load_model(Path(config.run_dir) / which / "best", allow_pickle=config.model.allow_pickle)
+        raise ConfigError("eval.dnli is empty: name the DNLI evaluation files to rank candidates on")
+    model = load_for_run(Path(config.run_dir) / which / "best", config, mesh=None)
     settings = DnliSettings(protocol=config.eval.protocol, scoring="mean" if config.eval.length_normalized else "sum",
                             template=config.data.template, max_examples=config.eval.max_examples)
     report, records = evaluate_dnli(model, config.eval.dnli, settings, model_name=which.upper(), show_progress=True)
@@ -38,8 +41,6 @@ def run_eval(config: RunConfig, which: str) -> dict[str, Any]:
 
 
 def run_export(config: RunConfig) -> dict[str, Any]:
-    from pdpo_jax.model.export import export_hf
-
     out_dir = Path(config.run_dir) / "export"
     if not is_done(out_dir):
         export_hf(Path(config.run_dir) / "dpo" / "best", out_dir / "hf")
@@ -50,8 +51,6 @@ def run_export(config: RunConfig) -> dict[str, Any]:
 def write_summary(config: RunConfig) -> Path:
     """`summary.md` with the DNLI tables of SFT vs PseudoDPO, training figures and what each stage
     chose, plus `dnli.png` and `curves.png` beside it."""
-    from pdpo_jax.evaluate import report as plots
-
     run = Path(config.run_dir)
     out_dir = run / "summary"
     reports = [json.loads((run / "eval" / m / "dnli.json").read_text()) for m in EVALUATED_MODELS
@@ -79,10 +78,6 @@ def write_summary(config: RunConfig) -> Path:
 
 
 def stage_table() -> dict[str, Callable[[RunConfig], Any]]:
-    from pdpo_jax.prefs import make_prefs
-    from pdpo_jax.train.dpo import run_dpo
-    from pdpo_jax.train.sft import run_sft
-
     return {
         "sft": run_sft,
         "make-prefs": make_prefs,
@@ -110,21 +105,18 @@ def run_pipeline(config: RunConfig, stages: tuple[str, ...] = STAGE_NAMES) -> Pa
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="pdpo pipeline",
-        description="SFT -> pseudo-preferences -> DPO -> DNLI evaluation of SFT and DPO -> export-hf -> "
-                    "summary, in <run_dir>. Finished stages are skipped on rerun.",
+    parser = stage_parser(
+        "pdpo pipeline",
+        "SFT -> pseudo-preferences -> DPO -> DNLI evaluation of SFT and DPO -> export-hf -> summary, in <run_dir>. "
+        "Finished stages are skipped on rerun.",
         epilog=f"Stages: {', '.join(STAGE_NAMES)}. Overrides are dotted config keys, e.g. sft.epochs=1.",
     )
-    parser.add_argument("--config", action="append", required=True, metavar="FILE",
-                        help="YAML run config (repeatable: later files override earlier ones)")
     parser.add_argument("--stages", default=",".join(STAGE_NAMES),
                         help="comma-separated subset of the stages to run, in pipeline order")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     unknown = [s for s in stages if s not in STAGE_NAMES]
     if unknown:
-        parser.error(f"unknown stage(s) {unknown}; choose from {', '.join(STAGE_NAMES)}")
-    run_pipeline(load_config(args.config, args.overrides), tuple(s for s in STAGE_NAMES if s in stages))
+        raise UsageError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGE_NAMES)}")
+    run_pipeline(config_from_args(args), tuple(s for s in STAGE_NAMES if s in stages))
     return 0

@@ -12,21 +12,21 @@ from typing import Any
 
 import jax
 
-from pdpo_jax.atomic import atomic_write_json, mark_done
+from pdpo_jax.files import atomic_write_json, mark_done
 from pdpo_jax.config import RunConfig
 from pdpo_jax.data import PromptEncoder, examples_from_dialogues, per_turn_batch, tokenize_examples
-from pdpo_jax.data.packing import pack_dialogues, packed_batch, packing_summary
 from pdpo_jax.data.corpus import prepare_corpus
-from pdpo_jax.stage import load_for_run, stage_dir, start_training_stage
+from pdpo_jax.data.packing import pack_dialogues, packed_batch, packing_summary
+from pdpo_jax.model import Model, pad_id
+from pdpo_jax.stages.common import load_for_run, parse_stage_args, stage_dir, start_training_stage
 from pdpo_jax.train.batches import StepBatches
 from pdpo_jax.train.fit import fit
-from pdpo_jax.train.loop import run_stage_main
 from pdpo_jax.train.steps import sft_objective
 
 STAGE = "sft"
 
 
-def sft_batches(config: RunConfig, model: Any, dialogues: list, *, shuffle: bool) -> tuple[StepBatches, dict]:
+def sft_batches(config: RunConfig, model: Model, dialogues: list, *, shuffle: bool) -> tuple[StepBatches, dict]:
     """SFT batches of `dialogues` and a summary of the rows.
 
     `sft.packing: dialogue` puts a dialogue's prompt once in a row with every model response
@@ -35,16 +35,16 @@ def sft_batches(config: RunConfig, model: Any, dialogues: list, *, shuffle: bool
     `sft.batch_size`, so a step then covers whole dialogues.
     """
     data = config.data
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    pad = pad_id(model)
     if config.sft.packing == "dialogue":
         encoder = PromptEncoder(model.tokenizer, data.template)
         items = pack_dialogues(dialogues, encoder, data.max_length, on_overflow=data.on_overflow)
-        to_arrays = functools.partial(_packed_arrays, pad_id=pad_id)
+        to_arrays = functools.partial(_packed_arrays, pad_id=pad)
         summary = {"layout": "dialogue", **packing_summary(items, data.max_length)}
     else:
         items, stats = tokenize_examples(examples_from_dialogues(dialogues), model.tokenizer, data.template,
                                          max_length=data.max_length, on_overflow=data.on_overflow)
-        to_arrays = functools.partial(_per_turn_arrays, pad_id=pad_id)
+        to_arrays = functools.partial(_per_turn_arrays, pad_id=pad)
         summary = {"layout": "turn", "examples": stats.examples, "truncated": stats.truncated, "skipped": stats.skipped}
     batches = StepBatches(
         items, config.sft.batch_size, config.sft.grad_accum, config.seed, to_arrays=to_arrays, length_of=len,
@@ -83,6 +83,10 @@ def run_sft(config: RunConfig) -> dict[str, Any]:
     return summary
 
 
+DESCRIPTION = ("Supervised fine-tuning of a causal LM on persona dialogues (persona + history -> response; "
+               "loss on the response tokens only). Writes <run_dir>/sft/; a rerun resumes from the last checkpoint.")
+
+
 def main(argv: list[str]) -> int:
-    return run_stage_main(argv, "pdpo sft", "Supervised fine-tuning of a causal LM on persona dialogues "
-                              "(persona + history -> response; loss on the response tokens only).", run_sft)
+    run_sft(parse_stage_args(argv, "pdpo sft", DESCRIPTION))
+    return 0

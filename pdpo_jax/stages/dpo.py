@@ -16,15 +16,17 @@ from typing import Any
 
 import jax
 
-from pdpo_jax.atomic import atomic_write_json, mark_done
+from pdpo_jax.files import atomic_write_json, mark_done
 from pdpo_jax.config import RunConfig
 from pdpo_jax.data import PromptEncoder
 from pdpo_jax.data.pairs import PairIds, dpo_batch
-from pdpo_jax.prefs import read_preference_pairs, resolve_model_paths
-from pdpo_jax.stage import load_for_run, stage_dir, start_training_stage
+from pdpo_jax.data.preferences import PrefsError, read_preference_pairs
+from pdpo_jax.metrics_log import read_metrics_jsonl
+from pdpo_jax.model import pad_id
+from pdpo_jax.stages.common import load_for_run, parse_stage_args, stage_dir, start_training_stage
+from pdpo_jax.stages.make_prefs import resolve_model_paths
 from pdpo_jax.train.batches import StepBatches
 from pdpo_jax.train.fit import fit
-from pdpo_jax.train.loop import run_stage_main
 from pdpo_jax.train.steps import DPOSettings, dpo_objective
 
 STAGE = "dpo"
@@ -70,12 +72,11 @@ def run_dpo(config: RunConfig) -> dict[str, Any]:
     train_pairs = tokenize_pairs(read_preference_pairs(prefs_dir, "train"), encoder)
     val_pairs = tokenize_pairs(read_preference_pairs(prefs_dir, "val"), encoder)
     if not train_pairs or not val_pairs:
-        raise ValueError(f"{prefs_dir}: no usable train or val pairs (run make-prefs first)")
+        raise PrefsError(f"{prefs_dir}: no usable train or val pairs (run make-prefs first)")
     atomic_write_json(out_dir / "data_summary.json", {"policy_init": str(reference_path),
                                                       "train_pairs": len(train_pairs), "val_pairs": len(val_pairs)})
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    train = dpo_batches(config, train_pairs, pad_id, shuffle=True)
-    val = dpo_batches(config, val_pairs, pad_id, shuffle=False)
+    train = dpo_batches(config, train_pairs, pad_id(model), shuffle=True)
+    val = dpo_batches(config, val_pairs, pad_id(model), shuffle=False)
 
     settings = DPOSettings(beta=config.dpo.beta, loss_type=config.dpo.loss_type,
                            label_smoothing=config.dpo.label_smoothing, reference_free=config.dpo.reference_free)
@@ -93,9 +94,7 @@ def run_dpo(config: RunConfig) -> dict[str, Any]:
 def check_start(out_dir: Path, loss_type: str, reference_free: bool) -> str:
     """At step 0 the policy is the reference, so the sigmoid loss must be ln 2 with zero margins;
     anything else means the stored reference log-probs do not belong to this model or data."""
-    from pdpo_jax.evaluate.report import load_metrics_jsonl
-
-    first_val = next((row for row in load_metrics_jsonl(out_dir / "metrics.jsonl")
+    first_val = next((row for row in read_metrics_jsonl(out_dir / "metrics.jsonl")
                       if row.get("split") == "val" and row.get("step") == 0), None)
     if first_val is None or loss_type != "sigmoid" or reference_free:
         return "not applicable"
@@ -109,6 +108,10 @@ def check_start(out_dir: Path, loss_type: str, reference_free: bool) -> str:
     return "mismatch: " + message
 
 
+DESCRIPTION = ("DPO from the SFT model on pseudo-preference pairs (needs <run_dir>/prefs from `pdpo make-prefs`). "
+               "Writes <run_dir>/dpo/; a rerun resumes from the last checkpoint.")
+
+
 def main(argv: list[str]) -> int:
-    return run_stage_main(argv, "pdpo dpo", "DPO from the SFT model on pseudo-preference pairs "
-                              "(needs <run_dir>/prefs from `pdpo make-prefs`).", run_dpo)
+    run_dpo(parse_stage_args(argv, "pdpo dpo", DESCRIPTION))
+    return 0

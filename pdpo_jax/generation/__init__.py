@@ -1,0 +1,23 @@
+"""Generation: samplers, the jitted decode loop with a KV cache, and persona + history -> response text.
+
+    sampling   Greedy, Temperature, TopK, TopP: `choose(logits, key) -> ids`
+    decode     `generate(model, input_ids, attention_mask, ...)`: new token ids after each prompt
+    respond    `respond(model, encoder, prompts, ...)`: responses cut at their end of turn, as text
+"""
+
+from pdpo_jax.generation.decode import generate
+from pdpo_jax.generation.respond import Response, context_limit, cut_at_stop, respond, stop_sequences
+from pdpo_jax.generation.sampling import (
+    Greedy,
+    Sampler,
+    Temperature,
+    TopK,
+    TopP,
+    sampler_description,
+    sampler_from_config,
+)
+
+__all__ = [
+    "Greedy", "Response", "Sampler", "Temperature", "TopK", "TopP", "context_limit", "cut_at_stop", "generate",
+    "respond", "sampler_description", "sampler_from_config", "stop_sequences",
+]

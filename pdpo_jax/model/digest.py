@@ -1,0 +1,39 @@
+"""A digest of what defines a model: its architecture and its weights, however they were saved.
+
+Two directories get the same digest exactly when they hold the same model: the architecture read
+from `config.json` (every field of `ModelConfig` except the run-time compute dtype and
+rematerialization) and every parameter by name, shape, dtype and bytes, in name order. File
+layout, orbax metadata, shard sizes and modification times do not enter, so a model saved twice,
+copied, or exported to safetensors keeps its digest; a retrained one gets another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from pdpo_jax.model.loader import Model
+
+DIGEST_PREFIX = "sha256:"
+
+
+def architecture_json(model: Model) -> str:
+    fields = dataclasses.asdict(model.config.replace(dtype="float32", remat=False))
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), default=list)
+
+
+def model_digest(model: Model) -> str:
+    """`sha256:<hex>` of the model's architecture and parameters (see the module docstring)."""
+    digest = hashlib.sha256(b"pdpo-model\x00" + architecture_json(model).encode() + b"\x00")
+    flat = traverse_util.flatten_dict(model.params, sep="/")
+    for name in sorted(flat):
+        array = np.ascontiguousarray(jax.device_get(flat[name]))
+        header = f"{name}\x00{array.dtype.str}\x00{','.join(map(str, array.shape))}\x00"
+        digest.update(header.encode())
+        digest.update(array.tobytes())
+    return DIGEST_PREFIX + digest.hexdigest()

@@ -1,0 +1,33 @@
+"""The stages of the method, one module each, in the order a run goes through them.
+
+    default_model   the bundled SmolLM2-135M-Instruct as a Hugging Face directory
+    data            fetch the public data sets; inspect a data file
+    sft             1. supervised fine-tuning on persona dialogues
+    make_prefs      2. pseudo-negatives sampled under another dialogue's persona
+    dpo             3. DPO from the SFT model on those pairs
+    eval_dnli       4. Dialogue-NLI candidate ranking
+    judge           4. pairwise LLM-as-judge win rates
+    export_hf       4. any trained model as a Hugging Face directory
+    generate        talk to a model: persona + history in, response out
+    pipeline        1-4 in one run directory
+
+Each module has `main(argv) -> int` and raises, rather than prints, what goes wrong. The
+libraries they stand on are below them: `data`, `model`, `scoring`, `generation`, `train`,
+`evaluate`.
+"""
+
+from __future__ import annotations
+
+# `pdpo <name>` -> (module, one-line description), in the order of the method.
+STAGES: dict[str, tuple[str, str]] = {
+    "default-model": ("pdpo_jax.stages.default_model", "materialize the bundled SmolLM2-135M-Instruct as a Hugging Face directory"),
+    "data": ("pdpo_jax.stages.data", "fetch and verify the public data sets; inspect a data file"),
+    "sft": ("pdpo_jax.stages.sft", "1. supervised fine-tuning on persona dialogues"),
+    "make-prefs": ("pdpo_jax.stages.make_prefs", "2. build pseudo-preference pairs with swapped personas"),
+    "dpo": ("pdpo_jax.stages.dpo", "3. DPO from the SFT model on pseudo-preference pairs"),
+    "eval-dnli": ("pdpo_jax.stages.eval_dnli", "4. Dialogue-NLI candidate ranking by log-likelihood"),
+    "judge": ("pdpo_jax.stages.judge", "4. pairwise LLM-as-judge win rates"),
+    "export-hf": ("pdpo_jax.stages.export_hf", "4. export a checkpoint to a Hugging Face directory"),
+    "generate": ("pdpo_jax.stages.generate", "persona + history in, response out"),
+    "pipeline": ("pdpo_jax.stages.pipeline", "1-4 in order inside one run directory"),
+}

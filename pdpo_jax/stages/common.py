@@ -1,0 +1,102 @@
+"""What every `pdpo <stage>` command shares: its argument parser, the run config, the run directory,
+the mesh, and loading a model with the run's compute settings.
+
+Stages raise errors instead of printing them; `pdpo_jax.cli` turns each into one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from pdpo_jax.config import ConfigError, RunConfig, dump_config, load_config
+from pdpo_jax.errors import UsageError
+from pdpo_jax.files import atomic_write_text, is_done
+from pdpo_jax.model import Model, load_model, require_tokenizer
+from pdpo_jax.parallel import initialize_distributed, make_mesh
+
+OVERRIDES_HELP = ("Overrides are dotted keys of the config with YAML values, e.g. sft.epochs=2 "
+                  "model.path=default data.train=[a.txt,b.txt]. Several --config files merge in order.")
+
+
+class StageParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are raised (as UsageError), not printed with the usage text."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's name
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def stage_parser(prog: str, description: str, *, config: str = "required", **kwargs: Any) -> StageParser:
+    """The parser of one stage. `config`: "required" or "optional" adds the one convention every
+    stage follows, `--config FILE` (repeatable) plus `KEY=VALUE` overrides; "none" adds neither."""
+    parser = StageParser(prog=prog, description=description, epilog=kwargs.pop("epilog", OVERRIDES_HELP), **kwargs)
+    if config != "none":
+        parser.add_argument("--config", action="append", required=config == "required", metavar="FILE",
+                            help="YAML run config (repeatable: later files override earlier ones)")
+        parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig | None:
+    """The run config the parsed `--config` files and overrides describe (None without --config)."""
+    if not args.config:
+        if args.overrides:
+            raise UsageError(f"key=value overrides need --config: {args.overrides}")
+        return None
+    return load_config(args.config, args.overrides)
+
+
+def parse_stage_args(argv: list[str], prog: str, description: str) -> RunConfig:
+    return config_from_args(stage_parser(prog, description).parse_args(argv))
+
+
+def stage_dir(config: RunConfig, name: str) -> Path:
+    return Path(config.run_dir) / name
+
+
+def write_resolved_config(config: RunConfig) -> Path:
+    """The run directory keeps the config it was run with (every stage rewrites the same text)."""
+    return atomic_write_text(Path(config.run_dir) / "config.yaml", dump_config(config))
+
+
+def build_mesh(config: RunConfig):
+    initialize_distributed()
+    return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+
+
+def load_for_run(path: str | Path, config: RunConfig, mesh: Any) -> Model:
+    """`load_model` with the run's compute dtype and rematerialization; the stages that call it
+    turn text into tokens, so the model must come with a tokenizer."""
+    model = load_model(path, mesh=mesh, compute_dtype=config.model.dtype, remat=config.model.remat,
+                       allow_pickle=config.model.allow_pickle)
+    require_tokenizer(model)
+    return model
+
+
+def check_batch_fits_mesh(rows: int, config: RunConfig, what: str) -> None:
+    """Each micro-batch's rows are split over the data-parallel axes and over the hosts."""
+    split = max(config.mesh.data, 1) * config.mesh.fsdp
+    if config.mesh.data == -1:
+        split = jax.device_count() // (config.mesh.fsdp * config.mesh.tensor)
+    hosts = jax.process_count()
+    if rows % split or rows % hosts:
+        raise ConfigError(
+            f"{what} = {rows} rows per micro-batch cannot be split over data x fsdp = {split} devices and "
+            f"{hosts} host(s); choose a batch size that is a multiple of both, or move devices to mesh.tensor"
+        )
+
+
+def start_training_stage(config: RunConfig, name: str, batch_size: int):
+    """The stage folder and the mesh of a training stage, or None when its DONE marker says it
+    already finished; a stage that runs writes the resolved config first."""
+    out_dir = stage_dir(config, name)
+    if is_done(out_dir):
+        print(f"{name}: already finished in {out_dir} (delete its DONE file to rerun)")
+        return None
+    write_resolved_config(config)
+    mesh = build_mesh(config)
+    check_batch_fits_mesh(batch_size, config, f"{name}.batch_size")
+    return out_dir, mesh

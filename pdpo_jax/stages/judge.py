@@ -1,0 +1,5 @@
+"""`pdpo judge`: pairwise LLM-as-judge win rates."""
+
+from pdpo_jax.evaluate.judge import main
+
+__all__ = ["main"]
