@@ -1,8 +1,8 @@
 """The `pdpo` command: finds the stage, runs its `main`, and turns what goes wrong into one line.
 
 Every error a user can cause (a bad config, data file, model directory or flag) reaches the user
-as `pdpo <stage>: <message>` on stderr with exit status 2; a run that stopped on its own (a
-diverged step, a failed download) exits with 1. `--debug` anywhere on the command line, or
+as one line `pdpo <stage>: <message>` on stderr with exit status 2; a run that stopped on its own
+(a diverged step, a failed download) exits with 1 after its message and what to do next. `--debug` anywhere on the command line, or
 PDPO_DEBUG=1, shows the traceback instead. Stage modules are imported only when run, so
 `pdpo --help` stays fast and a stage's heavy imports are paid only by the stage that needs them.
 """
@@ -28,9 +28,11 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _one_line(err: BaseException) -> str:
+def _message(err: BaseException) -> str:
+    if isinstance(err, RunFailed):  # what stopped a run may come with instructions over several lines
+        return str(err).strip() or type(err).__name__
     text = " ".join(str(err).split()) or type(err).__name__
-    if isinstance(err, (PdpoError, RunFailed)):
+    if isinstance(err, PdpoError):
         return text
     if isinstance(err, OSError) and err.filename is not None and err.strerror:
         return f"{err.filename}: {err.strerror}"
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the one place where errors become messages
         if debug:
             raise
-        print(f"pdpo {stage}: {_one_line(err)}", file=sys.stderr)
+        print(f"pdpo {stage}: {_message(err)}", file=sys.stderr)
         return 1 if isinstance(err, RunFailed) or not isinstance(err, (ValueError, OSError)) else 2
 
 

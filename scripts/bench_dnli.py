@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from pdpo_jax.data.batching import bucketed_length
     from pdpo_jax.evaluate import dnli
     from pdpo_jax.model import load_model
+    from pdpo_jax.scoring import make_scorer
 
     loaded = load_model(args.model)
     encoder = PromptEncoder(loaded.tokenizer, args.template)
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     encoded = [dnli.encode_example(e, Path(args.data).stem, encoder) for e in examples]
     candidates = sum(len(e.candidate_ids) for e in encoded)
     per_row = max(len(e.candidate_ids) for e in encoded)
-    scorer = dnli.make_scorer(loaded.params, loaded.config, args.batch_examples * per_row)
+    scorer = make_scorer(loaded, args.batch_examples * per_row)
 
     groups = dnli.plan_batches([e.row_length for e in encoded], args.batch_examples)
     first_of_each_length = {}

@@ -260,8 +260,10 @@ def child_dpo_ours(args: argparse.Namespace, share_prompt: bool) -> dict[str, An
     import jax
 
     from pdpo_jax.data import dpo_batch, with_scored_positions
-    from pdpo_jax.train.optim import DPO_DEFAULTS, make_optimizer
-    from pdpo_jax.train.steps import DPOSettings, dpo_objective, sequence_scores
+    from pdpo_jax.config import DPO_DEFAULTS
+    from pdpo_jax.train.optim import make_optimizer
+    from pdpo_jax.scoring import sequence_scores
+    from pdpo_jax.train.steps import DPOSettings, dpo_objective
 
     tokenizer = load_tokenizer(args.model)
     pairs, source = dpo_pairs(args, tokenizer)
@@ -292,7 +294,8 @@ def child_dpo_ours(args: argparse.Namespace, share_prompt: bool) -> dict[str, An
 
 def child_sft_ours(args: argparse.Namespace, packed: bool) -> dict[str, Any]:
     from pdpo_jax.data import packed_batch, per_turn_batch
-    from pdpo_jax.train.optim import SFT_DEFAULTS, make_optimizer
+    from pdpo_jax.config import SFT_DEFAULTS
+    from pdpo_jax.train.optim import make_optimizer
     from pdpo_jax.train.steps import sft_objective
 
     tokenizer = load_tokenizer(args.model)

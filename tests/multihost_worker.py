@@ -23,7 +23,8 @@ from jax.experimental import multihost_utils
 
 from pdpo_jax import parallel
 from pdpo_jax.train.checkpoints import TrainCheckpointer
-from pdpo_jax.train.optim import OptimizerConfig, make_optimizer
+from pdpo_jax.config import OptimizerConfig
+from pdpo_jax.train.optim import make_optimizer
 from pdpo_jax.train.steps import create_train_state, jit_train_step, sft_objective, state_shardings
 
 TRAIN_MESH = dict(data=1, fsdp=2, tensor=2)  # parameters split across both processes (fsdp)
@@ -80,7 +81,7 @@ def main(argv: list[str]) -> int:
     losses = []
     for k in range(steps):
         local = {key: value[k][:, rows] for key, value in batches.items()}
-        global_batch = parallel.global_batch_from_local(local, mesh, batch_axis=1)
+        global_batch = parallel.place_batch(local, mesh, batch_axis=1, rows="local")
         assert global_batch["input_ids"].shape == batches["input_ids"][k].shape
         state, metrics = step(state, global_batch)
         total, count = metrics["loss"]

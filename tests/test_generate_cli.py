@@ -12,7 +12,9 @@ import pytest
 
 from prefs_fixtures import tiny_llama_with_words
 
-from pdpo_jax import generate_cli
+from pdpo_jax import cli
+from pdpo_jax.errors import UsageError
+from pdpo_jax.stages import generate as generate_cli
 
 PERSONA = ["i love cats .", "i live in a small town ."]
 CONVERSATIONS = [
@@ -34,7 +36,7 @@ def torch_greedy_response(model_dir: Path, persona: list[str], history: list[str
     import transformers
 
     from pdpo_jax.data.tokenization import PromptEncoder
-    from pdpo_jax.respond import cut_at_stop
+    from pdpo_jax.generation import cut_at_stop
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     encoder = PromptEncoder(tokenizer, "chat-en")
@@ -86,9 +88,10 @@ def test_sampling_is_reproducible_by_seed(tiny_model, capsys):
 def test_bad_input_names_file_and_line(tiny_model, tmp_path, capsys):
     source = tmp_path / "talks.jsonl"
     source.write_text(json.dumps(CONVERSATIONS[0]) + "\n" + json.dumps({"persona": "not a list"}) + "\n")
-    assert generate_cli.main(["--model", str(tiny_model), "--input", str(source)]) == 2
-    assert f"{source}:2: 'persona' must be a list of strings" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    assert cli.main(["generate", "--model", str(tiny_model), "--input", str(source)]) == 2
+    error = capsys.readouterr().err
+    assert error == f"pdpo generate: {source}:2: 'persona' must be a list of strings\n"
+    with pytest.raises(UsageError, match="either --input or --persona"):
         generate_cli.main(["--model", str(tiny_model), "--input", str(source), "--persona", "x"])
 
 

@@ -24,7 +24,8 @@ from flax import traverse_util
 
 from model_fixtures import TINY_VOCAB, make_tiny_hf_model
 from pdpo_jax.model import load_hf
-from pdpo_jax.train.optim import OptimizerConfig, make_optimizer
+from pdpo_jax.config import OptimizerConfig
+from pdpo_jax.train.optim import make_optimizer
 from pdpo_jax.train.steps import create_train_state, jit_train_step, sft_objective
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -240,7 +241,7 @@ def test_micro_batch_stacks_are_split_on_their_batch_axis():
     rows = parallel.process_batch_indices(mesh, 8, batch_axis=1)
     np.testing.assert_array_equal(rows, np.arange(8))  # one process feeds every row
     stack = np.arange(2 * 8 * 3, dtype=np.int32).reshape(2, 8, 3)
-    batch = parallel.global_batch_from_local({"input_ids": stack[:, rows]}, mesh, batch_axis=1)
+    batch = parallel.place_batch({"input_ids": stack[:, rows]}, mesh, batch_axis=1, rows="local")
     assert batch["input_ids"].shape == (2, 8, 3)
     assert batch["input_ids"].sharding.spec == P(None, ("data", "fsdp"))
     assert {shard.data.shape for shard in batch["input_ids"].addressable_shards} == {(2, 2, 3)}

@@ -11,10 +11,8 @@ import numpy as np
 import optax
 import pytest
 
+from pdpo_jax.config import DPO_DEFAULTS, SFT_DEFAULTS, OptimizerConfig
 from pdpo_jax.train.optim import (
-    DPO_DEFAULTS,
-    SFT_DEFAULTS,
-    OptimizerConfig,
     make_optimizer,
     make_schedule,
     warmup_steps,

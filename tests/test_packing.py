@@ -40,7 +40,8 @@ from pdpo_jax.data.packing import (
 from pdpo_jax.data.pairs import PairIds, dpo_batch, encode_pair
 from pdpo_jax.data.tokenization import ExampleTooLongError, history_drop_choices
 from pdpo_jax.model import load_hf, load_model
-from pdpo_jax.train.steps import DPOSettings, dpo_objective, sequence_scores, sft_objective, token_logps
+from pdpo_jax.scoring import sequence_scores, token_logps
+from pdpo_jax.train.steps import DPOSettings, dpo_objective, sft_objective
 from data_fixtures import byte_bpe_tokenizer, word_level_tokenizer
 from default_model_fixtures import bundled_gguf, default_model_path  # noqa: F401  (pytest fixtures)
 from model_fixtures import make_tiny_hf_model

@@ -68,7 +68,7 @@ def test_sharded_forward_equals_single_device(tiny_models, family, axes):
 def test_global_batch_from_local_single_process():
     mesh = parallel.make_mesh(data=4, fsdp=2)
     local = {"input_ids": np.arange(16 * 3, dtype=np.int32).reshape(16, 3)}
-    batch = parallel.global_batch_from_local(local, mesh)
+    batch = parallel.place_batch(local, mesh, rows="local")
     assert batch["input_ids"].sharding.spec == P(("data", "fsdp"))
     np.testing.assert_array_equal(np.asarray(batch["input_ids"]), local["input_ids"])
 

@@ -11,7 +11,7 @@ from prefs_fixtures import tiny_llama_with_words
 
 from pdpo_jax.config import load_config
 from pdpo_jax.data import load_dialogues, read_dnli
-from pdpo_jax.pipeline import STAGE_NAMES, run_pipeline
+from pdpo_jax.stages.pipeline import STAGE_NAMES, run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "pdpo_jax" / "resources" / "demo"

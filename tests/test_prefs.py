@@ -16,9 +16,14 @@ import pytest
 
 from prefs_fixtures import corpus_text, staged_slice, tiny_gpt2_that_stops, tiny_llama_with_words, write_config
 
-from pdpo_jax import prefs
+from pdpo_jax import cli
+from pdpo_jax.data import PromptEncoder, preferences
+from pdpo_jax.model import load_model
+from pdpo_jax.model.digest import model_digest
+from pdpo_jax.stages import make_prefs as prefs
 from pdpo_jax.files import DONE_MARKER
-from pdpo_jax.respond import cut_at_stop, fit_history, history_drop_choices
+from pdpo_jax.data.tokenization import history_drop_choices
+from pdpo_jax.generation import cut_at_stop
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +54,7 @@ def shuffled_run(setup):
 
 
 def all_records(prefs_dir: Path, include_dropped: bool = True) -> list[dict]:
-    return [r for split in prefs.SPLITS for r in prefs.read_preference_pairs(prefs_dir, split, include_dropped=include_dropped)]
+    return [r for split in preferences.SPLITS for r in preferences.read_preference_pairs(prefs_dir, split, include_dropped=include_dropped)]
 
 
 def shard_bytes(prefs_dir: Path) -> dict[str, bytes]:
@@ -68,8 +73,8 @@ def test_every_negative_is_sampled_under_another_dialogues_persona(setup, shuffl
         assert record["persona"] == list(own.persona) and record["donor_persona"] == list(donor.persona)
         assert record["donor_persona"] != record["persona"]
         assert record["example_id"].startswith(record["dialogue_id"] + "#")
-    val_donors = {r["donor_dialogue_id"] for r in prefs.read_preference_pairs(shuffled_run, "val")}
-    val_ids = {r["dialogue_id"] for r in prefs.read_preference_pairs(shuffled_run, "val")}
+    val_donors = {r["donor_dialogue_id"] for r in preferences.read_preference_pairs(shuffled_run, "val")}
+    val_ids = {r["dialogue_id"] for r in preferences.read_preference_pairs(shuffled_run, "val")}
     assert val_donors <= val_ids  # personas are swapped within a split
 
 
@@ -80,7 +85,7 @@ def test_records_carry_provenance(setup, shuffled_run):
     assert [r["sample_row"] for r in first_train] == [0, 1, 2, 0]
     assert [r["sample_seed"] for r in first_train] == [prefs.sample_seed(7, "train", 0, b) for b in (0, 0, 0, 1)]
     assert len(set(seeds.values())) == len(records)
-    digest = prefs.checkpoint_digest(setup["llama"])
+    digest = model_digest(load_model(setup["llama"]))
     for r in records:
         assert r["generator"] == r["reference"] == str(setup["llama"])
         assert r["generator_digest"] == r["reference_digest"] == digest
@@ -90,7 +95,6 @@ def test_records_carry_provenance(setup, shuffled_run):
 
 def test_no_shuffle_ablation_keeps_the_own_persona_and_defaults_to_sft_best(setup):
     """Also: with no generator/reference configured, both are <run_dir>/sft/best (an orbax dir)."""
-    from pdpo_jax.model import load_model
     from pdpo_jax.train.checkpoints import save_best_params
 
     run_dir = setup["root"] / "ablation"
@@ -105,23 +109,22 @@ def test_no_shuffle_ablation_keeps_the_own_persona_and_defaults_to_sft_best(setu
         assert r["shuffled"] is False
         assert r["donor_dialogue_id"] == r["dialogue_id"] and r["donor_persona"] == r["persona"]
         assert r["generator"] == r["reference"] == best
-        assert r["generator_digest"] == prefs.checkpoint_digest(best) != prefs.checkpoint_digest(setup["llama"])
+        assert r["generator_digest"] == model_digest(load_model(best)) == model_digest(base)  # same weights, other layout
 
 
 KILLER = """
 import os, signal, sys
-from pathlib import Path
-import pdpo_jax.prefs as prefs
+from pdpo_jax.stages import make_prefs
 kill_at, written = int(sys.argv[1]), []
-write = prefs.write_shard
-def write_then_die(path, records):
-    if len(written) == kill_at:  # as if killed while writing: a torn temporary file, no shard
-        (path.parent / f".{path.name}.tmp").write_text(str(records)[:40])
-        os.kill(os.getpid(), signal.SIGKILL)
-    write(path, records)
-    written.append(path)
-prefs.write_shard = write_then_die
-sys.exit(prefs.main(sys.argv[2:]))
+rename = os.replace
+def rename_or_die(source, target):  # shards are written to a temporary file, then renamed into place
+    if "shard-" in os.fspath(target):
+        if len(written) == kill_at:  # killed mid-write: a torn temporary file stays, no shard
+            os.kill(os.getpid(), signal.SIGKILL)
+        written.append(target)
+    rename(source, target)
+os.replace = rename_or_die
+sys.exit(make_prefs.main(sys.argv[2:]))
 """
 
 
@@ -134,8 +137,8 @@ def test_a_run_killed_midway_and_rerun_writes_exactly_the_uninterrupted_records(
     prefs_dir = setup["root"] / "killed" / "prefs"
     assert sorted(shard_bytes(prefs_dir)) == ["train/shard-00000.jsonl"]
     assert not (prefs_dir / DONE_MARKER).exists()
-    with pytest.raises(prefs.PrefsError, match="no DONE marker"):
-        prefs.read_preference_pairs(prefs_dir, "train")
+    with pytest.raises(preferences.PrefsError, match="no DONE marker"):
+        preferences.read_preference_pairs(prefs_dir, "train")
 
     assert prefs.main(["--config", str(config)]) == 0
     assert shard_bytes(prefs_dir) == shard_bytes(shuffled_run)
@@ -175,7 +178,7 @@ def test_reference_logps_match_pytorch_scoring(setup, shuffled_run):
     tokenizer = transformers.AutoTokenizer.from_pretrained(setup["llama"])
     encoder = PromptEncoder(tokenizer, "chat-en")
     model = transformers.AutoModelForCausalLM.from_pretrained(setup["llama"], dtype=torch.float32).eval()
-    records = prefs.read_preference_pairs(shuffled_run, "train")
+    records = preferences.read_preference_pairs(shuffled_run, "train")
     for record in (records[1], records[-1]):
         prompt = encoder.prompt_ids(record["persona"], record["history"])
         for side in ("chosen", "rejected"):
@@ -202,14 +205,14 @@ def test_another_generator_and_dropping_degenerate_negatives(setup):
     assert len(kept) == len(everything) - len(degenerate)
     assert all(not r["degenerate"] and not r["dropped"] for r in kept)
     assert all(r["dropped"] for r in degenerate)
-    for split in prefs.SPLITS:
+    for split in preferences.SPLITS:
         counts, records = summary["splits"][split], [r for r in everything if r["split"] == split]
         assert counts["records"] == len(records)
         assert counts["dropped"] == counts["degenerate_records"] == sum(bool(r["degenerate"]) for r in records)
         assert counts["kept"] == sum(not r["dropped"] for r in records)
         for reason in prefs.DEGENERATE_REASONS:
             assert counts["degenerate"][reason] == sum(reason in r["degenerate"] for r in records)
-    assert sum(summary["splits"][s]["degenerate"]["empty"] for s in prefs.SPLITS) > 0
+    assert sum(summary["splits"][s]["degenerate"]["empty"] for s in preferences.SPLITS) > 0
     assert {r["rejected"] for r in everything if "empty" in r["degenerate"]} == {""}
 
     # negatives cross as text: the reference re-tokenizes them with its own tokenizer
@@ -226,8 +229,9 @@ def test_another_generator_and_dropping_degenerate_negatives(setup):
 
 def test_rerun_with_other_settings_is_refused(setup, shuffled_run, capsys):
     config = config_file(setup, "shuffled")
-    assert prefs.main(["--config", str(config), "prefs.seed=8"]) == 2
-    assert "prefs.seed: was 7, now 8" in capsys.readouterr().err
+    assert cli.main(["make-prefs", "--config", str(config), "prefs.seed=8"]) == 2
+    error = capsys.readouterr().err
+    assert "prefs.seed: was 7, now 8" in error and error.startswith("pdpo make-prefs: ") and error.count("\n") == 1
     before = shard_bytes(shuffled_run)
     assert prefs.main(["--config", str(config)]) == 0  # same settings: finished, nothing rewritten
     assert shard_bytes(shuffled_run) == before
@@ -241,27 +245,27 @@ def test_reader_names_file_and_line_of_a_bad_record(shuffled_run, tmp_path):
 
     lines[1] = lines[1][:-5]
     shard.write_text("\n".join(lines) + "\n")
-    with pytest.raises(prefs.PrefsError, match=r"shard-00001\.jsonl:2: not valid JSON"):
-        prefs.read_preference_pairs(copy, "train")
+    with pytest.raises(preferences.PrefsError, match=r"shard-00001\.jsonl:2: not valid JSON"):
+        preferences.read_preference_pairs(copy, "train")
 
     record = json.loads(lines[0])
     del record["ref_rejected_logp"]
     lines[1] = json.dumps(record)
     shard.write_text("\n".join(lines) + "\n")
-    with pytest.raises(prefs.PrefsError, match=r"shard-00001\.jsonl:2: record lacks field\(s\) \['ref_rejected_logp'\]"):
-        prefs.read_preference_pairs(copy, "train")
+    with pytest.raises(preferences.PrefsError, match=r"shard-00001\.jsonl:2: record lacks field\(s\) \['ref_rejected_logp'\]"):
+        preferences.read_preference_pairs(copy, "train")
 
     record["ref_rejected_logp"] = float("nan")
     lines[1] = json.dumps(record)
     shard.write_text("\n".join(lines) + "\n")
-    with pytest.raises(prefs.PrefsError, match=r"shard-00001\.jsonl:2: field 'ref_rejected_logp'"):
-        prefs.read_preference_pairs(copy, "train")
+    with pytest.raises(preferences.PrefsError, match=r"shard-00001\.jsonl:2: field 'ref_rejected_logp'"):
+        preferences.read_preference_pairs(copy, "train")
 
     shard.unlink()
-    with pytest.raises(prefs.PrefsError, match="missing"):
-        prefs.read_preference_pairs(copy, "train")
-    with pytest.raises(prefs.PrefsError, match="split must be one of"):
-        prefs.read_preference_pairs(copy, "test")
+    with pytest.raises(preferences.PrefsError, match="missing"):
+        preferences.read_preference_pairs(copy, "train")
+    with pytest.raises(preferences.PrefsError, match="split must be one of"):
+        preferences.read_preference_pairs(copy, "test")
 
 
 def test_degenerate_reasons():
@@ -286,31 +290,21 @@ def test_history_is_shortened_oldest_first_keeping_a_partner_line_first():
     assert history_drop_choices(5) == [0, 2, 4, 5]
     assert history_drop_choices(4) == [0, 1, 3, 4]
 
-    class CountingEncoder:  # a prompt costs 10 tokens of persona plus 3 per turn
+    class CountingEncoder(PromptEncoder):  # a prompt costs 10 tokens of persona plus 3 per turn
+        def __init__(self):
+            pass
+
         def prompt_ids(self, persona, history):
             return [0] * (10 + 3 * len(history))
 
     history = ("p1", "m1", "p2", "m2", "p3")
-    assert fit_history(CountingEncoder(), ["x"], history, room=25) == history
-    assert fit_history(CountingEncoder(), ["x"], history, room=21) == ("p2", "m2", "p3")
-    assert fit_history(CountingEncoder(), ["x"], history, room=12) == ()
-    assert fit_history(CountingEncoder(), ["x"], history, room=9) is None
+    assert CountingEncoder().fit_history(["x"], history, room=25) == history
+    assert CountingEncoder().fit_history(["x"], history, room=21) == ("p2", "m2", "p3")
+    assert CountingEncoder().fit_history(["x"], history, room=12) == ()
+    assert CountingEncoder().fit_history(["x"], history, room=9) is None
 
 
 def test_sample_seeds_differ_by_split_shard_and_batch():
-    seeds = {prefs.sample_seed(0, split, shard, batch) for split in prefs.SPLITS for shard in range(3) for batch in range(3)}
+    seeds = {prefs.sample_seed(0, split, shard, batch) for split in preferences.SPLITS for shard in range(3) for batch in range(3)}
     assert len(seeds) == 18 and all(0 <= s < 2**31 for s in seeds)
     assert prefs.sample_seed(0, "train", 1, 2) == prefs.sample_seed(0, "train", 1, 2) != prefs.sample_seed(1, "train", 1, 2)
-
-
-def test_checkpoint_digest_follows_weight_contents_only(tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "model.safetensors").write_bytes(b"weights")
-    (tmp_path / "a" / "config.json").write_text("{}")
-    first = prefs.checkpoint_digest(tmp_path / "a")
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    (tmp_path / "b" / "config.json").write_text('{"x": 1}')
-    assert prefs.checkpoint_digest(tmp_path / "b") == first
-    (tmp_path / "b" / "model.safetensors").write_bytes(b"weightz")
-    assert prefs.checkpoint_digest(tmp_path / "b") != first
-    assert first.startswith("sha256:")

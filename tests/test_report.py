@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from pdpo_jax.evaluate import judge, report
+from pdpo_jax.metrics_log import read_metrics_jsonl
 
 
 def dnli_report(model: str, counts_by_subset: dict[str, dict[str, int]], n_by_subset: dict[str, int], with_pct: bool = True):
@@ -151,7 +152,7 @@ def test_training_curves_panel_per_metric(tmp_path):
         if step % 10 == 0:
             rows.append({"step": step, "split": "val", "loss": math.exp(-step / 25), "rewards/accuracies": step / 60})
     path = write_metrics(tmp_path / "metrics.jsonl", rows)
-    assert report.load_metrics_jsonl(path) == rows
+    assert read_metrics_jsonl(path) == rows
     drawn = report.plot_training_curves({"dpo": path}, tmp_path / "curves.png")
     assert drawn == ["loss", "rewards/accuracies", "lr"]
     assert_png(tmp_path / "curves.png")
@@ -167,7 +168,7 @@ def test_training_curves_bad_line_is_named(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "split": "train", "loss": 1.0}\n{"split": "train", "loss": 0.5}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2: missing numeric key 'step'"):
-        report.load_metrics_jsonl(path)
+        read_metrics_jsonl(path)
 
 
 def test_report_command_line(tmp_path):

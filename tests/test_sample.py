@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import numpy as np
@@ -12,9 +13,8 @@ import scipy.stats
 from model_fixtures import load_torch_model, make_tiny_hf_model, padded_batch
 from pdpo_jax.model import Decoder, load_model
 from pdpo_jax.parallel import make_mesh
-from pdpo_jax.sample import (
-    NUCLEUS_CANDIDATES, nucleus_threshold, Greedy, Temperature, TopK, TopP, _decode, _generate_with_step_logits, bucket_width, generate,
-)
+from pdpo_jax.generation.decode import _decode, bucket_width, generate
+from pdpo_jax.generation.sampling import NUCLEUS_CANDIDATES, Greedy, Temperature, TopK, TopP, nucleus_threshold
 
 NEW_TOKENS = 32
 PAD = 0
@@ -24,6 +24,25 @@ CHI_SQUARE_ALPHA = 1e-3  # a correct sampler fails the fixed-seed test with this
 LOGIT_SCALE = 4.0  # sharpens the tiny models' next-token distributions so top-k/top-p sets are small
 LENGTHS = [12, 5, 9, 3, 7]
 WIDTH = max(LENGTHS)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RecordingSampler:
+    """Draws with `inner` and hands every logits array it is asked to choose from to the host, in order."""
+
+    inner: Any
+    seen: list = dataclasses.field(default_factory=list)
+
+    def choose(self, logits, key):
+        jax.debug.callback(lambda x: self.seen.append(np.asarray(x)), logits, ordered=True)
+        return self.inner.choose(logits, key)
+
+
+def generate_with_step_logits(model, input_ids, attention_mask, *, max_new_tokens, sampler, seed):
+    """`generate`'s tokens and the fp32 logits `[batch, steps, vocab]` each was chosen from."""
+    recording = RecordingSampler(sampler)
+    tokens = generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, sampler=recording, seed=seed)
+    return tokens, np.stack(recording.seen, axis=1)[: len(tokens)]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +124,7 @@ def test_cached_decoding_equals_full_forward(tiny_dirs, family):
     """The logits each sampled token was drawn from equal a full forward over prompt + prefix."""
     model = with_tokens(load_model(tiny_dirs[family]), eos=10_000)  # never produced: every row runs to the end
     batch = padded_batch(LENGTHS, WIDTH, left=True, seed=4)
-    tokens, step_logits = _generate_with_step_logits(
+    tokens, step_logits = generate_with_step_logits(
         model, batch["input_ids"], batch["attention_mask"], max_new_tokens=NEW_TOKENS, sampler=Temperature(1.0), seed=1,
     )
     assert step_logits.shape == (len(LENGTHS), NEW_TOKENS, model.config.vocab_size)
@@ -166,7 +185,7 @@ def test_truncated_samplers_stay_inside_the_allowed_set(tiny_dirs, sampler, allo
     model = sharpened(with_tokens(load_model(tiny_dirs["llama"]), eos=10_000))
     rows = 64
     batch = padded_batch([4 + i % 9 for i in range(rows)], 12, left=True, seed=6)
-    tokens, step_logits = _generate_with_step_logits(
+    tokens, step_logits = generate_with_step_logits(
         model, batch["input_ids"], batch["attention_mask"], max_new_tokens=16, sampler=sampler, seed=2,
     )
     allowed_sets = allowed(step_logits)

@@ -18,17 +18,13 @@ import pytest
 from pdpo_jax import parallel
 from pdpo_jax.model import load_model
 from pdpo_jax.model.decoder import param_shapes
+from pdpo_jax import scoring
 from pdpo_jax.train import steps
-from pdpo_jax.train.checkpoints import (
-    TrainCheckpointer,
-    abstract_like,
-    read_best_info,
-    recover_best_dir,
-    restore_params,
-    save_best_params,
-)
+from pdpo_jax.model.model_dir import abstract_like, restore_params
+from pdpo_jax.train.checkpoints import TrainCheckpointer, read_best_info, recover_best_dir, save_best_params
 from pdpo_jax.train.loop import LoopPlan, TrainingDiverged, run_loop
-from pdpo_jax.train.optim import OptimizerConfig, make_optimizer
+from pdpo_jax.config import OptimizerConfig
+from pdpo_jax.train.optim import make_optimizer
 from train_fixtures import (
     FixedEpochBatches,
     dpo_batch,
@@ -211,7 +207,7 @@ def test_dpo_raises_validation_reward_accuracy(tmp_path, model_dir):
     """Chosen responses follow the prompt's pattern, rejected ones are random (a stand-in for
     responses to a shuffled persona); the reference is the frozen starting model."""
     start = jax.device_put(random_params(CONFIG, seed=2))
-    scorer = jax.jit(steps.sequence_scores, static_argnums=(1, 3))
+    scorer = jax.jit(scoring.sequence_scores, static_argnums=(1, 3))
     reference = lambda batch: scorer(start, CONFIG, batch, batch["input_ids"].shape[0])[0]
     train = [micro_batches(with_reference_logps(dpo_batch(seed=200 + i, pairs=8), reference), 2) for i in range(6)]
     val = [micro_batches(with_reference_logps(dpo_batch(seed=300, pairs=16), reference), 2)]

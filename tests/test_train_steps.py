@@ -19,9 +19,12 @@ import pytest
 from pdpo_jax import parallel
 from pdpo_jax.data import SCORED_POSITIONS, with_scored_positions
 from pdpo_jax.model.decoder import param_shapes
+from pdpo_jax import scoring
+from pdpo_jax.losses import dpo_loss, split_chosen_rejected
 from pdpo_jax.train import steps
 from pdpo_jax.train.checkpoints import TrainCheckpointer
-from pdpo_jax.train.optim import OptimizerConfig, make_optimizer
+from pdpo_jax.config import OptimizerConfig
+from pdpo_jax.train.optim import make_optimizer
 from train_fixtures import (
     dpo_batch,
     micro_batches,
@@ -52,7 +55,7 @@ def params():
 
 @pytest.fixture(scope="module")
 def score_fn():
-    scorer = jax.jit(steps.sequence_scores, static_argnums=(1, 3))
+    scorer = jax.jit(scoring.sequence_scores, static_argnums=(1, 3))
     return lambda p, batch: scorer(p, CONFIG, batch, batch["input_ids"].shape[0])[0]
 
 
@@ -108,7 +111,7 @@ def test_scoring_only_the_scored_positions_gives_the_same_step(params, dpo_data_
     assert narrow[SCORED_POSITIONS].shape[-1] < full["input_ids"].shape[-1], "the test must skip some positions"
     first = jax.tree.map(lambda x: x[0], narrow)
     unscored = first["loss_mask"] == 0
-    assert (np.asarray(steps.token_logps(params, CONFIG, first))[unscored] == 0).all(), "scored_positions were ignored"
+    assert (np.asarray(scoring.token_logps(params, CONFIG, first))[unscored] == 0).all(), "scored_positions were ignored"
     step = jax.jit(partial(steps.train_step, objective=objective, optimizer=SGD))
     state_full, metrics_full = step(fresh_state(params), full)
     state_narrow, metrics_narrow = step(fresh_state(params), narrow)
@@ -137,9 +140,23 @@ def test_padding_pair_contributes_nothing(params, dpo_data, dpo_step):
     assert float(metrics_a["loss"][0]) == float(metrics_b["loss"][0])
 
 
+def live_reference_objective(reference_params):
+    """The DPO objective with the reference scored inside the step (a second forward per micro-batch)."""
+
+    def objective(params, batch):
+        pairs = steps.pairs_in(batch)
+        policy, _ = scoring.sequence_scores(params, CONFIG, batch, 2 * pairs)
+        reference, _ = scoring.sequence_scores(jax.lax.stop_gradient(reference_params), CONFIG, batch, 2 * pairs)
+        loss, metrics = dpo_loss(*split_chosen_rejected(policy), *split_chosen_rejected(reference), beta=DPO.beta,
+                                 loss_type=DPO.loss_type, label_smoothing=DPO.label_smoothing,
+                                 pair_mask=batch.get("pair_mask"))
+        return loss * metrics["loss"][1], metrics
+
+    return objective
+
+
 def test_reference_logps_are_used_and_match_a_live_reference(params, dpo_data, dpo_step):
-    live_objective = partial(steps.dpo_objective, config=CONFIG, settings=DPO,
-                             reference_params=jax.device_put(params))  # its own buffers: the state is donated
+    live_objective = live_reference_objective(jax.device_put(params))  # its own buffers: the state is donated
     live_step = jax.jit(partial(steps.train_step, objective=live_objective, optimizer=SGD))
     stack = micro_batches(dpo_data, 4)
     precomputed_state, live_state = fresh_state(params), fresh_state(params)

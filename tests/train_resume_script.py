@@ -33,7 +33,8 @@ from pdpo_jax.files import atomic_write_bytes  # noqa: E402
 from pdpo_jax.model.decoder import param_shapes  # noqa: E402
 from pdpo_jax.train import steps  # noqa: E402
 from pdpo_jax.train.loop import LoopPlan, run_loop  # noqa: E402
-from pdpo_jax.train.optim import OptimizerConfig, make_optimizer  # noqa: E402
+from pdpo_jax.config import OptimizerConfig  # noqa: E402
+from pdpo_jax.train.optim import make_optimizer  # noqa: E402
 from train_fixtures import FixedEpochBatches, micro_batches, random_params, sft_batch, tiny_llama_config, write_model_dir  # noqa: E402
 
 EPOCHS = 2

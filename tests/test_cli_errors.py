@@ -1,0 +1,99 @@
+"""Every error a user can cause reaches them as one line `pdpo <stage>: <message>` with exit status 2;
+`--debug` shows the traceback instead."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from model_fixtures import make_tiny_hf_model
+
+from pdpo_jax import cli
+from pdpo_jax.stages import STAGES
+
+CONFIG_STAGES = {  # stage -> the other arguments it needs to get as far as reading the config
+    "sft": [],
+    "make-prefs": [],
+    "dpo": [],
+    "eval-dnli": ["--out", "report.json"],
+    "judge": ["--responses", "a.jsonl", "b.jsonl", "--out", "judged"],
+    "export-hf": [],
+    "pipeline": [],
+}
+FLAG_ONLY_STAGES = ("default-model", "data", "generate")
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    status = cli.main(argv)
+    captured = capsys.readouterr()
+    return status, captured.err
+
+
+def assert_one_line(error: str, stage: str, *fragments: str) -> None:
+    assert error.count("\n") == 1 and error.endswith("\n"), error
+    assert error.startswith(f"pdpo {stage}: "), error
+    assert "Traceback" not in error
+    for fragment in fragments:
+        assert fragment in error, error
+
+
+def test_every_stage_is_covered():
+    assert set(CONFIG_STAGES) | set(FLAG_ONLY_STAGES) == set(STAGES)
+
+
+@pytest.mark.parametrize("stage", sorted(CONFIG_STAGES))
+def test_a_typo_in_the_config_is_one_line(stage, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "sft": {"epochz": 3}}))
+    status, error = run_cli([stage, "--config", str(config), *CONFIG_STAGES[stage]], capsys)
+    assert status == 2
+    assert_one_line(error, stage, str(config), "sft.epochz")
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_a_bad_flag_is_one_line(stage, capsys):
+    status, error = run_cli([stage, "--no-such-flag"], capsys)
+    assert status == 2
+    assert_one_line(error, stage, "--no-such-flag", f"pdpo {stage} --help")
+
+
+def test_a_missing_config_file_is_one_line(tmp_path, capsys):
+    status, error = run_cli(["sft", "--config", str(tmp_path / "missing.yaml")], capsys)
+    assert status == 2
+    assert_one_line(error, "sft", "config file not found", "missing.yaml")
+
+
+def test_a_bad_model_directory_is_one_line(tmp_path, capsys):
+    (tmp_path / "not_a_model").mkdir()
+    status, error = run_cli(["generate", "--model", str(tmp_path / "not_a_model"), "--persona", "i like tea ."], capsys)
+    assert status == 2
+    assert_one_line(error, "generate", "not_a_model", "no config.json")
+    status, error = run_cli(["export-hf", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")], capsys)
+    assert status == 2
+    assert_one_line(error, "export-hf", "nowhere", "model directory not found")
+
+
+def test_bad_data_names_the_file_and_line(tmp_path, capsys):
+    model = make_tiny_hf_model(tmp_path, "llama")
+    data = tmp_path / "dialogues.txt"
+    data.write_text("1 your persona: i like tea.\n2 hi there\tno tab problem\nbroken line\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "model": {"path": str(model)},
+                                      "data": {"train": [str(data)], "template": "plain-en"}}))
+    status, error = run_cli(["sft", "--config", str(config)], capsys)
+    assert status == 2
+    assert_one_line(error, "sft", f"{data}:3")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("sft: {epochz: 3}\n")
+    with pytest.raises(ValueError, match="sft.epochz"):
+        cli.main(["--debug", "sft", "--config", str(config)])
+
+
+def test_an_unknown_stage_is_one_line(capsys):
+    status, error = run_cli(["sfft"], capsys)
+    assert status == 2 and error.count("\n") == 1 and "unknown stage 'sfft'" in error
