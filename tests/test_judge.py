@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pdpo_jax.config import ConfigError, JudgeSection, load_config
 from pdpo_jax.evaluate import judge
 from judge_fixtures import Reply, ScriptedJudgeServer, write_responses
 
@@ -332,6 +333,27 @@ def test_tournament_default_games_cap_at_every_combination(tmp_path):
         results, judgments, _ = run_judge(argv_for(server, files, tmp_path / "out", "--mode", "tournament"))
     assert results["games_requested"] == len(judgments) == 2 * 3  # 2 dialogues x 3 model pairs
     assert sum(r["games"] for r in results["models"]) == 2 * len(judgments)
+
+
+# --------------------------------------------------------------------------------------------
+# Settings, the config's judge section, and the command line
+
+
+def test_config_judge_section_takes_overrides_and_refuses_unknown_keys(tmp_path):
+    config = load_config(None, ["judge.model=gpt-4o", "judge.base_url=http://localhost:8000/v1", "judge.games=50"])
+    assert (config.judge.model, config.judge.base_url, config.judge.games) == ("gpt-4o", "http://localhost:8000/v1", 50)
+    assert config.judge.api_key_env == "OPENAI_API_KEY" and config.judge.orders == "both"
+    assert load_config(None).judge == JudgeSection()
+    with pytest.raises(ConfigError, match="unknown key 'judge.modle'"):
+        load_config(None, ["judge.modle=gpt-4o"])
+    with pytest.raises(ConfigError, match="unknown key 'judge.api_key'"):
+        load_config(None, [f"judge.api_key={KEY}"])
+    with pytest.raises(ConfigError, match="judge.orders must be one of"):
+        load_config(None, ["judge.orders=thrice"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("judge:\n  modle: gpt-4o\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*unknown key 'judge.modle'"):
+        load_config(bad)
 
 
 # --------------------------------------------------------------------------------------------
