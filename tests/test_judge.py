@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pdpo_jax.config import ConfigError, JudgeSection, load_config
-from pdpo_jax.evaluate import judge
+from pdpo_jax.evaluate import judge, judge_stats
 from judge_fixtures import Reply, ScriptedJudgeServer, write_responses
 
 KEY_ENV = "PDPO_TEST_JUDGE_KEY"
@@ -444,12 +444,12 @@ def test_common_ids_refuses_files_about_different_dialogues(tmp_path):
 
 def test_sample_games_are_distinct_seeded_and_bounded():
     ids, models = [str(i) for i in range(5)], ["a", "b", "c"]
-    games = judge.sample_games(ids, models, 15, seed=7)
-    assert games == judge.sample_games(ids, models, 15, seed=7)
+    games = judge_stats.sample_games(ids, models, 15, seed=7)
+    assert games == judge_stats.sample_games(ids, models, 15, seed=7)
     assert len({(i, frozenset((x, y))) for i, x, y in games}) == 15  # all 5 x 3 combinations
     assert all(x != y for _, x, y in games)
     with pytest.raises(judge.JudgeConfigError, match="between 1 and 15"):
-        judge.sample_games(ids, models, 16, seed=7)
+        judge_stats.sample_games(ids, models, 16, seed=7)
 
 
 def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_games():
@@ -458,7 +458,7 @@ def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_games():
     for n in (40, 400):
         score = rng.choice([0.0, 0.5, 1.0], size=n, p=[0.3, 0.2, 0.5])
         scores = np.stack([score, 1 - score], axis=1)
-        low, high = judge.bootstrap_win_rates(scores, np.ones_like(scores), samples=500, seed=1)
+        low, high = judge_stats.bootstrap_win_rates(scores, np.ones_like(scores), samples=500, seed=1)
         assert low[0] <= score.mean() <= high[0]
         assert high[1] == pytest.approx(1 - low[0]) and low[1] == pytest.approx(1 - high[0])
         widths.append(high[0] - low[0])
