@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from pdpo_jax.config import ConfigError, JudgeSection, load_config
-from pdpo_jax.evaluate import judge, judge_stats
+from pdpo_jax.evaluate import judge, judge_client, judge_prompts, judge_stats
+from pdpo_jax.evaluate.judge_client import JudgeConfigError
 from judge_fixtures import Reply, ScriptedJudgeServer, write_responses
 
 KEY_ENV = "PDPO_TEST_JUDGE_KEY"
@@ -200,7 +201,7 @@ def test_cache_rerun_is_free_and_survives_a_torn_line(tmp_path):
     lines = cache.read_bytes().split(b"\n")
     assert lines[-1] == b""
     assert len([json.loads(line) for line in lines[:-1]]) == 4 * n
-    assert judge.JudgmentCache(cache).torn_lines_dropped == 0
+    assert judge_client.JudgmentCache(cache).torn_lines_dropped == 0
 
 
 def test_concurrency_bound_is_respected(tmp_path):
@@ -361,57 +362,57 @@ def test_config_judge_section_takes_overrides_and_refuses_unknown_keys(tmp_path)
 
 
 def test_parse_verdict_takes_the_last_verdict():
-    assert judge.parse_verdict("Response [[1]] looked good at first, but overall [[2]]") == 2
-    assert judge.parse_verdict("explanation...\n[[3]]") == 3
-    assert judge.parse_verdict("全角でも［［１］］") == 1
-    assert judge.parse_verdict("[[ 2 ]]") == 2
-    assert judge.parse_verdict("no verdict [4] [[4]] [1]") is None
-    assert judge.parse_verdict("") is None
+    assert judge_prompts.parse_verdict("Response [[1]] looked good at first, but overall [[2]]") == 2
+    assert judge_prompts.parse_verdict("explanation...\n[[3]]") == 3
+    assert judge_prompts.parse_verdict("全角でも［［１］］") == 1
+    assert judge_prompts.parse_verdict("[[ 2 ]]") == 2
+    assert judge_prompts.parse_verdict("no verdict [4] [[4]] [1]") is None
+    assert judge_prompts.parse_verdict("") is None
 
 
 def test_combine_orders_table():
     w, d, l = "win", "draw", "lose"
     table = {(w, w): w, (d, d): d, (l, l): l, (w, d): w, (d, w): w, (l, d): l, (d, l): l, (w, l): d, (l, w): d}
     for (first, second), combined in table.items():
-        assert judge.combine_orders(first, second) == combined
-    assert [judge.verdict_to_outcome(v, True) for v in (1, 2, 3)] == [w, l, d]
-    assert [judge.verdict_to_outcome(v, False) for v in (1, 2, 3)] == [l, w, d]
+        assert judge_prompts.combine_orders(first, second) == combined
+    assert [judge_prompts.verdict_to_outcome(v, True) for v in (1, 2, 3)] == [w, l, d]
+    assert [judge_prompts.verdict_to_outcome(v, False) for v in (1, 2, 3)] == [l, w, d]
 
 
 def test_prompts_carry_the_format_and_the_bias_rules():
     for language in ("en", "ja"):
-        prompt = judge.prompt_for(language)
-        messages = judge.build_messages(prompt, PERSONA, ["hi", "hello", "what's up?"], "RESP-ONE", "RESP-TWO")
+        prompt = judge_prompts.prompt_for(language)
+        messages = judge_prompts.build_messages(prompt, PERSONA, ["hi", "hello", "what's up?"], "RESP-ONE", "RESP-TWO")
         system, user = messages[0]["content"], messages[1]["content"]
         assert all(v in system for v in ("[[1]]", "[[2]]", "[[3]]"))
         assert user.index("RESP-ONE") < user.index("RESP-TWO")
         assert all(p in user for p in PERSONA)
-        lines = judge.format_history(["hi", "hello", "what's up?"], prompt).splitlines()
+        lines = judge_prompts.format_history(["hi", "hello", "what's up?"], prompt).splitlines()
         assert lines[-1].startswith(prompt.partner_label) and lines[-2].startswith(prompt.speaker_label)
-    assert "Position" in judge.PROMPTS["en"].system and "Length" in judge.PROMPTS["en"].system
-    assert "位置" in judge.PROMPTS["ja"].system and "長さ" in judge.PROMPTS["ja"].system
+    assert "Position" in judge_prompts.PROMPTS["en"].system and "Length" in judge_prompts.PROMPTS["en"].system
+    assert "位置" in judge_prompts.PROMPTS["ja"].system and "長さ" in judge_prompts.PROMPTS["ja"].system
     with pytest.raises(ValueError, match="unknown judge language"):
-        judge.prompt_for("fr")
+        judge_prompts.prompt_for("fr")
 
 
 def test_cache_key_depends_on_model_messages_and_sampling():
     messages = [{"role": "user", "content": "x"}]
-    base = judge.cache_key("m", messages, {"temperature": 0.0, "max_tokens": 10})
-    assert base == judge.cache_key("m", list(messages), {"max_tokens": 10, "temperature": 0.0})
-    assert base != judge.cache_key("m2", messages, {"temperature": 0.0, "max_tokens": 10})
-    assert base != judge.cache_key("m", [{"role": "user", "content": "y"}], {"temperature": 0.0, "max_tokens": 10})
-    assert base != judge.cache_key("m", messages, {"temperature": 0.7, "max_tokens": 10})
+    base = judge_client.cache_key("m", messages, {"temperature": 0.0, "max_tokens": 10})
+    assert base == judge_client.cache_key("m", list(messages), {"max_tokens": 10, "temperature": 0.0})
+    assert base != judge_client.cache_key("m2", messages, {"temperature": 0.0, "max_tokens": 10})
+    assert base != judge_client.cache_key("m", [{"role": "user", "content": "y"}], {"temperature": 0.0, "max_tokens": 10})
+    assert base != judge_client.cache_key("m", messages, {"temperature": 0.7, "max_tokens": 10})
 
 
 def test_cache_rejects_damage_before_the_last_line(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_text('{"key": "a", "text": "x"}\nnot json\n{"key": "b", "text": "y"}\n')
     with pytest.raises(ValueError, match=r"c.jsonl:2"):
-        judge.JudgmentCache(path)
+        judge_client.JudgmentCache(path)
 
 
 def test_retry_delay_grows_is_capped_and_honours_retry_after():
-    policy = judge.RetryPolicy(max_retries=5, backoff_base_s=1.0, backoff_max_s=8.0)
+    policy = judge_client.RetryPolicy(max_retries=5, backoff_base_s=1.0, backoff_max_s=8.0)
     rng = random.Random(0)
     for attempt in range(6):
         cap = min(8.0, 2.0**attempt)
@@ -424,10 +425,10 @@ def test_retry_delay_grows_is_capped_and_honours_retry_after():
 def test_load_responses_names_file_line_and_key(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text('{"id": 1, "persona": [], "history": [], "response": "x"}\n{"id": 2, "persona": [], "response": "y"}\n')
-    with pytest.raises(judge.JudgeConfigError, match=r"r.jsonl:2: missing key 'history'"):
+    with pytest.raises(JudgeConfigError, match=r"r.jsonl:2: missing key 'history'"):
         judge.load_responses(path)
     path.write_text('{"id": 1, "persona": [], "history": [], "response": "x"}\n{"id": "1", "persona": [], "history": [], "response": "y"}\n')
-    with pytest.raises(judge.JudgeConfigError, match="duplicate id '1'"):
+    with pytest.raises(JudgeConfigError, match="duplicate id '1'"):
         judge.load_responses(path)
     path.write_text('{"id": 1, "persona": [], "history": [], "response": "x"}\n')
     assert judge.load_responses(path).model == "r"
@@ -438,7 +439,7 @@ def test_common_ids_refuses_files_about_different_dialogues(tmp_path):
     rows = dialogue_rows("beta", 3)
     rows[1]["history"] = ["something else"]
     b = judge.load_responses(write_responses(tmp_path / "b.jsonl", "beta", rows))
-    with pytest.raises(judge.JudgeConfigError, match="id '1': history differs"):
+    with pytest.raises(JudgeConfigError, match="id '1': history differs"):
         judge.common_ids([a, b])
 
 
@@ -448,7 +449,7 @@ def test_sample_games_are_distinct_seeded_and_bounded():
     assert games == judge_stats.sample_games(ids, models, 15, seed=7)
     assert len({(i, frozenset((x, y))) for i, x, y in games}) == 15  # all 5 x 3 combinations
     assert all(x != y for _, x, y in games)
-    with pytest.raises(judge.JudgeConfigError, match="between 1 and 15"):
+    with pytest.raises(JudgeConfigError, match="between 1 and 15"):
         judge_stats.sample_games(ids, models, 16, seed=7)
 
 
