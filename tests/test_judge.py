@@ -1,7 +1,9 @@
-"""The pairwise LLM judge against a scripted OpenAI-compatible server on 127.0.0.1."""
+"""The pairwise LLM judge against a scripted OpenAI-compatible server on 127.0.0.1: judging, the
+statistics, the settings and their config section, and the command line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -11,8 +13,9 @@ import numpy as np
 import pytest
 
 from pdpo_jax.config import ConfigError, JudgeSection, load_config
-from pdpo_jax.evaluate import judge, judge_client, judge_prompts, judge_stats
+from pdpo_jax.evaluate import judge, judge_cli_draft, judge_client, judge_prompts, judge_stats
 from pdpo_jax.evaluate.judge_client import JudgeConfigError
+from pdpo_jax.evaluate.judge_run import JudgeSettings, run_judge, settings_from_section
 from judge_fixtures import Reply, ScriptedJudgeServer, write_responses
 
 KEY_ENV = "PDPO_TEST_JUDGE_KEY"
@@ -113,10 +116,25 @@ def argv_for(server: ScriptedJudgeServer, files: list[str], out: Path, *extra: s
     ]
 
 
-def run_judge(argv: list[str]) -> tuple[dict, list, list[float]]:
+def settings_for(server: ScriptedJudgeServer, **changes) -> JudgeSettings:
+    """The settings `argv_for` spells as flags, with `changes` on top."""
+    fast = dict(
+        model="judge-test",
+        base_url=server.base_url,
+        api_key_env=KEY_ENV,
+        timeout=TIMEOUT_S,
+        max_retries=MAX_RETRIES,
+        backoff_base=0.001,
+        backoff_max=0.05,
+        bootstrap=200,
+        plots=False,
+    )
+    return JudgeSettings(**{**fast, **changes})
+
+
+def judge_files(server: ScriptedJudgeServer, files: list[str], out: Path, **changes) -> tuple[dict, list, list[float]]:
     delays: list[float] = []
-    args = judge.build_parser().parse_args(argv)
-    results, judgments = judge.run(args, sleep=delays.append)
+    results, judgments = run_judge(files, out, settings_for(server, **changes), sleep=delays.append)
     return results, judgments, delays
 
 
@@ -133,8 +151,8 @@ def test_pairwise_counts_retries_cache_and_key_safety(tmp_path):
     b = write_responses(tmp_path / "b.jsonl", "beta", dialogue_rows("beta", N_PAIRWISE))
     out, cache = tmp_path / "out", tmp_path / "cache" / "judge.jsonl"
     with ScriptedJudgeServer(pairwise_policy) as server:
-        argv = argv_for(server, [a, b], out, "--cache", str(cache), "--concurrency", "4", plots=True)
-        results, judgments, delays = run_judge(argv)
+        changes = dict(cache=str(cache), concurrency=4, plots=True)
+        results, judgments, delays = judge_files(server, [a, b], out, **changes)
 
         assert results["counts"] == {"win": 6, "draw": 2, "lose": 3}
         assert results["status"] == {"requested": 13, "judged": 11, "unparsable": 1, "failed": 1, "reasked_orders": 4}
@@ -160,7 +178,7 @@ def test_pairwise_counts_retries_cache_and_key_safety(tmp_path):
 
         # Rerun on the same cache: only the failed pair is asked again.
         before = server.request_count
-        rerun, _, _ = run_judge(argv)
+        rerun, _, _ = judge_files(server, [a, b], out, **changes)
         assert server.request_count - before == 2 * (1 + MAX_RETRIES)
         assert rerun["counts"] == results["counts"]
 
@@ -181,21 +199,21 @@ def test_cache_rerun_is_free_and_survives_a_torn_line(tmp_path):
     b = write_responses(tmp_path / "b.jsonl", "beta", dialogue_rows("beta", n))
     cache = tmp_path / "judge_cache.jsonl"
     with ScriptedJudgeServer(pairwise_policy) as server:
-        first, _, _ = run_judge(argv_for(server, [a, b], tmp_path / "one", "--cache", str(cache)))
+        first, _, _ = judge_files(server, [a, b], tmp_path / "one", cache=str(cache))
         assert server.request_count == 2 * n
 
-        run_judge(argv_for(server, [a, b], tmp_path / "two", "--cache", str(cache)))
+        judge_files(server, [a, b], tmp_path / "two", cache=str(cache))
         assert server.request_count == 2 * n  # everything came from the cache
 
         with open(cache, "ab") as handle:  # a write interrupted half-way
             handle.write(b'{"key": "0123abc", "model": "judge-test", "te')
-        again, _, _ = run_judge(argv_for(server, [a, b], tmp_path / "three", "--cache", str(cache)))
+        again, _, _ = judge_files(server, [a, b], tmp_path / "three", cache=str(cache))
         assert server.request_count == 2 * n
         assert again["counts"] == first["counts"]
         assert again["cache"]["torn_lines_dropped"] == 1
 
         # New prompts (Japanese) append cleanly after the cut: every line parses afterwards.
-        ja, _, _ = run_judge(argv_for(server, [a, b], tmp_path / "four", "--cache", str(cache), "--language", "ja"))
+        ja, _, _ = judge_files(server, [a, b], tmp_path / "four", cache=str(cache), language="ja")
         assert server.request_count == 4 * n
         assert ja["counts"] == first["counts"]
     lines = cache.read_bytes().split(b"\n")
@@ -209,7 +227,7 @@ def test_concurrency_bound_is_respected(tmp_path):
     a = write_responses(tmp_path / "a.jsonl", "alpha", dialogue_rows("alpha", n))
     b = write_responses(tmp_path / "b.jsonl", "beta", dialogue_rows("beta", n))
     with ScriptedJudgeServer(alpha_wins, hold_until_in_flight=3) as server:
-        results, _, _ = run_judge(argv_for(server, [a, b], tmp_path / "out", "--concurrency", "3", "--timeout", "10"))
+        results, _, _ = judge_files(server, [a, b], tmp_path / "out", concurrency=3, timeout=10.0)
         assert server.max_in_flight == 3
     assert results["counts"] == {"win": n, "draw": 0, "lose": 0}
 
@@ -220,7 +238,7 @@ def test_single_order_judges_each_pair_once_in_a_seeded_order(tmp_path):
     b = write_responses(tmp_path / "b.jsonl", "beta", dialogue_rows("beta", n))
     always_first = lambda body, attempt: verdict("first", 1)  # noqa: E731 - a judge with pure position bias
     with ScriptedJudgeServer(always_first) as server:
-        results, judgments, _ = run_judge(argv_for(server, [a, b], tmp_path / "out", "--orders", "single", "--seed", "3"))
+        results, judgments, _ = judge_files(server, [a, b], tmp_path / "out", orders="single", seed=3)
         assert server.request_count == n
     a_first = [j.orders[0].a_first for j in judgments]
     assert a_first == [order[0] for order in judge.presentation_orders(n, "single", 3)]
@@ -235,7 +253,7 @@ def test_main_writes_outputs_and_reports_success(tmp_path, capsys):
     b = write_responses(tmp_path / "b.jsonl", "beta", dialogue_rows("beta", 4)[:3])  # id 3 unmatched
     out = tmp_path / "out"
     with ScriptedJudgeServer(alpha_wins) as server:
-        assert judge.main(argv_for(server, [a, b], out)) == 0
+        assert judge_cli_draft.main(argv_for(server, [a, b], out)) == 0
     printed = capsys.readouterr().out
     assert "| alpha | beta | 100.0 (3) | 0.0 (0) | 0.0 (0) |" in printed
     saved = json.loads((out / "judge_results.json").read_text())
@@ -243,22 +261,24 @@ def test_main_writes_outputs_and_reports_success(tmp_path, capsys):
     assert not (out / "win_rates.png").exists()
 
 
-def test_main_fails_clearly_without_the_key(tmp_path, monkeypatch, capsys):
+def test_main_fails_clearly_without_the_key(tmp_path, monkeypatch):
     monkeypatch.delenv(KEY_ENV)
     a = write_responses(tmp_path / "a.jsonl", "alpha", dialogue_rows("alpha", 2))
     b = write_responses(tmp_path / "b.jsonl", "beta", dialogue_rows("beta", 2))
     argv = ["--responses", a, b, "--judge-model", "m", "--api-key-env", KEY_ENV, "--out", str(tmp_path / "o")]
-    assert judge.main(argv) == 2
-    assert KEY_ENV in capsys.readouterr().err
+    with pytest.raises(JudgeConfigError) as error:  # raised, not printed: the caller reports it
+        judge_cli_draft.main(argv)
+    assert KEY_ENV in str(error.value)
 
 
 def test_help_describes_the_options(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        judge.main(["--help"])
+        judge_cli_draft.main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for option in ("--responses", "--mode", "--base-url", "--judge-model", "--api-key-env", "--language",
-                   "--orders", "--concurrency", "--max-retries", "--cache", "--games", "--seed", "--out"):
+                   "--orders", "--concurrency", "--max-retries", "--cache", "--games", "--seed", "--out",
+                   "--config", "KEY=VALUE", "judge.model"):
         assert option in text
 
 
@@ -291,9 +311,9 @@ def test_tournament_is_seeded_and_win_rates_match_the_games(tmp_path):
     files = [write_responses(tmp_path / f"{m}.jsonl", m, dialogue_rows(m, n)) for m in STRENGTH]
     with ScriptedJudgeServer(tournament_policy) as server:
         runs = {}
-        for name, seed in (("s1", "1"), ("s1_again", "1"), ("s2", "2")):
+        for name, seed in (("s1", 1), ("s1_again", 1), ("s2", 2)):
             out = tmp_path / name
-            results, _, _ = run_judge(argv_for(server, files, out, "--mode", "tournament", "--games", "30", "--seed", seed))
+            results, _, _ = judge_files(server, files, out, mode="tournament", games=30, seed=seed)
             games = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
             results.pop("requests_sent"), results.pop("cache")  # run-specific, not part of the outcome
             runs[name] = (results, games)
@@ -331,13 +351,67 @@ def test_tournament_is_seeded_and_win_rates_match_the_games(tmp_path):
 def test_tournament_default_games_cap_at_every_combination(tmp_path):
     files = [write_responses(tmp_path / f"{m}.jsonl", m, dialogue_rows(m, 2)) for m in ("alpha", "beta", "gamma")]
     with ScriptedJudgeServer(tournament_policy) as server:
-        results, judgments, _ = run_judge(argv_for(server, files, tmp_path / "out", "--mode", "tournament"))
+        results, judgments, _ = judge_files(server, files, tmp_path / "out", mode="tournament")
     assert results["games_requested"] == len(judgments) == 2 * 3  # 2 dialogues x 3 model pairs
     assert sum(r["games"] for r in results["models"]) == 2 * len(judgments)
 
 
 # --------------------------------------------------------------------------------------------
 # Settings, the config's judge section, and the command line
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ({"model": None}, "model: no judge model given"),
+        ({"model": " "}, "model: no judge model given"),
+        ({"base_url": ""}, "base_url must be a URL"),
+        ({"language": "fr"}, r"language must be one of \['en', 'ja'\]"),
+        ({"orders": "twice"}, "orders must be one of"),
+        ({"mode": "league"}, "mode must be one of"),
+        ({"temperature": -0.1}, "temperature must be a number >= 0"),
+        ({"temperature": float("nan")}, "temperature must be a number >= 0"),
+        ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
+        ({"timeout": 0}, "timeout must be a number > 0"),
+        ({"concurrency": 0}, "concurrency must be an integer >= 1"),
+        ({"concurrency": True}, "concurrency must be an integer >= 1"),
+        ({"concurrency": 2.5}, "concurrency must be an integer >= 1"),
+        ({"max_retries": -1}, "max_retries must be an integer >= 0"),
+        ({"backoff_base": 0.0}, "backoff_base must be a number > 0"),
+        ({"backoff_max": -1.0}, "backoff_max must be a number > 0"),
+        ({"cache": 3}, "cache must be a path or None"),
+        ({"games": 0}, "games must be an integer >= 1 or None"),
+        ({"limit": 0}, "limit must be an integer >= 1 or None"),
+        ({"bootstrap": 0}, "bootstrap must be an integer >= 1"),
+        ({"seed": -1}, "seed must be an integer >= 0"),
+        ({"plots": "yes"}, "plots must be true or false"),
+    ],
+)
+def test_settings_refuse_bad_values_naming_the_field(change, fragment):
+    with pytest.raises(JudgeConfigError, match=fragment):
+        JudgeSettings(**{"model": "m", **change})
+
+
+def test_settings_never_echo_a_key_pasted_into_api_key_env():
+    for value in (KEY, "", "MY VAR"):
+        with pytest.raises(JudgeConfigError, match="api_key_env must be the name of an environment variable") as error:
+            JudgeSettings(model="m", api_key_env=value)
+        assert KEY not in str(error.value)
+
+
+def test_settings_mirror_the_config_section():
+    section_fields = {f.name: f.default for f in dataclasses.fields(JudgeSection)}
+    settings_fields = {f.name: f.default for f in dataclasses.fields(JudgeSettings)}
+    assert list(section_fields) == list(settings_fields)
+    assert {**section_fields, "model": None} == {**settings_fields, "model": None}
+    assert not [name for name in section_fields if "key" in name and name != "api_key_env"]  # no field for the key itself
+    assert settings_from_section(JudgeSection(model="m")) == JudgeSettings(model="m")
+    section = JudgeSection(model="m", concurrency=2, orders="single")
+    assert settings_from_section(section, concurrency=5) == JudgeSettings(model="m", concurrency=5, orders="single")
+    with pytest.raises(JudgeConfigError, match="unknown judge setting 'concurency'"):
+        settings_from_section(section, concurency=5)
+    with pytest.raises(JudgeConfigError, match="judge.model"):
+        settings_from_section(JudgeSection())
 
 
 def test_config_judge_section_takes_overrides_and_refuses_unknown_keys(tmp_path):
@@ -355,6 +429,111 @@ def test_config_judge_section_takes_overrides_and_refuses_unknown_keys(tmp_path)
     bad.write_text("judge:\n  modle: gpt-4o\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml.*unknown key 'judge.modle'"):
         load_config(bad)
+
+
+def test_every_flag_sets_its_setting(tmp_path):
+    argv = [
+        "--responses", "a.jsonl", "b.jsonl", "--out", "o",
+        "--mode", "tournament", "--judge-model", "jm", "--base-url", "http://h/v1", "--api-key-env", "VAR_1",
+        "--language", "ja", "--orders", "single", "--temperature", "0.5", "--max-tokens", "7", "--timeout", "3",
+        "--concurrency", "2", "--max-retries", "1", "--backoff-base", "0.5", "--backoff-max", "4",
+        "--cache", "c.jsonl", "--games", "9", "--limit", "4", "--bootstrap", "11", "--seed", "5", "--no-plots",
+    ]
+    args = judge_cli_draft.build_parser().parse_args(argv)
+    expected = JudgeSettings(
+        model="jm", base_url="http://h/v1", api_key_env="VAR_1", language="ja", orders="single", temperature=0.5,
+        max_tokens=7, timeout=3.0, concurrency=2, max_retries=1, backoff_base=0.5, backoff_max=4.0, cache="c.jsonl",
+        games=9, limit=4, bootstrap=11, seed=5, mode="tournament", plots=False,
+    )
+    assert judge_cli_draft.settings_from_args(args, []) == expected
+    # A flag not given leaves the config's value; one given replaces it.
+    config = tmp_path / "judge.yaml"
+    config.write_text("judge:\n  model: from-config\n  seed: 8\n  plots: false\n")
+    args = judge_cli_draft.build_parser().parse_args(["--config", str(config), "--responses", "a", "--out", "o", "--seed", "2"])
+    assert judge_cli_draft.settings_from_args(args, []) == JudgeSettings(model="from-config", seed=2, plots=False)
+
+
+def test_overrides_written_after_the_responses_files_stay_overrides(tmp_path):
+    existing = tmp_path / "x=1.jsonl"
+    existing.write_text("")
+    args = judge_cli_draft.build_parser().parse_args(
+        ["judge.seed=1", "--responses", "a.jsonl", str(existing), "judge.model=m", "--out", "o"]
+    )
+    files, overrides = judge_cli_draft.split_overrides(args.responses, args.overrides)
+    assert files == ["a.jsonl", str(existing)]
+    assert overrides == ["judge.seed=1", "judge.model=m"]
+
+
+def write_judge_config(path: Path, server: ScriptedJudgeServer, **keys) -> str:
+    section = {
+        "model": "judge-test", "base_url": server.base_url, "api_key_env": KEY_ENV, "timeout": TIMEOUT_S,
+        "max_retries": MAX_RETRIES, "backoff_base": 0.001, "backoff_max": 0.05, "bootstrap": 200, "plots": False,
+        **keys,
+    }
+    path.write_text(json.dumps({"judge": section}))  # JSON is YAML
+    return str(path)
+
+
+def test_main_runs_from_config_files_overrides_and_flags(tmp_path, capsys):
+    n = 4
+    a = write_responses(tmp_path / "a.jsonl", "alpha", dialogue_rows("alpha", n))
+    b = write_responses(tmp_path / "b.jsonl", "beta", dialogue_rows("beta", n))
+    with ScriptedJudgeServer(alpha_wins) as server:
+        base = write_judge_config(tmp_path / "base.yaml", server, orders="single", seed=5)
+        later = tmp_path / "later.yaml"
+        later.write_text("judge:\n  seed: 3\n")
+        out = tmp_path / "one"
+        argv = ["--config", base, "--config", str(later), "--responses", a, b, "--out", str(out), "judge.language=ja"]
+        assert judge_cli_draft.main(argv) == 0
+        assert server.request_count == n  # single order, from the first file
+        saved = json.loads((out / "judge_results.json").read_text())
+        assert (saved["judge"]["model"], saved["orders"], saved["seed"], saved["language"]) == ("judge-test", "single", 3, "ja")
+        assert saved["judge"]["base_url"] == server.base_url and saved["judge"]["api_key_env"] == KEY_ENV
+        assert saved["counts"] == {"win": n, "draw": 0, "lose": 0}
+        assert "| alpha | beta | 100.0 (4) | 0.0 (0) | 0.0 (0) |" in capsys.readouterr().out
+
+        # Flags beat the config; an override after the files is still an override.
+        out = tmp_path / "two"
+        argv = ["--config", base, "--responses", a, b, "judge.seed=4", "--out", str(out), "--orders", "both",
+                "--judge-model", "judge-other"]
+        assert judge_cli_draft.main(argv) == 0
+        assert server.request_count == n + 2 * n
+        assert {body["model"] for body in server.requests[n:]} == {"judge-other"}
+        saved = json.loads((out / "judge_results.json").read_text())
+        assert (saved["judge"]["model"], saved["orders"], saved["seed"]) == ("judge-other", "both", 4)
+    for path in files_under(tmp_path / "one", tmp_path / "two"):
+        assert KEY.encode() not in path.read_bytes(), path
+
+
+def test_main_exits_1_when_judgments_failed(tmp_path, capsys):
+    a = write_responses(tmp_path / "a.jsonl", "alpha", dialogue_rows("alpha", 2))
+    b = write_responses(tmp_path / "b.jsonl", "beta", dialogue_rows("beta", 2))
+    with ScriptedJudgeServer(lambda body, attempt: Reply(status=500)) as server:
+        config = write_judge_config(tmp_path / "judge.yaml", server)
+        argv = ["--config", config, "judge.max_retries=0", "--responses", a, b, "--out", str(tmp_path / "out")]
+        assert judge_cli_draft.main(argv) == 1
+        assert server.request_count == 2 * 2
+    assert "pdpo judge: 2 judgments failed; rerun to retry them" in capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "judge_results.json").read_text())["status"]["failed"] == 2
+
+
+def test_main_raises_setting_errors_before_any_request(tmp_path):
+    a = write_responses(tmp_path / "a.jsonl", "alpha", dialogue_rows("alpha", 2))
+    b = write_responses(tmp_path / "b.jsonl", "beta", dialogue_rows("beta", 2))
+    with ScriptedJudgeServer(alpha_wins) as server:
+        config = write_judge_config(tmp_path / "judge.yaml", server)
+        common = ["--config", config, "--responses", a, b, "--out", str(tmp_path / "out")]
+        with pytest.raises(JudgeConfigError, match="concurrency must be an integer >= 1"):
+            judge_cli_draft.main([*common, "judge.concurrency=0"])
+        with pytest.raises(JudgeConfigError, match="timeout must be a number > 0"):
+            judge_cli_draft.main([*common, "--timeout", "0"])
+        with pytest.raises(ConfigError, match="unknown key 'judge.modle'"):
+            judge_cli_draft.main([*common, "judge.modle=x"])
+        with pytest.raises(JudgeConfigError, match="mode 'pairwise' takes exactly two responses files, got 1"):
+            judge_cli_draft.main(["--config", config, "--responses", a, "--out", str(tmp_path / "out")])
+        assert server.request_count == 0
+    with pytest.raises(JudgeConfigError, match="no judge model given"):
+        judge_cli_draft.main(["--responses", a, b, "--out", str(tmp_path / "out")])
 
 
 # --------------------------------------------------------------------------------------------
