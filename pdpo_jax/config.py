@@ -145,6 +145,32 @@ class EvalSection:
 
 
 @dataclass
+class JudgeSection:
+    """`pdpo judge`: the judge endpoint and how pairs are judged. There is no key for the API key:
+    it is read from the environment variable that `api_key_env` names, so no config file holds it."""
+
+    model: str | None = None  # the judge model's name at the endpoint
+    base_url: str | None = None  # an OpenAI-compatible endpoint; None = the OpenAI API
+    api_key_env: str = "OPENAI_API_KEY"
+    language: str = "en"  # judge prompt language: en or ja
+    orders: Literal["both", "single"] = "both"
+    temperature: float = 0.0
+    max_tokens: int = 1024
+    timeout: float = 60.0  # seconds per request
+    concurrency: int = 8  # requests in flight at most
+    max_retries: int = 6
+    backoff_base: float = 1.0  # seconds, doubling per retry
+    backoff_max: float = 60.0
+    cache: str | None = None  # None = judge_cache.jsonl in the output folder
+    games: int | None = None  # tournament; None = 1000, or every combination if fewer
+    limit: int | None = None  # pairwise: only the first N shared ids
+    bootstrap: int = 1000
+    seed: int = 0
+    mode: Literal["pairwise", "tournament"] = "pairwise"
+    plots: bool = True
+
+
+@dataclass
 class RunConfig:
     run_dir: str = "runs/default"
     run_suffix: str = ""  # appended to run_dir once all files are merged (variant files set it)
@@ -156,6 +182,7 @@ class RunConfig:
     prefs: PrefsSection = field(default_factory=PrefsSection)
     dpo: DPOSection = field(default_factory=DPOSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    judge: JudgeSection = field(default_factory=JudgeSection)
 
 
 def load_config(paths: str | Path | list[str | Path] | None, overrides: list[str] = ()) -> RunConfig:

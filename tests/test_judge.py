@@ -1,7 +1,9 @@
-"""The pairwise LLM judge against a scripted OpenAI-compatible server on 127.0.0.1."""
+"""The pairwise LLM judge against a scripted OpenAI-compatible server on 127.0.0.1: judging, the
+statistics, the settings and their config section, and the command line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -10,7 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pdpo_jax.evaluate import judge
+from pdpo_jax.config import ConfigError, JudgeSection, load_config
+from pdpo_jax.evaluate import judge, judge_client, judge_prompts, judge_stats
+from pdpo_jax.stages import judge as judge_stage
+from pdpo_jax.evaluate.judge_client import JudgeConfigError
+from pdpo_jax.evaluate.judge_run import JudgeSettings, run_judge, settings_from_section
 from judge_fixtures import Reply, ScriptedJudgeServer, write_responses
 
 KEY_ENV = "PDPO_TEST_JUDGE_KEY"
@@ -111,10 +117,25 @@ def argv_for(server: ScriptedJudgeServer, files: list[str], out: Path, *extra: s
     ]
 
 
-def run_judge(argv: list[str]) -> tuple[dict, list, list[float]]:
+def settings_for(server: ScriptedJudgeServer, **changes) -> JudgeSettings:
+    """The settings `argv_for` spells as flags, with `changes` on top."""
+    fast = dict(
+        model="judge-test",
+        base_url=server.base_url,
+        api_key_env=KEY_ENV,
+        timeout=TIMEOUT_S,
+        max_retries=MAX_RETRIES,
+        backoff_base=0.001,
+        backoff_max=0.05,
+        bootstrap=200,
+        plots=False,
+    )
+    return JudgeSettings(**{**fast, **changes})
+
+
+def judge_files(server: ScriptedJudgeServer, files: list[str], out: Path, **changes) -> tuple[dict, list, list[float]]:
     delays: list[float] = []
-    args = judge.build_parser().parse_args(argv)
-    results, judgments = judge.run(args, sleep=delays.append)
+    results, judgments = run_judge(files, out, settings_for(server, **changes), sleep=delays.append)
     return results, judgments, delays
 
 
@@ -131,8 +152,8 @@ def test_pairwise_counts_retries_cache_and_key_safety(tmp_path):
     b = write_responses(tmp_path / "b.jsonl", "beta", dialogue_rows("beta", N_PAIRWISE))
     out, cache = tmp_path / "out", tmp_path / "cache" / "judge.jsonl"
     with ScriptedJudgeServer(pairwise_policy) as server:
-        argv = argv_for(server, [a, b], out, "--cache", str(cache), "--concurrency", "4", plots=True)
-        results, judgments, delays = run_judge(argv)
+        changes = dict(cache=str(cache), concurrency=4, plots=True)
+        results, judgments, delays = judge_files(server, [a, b], out, **changes)
 
         assert results["counts"] == {"win": 6, "draw": 2, "lose": 3}
         assert results["status"] == {"requested": 13, "judged": 11, "unparsable": 1, "failed": 1, "reasked_orders": 4}
@@ -158,7 +179,7 @@ def test_pairwise_counts_retries_cache_and_key_safety(tmp_path):
 
         # Rerun on the same cache: only the failed pair is asked again.
         before = server.request_count
-        rerun, _, _ = run_judge(argv)
+        rerun, _, _ = judge_files(server, [a, b], out, **changes)
         assert server.request_count - before == 2 * (1 + MAX_RETRIES)
         assert rerun["counts"] == results["counts"]
 
@@ -179,27 +200,27 @@ def test_cache_rerun_is_free_and_survives_a_torn_line(tmp_path):
     b = write_responses(tmp_path / "b.jsonl", "beta", dialogue_rows("beta", n))
     cache = tmp_path / "judge_cache.jsonl"
     with ScriptedJudgeServer(pairwise_policy) as server:
-        first, _, _ = run_judge(argv_for(server, [a, b], tmp_path / "one", "--cache", str(cache)))
+        first, _, _ = judge_files(server, [a, b], tmp_path / "one", cache=str(cache))
         assert server.request_count == 2 * n
 
-        run_judge(argv_for(server, [a, b], tmp_path / "two", "--cache", str(cache)))
+        judge_files(server, [a, b], tmp_path / "two", cache=str(cache))
         assert server.request_count == 2 * n  # everything came from the cache
 
         with open(cache, "ab") as handle:  # a write interrupted half-way
             handle.write(b'{"key": "0123abc", "model": "judge-test", "te')
-        again, _, _ = run_judge(argv_for(server, [a, b], tmp_path / "three", "--cache", str(cache)))
+        again, _, _ = judge_files(server, [a, b], tmp_path / "three", cache=str(cache))
         assert server.request_count == 2 * n
         assert again["counts"] == first["counts"]
         assert again["cache"]["torn_lines_dropped"] == 1
 
         # New prompts (Japanese) append cleanly after the cut: every line parses afterwards.
-        ja, _, _ = run_judge(argv_for(server, [a, b], tmp_path / "four", "--cache", str(cache), "--language", "ja"))
+        ja, _, _ = judge_files(server, [a, b], tmp_path / "four", cache=str(cache), language="ja")
         assert server.request_count == 4 * n
         assert ja["counts"] == first["counts"]
     lines = cache.read_bytes().split(b"\n")
     assert lines[-1] == b""
     assert len([json.loads(line) for line in lines[:-1]]) == 4 * n
-    assert judge.JudgmentCache(cache).torn_lines_dropped == 0
+    assert judge_client.JudgmentCache(cache).torn_lines_dropped == 0
 
 
 def test_concurrency_bound_is_respected(tmp_path):
@@ -207,7 +228,7 @@ def test_concurrency_bound_is_respected(tmp_path):
     a = write_responses(tmp_path / "a.jsonl", "alpha", dialogue_rows("alpha", n))
     b = write_responses(tmp_path / "b.jsonl", "beta", dialogue_rows("beta", n))
     with ScriptedJudgeServer(alpha_wins, hold_until_in_flight=3) as server:
-        results, _, _ = run_judge(argv_for(server, [a, b], tmp_path / "out", "--concurrency", "3", "--timeout", "10"))
+        results, _, _ = judge_files(server, [a, b], tmp_path / "out", concurrency=3, timeout=10.0)
         assert server.max_in_flight == 3
     assert results["counts"] == {"win": n, "draw": 0, "lose": 0}
 
@@ -218,7 +239,7 @@ def test_single_order_judges_each_pair_once_in_a_seeded_order(tmp_path):
     b = write_responses(tmp_path / "b.jsonl", "beta", dialogue_rows("beta", n))
     always_first = lambda body, attempt: verdict("first", 1)  # noqa: E731 - a judge with pure position bias
     with ScriptedJudgeServer(always_first) as server:
-        results, judgments, _ = run_judge(argv_for(server, [a, b], tmp_path / "out", "--orders", "single", "--seed", "3"))
+        results, judgments, _ = judge_files(server, [a, b], tmp_path / "out", orders="single", seed=3)
         assert server.request_count == n
     a_first = [j.orders[0].a_first for j in judgments]
     assert a_first == [order[0] for order in judge.presentation_orders(n, "single", 3)]
@@ -233,7 +254,7 @@ def test_main_writes_outputs_and_reports_success(tmp_path, capsys):
     b = write_responses(tmp_path / "b.jsonl", "beta", dialogue_rows("beta", 4)[:3])  # id 3 unmatched
     out = tmp_path / "out"
     with ScriptedJudgeServer(alpha_wins) as server:
-        assert judge.main(argv_for(server, [a, b], out)) == 0
+        assert judge_stage.main(argv_for(server, [a, b], out)) == 0
     printed = capsys.readouterr().out
     assert "| alpha | beta | 100.0 (3) | 0.0 (0) | 0.0 (0) |" in printed
     saved = json.loads((out / "judge_results.json").read_text())
@@ -241,22 +262,24 @@ def test_main_writes_outputs_and_reports_success(tmp_path, capsys):
     assert not (out / "win_rates.png").exists()
 
 
-def test_main_fails_clearly_without_the_key(tmp_path, monkeypatch, capsys):
+def test_main_fails_clearly_without_the_key(tmp_path, monkeypatch):
     monkeypatch.delenv(KEY_ENV)
     a = write_responses(tmp_path / "a.jsonl", "alpha", dialogue_rows("alpha", 2))
     b = write_responses(tmp_path / "b.jsonl", "beta", dialogue_rows("beta", 2))
     argv = ["--responses", a, b, "--judge-model", "m", "--api-key-env", KEY_ENV, "--out", str(tmp_path / "o")]
-    assert judge.main(argv) == 2
-    assert KEY_ENV in capsys.readouterr().err
+    with pytest.raises(JudgeConfigError) as error:  # raised, not printed: the caller reports it
+        judge_stage.main(argv)
+    assert KEY_ENV in str(error.value)
 
 
 def test_help_describes_the_options(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        judge.main(["--help"])
+        judge_stage.main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for option in ("--responses", "--mode", "--base-url", "--judge-model", "--api-key-env", "--language",
-                   "--orders", "--concurrency", "--max-retries", "--cache", "--games", "--seed", "--out"):
+                   "--orders", "--concurrency", "--max-retries", "--cache", "--games", "--seed", "--out",
+                   "--config", "KEY=VALUE", "judge.model"):
         assert option in text
 
 
@@ -289,9 +312,9 @@ def test_tournament_is_seeded_and_win_rates_match_the_games(tmp_path):
     files = [write_responses(tmp_path / f"{m}.jsonl", m, dialogue_rows(m, n)) for m in STRENGTH]
     with ScriptedJudgeServer(tournament_policy) as server:
         runs = {}
-        for name, seed in (("s1", "1"), ("s1_again", "1"), ("s2", "2")):
+        for name, seed in (("s1", 1), ("s1_again", 1), ("s2", 2)):
             out = tmp_path / name
-            results, _, _ = run_judge(argv_for(server, files, out, "--mode", "tournament", "--games", "30", "--seed", seed))
+            results, _, _ = judge_files(server, files, out, mode="tournament", games=30, seed=seed)
             games = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
             results.pop("requests_sent"), results.pop("cache")  # run-specific, not part of the outcome
             runs[name] = (results, games)
@@ -329,9 +352,189 @@ def test_tournament_is_seeded_and_win_rates_match_the_games(tmp_path):
 def test_tournament_default_games_cap_at_every_combination(tmp_path):
     files = [write_responses(tmp_path / f"{m}.jsonl", m, dialogue_rows(m, 2)) for m in ("alpha", "beta", "gamma")]
     with ScriptedJudgeServer(tournament_policy) as server:
-        results, judgments, _ = run_judge(argv_for(server, files, tmp_path / "out", "--mode", "tournament"))
+        results, judgments, _ = judge_files(server, files, tmp_path / "out", mode="tournament")
     assert results["games_requested"] == len(judgments) == 2 * 3  # 2 dialogues x 3 model pairs
     assert sum(r["games"] for r in results["models"]) == 2 * len(judgments)
+
+
+# --------------------------------------------------------------------------------------------
+# Settings, the config's judge section, and the command line
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ({"model": None}, "model: no judge model given"),
+        ({"model": " "}, "model: no judge model given"),
+        ({"base_url": ""}, "base_url must be a URL"),
+        ({"language": "fr"}, r"language must be one of \['en', 'ja'\]"),
+        ({"orders": "twice"}, "orders must be one of"),
+        ({"mode": "league"}, "mode must be one of"),
+        ({"temperature": -0.1}, "temperature must be a number >= 0"),
+        ({"temperature": float("nan")}, "temperature must be a number >= 0"),
+        ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
+        ({"timeout": 0}, "timeout must be a number > 0"),
+        ({"concurrency": 0}, "concurrency must be an integer >= 1"),
+        ({"concurrency": True}, "concurrency must be an integer >= 1"),
+        ({"concurrency": 2.5}, "concurrency must be an integer >= 1"),
+        ({"max_retries": -1}, "max_retries must be an integer >= 0"),
+        ({"backoff_base": 0.0}, "backoff_base must be a number > 0"),
+        ({"backoff_max": -1.0}, "backoff_max must be a number > 0"),
+        ({"cache": 3}, "cache must be a path or None"),
+        ({"games": 0}, "games must be an integer >= 1 or None"),
+        ({"limit": 0}, "limit must be an integer >= 1 or None"),
+        ({"bootstrap": 0}, "bootstrap must be an integer >= 1"),
+        ({"seed": -1}, "seed must be an integer >= 0"),
+        ({"plots": "yes"}, "plots must be true or false"),
+    ],
+)
+def test_settings_refuse_bad_values_naming_the_field(change, fragment):
+    with pytest.raises(JudgeConfigError, match=fragment):
+        JudgeSettings(**{"model": "m", **change})
+
+
+def test_settings_never_echo_a_key_pasted_into_api_key_env():
+    for value in (KEY, "", "MY VAR"):
+        with pytest.raises(JudgeConfigError, match="api_key_env must be the name of an environment variable") as error:
+            JudgeSettings(model="m", api_key_env=value)
+        assert KEY not in str(error.value)
+
+
+def test_settings_mirror_the_config_section():
+    section_fields = {f.name: f.default for f in dataclasses.fields(JudgeSection)}
+    settings_fields = {f.name: f.default for f in dataclasses.fields(JudgeSettings)}
+    assert list(section_fields) == list(settings_fields)
+    assert {**section_fields, "model": None} == {**settings_fields, "model": None}
+    assert not [name for name in section_fields if "key" in name and name != "api_key_env"]  # no field for the key itself
+    assert settings_from_section(JudgeSection(model="m")) == JudgeSettings(model="m")
+    section = JudgeSection(model="m", concurrency=2, orders="single")
+    assert settings_from_section(section, concurrency=5) == JudgeSettings(model="m", concurrency=5, orders="single")
+    with pytest.raises(JudgeConfigError, match="unknown judge setting 'concurency'"):
+        settings_from_section(section, concurency=5)
+    with pytest.raises(JudgeConfigError, match="judge.model"):
+        settings_from_section(JudgeSection())
+
+
+def test_config_judge_section_takes_overrides_and_refuses_unknown_keys(tmp_path):
+    config = load_config(None, ["judge.model=gpt-4o", "judge.base_url=http://localhost:8000/v1", "judge.games=50"])
+    assert (config.judge.model, config.judge.base_url, config.judge.games) == ("gpt-4o", "http://localhost:8000/v1", 50)
+    assert config.judge.api_key_env == "OPENAI_API_KEY" and config.judge.orders == "both"
+    assert load_config(None).judge == JudgeSection()
+    with pytest.raises(ConfigError, match="unknown key 'judge.modle'"):
+        load_config(None, ["judge.modle=gpt-4o"])
+    with pytest.raises(ConfigError, match="unknown key 'judge.api_key'"):
+        load_config(None, [f"judge.api_key={KEY}"])
+    with pytest.raises(ConfigError, match="judge.orders must be one of"):
+        load_config(None, ["judge.orders=thrice"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("judge:\n  modle: gpt-4o\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*unknown key 'judge.modle'"):
+        load_config(bad)
+
+
+def test_every_flag_sets_its_setting(tmp_path):
+    argv = [
+        "--responses", "a.jsonl", "b.jsonl", "--out", "o",
+        "--mode", "tournament", "--judge-model", "jm", "--base-url", "http://h/v1", "--api-key-env", "VAR_1",
+        "--language", "ja", "--orders", "single", "--temperature", "0.5", "--max-tokens", "7", "--timeout", "3",
+        "--concurrency", "2", "--max-retries", "1", "--backoff-base", "0.5", "--backoff-max", "4",
+        "--cache", "c.jsonl", "--games", "9", "--limit", "4", "--bootstrap", "11", "--seed", "5", "--no-plots",
+    ]
+    args = judge_stage.build_parser().parse_args(argv)
+    expected = JudgeSettings(
+        model="jm", base_url="http://h/v1", api_key_env="VAR_1", language="ja", orders="single", temperature=0.5,
+        max_tokens=7, timeout=3.0, concurrency=2, max_retries=1, backoff_base=0.5, backoff_max=4.0, cache="c.jsonl",
+        games=9, limit=4, bootstrap=11, seed=5, mode="tournament", plots=False,
+    )
+    assert judge_stage.settings_from_args(args, []) == expected
+    # A flag not given leaves the config's value; one given replaces it.
+    config = tmp_path / "judge.yaml"
+    config.write_text("judge:\n  model: from-config\n  seed: 8\n  plots: false\n")
+    args = judge_stage.build_parser().parse_args(["--config", str(config), "--responses", "a", "--out", "o", "--seed", "2"])
+    assert judge_stage.settings_from_args(args, []) == JudgeSettings(model="from-config", seed=2, plots=False)
+
+
+def test_overrides_written_after_the_responses_files_stay_overrides(tmp_path):
+    existing = tmp_path / "x=1.jsonl"
+    existing.write_text("")
+    args = judge_stage.build_parser().parse_args(
+        ["judge.seed=1", "--responses", "a.jsonl", str(existing), "judge.model=m", "--out", "o"]
+    )
+    files, overrides = judge_stage.split_overrides(args.responses, args.overrides)
+    assert files == ["a.jsonl", str(existing)]
+    assert overrides == ["judge.seed=1", "judge.model=m"]
+
+
+def write_judge_config(path: Path, server: ScriptedJudgeServer, **keys) -> str:
+    section = {
+        "model": "judge-test", "base_url": server.base_url, "api_key_env": KEY_ENV, "timeout": TIMEOUT_S,
+        "max_retries": MAX_RETRIES, "backoff_base": 0.001, "backoff_max": 0.05, "bootstrap": 200, "plots": False,
+        **keys,
+    }
+    path.write_text(json.dumps({"judge": section}))  # JSON is YAML
+    return str(path)
+
+
+def test_main_runs_from_config_files_overrides_and_flags(tmp_path, capsys):
+    n = 4
+    a = write_responses(tmp_path / "a.jsonl", "alpha", dialogue_rows("alpha", n))
+    b = write_responses(tmp_path / "b.jsonl", "beta", dialogue_rows("beta", n))
+    with ScriptedJudgeServer(alpha_wins) as server:
+        base = write_judge_config(tmp_path / "base.yaml", server, orders="single", seed=5)
+        later = tmp_path / "later.yaml"
+        later.write_text("judge:\n  seed: 3\n")
+        out = tmp_path / "one"
+        argv = ["--config", base, "--config", str(later), "--responses", a, b, "--out", str(out), "judge.language=ja"]
+        assert judge_stage.main(argv) == 0
+        assert server.request_count == n  # single order, from the first file
+        saved = json.loads((out / "judge_results.json").read_text())
+        assert (saved["judge"]["model"], saved["orders"], saved["seed"], saved["language"]) == ("judge-test", "single", 3, "ja")
+        assert saved["judge"]["base_url"] == server.base_url and saved["judge"]["api_key_env"] == KEY_ENV
+        assert saved["counts"] == {"win": n, "draw": 0, "lose": 0}
+        assert "| alpha | beta | 100.0 (4) | 0.0 (0) | 0.0 (0) |" in capsys.readouterr().out
+
+        # Flags beat the config; an override after the files is still an override.
+        out = tmp_path / "two"
+        argv = ["--config", base, "--responses", a, b, "judge.seed=4", "--out", str(out), "--orders", "both",
+                "--judge-model", "judge-other"]
+        assert judge_stage.main(argv) == 0
+        assert server.request_count == n + 2 * n
+        assert {body["model"] for body in server.requests[n:]} == {"judge-other"}
+        saved = json.loads((out / "judge_results.json").read_text())
+        assert (saved["judge"]["model"], saved["orders"], saved["seed"]) == ("judge-other", "both", 4)
+    for path in files_under(tmp_path / "one", tmp_path / "two"):
+        assert KEY.encode() not in path.read_bytes(), path
+
+
+def test_main_exits_1_when_judgments_failed(tmp_path, capsys):
+    a = write_responses(tmp_path / "a.jsonl", "alpha", dialogue_rows("alpha", 2))
+    b = write_responses(tmp_path / "b.jsonl", "beta", dialogue_rows("beta", 2))
+    with ScriptedJudgeServer(lambda body, attempt: Reply(status=500)) as server:
+        config = write_judge_config(tmp_path / "judge.yaml", server)
+        argv = ["--config", config, "judge.max_retries=0", "--responses", a, b, "--out", str(tmp_path / "out")]
+        assert judge_stage.main(argv) == 1
+        assert server.request_count == 2 * 2
+    assert "pdpo judge: 2 judgments failed; rerun to retry them" in capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "judge_results.json").read_text())["status"]["failed"] == 2
+
+
+def test_main_raises_setting_errors_before_any_request(tmp_path):
+    a = write_responses(tmp_path / "a.jsonl", "alpha", dialogue_rows("alpha", 2))
+    b = write_responses(tmp_path / "b.jsonl", "beta", dialogue_rows("beta", 2))
+    with ScriptedJudgeServer(alpha_wins) as server:
+        config = write_judge_config(tmp_path / "judge.yaml", server)
+        common = ["--config", config, "--responses", a, b, "--out", str(tmp_path / "out")]
+        with pytest.raises(JudgeConfigError, match="concurrency must be an integer >= 1"):
+            judge_stage.main([*common, "judge.concurrency=0"])
+        with pytest.raises(JudgeConfigError, match="timeout must be a number > 0"):
+            judge_stage.main([*common, "--timeout", "0"])
+        with pytest.raises(ConfigError, match="unknown key 'judge.modle'"):
+            judge_stage.main([*common, "judge.modle=x"])
+        with pytest.raises(JudgeConfigError, match="mode 'pairwise' takes exactly two responses files, got 1"):
+            judge_stage.main(["--config", config, "--responses", a, "--out", str(tmp_path / "out")])
+        assert server.request_count == 0
+    with pytest.raises(JudgeConfigError, match="no judge model given"):
+        judge_stage.main(["--responses", a, b, "--out", str(tmp_path / "out")])
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,57 +542,57 @@ def test_tournament_default_games_cap_at_every_combination(tmp_path):
 
 
 def test_parse_verdict_takes_the_last_verdict():
-    assert judge.parse_verdict("Response [[1]] looked good at first, but overall [[2]]") == 2
-    assert judge.parse_verdict("explanation...\n[[3]]") == 3
-    assert judge.parse_verdict("全角でも［［１］］") == 1
-    assert judge.parse_verdict("[[ 2 ]]") == 2
-    assert judge.parse_verdict("no verdict [4] [[4]] [1]") is None
-    assert judge.parse_verdict("") is None
+    assert judge_prompts.parse_verdict("Response [[1]] looked good at first, but overall [[2]]") == 2
+    assert judge_prompts.parse_verdict("explanation...\n[[3]]") == 3
+    assert judge_prompts.parse_verdict("全角でも［［１］］") == 1
+    assert judge_prompts.parse_verdict("[[ 2 ]]") == 2
+    assert judge_prompts.parse_verdict("no verdict [4] [[4]] [1]") is None
+    assert judge_prompts.parse_verdict("") is None
 
 
 def test_combine_orders_table():
     w, d, l = "win", "draw", "lose"
     table = {(w, w): w, (d, d): d, (l, l): l, (w, d): w, (d, w): w, (l, d): l, (d, l): l, (w, l): d, (l, w): d}
     for (first, second), combined in table.items():
-        assert judge.combine_orders(first, second) == combined
-    assert [judge.verdict_to_outcome(v, True) for v in (1, 2, 3)] == [w, l, d]
-    assert [judge.verdict_to_outcome(v, False) for v in (1, 2, 3)] == [l, w, d]
+        assert judge_prompts.combine_orders(first, second) == combined
+    assert [judge_prompts.verdict_to_outcome(v, True) for v in (1, 2, 3)] == [w, l, d]
+    assert [judge_prompts.verdict_to_outcome(v, False) for v in (1, 2, 3)] == [l, w, d]
 
 
 def test_prompts_carry_the_format_and_the_bias_rules():
     for language in ("en", "ja"):
-        prompt = judge.prompt_for(language)
-        messages = judge.build_messages(prompt, PERSONA, ["hi", "hello", "what's up?"], "RESP-ONE", "RESP-TWO")
+        prompt = judge_prompts.prompt_for(language)
+        messages = judge_prompts.build_messages(prompt, PERSONA, ["hi", "hello", "what's up?"], "RESP-ONE", "RESP-TWO")
         system, user = messages[0]["content"], messages[1]["content"]
         assert all(v in system for v in ("[[1]]", "[[2]]", "[[3]]"))
         assert user.index("RESP-ONE") < user.index("RESP-TWO")
         assert all(p in user for p in PERSONA)
-        lines = judge.format_history(["hi", "hello", "what's up?"], prompt).splitlines()
+        lines = judge_prompts.format_history(["hi", "hello", "what's up?"], prompt).splitlines()
         assert lines[-1].startswith(prompt.partner_label) and lines[-2].startswith(prompt.speaker_label)
-    assert "Position" in judge.PROMPTS["en"].system and "Length" in judge.PROMPTS["en"].system
-    assert "位置" in judge.PROMPTS["ja"].system and "長さ" in judge.PROMPTS["ja"].system
+    assert "Position" in judge_prompts.PROMPTS["en"].system and "Length" in judge_prompts.PROMPTS["en"].system
+    assert "位置" in judge_prompts.PROMPTS["ja"].system and "長さ" in judge_prompts.PROMPTS["ja"].system
     with pytest.raises(ValueError, match="unknown judge language"):
-        judge.prompt_for("fr")
+        judge_prompts.prompt_for("fr")
 
 
 def test_cache_key_depends_on_model_messages_and_sampling():
     messages = [{"role": "user", "content": "x"}]
-    base = judge.cache_key("m", messages, {"temperature": 0.0, "max_tokens": 10})
-    assert base == judge.cache_key("m", list(messages), {"max_tokens": 10, "temperature": 0.0})
-    assert base != judge.cache_key("m2", messages, {"temperature": 0.0, "max_tokens": 10})
-    assert base != judge.cache_key("m", [{"role": "user", "content": "y"}], {"temperature": 0.0, "max_tokens": 10})
-    assert base != judge.cache_key("m", messages, {"temperature": 0.7, "max_tokens": 10})
+    base = judge_client.cache_key("m", messages, {"temperature": 0.0, "max_tokens": 10})
+    assert base == judge_client.cache_key("m", list(messages), {"max_tokens": 10, "temperature": 0.0})
+    assert base != judge_client.cache_key("m2", messages, {"temperature": 0.0, "max_tokens": 10})
+    assert base != judge_client.cache_key("m", [{"role": "user", "content": "y"}], {"temperature": 0.0, "max_tokens": 10})
+    assert base != judge_client.cache_key("m", messages, {"temperature": 0.7, "max_tokens": 10})
 
 
 def test_cache_rejects_damage_before_the_last_line(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_text('{"key": "a", "text": "x"}\nnot json\n{"key": "b", "text": "y"}\n')
     with pytest.raises(ValueError, match=r"c.jsonl:2"):
-        judge.JudgmentCache(path)
+        judge_client.JudgmentCache(path)
 
 
 def test_retry_delay_grows_is_capped_and_honours_retry_after():
-    policy = judge.RetryPolicy(max_retries=5, backoff_base_s=1.0, backoff_max_s=8.0)
+    policy = judge_client.RetryPolicy(max_retries=5, backoff_base_s=1.0, backoff_max_s=8.0)
     rng = random.Random(0)
     for attempt in range(6):
         cap = min(8.0, 2.0**attempt)
@@ -402,10 +605,10 @@ def test_retry_delay_grows_is_capped_and_honours_retry_after():
 def test_load_responses_names_file_line_and_key(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text('{"id": 1, "persona": [], "history": [], "response": "x"}\n{"id": 2, "persona": [], "response": "y"}\n')
-    with pytest.raises(judge.JudgeConfigError, match=r"r.jsonl:2: missing key 'history'"):
+    with pytest.raises(JudgeConfigError, match=r"r.jsonl:2: missing key 'history'"):
         judge.load_responses(path)
     path.write_text('{"id": 1, "persona": [], "history": [], "response": "x"}\n{"id": "1", "persona": [], "history": [], "response": "y"}\n')
-    with pytest.raises(judge.JudgeConfigError, match="duplicate id '1'"):
+    with pytest.raises(JudgeConfigError, match="duplicate id '1'"):
         judge.load_responses(path)
     path.write_text('{"id": 1, "persona": [], "history": [], "response": "x"}\n')
     assert judge.load_responses(path).model == "r"
@@ -416,18 +619,18 @@ def test_common_ids_refuses_files_about_different_dialogues(tmp_path):
     rows = dialogue_rows("beta", 3)
     rows[1]["history"] = ["something else"]
     b = judge.load_responses(write_responses(tmp_path / "b.jsonl", "beta", rows))
-    with pytest.raises(judge.JudgeConfigError, match="id '1': history differs"):
+    with pytest.raises(JudgeConfigError, match="id '1': history differs"):
         judge.common_ids([a, b])
 
 
 def test_sample_games_are_distinct_seeded_and_bounded():
     ids, models = [str(i) for i in range(5)], ["a", "b", "c"]
-    games = judge.sample_games(ids, models, 15, seed=7)
-    assert games == judge.sample_games(ids, models, 15, seed=7)
+    games = judge_stats.sample_games(ids, models, 15, seed=7)
+    assert games == judge_stats.sample_games(ids, models, 15, seed=7)
     assert len({(i, frozenset((x, y))) for i, x, y in games}) == 15  # all 5 x 3 combinations
     assert all(x != y for _, x, y in games)
-    with pytest.raises(judge.JudgeConfigError, match="between 1 and 15"):
-        judge.sample_games(ids, models, 16, seed=7)
+    with pytest.raises(JudgeConfigError, match="between 1 and 15"):
+        judge_stats.sample_games(ids, models, 16, seed=7)
 
 
 def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_games():
@@ -436,7 +639,7 @@ def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_games():
     for n in (40, 400):
         score = rng.choice([0.0, 0.5, 1.0], size=n, p=[0.3, 0.2, 0.5])
         scores = np.stack([score, 1 - score], axis=1)
-        low, high = judge.bootstrap_win_rates(scores, np.ones_like(scores), samples=500, seed=1)
+        low, high = judge_stats.bootstrap_win_rates(scores, np.ones_like(scores), samples=500, seed=1)
         assert low[0] <= score.mean() <= high[0]
         assert high[1] == pytest.approx(1 - low[0]) and low[1] == pytest.approx(1 - high[0])
         widths.append(high[0] - low[0])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pdpo_jax.evaluate import judge, report
+from pdpo_jax.evaluate import judge, judge_stats, report
 from pdpo_jax.metrics_log import read_metrics_jsonl
 
 
@@ -105,7 +105,7 @@ def pair_judgment(example: str, a: str, b: str, outcomes: tuple[str, ...]) -> ju
 def test_judge_pairwise_markdown_and_plots(tmp_path):
     plan = [("win", "win")] * 5 + [("win", "draw")] * 2 + [("draw", "draw")] * 2 + [("lose", "lose")] * 3 + [("win", "lose")]
     judgments = [pair_judgment(str(i), "pdpo", "sft", o) for i, o in enumerate(plan)]
-    results = judge.pairwise_summary(judgments, "pdpo", "sft", bootstrap=300, seed=0)
+    results = judge_stats.pairwise_summary(judgments, "pdpo", "sft", bootstrap=300, seed=0)
     assert results["counts"] == {"win": 7, "draw": 3, "lose": 3}
     md = report.judge_markdown(results)
     rate = (7 + 0.5 * 3) / 13
@@ -120,7 +120,7 @@ def test_judge_pairwise_markdown_and_plots(tmp_path):
 def test_judge_tournament_markdown_and_plots(tmp_path):
     games = [("a", "b", "win"), ("a", "c", "win"), ("b", "c", "draw"), ("c", "a", "lose"), ("b", "a", "win"), ("c", "b", "lose")]
     judgments = [pair_judgment(str(i), x, y, (o, o)) for i, (x, y, o) in enumerate(games)]
-    results = judge.tournament_summary(judgments, ["a", "b", "c"], bootstrap=300, seed=0)
+    results = judge_stats.tournament_summary(judgments, ["a", "b", "c"], bootstrap=300, seed=0)
     rows = {r["model"]: r for r in results["models"]}
     # a: W W W(c lost to a) L(b beat a) -> 3 wins 1 loss; b: L D W W; c: L D L L
     assert (rows["a"]["wins"], rows["a"]["draws"], rows["a"]["losses"]) == (3, 0, 1)
@@ -188,7 +188,7 @@ def test_bootstrap_rates_from_summary_match_direct_resampling():
     # moves in steps of 1/28 here).
     outcomes = ["win"] * 6 + ["draw"] * 3 + ["lose"] * 5
     judgments = [pair_judgment(str(i), "x", "y", (o, o)) for i, o in enumerate(outcomes)]
-    results = judge.pairwise_summary(judgments, "x", "y", bootstrap=4000, seed=3)
+    results = judge_stats.pairwise_summary(judgments, "x", "y", bootstrap=4000, seed=3)
     scores = np.array([{"win": 1.0, "draw": 0.5, "lose": 0.0}[o] for o in outcomes])
     rng = np.random.default_rng(123)
     rates = scores[rng.integers(0, len(scores), size=(4000, len(scores)))].mean(axis=1)

@@ -12,81 +12,48 @@ A's side:
 * a win (or a loss) in one order and a tie in the other -> the win (or the loss);
 * a win in one order and a loss in the other       -> a draw (the judge only followed the position).
 
-The position-consistency rate is the share of pairs, among those with two valid verdicts, whose
-two verdicts agree exactly. With ``orders="single"`` each pair is judged once, in an order picked
-by a seeded coin flip so that neither model sits in position 1 systematically.
+With ``orders="single"`` each pair is judged once, in an order picked by a seeded coin flip so
+that neither model sits in position 1 systematically.
 
 Failures. An answer without a verdict is asked again once (the answer plus a reminder of the
 format); if the second answer has none either, that order is "unparsable". A call that still fails
 after the retries is "failed". A pair with any failed order is failed, else with any unparsable
-order it is unparsable; both kinds are left out of the win/draw/lose counts and reported beside
-them. Failed calls are not cached, so a rerun asks for exactly those again.
+order it is unparsable. Failed calls are not cached, so a rerun asks for exactly those again.
 
-Win rate (tournament and pairwise): (wins + 0.5 * draws) / games, per model, with a percentile
-bootstrap confidence interval that resamples games.
-
-The API key is read from an environment variable and handed to the client only; nothing written
-to disk (cache, results, logs) contains it.
+Counting the outcomes is `judge_stats`; the whole evaluation from files to outputs is `judge_run`.
 """
 
 from __future__ import annotations
 
-from __future__ import annotations
-
-import argparse
 import concurrent.futures
 import logging
 import os
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
-from pdpo_jax.files import atomic_write_json, atomic_write_jsonl, atomic_write_text, jsonl_objects
-from pdpo_jax.evaluate.judge_client import (
-    ChatCompleter,
-    ClientSettings,
-    JudgeCallFailed,
-    JudgeConfigError,
-    JudgmentCache,
-    RetryPolicy,
-    cache_key,
-)
+from pdpo_jax.evaluate.judge_client import JudgeCallFailed, JudgeConfigError, JudgmentCache, cache_key
+from pdpo_jax.files import jsonl_objects
 from pdpo_jax.evaluate.judge_prompts import (
-    PROMPTS,
     JudgePrompt,
     Message,
     Outcome,
     build_messages,
     combine_orders,
-    format_history,
     parse_verdict,
-    prompt_for,
     reask_messages,
     verdict_to_outcome,
 )
 
+
 LOG = logging.getLogger(__name__)
 
-OUTCOMES: tuple[Outcome, ...] = ("win", "draw", "lose")
-DEFAULT_GAMES = 1000
-WIN_RATE_CONVENTION = "win rate = (wins + 0.5 * draws) / games; unparsable and failed games are excluded"
-
 __all__ = [
-    "PROMPTS", "ChatCompleter", "ClientSettings", "JudgeCallFailed", "JudgeConfigError", "JudgePrompt",
-    "JudgmentCache", "OrderJudgment", "PairItem", "PairJudge", "PairJudgment", "ResponseSet", "RetryPolicy",
-    "bootstrap_win_rates", "build_messages", "build_parser", "cache_key", "combine_orders", "common_ids",
-    "format_history", "judge_pairs", "load_responses", "main", "make_item", "pairwise_summary", "parse_verdict",
-    "position_consistency", "presentation_orders", "prompt_for", "reask_messages", "run", "sample_games",
-    "tournament_summary", "verdict_to_outcome",
+    "OrderJudgment", "PairItem", "PairJudge", "PairJudgment", "ResponseSet", "common_ids", "judge_pairs",
+    "load_responses", "make_item", "presentation_orders",
 ]
-
-
-# --------------------------------------------------------------------------------------------
-# Judging pairs
 
 
 @dataclass(frozen=True)
@@ -319,345 +286,3 @@ def judge_pairs(
     return [
         PairJudgment(item=item, orders=tuple(results[(i, a_first)] for a_first in plan[i])) for i, item in enumerate(items)
     ]
-
-
-# --------------------------------------------------------------------------------------------
-# Summaries
-
-
-def bootstrap_win_rates(
-    scores: np.ndarray, played: np.ndarray, *, samples: int, seed: int, confidence: float = 0.95
-) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile bootstrap over games of each model's win rate.
-
-    scores[g, m] is model m's score in game g (1 win, 0.5 draw, 0 loss), played[g, m] is 1 where m
-    took part. Returns (low, high) per model; NaN where a model never played.
-    """
-    n_games = scores.shape[0]
-    if n_games == 0 or samples < 1:
-        nan = np.full(scores.shape[1], np.nan)
-        return nan, nan.copy()
-    rng = np.random.default_rng([seed, 2])
-    # Each bootstrap sample as multiplicity weights over games (the same as resampling indices),
-    # drawn in chunks so memory stays bounded for long tournaments.
-    chunk = max(1, 4_000_000 // n_games)
-    rates_chunks = []
-    for start in range(0, samples, chunk):
-        size = min(chunk, samples - start)
-        weights = rng.multinomial(n_games, np.full(n_games, 1.0 / n_games), size=size).astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            rates_chunks.append((weights @ scores) / (weights @ played))
-    rates = np.concatenate(rates_chunks)
-    tail = (1.0 - confidence) / 2 * 100
-    low = np.full(scores.shape[1], np.nan)
-    high = np.full(scores.shape[1], np.nan)
-    for m in range(scores.shape[1]):
-        column = rates[:, m][~np.isnan(rates[:, m])]
-        if column.size:
-            low[m], high[m] = np.percentile(column, [tail, 100 - tail])
-    return low, high
-
-
-def _none_if_nan(x: float) -> float | None:
-    return None if x is None or np.isnan(x) else float(x)
-
-
-def _status_counts(judgments: Sequence[PairJudgment]) -> dict[str, int]:
-    return {
-        "requested": len(judgments),
-        "judged": sum(j.status == "ok" for j in judgments),
-        "unparsable": sum(j.status == "unparsable" for j in judgments),
-        "failed": sum(j.status == "failed" for j in judgments),
-        "reasked_orders": sum(len(o.texts) > 1 for j in judgments for o in j.orders),
-    }
-
-
-def position_consistency(judgments: Sequence[PairJudgment]) -> dict[str, Any]:
-    """How often the two orders agree exactly, and how often position 1 wins a decided single verdict."""
-    both = [j for j in judgments if j.consistent is not None]
-    singles = [o for j in judgments for o in j.orders if o.status == "ok"]
-    decided = [o for o in singles if o.verdict in (1, 2)]
-    first_wins = sum(o.verdict == 1 for o in decided)
-    consistent = sum(bool(j.consistent) for j in both)
-    return {
-        "pairs": len(both),
-        "consistent": consistent,
-        "rate": consistent / len(both) if both else None,
-        "first_position_win_rate": first_wins / len(decided) if decided else None,
-        "decided_single_verdicts": len(decided),
-    }
-
-
-def _counts(outcomes: Sequence[Outcome]) -> dict[str, int]:
-    return {k: sum(o == k for o in outcomes) for k in OUTCOMES}
-
-
-def _percentages(counts: Mapping[str, int]) -> dict[str, float | None]:
-    total = sum(counts.values())
-    return {k: (100.0 * v / total if total else None) for k, v in counts.items()}
-
-
-def pairwise_summary(
-    judgments: Sequence[PairJudgment], model_a: str, model_b: str, *, bootstrap: int = 1000, seed: int = 0
-) -> dict[str, Any]:
-    """Win/draw/lose of model A against model B (the paper's Table 3 layout) plus A's win rate with a CI."""
-    outcomes = [j.outcome for j in judgments if j.outcome is not None]
-    counts = _counts(outcomes)
-    score_a = np.array([{"win": 1.0, "draw": 0.5, "lose": 0.0}[o] for o in outcomes])
-    scores = np.stack([score_a, 1.0 - score_a], axis=1) if outcomes else np.zeros((0, 2))
-    low, high = bootstrap_win_rates(scores, np.ones_like(scores), samples=bootstrap, seed=seed)
-    rate = float(score_a.mean()) if outcomes else None
-    return {
-        "mode": "pairwise",
-        "model_a": model_a,
-        "model_b": model_b,
-        "counts": counts,
-        "percentages": _percentages(counts),
-        "status": _status_counts(judgments),
-        "position_consistency": position_consistency(judgments),
-        "win_rate_a": {"value": rate, "ci_low": _none_if_nan(low[0]), "ci_high": _none_if_nan(high[0])},
-        "win_rate_convention": WIN_RATE_CONVENTION,
-    }
-
-
-def sample_games(ids: Sequence[str], models: Sequence[str], games: int, seed: int) -> list[tuple[str, str, str]]:
-    """`games` distinct (id, model A, model B) draws: a dialogue and two distinct models, seeded.
-
-    Distinct (dialogue, unordered model pair) combinations, so no game is a copy of another; which
-    model is A is a seeded coin flip.
-    """
-    if len(models) < 2:
-        raise JudgeConfigError(f"a tournament needs at least two models, got {list(models)}")
-    pairs = [(a, b) for i, a in enumerate(models) for b in models[i + 1 :]]
-    total = len(ids) * len(pairs)
-    if not 1 <= games <= total:
-        raise JudgeConfigError(
-            f"--games must be between 1 and {total} ({len(ids)} shared dialogues x {len(pairs)} model pairs), got {games}"
-        )
-    rng = np.random.default_rng([seed, 3])
-    picks = rng.choice(total, size=games, replace=False)
-    swaps = rng.integers(0, 2, size=games)
-    drawn = []
-    for pick, swap in zip(picks, swaps):
-        id_index, pair_index = divmod(int(pick), len(pairs))
-        a, b = pairs[pair_index]
-        drawn.append((ids[id_index], *((b, a) if swap else (a, b))))
-    return drawn
-
-
-def tournament_summary(
-    judgments: Sequence[PairJudgment],
-    models: Sequence[str],
-    *,
-    bootstrap: int = 1000,
-    seed: int = 0,
-    confidence: float = 0.95,
-) -> dict[str, Any]:
-    """Each model's win rate over the games it played, with bootstrap CIs, and the head-to-head table."""
-    index = {m: i for i, m in enumerate(models)}
-    decided = [j for j in judgments if j.outcome is not None]
-    scores = np.zeros((len(decided), len(models)))
-    played = np.zeros_like(scores)
-    head_to_head = {a: {b: dict.fromkeys(OUTCOMES, 0) for b in models if b != a} for a in models}
-    flip = {"win": "lose", "draw": "draw", "lose": "win"}
-    for g, j in enumerate(decided):
-        a, b, outcome = j.item.model_a, j.item.model_b, j.outcome
-        score = {"win": 1.0, "draw": 0.5, "lose": 0.0}[outcome]
-        scores[g, index[a]], scores[g, index[b]] = score, 1.0 - score
-        played[g, index[a]] = played[g, index[b]] = 1.0
-        head_to_head[a][b][outcome] += 1
-        head_to_head[b][a][flip[outcome]] += 1
-    low, high = bootstrap_win_rates(scores, played, samples=bootstrap, seed=seed, confidence=confidence)
-    rows = []
-    for m, model in enumerate(models):
-        record = {k: sum(head_to_head[model][o][k] for o in head_to_head[model]) for k in OUTCOMES}
-        games = int(played[:, m].sum())
-        rows.append(
-            {
-                "model": model,
-                "games": games,
-                "wins": record["win"],
-                "draws": record["draw"],
-                "losses": record["lose"],
-                "win_rate": float(scores[:, m].sum() / games) if games else None,
-                "ci_low": _none_if_nan(low[m]),
-                "ci_high": _none_if_nan(high[m]),
-            }
-        )
-    return {
-        "mode": "tournament",
-        "models": rows,
-        "head_to_head": head_to_head,
-        "status": _status_counts(judgments),
-        "position_consistency": position_consistency(judgments),
-        "confidence": confidence,
-        "bootstrap_samples": bootstrap,
-        "win_rate_convention": WIN_RATE_CONVENTION,
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pdpo judge",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Pairwise LLM-as-judge evaluation of persona dialogue responses against an\n"
-        "OpenAI-compatible chat endpoint. The judge explains first, then ends with its verdict:\n"
-        "[[1]] (response 1 is better), [[2]] (response 2) or [[3]] (tie).",
-        epilog="""\
-responses files (jsonl, one per model, matched by id):
-  {"id": ..., "persona": [...], "history": [...], "response": "...", "model": "name"}
-  (without "model" the file's stem names the model)
-
-modes:
-  pairwise    win/draw/lose of the first file's model (A) against the second's (B)
-  tournament  --games random draws of (dialogue, two distinct models); each model's win
-              rate = (wins + 0.5 draws) / games, with bootstrap 95% CIs over games, and
-              a head-to-head win/draw/lose table
-
-orders "both": each pair is judged in both presentation orders; the same outcome twice
-  keeps it, a win (loss) plus a tie is a win (loss), a win plus a loss is a draw.
-  The position-consistency rate is reported. Answers without a verdict are asked again
-  once; still unparsable or failed pairs are excluded from the counts and reported.
-
-outputs in --out: judge_results.json, judge_results.md, judgments.jsonl (every answer),
-  win_rates.png, outcomes.png. Every judge answer is cached (--cache), so a rerun pays
-  only for what is missing. Exit status 1: some calls failed; a rerun retries them.
-  The API key is read from --api-key-env only and is never written anywhere.""",
-    )
-    parser.add_argument("--responses", nargs="+", required=True, metavar="FILE", help="responses jsonl, one per model")
-    parser.add_argument("--mode", choices=("pairwise", "tournament"), default="pairwise",
-                        help="pairwise: exactly two files, A = first; tournament: two or more (default: %(default)s)")
-    parser.add_argument("--judge-model", required=True, help="judge model name sent to the endpoint")
-    parser.add_argument("--base-url", default=None, help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1 (default: the OpenAI API)")
-    parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key (default: %(default)s)")
-    parser.add_argument("--language", choices=sorted(PROMPTS), default="en", help="judge prompt language (default: %(default)s)")
-    parser.add_argument("--orders", choices=("both", "single"), default="both",
-                        help="both: judge each pair in both presentation orders and combine; single: one seeded random order (default: %(default)s)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="judge sampling temperature (default: %(default)s)")
-    parser.add_argument("--max-tokens", type=int, default=1024, help="judge answer length limit (default: %(default)s)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: %(default)s)")
-    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight at most (default: %(default)s)")
-    parser.add_argument("--max-retries", type=int, default=6, help="retries per request on 429, timeouts and 5xx (default: %(default)s)")
-    parser.add_argument("--backoff-base", type=float, default=1.0, help="first backoff in seconds, doubling per retry (default: %(default)s)")
-    parser.add_argument("--backoff-max", type=float, default=60.0, help="longest backoff in seconds (default: %(default)s)")
-    parser.add_argument("--cache", default=None, help="judge answer cache (jsonl); default: OUT/judge_cache.jsonl")
-    parser.add_argument("--games", type=int, default=None,
-                        help="tournament games (default: 1000, or every (dialogue, model pair) combination if fewer)")
-    parser.add_argument("--limit", type=int, default=None, help="pairwise: judge only the first N shared ids")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for game sampling, single-order coin flips and the bootstrap (default: %(default)s)")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    return parser
-
-
-def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.games is not None and args.games < 1:
-        parser.error("--games must be >= 1")
-    for name in ("concurrency", "max_tokens", "bootstrap"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("timeout", "backoff_base", "backoff_max"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be > 0")
-    if args.max_retries < 0:
-        parser.error("--max-retries must be >= 0")
-    if args.limit is not None and args.limit < 1:
-        parser.error("--limit must be >= 1")
-
-
-def run(args: argparse.Namespace, *, sleep: Callable[[float], None] = time.sleep) -> tuple[dict[str, Any], list[PairJudgment]]:
-    """Load, judge, summarize and write the outputs; returns the results and the judgments."""
-    from pdpo_jax.evaluate import report
-
-    sets = [load_responses(p) for p in args.responses]
-    if args.mode == "pairwise" and len(sets) != 2:
-        raise JudgeConfigError(f"--mode pairwise takes exactly two responses files, got {len(sets)}")
-    shared = common_ids(sets)
-    if args.mode == "pairwise":
-        ids = shared[: args.limit] if args.limit else shared
-        items = [make_item(i, sets[0], sets[1]) for i in ids]
-    else:
-        by_model = {s.model: s for s in sets}
-        combinations = len(shared) * len(sets) * (len(sets) - 1) // 2
-        games = args.games if args.games is not None else min(DEFAULT_GAMES, combinations)
-        items = [make_item(i, by_model[a], by_model[b]) for i, a, b in sample_games(shared, list(by_model), games, args.seed)]
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    settings = ClientSettings(
-        model=args.judge_model,
-        base_url=args.base_url,
-        temperature=args.temperature,
-        max_tokens=args.max_tokens,
-        timeout_s=args.timeout,
-        api_key_env=args.api_key_env,
-    )
-    retry = RetryPolicy(max_retries=args.max_retries, backoff_base_s=args.backoff_base, backoff_max_s=args.backoff_max)
-    cache = JudgmentCache(args.cache or out / "judge_cache.jsonl")
-    completer = ChatCompleter(settings, retry, sleep=sleep)
-    judge = PairJudge(completer.complete, cache, prompt_for(args.language), settings.model, settings.sampling())
-    try:
-        judgments = judge_pairs(items, judge, orders=args.orders, concurrency=args.concurrency, seed=args.seed)
-    finally:
-        completer.close()
-
-    if args.mode == "pairwise":
-        results = pairwise_summary(judgments, sets[0].model, sets[1].model, bootstrap=args.bootstrap, seed=args.seed)
-        results["unmatched_ids"] = {s.model: len(s.records) - len(shared) for s in sets}
-    else:
-        results = tournament_summary(judgments, [s.model for s in sets], bootstrap=args.bootstrap, seed=args.seed)
-        results["games_requested"] = len(items)
-    results.update(
-        {
-            "judge": settings.public(),
-            "language": args.language,
-            "orders": args.orders,
-            "seed": args.seed,
-            "responses": [{"model": s.model, "path": s.path} for s in sets],
-            "requests_sent": completer.requests_sent,
-            "cache": {"path": str(cache.path), "torn_lines_dropped": cache.torn_lines_dropped},
-        }
-    )
-    rows = []
-    for n, j in enumerate(judgments):
-        row = j.as_dict()
-        if args.mode == "tournament":
-            row["game"] = n
-        rows.append(row)
-    atomic_write_jsonl(out / "judgments.jsonl", rows)
-    atomic_write_json(out / "judge_results.json", results)
-    atomic_write_text(out / "judge_results.md", report.judge_markdown(results))
-    if not args.no_plots:
-        report.plot_win_rates(results, out / "win_rates.png")
-        report.plot_outcomes(results, out / "outcomes.png")
-    return results, judgments
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _validate(parser, args)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    try:
-        results, _ = run(args)
-    except JudgeConfigError as err:
-        print(f"pdpo judge: {err}", file=sys.stderr)
-        return 2
-    from pdpo_jax.evaluate import report
-
-    print(report.judge_markdown(results))
-    failed = results["status"]["failed"]
-    if failed:
-        print(f"pdpo judge: {failed} judgments failed; rerun to retry them (finished ones are cached)", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
