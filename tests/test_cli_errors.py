@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import pytest
 import yaml
 from model_fixtures import make_tiny_hf_model
+from prefs_fixtures import tiny_llama_with_words
 
 from pdpo_jax import cli
 from pdpo_jax.stages import STAGES
@@ -52,9 +54,17 @@ def test_a_typo_in_the_config_is_one_line(stage, tmp_path, capsys, monkeypatch):
     assert_one_line(error, stage, str(config), "sft.epochz")
 
 
+VALID_ARGUMENTS = {  # what each stage needs besides the bad flag, so that argparse gets as far as the flags
+    **{stage: ["--config", "run.yaml"] for stage in ("sft", "make-prefs", "dpo", "pipeline")},
+    "eval-dnli": ["--out", "report.json"],
+    "judge": ["--responses", "a.jsonl", "b.jsonl", "--out", "judged"],
+    "data": ["inspect", "file.txt"],
+}
+
+
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_a_bad_flag_is_one_line(stage, capsys):
-    status, error = run_cli([stage, "--no-such-flag"], capsys)
+    status, error = run_cli([stage, *VALID_ARGUMENTS.get(stage, []), "--no-such-flag"], capsys)
     assert status == 2
     assert_one_line(error, stage, "--no-such-flag", f"pdpo {stage} --help")
 
@@ -73,15 +83,22 @@ def test_a_bad_model_directory_is_one_line(tmp_path, capsys):
     status, error = run_cli(["export-hf", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")], capsys)
     assert status == 2
     assert_one_line(error, "export-hf", "nowhere", "model directory not found")
+    no_tokenizer = make_tiny_hf_model(tmp_path, "llama")
+    capsys.readouterr()
+    status, error = run_cli(["generate", "--model", str(no_tokenizer), "--persona", "i like tea ."], capsys)
+    assert status == 2
+    assert_one_line(error, "generate", str(no_tokenizer), "no tokenizer files")
 
 
 def test_bad_data_names_the_file_and_line(tmp_path, capsys):
-    model = make_tiny_hf_model(tmp_path, "llama")
+    model = tiny_llama_with_words(tmp_path, ["i like tea . hi there no tab problem"])
+    capsys.readouterr()
     data = tmp_path / "dialogues.txt"
     data.write_text("1 your persona: i like tea.\n2 hi there\tno tab problem\nbroken line\n")
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "model": {"path": str(model)},
-                                      "data": {"train": [str(data)], "template": "plain-en"}}))
+                                      "data": {"train": [str(data)], "template": "plain-en"},
+                                      "sft": {"batch_size": jax.device_count()}}))
     status, error = run_cli(["sft", "--config", str(config)], capsys)
     assert status == 2
     assert_one_line(error, "sft", f"{data}:3")

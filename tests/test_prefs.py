@@ -161,7 +161,7 @@ def test_progress_advances_after_every_sampling_batch(setup, monkeypatch):
             updates.append(n)
             return super().update(n)
 
-    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+    monkeypatch.setattr(prefs, "tqdm", RecordingBar)
     assert prefs.main(["--config", str(config_file(setup, "progress"))]) == 0
     metrics = (setup["root"] / "progress" / "prefs" / "metrics.jsonl").read_text().splitlines()
     # shard_size 4 with batch_size 3: a full shard moves the bar by 3, then by 1
