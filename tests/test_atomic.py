@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from pdpo_jax.files import append_jsonl, atomic_write_json, is_done, mark_done, read_jsonl
+from pdpo_jax.files import append_jsonl, atomic_write_json, is_done, jsonl_objects, mark_done
 
 
 def test_atomic_write_leaves_no_temporary_files(tmp_path):
@@ -12,16 +12,14 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
 
 
-def test_jsonl_tolerates_only_a_torn_last_line(tmp_path):
+def test_append_jsonl_adds_whole_lines(tmp_path):
     path = tmp_path / "records.jsonl"
     append_jsonl(path, {"i": 0})
-    append_jsonl(path, {"i": 1})
-    with open(path, "a") as handle:
-        handle.write('{"i": 2, "trunc')
-    assert read_jsonl(path) == [{"i": 0}, {"i": 1}]
-    path.write_text('{"i": 0}\n{broken\n{"i": 2}\n')
+    append_jsonl(path, {"i": 1, "text": "é"})
+    assert [row for _, row in jsonl_objects(path)] == [{"i": 0}, {"i": 1, "text": "é"}]
+    path.write_text('{"i": 0}\n{broken\n')
     with pytest.raises(ValueError, match="records.jsonl:2"):
-        read_jsonl(path)
+        list(jsonl_objects(path))
 
 
 def test_done_marker(tmp_path):

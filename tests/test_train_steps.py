@@ -19,6 +19,7 @@ import pytest
 from pdpo_jax import parallel
 from pdpo_jax.data import SCORED_POSITIONS, with_scored_positions
 from pdpo_jax.model.decoder import param_shapes
+from pdpo_jax.model.model_dir import abstract_like
 from pdpo_jax import scoring
 from pdpo_jax.losses import dpo_loss, split_chosen_rejected
 from pdpo_jax.train import steps
@@ -239,7 +240,8 @@ def test_restore_across_meshes(tmp_path, sharded_and_single, adamw):
 
     eight_to_one = TrainCheckpointer(tmp_path / "from_mesh")
     eight_to_one.save(1, sharded_state, {"epoch": 0, "index": 1})
-    target = steps.abstract_train_state(shapes, adamw, steps.state_shardings(shapes, adamw))
+    state_shapes = jax.eval_shape(partial(steps.create_train_state, optimizer=adamw), shapes)
+    target = abstract_like(state_shapes, steps.state_shardings(shapes, adamw))
     restored, meta = eight_to_one.restore(target)
     assert meta == {"epoch": 0, "index": 1}
     assert all(len(leaf.devices()) == 1 for leaf in jax.tree.leaves(restored))
@@ -247,7 +249,7 @@ def test_restore_across_meshes(tmp_path, sharded_and_single, adamw):
 
     one_to_eight = TrainCheckpointer(tmp_path / "to_mesh")
     one_to_eight.save(1, single_state, {})
-    restored, _ = one_to_eight.restore(steps.abstract_train_state(shapes, adamw, shardings))
+    restored, _ = one_to_eight.restore(abstract_like(state_shapes, shardings))
     for leaf, sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(shardings)):
         assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
     assert tree_max_abs_diff(restored, single_state) == 0.0

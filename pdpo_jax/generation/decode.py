@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from pdpo_jax.generation.sampling import Greedy, Sampler
 from pdpo_jax.model import Decoder, Model, ModelConfig, eos_ids, init_cache, pad_id, unembedding
 from pdpo_jax.model.decoder import compute_dtype
-from pdpo_jax.parallel import BATCH_AXES, batch_sharding, shard_params
+from pdpo_jax.parallel import BATCH_AXES, place_batch, shard_params
 
 MIN_PROMPT_BUCKET = 16
 OCTAVE_SPLIT_BITS = 3  # 2**3 widths per octave: padding wastes under 1/4 of the prefill, typically ~1/16
@@ -147,7 +147,7 @@ def generate(model: Model, input_ids, attention_mask, *, max_new_tokens: int, sa
         prompt_ids = np.concatenate([prompt_ids, np.repeat(prompt_ids[:1], extra, axis=0)])
         prompt_valid = np.concatenate([prompt_valid, np.repeat(prompt_valid[:1], extra, axis=0)])
         params = shard_params(params, mesh)
-        prompt_ids, prompt_valid = jax.device_put((prompt_ids, prompt_valid), batch_sharding(mesh))
+        prompt_ids, prompt_valid = place_batch((prompt_ids, prompt_valid), mesh)
     tokens = _decode(params, jnp.asarray(prompt_ids), jnp.asarray(prompt_valid), jax.random.PRNGKey(seed),
                      config=config, max_new_tokens=int(max_new_tokens), sampler=sampler or Greedy(),
                      eos_ids=stop_ids, pad_id=pad, mesh=mesh)
