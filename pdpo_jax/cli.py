@@ -2,8 +2,8 @@
 
 Every error a user can cause (a bad config, data file, model directory or flag) reaches the user
 as one line `pdpo <stage>: <message>` on stderr with exit status 2; a run that stopped on its own
-(a diverged step, a failed download) exits with 1 after its message and what to do next. `--debug` anywhere on the command line, or
-PDPO_DEBUG=1, shows the traceback instead. Stage modules are imported only when run, so
+(a diverged step, a failed download) exits with 1 after its message and what to do next.
+`--debug` anywhere on the command line, or PDPO_DEBUG=1, shows the traceback instead. Stage modules are imported only when run, so
 `pdpo --help` stays fast and a stage's heavy imports are paid only by the stage that needs them.
 """
 

@@ -8,6 +8,7 @@ once for a model, on one device or on a mesh.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -51,16 +52,23 @@ def sequence_scores(params: Any, config: ModelConfig, batch: dict[str, jax.Array
     return sequence_logprobs(logps, batch["loss_mask"], batch["sequence_ids"], num_sequences)
 
 
-def make_scorer(model: Model, num_sequences: int, mesh: Any = None) -> Scorer:
-    """`sequence_scores` of `model`, jitted once (one compile per batch shape). On a mesh every
-    process passes the whole batch, each device takes its rows, and the parameters keep the
-    shardings they were loaded with."""
-    config = model.config
+@functools.lru_cache(maxsize=64)
+def _jitted_sequence_scores(config: ModelConfig, num_sequences: int, mesh: Any) -> Callable:
+    """One jitted scorer per (architecture, sequence count, mesh), shared by every scorer made for
+    it: two models of one architecture (SFT and DPO in a pipeline) or repeated `score_responses`
+    calls compile once per batch shape."""
 
     def score(params, batch):
         return sequence_scores(params, config, batch, num_sequences)
 
-    jitted = jax.jit(score) if mesh is None else jax.jit(score, out_shardings=replicated(mesh))
+    return jax.jit(score) if mesh is None else jax.jit(score, out_shardings=replicated(mesh))
+
+
+def make_scorer(model: Model, num_sequences: int, mesh: Any = None) -> Scorer:
+    """`sequence_scores` of `model`, jitted (one compile per batch shape). On a mesh every process
+    passes the whole batch, each device takes its rows, and the parameters keep the shardings they
+    were loaded with."""
+    jitted = _jitted_sequence_scores(model.config, num_sequences, mesh)
 
     def run(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         logps, counts = jitted(model.params, place_batch(batch, mesh))

@@ -14,7 +14,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "pdpo_jax"
 
@@ -142,10 +141,3 @@ def test_the_package_root_and_the_command_import_no_jax():
     code = "import sys, pdpo_jax, pdpo_jax.cli; print('jax' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
-
-
-@pytest.mark.parametrize("name", ["load_model", "forward_logits", "generate", "TopP", "score_responses"])
-def test_public_names_resolve(name):
-    import pdpo_jax
-
-    assert name in dir(pdpo_jax) and getattr(pdpo_jax, name) is not None
