@@ -97,6 +97,12 @@ def shard_params(params: Any, mesh: Mesh, rules: Sequence[tuple[str, P]] = DEFAU
     return jax.device_put(params, param_shardings(params, mesh, rules))
 
 
+def on_mesh(params: Any, mesh: Mesh) -> bool:
+    """Whether every leaf of `params` already lives on `mesh` (loaded onto it, or sharded before)."""
+    return all(isinstance(getattr(leaf, "sharding", None), NamedSharding) and leaf.sharding.mesh == mesh
+               for leaf in jax.tree.leaves(params))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Batch dim split over ("data", "fsdp"), everything else replicated."""
     return NamedSharding(mesh, P(BATCH_AXES))

@@ -9,11 +9,12 @@ import jax
 import numpy as np
 import pytest
 import scipy.stats
+from jax.sharding import PartitionSpec as P
 
 from model_fixtures import load_torch_model, make_tiny_hf_model, padded_batch
 from pdpo_jax.model import Decoder, load_model
 from pdpo_jax.parallel import make_mesh
-from pdpo_jax.generation.decode import _decode, bucket_width, generate
+from pdpo_jax.generation.decode import _decode, bucket_width, cache_shardings, generate
 from pdpo_jax.generation.sampling import NUCLEUS_CANDIDATES, Greedy, Temperature, TopK, TopP, nucleus_threshold
 
 NEW_TOKENS = 32
@@ -233,15 +234,27 @@ def test_prompts_in_one_width_bucket_share_one_compilation(tiny_dirs):
 
 
 @pytest.mark.parametrize("sampler", [Greedy(), TopP(0.9)], ids=["greedy", "top_p"])
-def test_batch_sharded_generation_equals_one_device(tiny_dirs, sampler):
+@pytest.mark.parametrize("axes", [dict(data=4, fsdp=2), dict(data=2, fsdp=2, tensor=2)], ids=["batch", "tensor"])
+def test_sharded_generation_equals_one_device(tiny_dirs, sampler, axes):
+    mesh = make_mesh(**axes)
     model = with_tokens(load_model(tiny_dirs["llama"]), eos=10_000)
-    lengths = [12, 5, 9, 3, 7, 11]  # 6 rows on 8 batch shards: filler rows are added and dropped
+    on_mesh = with_tokens(load_model(tiny_dirs["llama"], mesh=mesh), eos=10_000)  # weights placed as read
+    lengths = [12, 5, 9, 3, 7, 11]  # 6 rows on 4 or 8 batch shards: filler rows are added and dropped
     batch = padded_batch(lengths, 12, left=True, seed=11)
-    mesh = make_mesh(data=4, fsdp=2)
     single = generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=16, sampler=sampler, seed=3)
-    sharded = generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=16, sampler=sampler, seed=3,
-                       mesh=mesh)
+    sharded = generate(on_mesh, batch["input_ids"], batch["attention_mask"], max_new_tokens=16, sampler=sampler,
+                       seed=3, mesh=mesh)
     np.testing.assert_array_equal(sharded, single)
+
+
+def test_kv_cache_is_split_over_batch_and_kv_heads(tiny_dirs):
+    config = load_model(tiny_dirs["llama"]).config  # 2 kv heads
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    shardings = cache_shardings(config, mesh, batch=4, length=32)
+    assert shardings["k"][0].spec == P(("data", "fsdp"), "tensor", None, None)
+    assert shardings["positions"].spec == P(("data", "fsdp"), None) and shardings["index"].spec == P()
+    wide = make_mesh(data=1, fsdp=2, tensor=4)  # 4 does not divide 2 kv heads: those stay whole
+    assert cache_shardings(config, wide, batch=4, length=32)["v"][1].spec == P(("data", "fsdp"), None, None, None)
 
 
 def test_bad_inputs_are_refused(tiny_dirs):

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from pdpo_jax.generation.sampling import Greedy, Sampler
 from pdpo_jax.model import Decoder, Model, ModelConfig, eos_ids, init_cache, pad_id, unembedding
 from pdpo_jax.model.decoder import compute_dtype
-from pdpo_jax.parallel import BATCH_AXES, place_batch, shard_params
+from pdpo_jax.parallel import BATCH_AXES, fit_spec, on_mesh, place_batch, shard_params
 
 MIN_PROMPT_BUCKET = 16
 OCTAVE_SPLIT_BITS = 3  # 2**3 widths per octave: padding wastes under 1/4 of the prefill, typically ~1/16
@@ -65,36 +65,64 @@ def last_token_logits(hidden: jax.Array, head: jax.Array) -> jax.Array:
     return jnp.matmul(hidden.astype(jnp.float32), head)
 
 
-def _constrain_batch(tree: Any, mesh: Mesh | None) -> Any:
-    """Keeps every per-row array split over the batch axes (scalars replicated)."""
-    if mesh is None:
+def compute_params(params: Any, config: ModelConfig) -> Any:
+    """The parameters in the compute dtype. Every layer casts its weights itself; casting once
+    before the token loop keeps the casts (and, in bf16, half of the weight traffic) out of it."""
+    dtype = compute_dtype(config)
+    return jax.tree.map(lambda w: w.astype(dtype) if jnp.issubdtype(w.dtype, jnp.floating) else w, params)
+
+
+def cache_specs(config: ModelConfig) -> dict:
+    """PartitionSpecs of `init_cache`'s tree: keys and values split over the batch axes and their
+    kv heads over "tensor" (as the k/v projections are), the id arrays over the batch axes."""
+    kv = PartitionSpec(BATCH_AXES, "tensor", None, None)
+    ids = PartitionSpec(BATCH_AXES, None)
+    return {"k": [kv] * config.num_layers, "v": [kv] * config.num_layers,
+            "positions": ids, "segment_ids": ids, "branch_ids": ids, "index": PartitionSpec()}
+
+
+def cache_shardings(config: ModelConfig, mesh: Mesh, batch: int, length: int) -> dict:
+    """NamedShardings of a `[batch, length]` cache on `mesh`; an axis that does not divide its
+    dimension (2 kv heads on tensor=4) leaves that dimension replicated."""
+    shapes = jax.eval_shape(lambda: init_cache(config, batch, length, dtype=jnp.dtype(config.dtype)))
+    return jax.tree.map(lambda spec, leaf: NamedSharding(mesh, fit_spec(spec, leaf.shape, mesh)),
+                        cache_specs(config), shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def _constrain(tree: Any, shardings: Any) -> Any:
+    if shardings is None:
         return tree
+    return jax.tree.map(jax.lax.with_sharding_constraint, tree, shardings)
 
-    def constrain(x):
-        spec = PartitionSpec(BATCH_AXES) if x.ndim else PartitionSpec()
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
-    return jax.tree.map(constrain, tree)
+def prefill(params, prompt_ids, prompt_valid, cache, *, config: ModelConfig):
+    """Runs the left-aligned prompts through the model into `cache`: (fp32 logits of the next
+    token `[batch, vocab]`, cache). `params` as `compute_params` returns them."""
+    positions = jnp.maximum(jnp.cumsum(prompt_valid, axis=1) - 1, 0).astype(jnp.int32)
+    hidden, cache = Decoder(config).apply({"params": params}, prompt_ids, positions, prompt_valid, cache=cache,
+                                          return_hidden=True)
+    return last_token_logits(hidden[:, -1], unembedding(params, config).astype(jnp.float32)), cache
+
+
+def decode_step(params, token, position, cache, *, config: ModelConfig):
+    """One token per row (`token`, `position`: `[batch]`) into `cache`: (next-token logits, cache)."""
+    ones = jnp.ones((token.shape[0], 1), jnp.int32)
+    hidden, cache = Decoder(config).apply({"params": params}, token[:, None], position[:, None], ones, cache=cache,
+                                          return_hidden=True)
+    return last_token_logits(hidden[:, -1], unembedding(params, config).astype(jnp.float32)), cache
 
 
 @partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampler", "eos_ids", "pad_id", "mesh"))
 def _decode(params, prompt_ids, prompt_valid, key, *, config: ModelConfig, max_new_tokens: int, sampler: Sampler,
             eos_ids: tuple[int, ...], pad_id: int, mesh: Mesh | None = None):
     """Sampled tokens `[batch, max_new_tokens]`, the pad id after each row's end of sequence."""
-    decoder = Decoder(config)
     batch, width = prompt_ids.shape
-    head = unembedding(params, config).astype(jnp.float32)
-    # Every layer casts its weights to the compute dtype; doing it once here keeps the casts (and,
-    # in bf16, half of the weight traffic) out of the per-token loop. The values are unchanged.
-    params = jax.tree.map(lambda w: w.astype(compute_dtype(config)) if jnp.issubdtype(w.dtype, jnp.floating) else w,
-                          params)
-    cache = _constrain_batch(init_cache(config, batch, width + max_new_tokens, dtype=jnp.dtype(config.dtype)), mesh)
-    positions = jnp.maximum(jnp.cumsum(prompt_valid, axis=1) - 1, 0).astype(jnp.int32)
-    hidden, cache = decoder.apply({"params": params}, prompt_ids, positions, prompt_valid, cache=cache,
-                                  return_hidden=True)
-    logits = last_token_logits(hidden[:, -1], head)
+    params = compute_params(params, config)
+    shardings = None if mesh is None else cache_shardings(config, mesh, batch, width + max_new_tokens)
+    cache = _constrain(init_cache(config, batch, width + max_new_tokens, dtype=jnp.dtype(config.dtype)), shardings)
+    logits, cache = prefill(params, prompt_ids, prompt_valid, cache, config=config)
     eos = jnp.asarray(eos_ids, jnp.int32)
-    ones = jnp.ones((batch, 1), jnp.int32)
+    last_position = jnp.maximum(jnp.sum(prompt_valid, axis=1) - 1, 0).astype(jnp.int32)
 
     def keep_going(state):
         step, finished = state[0], state[4]
@@ -106,15 +134,14 @@ def _decode(params, prompt_ids, prompt_valid, key, *, config: ModelConfig, max_n
         token = jnp.where(finished, pad_id, token)
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
         finished = finished | jnp.isin(token, eos)
-        hidden, cache = decoder.apply({"params": params}, token[:, None], position[:, None], ones, cache=cache,
-                                      return_hidden=True)
-        logits = last_token_logits(hidden[:, -1], head)
-        return step + 1, _constrain_batch(cache, mesh), logits, tokens, finished, position + 1
+        logits, cache = decode_step(params, token, position, cache, config=config)
+        return step + 1, _constrain(cache, shardings), logits, tokens, finished, position + 1
 
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
-    state = (jnp.int32(0), cache, logits, tokens, jnp.zeros((batch,), bool), positions[:, -1] + 1)
+    state = (jnp.int32(0), cache, logits, tokens, jnp.zeros((batch,), bool), last_position + 1)
     _, _, _, tokens, _, _ = jax.lax.while_loop(keep_going, one_token, state)
-    return _constrain_batch(tokens, mesh)
+    # Replicated, so every process of a multi-host run reads every row.
+    return tokens if mesh is None else jax.lax.with_sharding_constraint(tokens, NamedSharding(mesh, PartitionSpec()))
 
 
 # ----------------------------------------------------------------------------- public entry point
@@ -146,7 +173,8 @@ def generate(model: Model, input_ids, attention_mask, *, max_new_tokens: int, sa
         extra = -batch % rows  # filler rows (copies of row 0) so the batch splits evenly
         prompt_ids = np.concatenate([prompt_ids, np.repeat(prompt_ids[:1], extra, axis=0)])
         prompt_valid = np.concatenate([prompt_valid, np.repeat(prompt_valid[:1], extra, axis=0)])
-        params = shard_params(params, mesh)
+        if not on_mesh(params, mesh):
+            params = shard_params(params, mesh)
         prompt_ids, prompt_valid = place_batch((prompt_ids, prompt_valid), mesh)
     tokens = _decode(params, jnp.asarray(prompt_ids), jnp.asarray(prompt_valid), jax.random.PRNGKey(seed),
                      config=config, max_new_tokens=int(max_new_tokens), sampler=sampler or Greedy(),
