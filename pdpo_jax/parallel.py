@@ -7,6 +7,7 @@ over data and fsdp together.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any, Mapping, Sequence
@@ -14,7 +15,10 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 from flax import traverse_util
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from pdpo_jax.errors import RunFailed
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -209,3 +213,61 @@ def place_batch(arrays: Any, mesh: Mesh | None, *, batch_axis: int = 0, rows: st
     if jax.process_count() == 1:
         return jax.device_put(arrays, sharding)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), arrays)
+
+
+# ----------------------------------------------------------------------------- one run on several hosts
+#
+# Every host runs the same program over the same global batches; files are written by process 0
+# alone (the run directory is one folder every host sees), and what decides the course of a run
+# (which shards are missing, whether a stage already finished) is process 0's view, agreed on by all.
+
+
+def is_primary() -> bool:
+    """Whether this process writes the run's files (process 0; the only one on one machine)."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (nothing on one machine)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def agree(value: Any) -> Any:
+    """Process 0's `value` (anything JSON can hold) on every process."""
+    if jax.process_count() == 1:
+        return value
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8) if is_primary() else np.zeros(0, np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(data.size)))
+    padded = np.zeros(size, np.uint8)
+    padded[: data.size] = data[:size]
+    return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(padded))).decode())
+
+
+def primary_decides(decide: Any, *args: Any, **kwargs: Any) -> Any:
+    """`decide(...)` run on process 0 alone (it may read and write the run's files); every process
+    returns its result, or raises: process 0 the error itself, the others RunFailed naming it."""
+    if jax.process_count() == 1:
+        return decide(*args, **kwargs)
+    outcome: dict[str, Any] = {}
+    failure = None
+    if is_primary():
+        try:
+            outcome = {"value": decide(*args, **kwargs)}
+        except Exception as error:  # every process must leave the collective below together
+            failure = error
+            outcome = {"error": f"{type(error).__name__}: {error}"}
+    outcome = agree(outcome)
+    if failure is not None:
+        raise failure
+    if "error" in outcome:
+        raise RunFailed(f"process 0 stopped the run: {outcome['error']}")
+    return outcome["value"]
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A numpy copy of `x`; a global array spread over several hosts is gathered (a collective:
+    every process calls it for the same array)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)

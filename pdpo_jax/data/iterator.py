@@ -73,6 +73,10 @@ class BatchIterator(Generic[T]):
             return np.arange(len(self.items))
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.items))
 
+    def step_indices(self, epoch: int, step: int) -> np.ndarray:
+        """Indices into `items` of the whole global batch `step` of `epoch` (every host's rows)."""
+        return self.epoch_order(epoch)[step * self.batch_size : (step + 1) * self.batch_size]
+
     def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[HostBatch[T]]:
         order = self.epoch_order(epoch)
         for step in range(start_step, self.steps_per_epoch):

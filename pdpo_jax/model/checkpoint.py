@@ -210,9 +210,9 @@ def make_placer(shardings: Any, shapes: Mapping[str, tuple[int, ...]], dtype: An
     """Where each array goes: host numpy (None), a Mesh (the rules of parallel.py), or a mapping of
     "/"-joined paths to Shardings. Each array is put on its devices as soon as it is read."""
     if shardings is None:
-        def to_host(path: str, array: np.ndarray) -> Any:
+        def to_default_device(path: str, array: np.ndarray) -> Any:
             return jax.numpy.asarray(array.astype(dtype, copy=False))
-        return to_host
+        return to_default_device
     if isinstance(shardings, Mesh):
         mesh = shardings
         specs = parallel.partition_specs_for_shapes(shapes, parallel.DEFAULT_RULES, mesh)
@@ -221,8 +221,10 @@ def make_placer(shardings: Any, shapes: Mapping[str, tuple[int, ...]], dtype: An
     def to_sharding(path: str, array: np.ndarray) -> Any:
         if path not in shardings:
             raise ValueError(f"no sharding given for parameter {path!r}")
-        array = array.astype(dtype, copy=False)
-        return jax.make_array_from_callback(array.shape, shardings[path], lambda index: array[index])
+        # Each device's slice is read (from the memory-mapped file) and converted on its own, so
+        # a host never holds more than its devices' parts of a tensor.
+        return jax.make_array_from_callback(array.shape, shardings[path],
+                                            lambda index: np.asarray(array[index]).astype(dtype, copy=False))
 
     return to_sharding
 
@@ -326,15 +328,7 @@ def to_hf_tensors(config: ModelConfig, params: Any) -> Iterator[tuple[str, np.nd
     for hf_name, flax_path, transform in expand_key_map(config):
         if flax_path not in flat:
             raise ValueError(f"params: missing {flax_path!r} needed for {hf_name!r}")
-        yield hf_name, np.ascontiguousarray(TRANSFORMS[transform](_to_numpy(flat[flax_path])))
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(x)
+        yield hf_name, np.ascontiguousarray(TRANSFORMS[transform](parallel.to_host(flat[flax_path])))
 
 
 def _shard_groups(tensors: list[tuple[str, np.ndarray]], max_shard_bytes: int) -> list[list[tuple[str, np.ndarray]]]:

@@ -13,11 +13,11 @@ import dataclasses
 import hashlib
 import json
 
-import jax
 import numpy as np
 from flax import traverse_util
 
 from pdpo_jax.model.loader import Model
+from pdpo_jax.parallel import to_host
 
 DIGEST_PREFIX = "sha256:"
 
@@ -32,7 +32,7 @@ def model_digest(model: Model) -> str:
     digest = hashlib.sha256(b"pdpo-model\x00" + architecture_json(model).encode() + b"\x00")
     flat = traverse_util.flatten_dict(model.params, sep="/")
     for name in sorted(flat):
-        array = np.ascontiguousarray(jax.device_get(flat[name]))
+        array = np.ascontiguousarray(to_host(flat[name]))  # gathered one tensor at a time on a pod
         header = f"{name}\x00{array.dtype.str}\x00{','.join(map(str, array.shape))}\x00"
         digest.update(header.encode())
         digest.update(array.tobytes())

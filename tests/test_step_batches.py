@@ -1,0 +1,62 @@
+"""Training steps laid out per global batch: on several hosts each host's rows, put side by side in
+host order, are exactly the stack one host builds, and a step is only as wide as its own items."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pdpo_jax.train.batches import StepBatches
+
+BATCH, ACCUM, HOSTS = 4, 2, 2
+
+
+def rows_of(items, length):
+    """A minimal layout: item (prompt, response) scores its response tokens; None rows are empty."""
+    ids = np.zeros((len(items), length), np.int32)
+    mask = np.zeros((len(items), length), np.float32)
+    for row, item in enumerate(items):
+        if item is not None:
+            prompt, response = item
+            ids[row, : prompt + response] = np.arange(1, prompt + response + 1)
+            mask[row, prompt - 1 : prompt + response - 1] = 1.0
+    return {"input_ids": ids, "loss_mask": mask}
+
+
+def step_batches(items, process_index=0, process_count=1):
+    return StepBatches(items, BATCH, ACCUM, seed=5, to_arrays=rows_of, length_of=sum, length_bucket=8,
+                       process_index=process_index, process_count=process_count)
+
+
+@pytest.fixture
+def items():
+    rng = np.random.default_rng(0)
+    return [(int(rng.integers(2, 30)), int(rng.integers(1, 40))) for _ in range(37)]  # last step is partial
+
+
+def test_hosts_together_feed_exactly_the_single_host_stack(items):
+    single = step_batches(items)
+    hosts = [step_batches(items, p, HOSTS) for p in range(HOSTS)]
+    for epoch in range(2):
+        for step in range(single.steps_per_epoch()):
+            expected = single.batch(epoch, step)
+            parts = [host.batch(epoch, step) for host in hosts]
+            assert all(part.keys() == expected.keys() for part in parts)
+            for key, value in expected.items():
+                np.testing.assert_array_equal(np.concatenate([part[key] for part in parts], axis=1), value,
+                                              err_msg=f"epoch {epoch} step {step}: {key}")
+
+
+def test_a_step_is_as_wide_as_its_own_items_not_the_longest_of_the_set(items):
+    long_item = (200, 100)
+    hosts = [step_batches(items + [long_item], p, HOSTS) for p in range(HOSTS)]
+    order = hosts[0]._iterator.epoch_order(0)
+    long_step = int(np.flatnonzero(order == len(items))[0]) // (BATCH * ACCUM)
+    widths = {step: hosts[0].batch(0, step)["input_ids"].shape[-1] for step in range(hosts[0].steps_per_epoch())}
+    assert widths[long_step] == 304  # 300 tokens, bucketed to a multiple of 8
+    assert all(width < 80 for step, width in widths.items() if step != long_step)
+
+
+def test_a_batch_that_does_not_split_over_the_hosts_is_refused(items):
+    with pytest.raises(ValueError, match="not a multiple of the 3 hosts"):
+        step_batches(items, 0, 3)
