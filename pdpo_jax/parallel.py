@@ -112,6 +112,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def rows_for_mesh(rows: int, mesh: Mesh | None) -> int:
+    """`rows` rounded up to a multiple of the mesh's batch shards, so a batch splits evenly."""
+    if mesh is None:
+        return rows
+    shards = _axis_size(mesh, BATCH_AXES)
+    return -(-rows // shards) * shards
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -20,7 +20,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "pdpo_jax"
 # Bottom to top. Each entry of a layer is a component: a module or a subpackage of pdpo_jax.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),  # the base of every user-facing error
-    ("files", "config"),  # atomic files and JSON lines | run configuration
+    ("files", "config", "run_lock"),  # atomic files and JSON lines | run configuration | one run per run dir
     ("matmul", "parallel", "metrics_log"),  # the projection | mesh and partition rules | metrics.jsonl
     ("losses",),  # pure loss math
     ("data", "model"),  # readers, templates, batching | the decoder, loading, export

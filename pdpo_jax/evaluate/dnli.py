@@ -45,7 +45,7 @@ from pdpo_jax.data.tokenization import PromptEncoder
 from pdpo_jax.evaluate.report import dnli_markdown, plot_dnli
 from pdpo_jax.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from pdpo_jax.model import Model, pad_id, require_tokenizer
-from pdpo_jax.parallel import BATCH_AXES
+from pdpo_jax.parallel import rows_for_mesh
 from pdpo_jax.scoring import Scorer, make_scorer
 
 SCORINGS = ("sum", "mean")  # summed log-likelihood (the paper), or per-token mean
@@ -293,7 +293,7 @@ def evaluate_dnli(model: Model, data: Sequence[str | os.PathLike], settings: Dnl
         for name, examples in subsets.items()
         for example in examples
     ]
-    rows = _rows_for_mesh(settings.batch_examples, mesh)
+    rows = rows_for_mesh(settings.batch_examples, mesh)
     candidates_per_row = max(len(e.candidate_ids) for e in encoded)
     scorer = make_scorer(model, rows * candidates_per_row, mesh)
     pad = pad_id(model)
@@ -327,14 +327,6 @@ def evaluate_dnli(model: Model, data: Sequence[str | os.PathLike], settings: Dnl
         candidates_per_second=round(num_candidates / seconds, 2) if seconds > 0 else None,
     )
     return report, records
-
-
-def _rows_for_mesh(batch_examples: int, mesh: Any) -> int:
-    """Rows per batch, rounded up so the data axes of the mesh split them evenly."""
-    if mesh is None:
-        return batch_examples
-    shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-    return -(-batch_examples // shards) * shards
 
 
 class _progress_bar:

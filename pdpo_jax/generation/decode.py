@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from pdpo_jax.generation.sampling import Greedy, Sampler
 from pdpo_jax.model import Decoder, Model, ModelConfig, eos_ids, init_cache, pad_id, unembedding
 from pdpo_jax.model.decoder import compute_dtype
-from pdpo_jax.parallel import BATCH_AXES, fit_spec, on_mesh, place_batch, shard_params
+from pdpo_jax.parallel import BATCH_AXES, fit_spec, on_mesh, place_batch, rows_for_mesh, shard_params
 
 MIN_PROMPT_BUCKET = 16
 OCTAVE_SPLIT_BITS = 3  # 2**3 widths per octave: padding wastes under 1/4 of the prefill, typically ~1/16
@@ -169,8 +169,7 @@ def generate(model: Model, input_ids, attention_mask, *, max_new_tokens: int, sa
     batch = prompt_ids.shape[0]
     params = model.params
     if mesh is not None:
-        rows = int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
-        extra = -batch % rows  # filler rows (copies of row 0) so the batch splits evenly
+        extra = rows_for_mesh(batch, mesh) - batch  # filler rows (copies of row 0) so the batch splits evenly
         prompt_ids = np.concatenate([prompt_ids, np.repeat(prompt_ids[:1], extra, axis=0)])
         prompt_valid = np.concatenate([prompt_valid, np.repeat(prompt_valid[:1], extra, axis=0)])
         if not on_mesh(params, mesh):

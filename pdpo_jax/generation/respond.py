@@ -67,13 +67,14 @@ def right_padded(prompts: Sequence[Sequence[int]], rows: int, pad_id: int) -> tu
 
 
 def respond(model: Model, encoder: PromptEncoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-            sampler: Sampler | None, seed: int, rows: int | None = None) -> list[Response]:
-    """One response per prompt (token ids from `encoder`), sampled in one batch of `rows` rows."""
+            sampler: Sampler | None, seed: int, rows: int | None = None, mesh: Any = None) -> list[Response]:
+    """One response per prompt (token ids from `encoder`), sampled in one batch of `rows` rows
+    (on `mesh`, split over its batch axes; every process gets every response)."""
     if not prompts:
         return []
     rows = max(rows or len(prompts), len(prompts))
     ids, mask = right_padded(prompts, rows, pad_id=0)
-    sampled = generate(model, ids, mask, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed)
+    sampled = generate(model, ids, mask, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, mesh=mesh)
     stops = stop_sequences(model, encoder)
     responses = []
     for row in range(len(prompts)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from pdpo_jax.model.checkpoint import save_hf
 from pdpo_jax.model.loader import load_model
@@ -21,8 +22,11 @@ def parse_size(text: str) -> int:
     return int(text)
 
 
-def export_hf(model_path: str | Path, out_dir: str | Path, *, max_shard_bytes: int = 2 * 1024**3) -> Path:
-    model = load_model(model_path)
+def export_hf(model_path: str | Path, out_dir: str | Path, *, max_shard_bytes: int = 2 * 1024**3,
+              mesh: Any = None) -> Path:
+    """Writes the model at `model_path` to `out_dir`. With `mesh` the weights are read onto it
+    (never whole on one device) and gathered one tensor at a time; process 0 alone writes."""
+    model = load_model(model_path, mesh=mesh)
     source_generation = Path(model.path) / GENERATION_CONFIG
     generation = json.loads(source_generation.read_text()) if source_generation.is_file() else None
     return save_hf(out_dir, model.config.replace(dtype="float32", remat=False), model.params,

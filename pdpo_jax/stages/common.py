@@ -7,6 +7,8 @@ Stages raise errors instead of printing them; `pdpo_jax.cli` turns each into one
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,8 @@ from pdpo_jax.config import ConfigError, RunConfig, dump_config, load_config
 from pdpo_jax.errors import UsageError
 from pdpo_jax.files import atomic_write_text, is_done
 from pdpo_jax.model import Model, load_model, require_tokenizer
-from pdpo_jax.parallel import initialize_distributed, make_mesh
+from pdpo_jax.parallel import agree, initialize_distributed, is_primary, make_mesh, primary_decides
+from pdpo_jax.run_lock import run_dir_lock
 
 OVERRIDES_HELP = ("Overrides are dotted keys of the config with YAML values, e.g. sft.epochs=2 "
                   "model.path=default data.train=[a.txt,b.txt]. Several --config files merge in order.")
@@ -58,8 +61,28 @@ def stage_dir(config: RunConfig, name: str) -> Path:
 
 
 def write_resolved_config(config: RunConfig) -> Path:
-    """The run directory keeps the config it was run with (every stage rewrites the same text)."""
-    return atomic_write_text(Path(config.run_dir) / "config.yaml", dump_config(config))
+    """The run directory keeps the config it was run with (every stage rewrites the same text;
+    on a pod, process 0 does)."""
+    path = Path(config.run_dir) / "config.yaml"
+    if is_primary():
+        atomic_write_text(path, dump_config(config))
+    return path
+
+
+@contextlib.contextmanager
+def claim_run_dir(config: RunConfig) -> Iterator[None]:
+    """The run directory for this command alone while the block runs: process 0 holds its lock
+    (`pdpo_jax.run_lock`), and when another command holds it every process stops with that
+    message. Joins a multi-host run first (which must precede any other JAX call)."""
+    initialize_distributed()
+    with contextlib.ExitStack() as stack:
+        primary_decides(lambda: stack.enter_context(run_dir_lock(config.run_dir)) and None)
+        yield
+
+
+def finished(out_dir: Path) -> bool:
+    """Whether a stage folder has its DONE marker, as process 0 sees it (so every host agrees)."""
+    return bool(agree(is_done(out_dir)))
 
 
 def build_mesh(config: RunConfig):
@@ -92,11 +115,11 @@ def check_batch_fits_mesh(rows: int, config: RunConfig, what: str) -> None:
 def start_training_stage(config: RunConfig, name: str, batch_size: int):
     """The stage folder and the mesh of a training stage, or None when its DONE marker says it
     already finished; a stage that runs writes the resolved config first."""
+    mesh = build_mesh(config)
     out_dir = stage_dir(config, name)
-    if is_done(out_dir):
+    if finished(out_dir):
         print(f"{name}: already finished in {out_dir} (delete its DONE file to rerun)")
         return None
     write_resolved_config(config)
-    mesh = build_mesh(config)
     check_batch_fits_mesh(batch_size, config, f"{name}.batch_size")
     return out_dir, mesh

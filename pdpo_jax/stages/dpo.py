@@ -23,7 +23,8 @@ from pdpo_jax.data.pairs import PairIds, dpo_batch
 from pdpo_jax.data.preferences import PrefsError, read_preference_pairs
 from pdpo_jax.metrics_log import read_metrics_jsonl
 from pdpo_jax.model import pad_id
-from pdpo_jax.stages.common import load_for_run, parse_stage_args, stage_dir, start_training_stage
+from pdpo_jax.parallel import is_primary
+from pdpo_jax.stages.common import claim_run_dir, load_for_run, parse_stage_args, stage_dir, start_training_stage
 from pdpo_jax.stages.make_prefs import resolve_model_paths
 from pdpo_jax.train.batches import StepBatches
 from pdpo_jax.train.fit import fit
@@ -73,8 +74,9 @@ def run_dpo(config: RunConfig) -> dict[str, Any]:
     val_pairs = tokenize_pairs(read_preference_pairs(prefs_dir, "val"), encoder)
     if not train_pairs or not val_pairs:
         raise PrefsError(f"{prefs_dir}: no usable train or val pairs (run make-prefs first)")
-    atomic_write_json(out_dir / "data_summary.json", {"policy_init": str(reference_path),
-                                                      "train_pairs": len(train_pairs), "val_pairs": len(val_pairs)})
+    if is_primary():
+        atomic_write_json(out_dir / "data_summary.json", {"policy_init": str(reference_path),
+                                                          "train_pairs": len(train_pairs), "val_pairs": len(val_pairs)})
     train = dpo_batches(config, train_pairs, pad_id(model), shuffle=True)
     val = dpo_batches(config, val_pairs, pad_id(model), shuffle=False)
 
@@ -86,7 +88,8 @@ def run_dpo(config: RunConfig) -> dict[str, Any]:
                   description="dpo")
     summary["best_dir"] = str(out_dir / "best")
     summary["start_check"] = check_start(out_dir, config.dpo.loss_type, config.dpo.reference_free)
-    mark_done(out_dir, summary)
+    if is_primary():
+        mark_done(out_dir, summary)
     print(f"dpo: best val reward accuracy {summary['best_value']:.4f} at step {summary['best_step']} -> {summary['best_dir']}")
     return summary
 
@@ -113,5 +116,7 @@ DESCRIPTION = ("DPO from the SFT model on pseudo-preference pairs (needs <run_di
 
 
 def main(argv: list[str]) -> int:
-    run_dpo(parse_stage_args(argv, "pdpo dpo", DESCRIPTION))
+    config = parse_stage_args(argv, "pdpo dpo", DESCRIPTION)
+    with claim_run_dir(config):
+        run_dpo(config)
     return 0

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pdpo_jax.errors import UsageError
 from pdpo_jax.model.export import export_hf, parse_size
-from pdpo_jax.stages.common import config_from_args, stage_parser
+from pdpo_jax.stages.common import build_mesh, claim_run_dir, config_from_args, stage_parser
 
 
 def main(argv: list[str]) -> int:
@@ -31,6 +31,11 @@ def main(argv: list[str]) -> int:
         if not args.out:
             raise UsageError("--out is required with --model")
         model_path, out_dir = args.model, Path(args.out)
-    written = export_hf(model_path, out_dir, max_shard_bytes=parse_size(args.max_shard_size))
+    max_shard_bytes = parse_size(args.max_shard_size)
+    if config is None:
+        written = export_hf(model_path, out_dir, max_shard_bytes=max_shard_bytes)
+    else:
+        with claim_run_dir(config):  # the run's mesh: a model too big for one device exports too
+            written = export_hf(model_path, out_dir, max_shard_bytes=max_shard_bytes, mesh=build_mesh(config))
     print(f"export-hf: {model_path} -> {written}")
     return 0

@@ -69,7 +69,16 @@ from pdpo_jax.generation import context_limit, respond, sampler_description, sam
 from pdpo_jax.model import Model
 from pdpo_jax.model.digest import model_digest
 from pdpo_jax.scoring import make_scorer
-from pdpo_jax.stages.common import load_for_run, stage_parser, config_from_args, write_resolved_config
+from pdpo_jax.parallel import is_primary, primary_decides, rows_for_mesh
+from pdpo_jax.stages.common import (
+    build_mesh,
+    claim_run_dir,
+    config_from_args,
+    finished,
+    load_for_run,
+    stage_parser,
+    write_resolved_config,
+)
 
 SETTINGS_FILE = "settings.json"
 
@@ -116,6 +125,7 @@ class Side:
     model: Model
     encoder: PromptEncoder
     digest: str
+    mesh: Any  # the run's mesh the weights were placed on as they were read
 
 
 def plan_split(dialogues: Sequence[Any], shuffle: bool, seed: int) -> list[PairJob]:
@@ -130,16 +140,16 @@ def resolve_model_paths(config: RunConfig) -> tuple[str, str]:
     return config.prefs.generator or sft_best, config.prefs.reference or sft_best
 
 
-def open_side(name: str, config: RunConfig, cache: dict[str, Side]) -> Side:
-    """The model `name` on one device (one load when generator and reference are the same)."""
+def open_side(name: str, config: RunConfig, cache: dict[str, Side], mesh: Any) -> Side:
+    """The model `name` on the run's mesh (one load when generator and reference are the same)."""
     if name in cache:
         return cache[name]
     if name != "default" and not Path(name).is_dir():
         hint = " (the SFT stage's output: run `pdpo sft` first, or set prefs.generator / prefs.reference)" \
             if Path(name).parts[-2:] == ("sft", "best") else ""
         raise PrefsError(f"model directory not found: {name}{hint}")
-    model = load_for_run(name, config, mesh=None)
-    cache[name] = Side(name, model, PromptEncoder(model.tokenizer, config.data.template), model_digest(model))
+    model = load_for_run(name, config, mesh=mesh)
+    cache[name] = Side(name, model, PromptEncoder(model.tokenizer, config.data.template), model_digest(model), mesh)
     return cache[name]
 
 
@@ -187,11 +197,12 @@ def _first_difference(old: Any, new: Any, prefix: str = "") -> str:
 
 class ScoreFn:
     """The reference's summed log-probs of [prompt | chosen | rejected] rows, by the shared scorer
-    (the one DNLI ranking uses), in batches of a fixed number of rows."""
+    (the one DNLI ranking uses), in batches of a fixed number of rows (rounded up to split over
+    the mesh; every process passes the whole batch and reads every score)."""
 
     def __init__(self, side: Side, rows: int, length_bucket: int):
-        self.rows, self.length_bucket = rows, length_bucket
-        self._scorer = make_scorer(side.model, num_sequences=2 * rows)
+        self.rows, self.length_bucket = rows_for_mesh(rows, side.mesh), length_bucket
+        self._scorer = make_scorer(side.model, num_sequences=2 * self.rows, mesh=side.mesh)
 
     def __call__(self, prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]]):
         fill = self.rows - len(prompts)
@@ -237,7 +248,8 @@ def batch_records(batch_jobs: Sequence[PairJob], split: str, seed: int, config: 
     if not fitted:
         return []
     responses = respond(generator.model, generator.encoder, [p for _, _, p in fitted],
-                        max_new_tokens=prefs.max_new_tokens, sampler=sampler, seed=seed, rows=prefs.batch_size)
+                        max_new_tokens=prefs.max_new_tokens, sampler=sampler, seed=seed, rows=prefs.batch_size,
+                        mesh=generator.mesh)
     pairs = []  # (row, job, pair history, prompt ids, chosen ids, rejected ids, response)
     limit = context_limit(reference.model, config.data.max_length)
     for row, ((job, history, _), response) in enumerate(zip(fitted, responses)):
@@ -318,42 +330,46 @@ def split_summary(prefs_dir: Path, split: str, jobs: Sequence[PairJob], shard_si
 
 
 def make_prefs(config: RunConfig) -> dict[str, Any]:
-    """Builds (or resumes) `<run_dir>/prefs`; returns the summary written with the DONE marker."""
+    """Builds (or resumes) `<run_dir>/prefs`; returns the summary written with the DONE marker.
+
+    On a pod every host samples and scores every batch on the shared mesh; process 0 alone
+    decides which shards are missing and writes them, so each file is written once."""
     prefs, prefs_dir = config.prefs, Path(config.run_dir) / "prefs"
     if prefs.batch_size < 1 or prefs.shard_size < 1 or prefs.max_new_tokens < 1:
         raise PrefsError("prefs.batch_size, prefs.shard_size and prefs.max_new_tokens must be positive")
-    if is_done(prefs_dir):
+    mesh = build_mesh(config)
+    if finished(prefs_dir):
         # A finished folder is checked without loading the models: its digests stand for them.
-        check_settings(prefs_dir, settings_of(config, digests=None))
-        return json.loads((prefs_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+        return primary_decides(_finished_summary, prefs_dir, settings_of(config, digests=None))
     cache: dict[str, Side] = {}
-    generator, reference = (open_side(name, config, cache) for name in resolve_model_paths(config))
-    check_settings(prefs_dir, settings_of(config, {side.name: side.digest for side in (generator, reference)}))
+    generator, reference = (open_side(name, config, cache, mesh) for name in resolve_model_paths(config))
+    primary_decides(check_settings, prefs_dir,
+                    settings_of(config, {side.name: side.digest for side in (generator, reference)}))
     write_resolved_config(config)
     corpus = prepare_corpus(config.data, config.seed)
     plans = {split: plan_split(getattr(corpus, split), prefs.shuffle, prefs.seed) for split in SPLITS}
     sampler = sampler_from_config(prefs.sampler.kind, temperature=prefs.sampler.temperature,
                                   top_k=prefs.sampler.top_k, top_p=prefs.sampler.top_p)
     score = ScoreFn(reference, prefs.batch_size, config.data.length_bucket)
-    todo = [(split, k) for split in SPLITS for k in range(shard_count(len(plans[split]), prefs.shard_size))]
-    done_examples = sum(len(_shard_jobs(plans[s], k, prefs.shard_size)) for s, k in todo if shard_path(prefs_dir, s, k).exists())
+    shards = [(split, k) for split in SPLITS for k in range(shard_count(len(plans[split]), prefs.shard_size))]
+    missing = [tuple(shard) for shard in primary_decides(
+        lambda: [(s, k) for s, k in shards if not shard_path(prefs_dir, s, k).exists()])]
     total = sum(len(jobs) for jobs in plans.values())
-    with tqdm(total=total, initial=done_examples, desc="make-prefs", unit="ex", dynamic_ncols=True) as bar:
-        for split, k in todo:
-            path = shard_path(prefs_dir, split, k)
-            if path.exists():
-                continue
+    done_examples = total - sum(len(_shard_jobs(plans[s], k, prefs.shard_size)) for s, k in missing)
+    with tqdm(total=total, initial=done_examples, desc="make-prefs", unit="ex", dynamic_ncols=True,
+              disable=not is_primary()) as bar:
+        for split, k in missing:
             started = time.perf_counter()
             jobs = _shard_jobs(plans[split], k, prefs.shard_size)
             records = build_shard(jobs, split, k, config, generator, reference, score, sampler, progress=bar.update)
-            atomic_write_jsonl(path, records)
-            append_jsonl(prefs_dir / "metrics.jsonl", {
-                "split": split, "shard": k, "records": len(records),
-                "degenerate": sum(bool(r["degenerate"]) for r in records),
-                "seconds": round(time.perf_counter() - started, 3),
-            })
+            if is_primary():
+                atomic_write_jsonl(shard_path(prefs_dir, split, k), records)
+                append_jsonl(prefs_dir / "metrics.jsonl", {
+                    "split": split, "shard": k, "records": len(records),
+                    "degenerate": sum(bool(r["degenerate"]) for r in records),
+                    "seconds": round(time.perf_counter() - started, 3),
+                })
     summary = {
-        "splits": {split: split_summary(prefs_dir, split, plans[split], prefs.shard_size) for split in SPLITS},
         "shuffled": prefs.shuffle,
         "drop_degenerate": prefs.drop_degenerate,
         "generator": {"path": generator.name, "digest": generator.digest},
@@ -363,6 +379,19 @@ def make_prefs(config: RunConfig) -> dict[str, Any]:
         "seed": prefs.seed,
         "seed_derivation": "sha256('pdpo-prefs\\0{prefs.seed}\\0{split}\\0{shard}\\0{batch}')[:4] >> 1",
     }
+    return primary_decides(_write_summary, prefs_dir, plans, prefs.shard_size, summary)
+
+
+def _finished_summary(prefs_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    check_settings(prefs_dir, settings)
+    return json.loads((prefs_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+
+
+def _write_summary(prefs_dir: Path, plans: dict[str, list[PairJob]], shard_size: int,
+                   summary: dict[str, Any]) -> dict[str, Any]:
+    """Counts recomputed from the shard files, written with the DONE marker last."""
+    summary = {"splits": {split: split_summary(prefs_dir, split, plans[split], shard_size) for split in SPLITS},
+               **summary}
     atomic_write_json(prefs_dir / SUMMARY_FILE, summary)
     mark_done(prefs_dir, summary)
     return summary
@@ -385,7 +414,8 @@ DESCRIPTION = (
 
 def main(argv: list[str] | None = None) -> int:
     config = config_from_args(stage_parser("pdpo make-prefs", DESCRIPTION).parse_args(argv))
-    summary = make_prefs(config)
+    with claim_run_dir(config):
+        summary = make_prefs(config)
     prefs_dir = Path(config.run_dir) / "prefs"
     for split in SPLITS:
         counts = summary["splits"][split]

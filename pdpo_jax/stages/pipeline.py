@@ -15,9 +15,18 @@ from pdpo_jax.config import ConfigError, RunConfig
 from pdpo_jax.errors import UsageError
 from pdpo_jax.evaluate import report as plots
 from pdpo_jax.evaluate.dnli import DnliSettings, evaluate_dnli, write_outputs
-from pdpo_jax.files import atomic_write_json, atomic_write_text, is_done, mark_done
+from pdpo_jax.files import atomic_write_json, atomic_write_text, mark_done
 from pdpo_jax.model.export import export_hf
-from pdpo_jax.stages.common import config_from_args, load_for_run, stage_parser, write_resolved_config
+from pdpo_jax.parallel import barrier, is_primary, primary_decides
+from pdpo_jax.stages.common import (
+    build_mesh,
+    claim_run_dir,
+    config_from_args,
+    finished,
+    load_for_run,
+    stage_parser,
+    write_resolved_config,
+)
 from pdpo_jax.stages.dpo import run_dpo
 from pdpo_jax.stages.make_prefs import make_prefs
 from pdpo_jax.stages.sft import run_sft
@@ -26,25 +35,35 @@ EVALUATED_MODELS = ("sft", "dpo")
 
 
 def run_eval(config: RunConfig, which: str) -> dict[str, Any]:
+    """DNLI ranking of the stage `which`'s best model, on the run's mesh (every host scores its
+    rows of each batch; process 0 writes the report)."""
     out_dir = Path(config.run_dir) / "eval" / which
-    if is_done(out_dir):
-        return json.loads((out_dir / "dnli.json").read_text())
+    mesh = build_mesh(config)
+    if finished(out_dir):
+        return primary_decides(lambda: json.loads((out_dir / "dnli.json").read_text()))
     if not config.eval.dnli:
         raise ConfigError("eval.dnli is empty: name the DNLI evaluation files to rank candidates on")
-    model = load_for_run(Path(config.run_dir) / which / "best", config, mesh=None)
+    model = load_for_run(Path(config.run_dir) / which / "best", config, mesh=mesh)
     settings = DnliSettings(protocol=config.eval.protocol, scoring="mean" if config.eval.length_normalized else "sum",
                             template=config.data.template, max_examples=config.eval.max_examples)
-    report, records = evaluate_dnli(model, config.eval.dnli, settings, model_name=which.upper(), show_progress=True)
-    write_outputs(report, records, out_dir / "dnli.json")
-    mark_done(out_dir, {"model": which})
+    report, records = evaluate_dnli(model, config.eval.dnli, settings, mesh=mesh, model_name=which.upper(),
+                                    show_progress=is_primary())
+    if is_primary():
+        write_outputs(report, records, out_dir / "dnli.json")
+        mark_done(out_dir, {"model": which})
+    barrier(f"eval-{which}")
     return report
 
 
 def run_export(config: RunConfig) -> dict[str, Any]:
+    """The DPO model as a Hugging Face directory: loaded onto the run's mesh, gathered onto
+    process 0 one tensor at a time, written by it alone."""
     out_dir = Path(config.run_dir) / "export"
-    if not is_done(out_dir):
-        export_hf(Path(config.run_dir) / "dpo" / "best", out_dir / "hf")
-        mark_done(out_dir, {"hf_dir": str(out_dir / "hf")})
+    if not finished(out_dir):
+        export_hf(Path(config.run_dir) / "dpo" / "best", out_dir / "hf", mesh=build_mesh(config))
+        if is_primary():
+            mark_done(out_dir, {"hf_dir": str(out_dir / "hf")})
+        barrier("export-hf")
     return {"hf_dir": str(out_dir / "hf")}
 
 
@@ -85,7 +104,7 @@ def stage_table() -> dict[str, Callable[[RunConfig], Any]]:
         "eval-sft": lambda config: run_eval(config, "sft"),
         "eval-dpo": lambda config: run_eval(config, "dpo"),
         "export-hf": run_export,
-        "summary": write_summary,
+        "summary": lambda config: primary_decides(lambda: str(write_summary(config))),
     }
 
 
@@ -93,13 +112,15 @@ STAGE_NAMES = ("sft", "make-prefs", "dpo", "eval-sft", "eval-dpo", "export-hf", 
 
 
 def run_pipeline(config: RunConfig, stages: tuple[str, ...] = STAGE_NAMES) -> Path:
+    build_mesh(config)  # joins a multi-host run before anything else touches JAX
     write_resolved_config(config)
     table = stage_table()
     for name in stages:
         print(f"== pipeline stage {name}")
         table[name](config)
     summary = Path(config.run_dir) / "summary" / "summary.md"
-    atomic_write_json(Path(config.run_dir) / "pipeline.json", {"stages": list(stages), "summary": str(summary)})
+    if is_primary():
+        atomic_write_json(Path(config.run_dir) / "pipeline.json", {"stages": list(stages), "summary": str(summary)})
     print(f"pipeline: summary in {summary}")
     return summary
 
@@ -118,5 +139,7 @@ def main(argv: list[str]) -> int:
     unknown = [s for s in stages if s not in STAGE_NAMES]
     if unknown:
         raise UsageError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGE_NAMES)}")
-    run_pipeline(config_from_args(args), tuple(s for s in STAGE_NAMES if s in stages))
+    config = config_from_args(args)
+    with claim_run_dir(config):
+        run_pipeline(config, tuple(s for s in STAGE_NAMES if s in stages))
     return 0

@@ -18,7 +18,8 @@ from pdpo_jax.data import PromptEncoder, examples_from_dialogues, per_turn_batch
 from pdpo_jax.data.corpus import prepare_corpus
 from pdpo_jax.data.packing import pack_dialogues, packed_batch, packing_summary
 from pdpo_jax.model import Model, pad_id
-from pdpo_jax.stages.common import load_for_run, parse_stage_args, stage_dir, start_training_stage
+from pdpo_jax.parallel import is_primary
+from pdpo_jax.stages.common import claim_run_dir, load_for_run, parse_stage_args, stage_dir, start_training_stage
 from pdpo_jax.train.batches import StepBatches
 from pdpo_jax.train.fit import fit
 from pdpo_jax.train.steps import sft_objective
@@ -71,14 +72,16 @@ def run_sft(config: RunConfig) -> dict[str, Any]:
     corpus = prepare_corpus(config.data, config.seed)
     train, train_stats = sft_batches(config, model, corpus.train, shuffle=True)
     val, val_stats = sft_batches(config, model, corpus.val, shuffle=False)
-    atomic_write_json(out_dir / "data_summary.json", {**corpus.summary(), "train": train_stats, "val": val_stats})
+    if is_primary():
+        atomic_write_json(out_dir / "data_summary.json", {**corpus.summary(), "train": train_stats, "val": val_stats})
 
     objective = functools.partial(sft_objective, config=model.config)
     summary = fit(model=model, objective=objective, section=config.sft, train=train, val=val, out_dir=out_dir,
                   mesh=mesh, seed=config.seed, select_metric="loss", select_higher=False,
                   description="sft")
     summary["best_dir"] = str(out_dir / "best")
-    mark_done(out_dir, summary)
+    if is_primary():
+        mark_done(out_dir, summary)
     print(f"sft: best val loss {summary['best_value']:.4f} at step {summary['best_step']} -> {summary['best_dir']}")
     return summary
 
@@ -88,5 +91,7 @@ DESCRIPTION = ("Supervised fine-tuning of a causal LM on persona dialogues (pers
 
 
 def main(argv: list[str]) -> int:
-    run_sft(parse_stage_args(argv, "pdpo sft", DESCRIPTION))
+    config = parse_stage_args(argv, "pdpo sft", DESCRIPTION)
+    with claim_run_dir(config):
+        run_sft(config)
     return 0
