@@ -1,5 +1,6 @@
-"""Training steps laid out per global batch: on several hosts each host's rows, put side by side in
-host order, are exactly the stack one host builds, and a step is only as wide as its own items."""
+"""Training steps laid out per global batch: on several hosts each host's part, put side by side in
+host order, is exactly the stack one host builds (sequence ids included), and a step is only as
+wide as its own items."""
 
 from __future__ import annotations
 
@@ -15,12 +16,15 @@ def rows_of(items, length):
     """A minimal layout: item (prompt, response) scores its response tokens; None rows are empty."""
     ids = np.zeros((len(items), length), np.int32)
     mask = np.zeros((len(items), length), np.float32)
+    sequence_ids = np.full((len(items), length), -1, np.int32)
     for row, item in enumerate(items):
         if item is not None:
             prompt, response = item
             ids[row, : prompt + response] = np.arange(1, prompt + response + 1)
             mask[row, prompt - 1 : prompt + response - 1] = 1.0
-    return {"input_ids": ids, "loss_mask": mask}
+            sequence_ids[row, prompt - 1 : prompt + response - 1] = row  # numbered within the micro-batch
+    return {"input_ids": ids, "loss_mask": mask, "sequence_ids": sequence_ids,
+            "item_sizes": np.asarray([sum(item) if item else 0 for item in items], np.int32)}  # a per-item array
 
 
 def step_batches(items, process_index=0, process_count=1):
@@ -55,6 +59,11 @@ def test_a_step_is_as_wide_as_its_own_items_not_the_longest_of_the_set(items):
     widths = {step: hosts[0].batch(0, step)["input_ids"].shape[-1] for step in range(hosts[0].steps_per_epoch())}
     assert widths[long_step] == 304  # 300 tokens, bucketed to a multiple of 8
     assert all(width < 80 for step, width in widths.items() if step != long_step)
+
+
+def test_the_second_hosts_sequence_ids_continue_the_first_hosts(items):
+    second = step_batches(items, 1, HOSTS).batch(0, 0)["sequence_ids"]
+    assert second.max() == BATCH - 1 and second[second >= 0].min() == BATCH // HOSTS
 
 
 def test_a_batch_that_does_not_split_over_the_hosts_is_refused(items):

@@ -5,10 +5,11 @@ A step takes `rows_per_step = batch_size * grad_accum` items of the epoch's orde
 `[grad_accum, rows, length]` arrays with their `scored_positions`. All micro-batches of a step share
 one length and one scored width, those of the step's whole global batch.
 
-On a pod, host p of P feeds block p of every micro-batch (`batch_size / P` rows). Every host knows
-the global order, so each computes the same shapes from the same items without exchanging
-anything, and the global array the hosts assemble is exactly the stack one host would build: a
-run's batches do not depend on how many hosts it has.
+On a pod every host knows the global order: each lays out the step's whole global batch, exactly
+as one host would, and keeps block p of P of every array's batch axis (its rows, and the pairs of
+DPO's per-pair arrays), so shapes agree without exchanging anything, sequence ids stay global, and
+the arrays the hosts assemble are the single-host stack: a run's batches do not depend on how many
+hosts it has.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pdpo_jax.data import BatchIterator, bucketed_length, scored_width, with_scored_positions
+from pdpo_jax.data import BatchIterator, bucketed_length, with_scored_positions
 
 ToArrays = Callable[[Sequence[Any], int], dict[str, np.ndarray]]  # (items or None, pad_to) -> layout arrays
 
@@ -40,34 +41,21 @@ class StepBatches:
         if self.batch_size % self.process_count:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of the {self.process_count} hosts")
         self._iterator = BatchIterator(self.items, self.batch_size * self.grad_accum, self.seed, shuffle=self.shuffle)
-        self._scored_counts: dict[int, int] = {}
 
     def steps_per_epoch(self) -> int:
         return self._iterator.steps_per_epoch
 
-    def _scored_count(self, index: int) -> int:
-        """Scored tokens in the fullest row of item `index` laid out alone (computed once per item)."""
-        if index not in self._scored_counts:
-            item = self.items[index]
-            mask = self.to_arrays([item], self.length_of(item))["loss_mask"]
-            self._scored_counts[index] = int(np.count_nonzero(mask.reshape(-1, mask.shape[-1]), axis=-1).max())
-        return self._scored_counts[index]
-
     def batch(self, epoch: int, index: int) -> dict[str, np.ndarray]:
-        """This host's rows of step `index` of `epoch`; the last step of an epoch is filled with None items."""
-        indices = [int(i) for i in self._iterator.step_indices(epoch, index)]
-        items = [self.items[i] for i in indices]
+        """This host's part of step `index` of `epoch`; the last step of an epoch is filled with None items."""
+        items = [self.items[int(i)] for i in self._iterator.step_indices(epoch, index)]
         items += [None] * (self.batch_size * self.grad_accum - len(items))
         length = bucketed_length(max(self.length_of(item) for item in items if item is not None), self.length_bucket)
-        width = None  # one host: with_scored_positions finds the fullest row itself
-        if self.process_count > 1:
-            width = scored_width(max(self._scored_count(i) for i in indices), length)
-        per_host = self.batch_size // self.process_count
-        first = self.process_index * per_host
-        micro_batches = [self.to_arrays(items[m * self.batch_size + first : m * self.batch_size + first + per_host], length)
+        micro_batches = [self.to_arrays(items[m * self.batch_size : (m + 1) * self.batch_size], length)
                          for m in range(self.grad_accum)]
-        stack = {key: np.stack([mb[key] for mb in micro_batches]) for key in micro_batches[0]}
-        return with_scored_positions(stack, width)
+        stack = with_scored_positions({key: np.stack([mb[key] for mb in micro_batches]) for key in micro_batches[0]})
+        if self.process_count == 1:
+            return stack
+        return {key: np.split(value, self.process_count, axis=1)[self.process_index] for key, value in stack.items()}
 
     def all_batches(self) -> list[dict[str, np.ndarray]]:
         """Every step of one epoch in order (validation sets)."""
