@@ -110,3 +110,18 @@ def test_the_bundled_default_model_answers(capsys):
     assert generate_cli.main(argv) == 0
     response = capsys.readouterr().out.strip()
     assert response and any(c.isalpha() for c in response)
+
+
+def test_sampling_on_a_mesh_gives_the_one_device_response(tiny_model, capsys):
+    argv = ["--model", str(tiny_model), "--persona", *PERSONA, "--history", CONVERSATIONS[0]["history"][0],
+            "--max-new-tokens", str(MAX_NEW), "--sampler", "top_p", "--seed", "4"]
+    assert generate_cli.main(argv) == 0
+    single = capsys.readouterr().out
+    assert single.strip()
+    assert generate_cli.main([*argv, "--mesh", "data=2,fsdp=2,tensor=2"]) == 0
+    assert capsys.readouterr().out == single
+
+
+def test_a_malformed_mesh_flag_is_named():
+    with pytest.raises(UsageError, match="--mesh 'data=two'"):
+        generate_cli.main(["--persona", "x", "--mesh", "data=two"])

@@ -85,6 +85,22 @@ def finished(out_dir: Path) -> bool:
     return bool(agree(is_done(out_dir)))
 
 
+def parse_mesh(spec: str) -> dict[str, int] | None:
+    """A `--mesh` flag: "data=2,fsdp=2,tensor=1" (omitted axes: data -1, others 1); "none" for no mesh."""
+    if spec.strip().lower() == "none":
+        return None
+    sizes = {"data": -1, "fsdp": 1, "tensor": 1}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        axis, sep, value = part.partition("=")
+        if not sep or axis.strip() not in sizes:
+            raise UsageError(f"--mesh {spec!r}: expected data=N,fsdp=N,tensor=N (or none)")
+        try:
+            sizes[axis.strip()] = int(value)
+        except ValueError:
+            raise UsageError(f"--mesh {spec!r}: {axis.strip()} must be an integer") from None
+    return sizes
+
+
 def build_mesh(config: RunConfig):
     initialize_distributed()
     return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)

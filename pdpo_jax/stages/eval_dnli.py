@@ -15,27 +15,11 @@ import jax
 from pdpo_jax.data.dnli import PROTOCOLS
 from pdpo_jax.data.templates import PRESETS
 from pdpo_jax.errors import UsageError
-from pdpo_jax.evaluate.dnli import DnliEvalError, DnliSettings, evaluate_dnli, read_subsets, write_outputs
+from pdpo_jax.evaluate.dnli import DnliSettings, evaluate_dnli, read_subsets, write_outputs
 from pdpo_jax.evaluate.report import dnli_markdown
 from pdpo_jax.model import load_model
 from pdpo_jax.parallel import initialize_distributed, make_mesh
-from pdpo_jax.stages.common import StageParser, config_from_args, stage_parser
-
-
-def parse_mesh(spec: str) -> dict[str, int] | None:
-    """"data=2,fsdp=2,tensor=1" (omitted axes: data -1, others 1); "none" for no mesh."""
-    if spec.strip().lower() == "none":
-        return None
-    sizes = {"data": -1, "fsdp": 1, "tensor": 1}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        axis, sep, value = part.partition("=")
-        if not sep or axis.strip() not in sizes:
-            raise DnliEvalError(f"--mesh {spec!r}: expected data=N,fsdp=N,tensor=N (or none)")
-        try:
-            sizes[axis.strip()] = int(value)
-        except ValueError:
-            raise DnliEvalError(f"--mesh {spec!r}: {axis.strip()} must be an integer") from None
-    return sizes
+from pdpo_jax.stages.common import StageParser, config_from_args, parse_mesh, stage_parser
 
 
 def build_parser() -> StageParser:

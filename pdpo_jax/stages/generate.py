@@ -19,7 +19,8 @@ from pdpo_jax.errors import PdpoError, UsageError
 from pdpo_jax.files import atomic_write_jsonl, jsonl_objects
 from pdpo_jax.generation import context_limit, respond, sampler_from_config
 from pdpo_jax.model import Model, load_model, require_tokenizer
-from pdpo_jax.stages.common import StageParser, stage_parser
+from pdpo_jax.parallel import initialize_distributed, is_primary, make_mesh
+from pdpo_jax.stages.common import StageParser, parse_mesh, stage_parser
 
 SAMPLERS = ("greedy", "temperature", "top_k", "top_p")
 
@@ -55,6 +56,9 @@ def build_parser() -> StageParser:
     parser.add_argument("--batch-size", type=int, default=8, help="conversations sampled together with --input")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    parser.add_argument("--mesh", default="none", help="data=N,fsdp=N,tensor=N to load and sample on a device mesh "
+                        "(a model too big for one device; every host of a pod runs the same command), or none "
+                        "(the default: one device)")
     return parser
 
 
@@ -74,7 +78,8 @@ def read_conversations(path: Path) -> list[dict[str, Any]]:
     return conversations
 
 
-def answer(model: Model, conversations: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+def answer(model: Model, conversations: list[dict[str, Any]], args: argparse.Namespace,
+           mesh: Any = None) -> list[dict[str, Any]]:
     encoder = PromptEncoder(model.tokenizer, args.template)
     sampler = sampler_from_config(args.sampler, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     room = context_limit(model, args.max_length) - args.max_new_tokens
@@ -88,7 +93,7 @@ def answer(model: Model, conversations: list[dict[str, Any]], args: argparse.Nam
     for batch, start in enumerate(range(0, len(prompts), args.batch_size)):
         chunk = prompts[start : start + args.batch_size]
         responses = respond(model, encoder, chunk, max_new_tokens=args.max_new_tokens, sampler=sampler,
-                            seed=args.seed + batch, rows=min(args.batch_size, len(prompts)))
+                            seed=args.seed + batch, rows=min(args.batch_size, len(prompts)), mesh=mesh)
         for item, response in zip(conversations[start : start + len(chunk)], responses):
             results.append({**item, "response": response.text, "stopped": response.stopped})
     return results
@@ -104,9 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError("--max-new-tokens and --batch-size must be positive")
     conversations = (read_conversations(args.input) if args.input is not None
                      else [{"persona": args.persona, "history": args.history}])
-    model = load_model(args.model, compute_dtype=args.dtype)
+    mesh_sizes = parse_mesh(args.mesh)
+    initialize_distributed()  # before any other JAX call; a no-op on one machine
+    mesh = make_mesh(**mesh_sizes) if mesh_sizes is not None else None
+    model = load_model(args.model, compute_dtype=args.dtype, mesh=mesh)
     require_tokenizer(model)
-    results = answer(model, conversations, args)
+    results = answer(model, conversations, args, mesh)
+    if not is_primary():
+        return 0
     if args.output is not None:
         atomic_write_jsonl(args.output, results)
     elif args.input is not None:
