@@ -9,11 +9,7 @@ on the training mesh and on a different one.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -23,33 +19,22 @@ import pytest
 from flax import traverse_util
 
 from model_fixtures import TINY_VOCAB, make_tiny_hf_model
+from multihost_fixtures import NUM_PROCESSES, run_workers
 from pdpo_jax.model import load_hf
 from pdpo_jax.config import OptimizerConfig
 from pdpo_jax.train.optim import make_optimizer
 from pdpo_jax.train.steps import create_train_state, jit_train_step, sft_objective
 
 TESTS_DIR = Path(__file__).resolve().parent
-REPO_ROOT = TESTS_DIR.parent
 WORKER = TESTS_DIR / "multihost_worker.py"
-NUM_PROCESSES = 2
 STEPS, GLOBAL_ROWS, LENGTH = 3, 8, 16
 LEARNING_RATE = 1e-2
 # Adam's first update is g / (|g| + eps): with the default eps a gradient that is zero up to rounding
 # moves by a full +-learning rate whichever way the rounding went. A larger eps keeps the update
 # a smooth function of the gradient, so the comparison measures the sharding, not that cliff.
 ADAM_EPS = 1e-3
-# A worker reports each phase; one that goes quiet this long is stuck (a hung collective) and fails
-# the test, as does a run past the overall deadline (compiles included, on a loaded machine).
-STALL_S = 60
-DEADLINE_S = 300
 # Sharded reductions sum in another order than one device does; fp32 rounding of that order.
 RTOL, ATOL = 1e-5, 1e-6
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def layout_row(rng: np.random.Generator, length: int, sequence_id: int) -> dict[str, np.ndarray]:
@@ -100,69 +85,6 @@ def single_process_params(model_dir: Path, batches: dict[str, np.ndarray]) -> di
     return {path: np.asarray(leaf) for path, leaf in traverse_util.flatten_dict(state.params, sep="/").items()}
 
 
-def worker_env(port: int, process_id: int) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("JAX_", "TPU_", "SLURM_", "OMPI_"))}
-    env.update(
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
-        PDPO_DISTRIBUTED="1",
-        PDPO_DISTRIBUTED_TIMEOUT="60",
-        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-        JAX_NUM_PROCESSES=str(NUM_PROCESSES),
-        JAX_PROCESS_ID=str(process_id),
-        PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(TESTS_DIR), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        OMP_NUM_THREADS="1",
-    )
-    return env
-
-
-def run_workers(args: list[str], log_dir: Path) -> None:
-    """Starts every process, and fails as soon as one fails or the deadline passes (killing the
-    rest, which would otherwise wait on a collective that never completes)."""
-    port = free_port()
-    procs, logs = [], []
-    for process_id in range(NUM_PROCESSES):
-        log = open(log_dir / f"worker_{process_id}.log", "w+")
-        logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), *args], env=worker_env(port, process_id),
-                                      cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT))
-    start = last_progress = time.monotonic()
-    sizes = [0] * NUM_PROCESSES
-    failure = None
-    try:
-        while any(p.poll() is None for p in procs):
-            failed = [i for i, p in enumerate(procs) if p.returncode not in (None, 0)]
-            if failed:
-                failure = f"process {failed[0]} exited with {procs[failed[0]].returncode}"
-                break
-            now_sizes = [os.fstat(log.fileno()).st_size for log in logs]
-            if now_sizes != sizes:
-                sizes, last_progress = now_sizes, time.monotonic()
-            if time.monotonic() - last_progress > STALL_S:
-                failure = f"no progress for {STALL_S} s (a hung collective?)"
-                break
-            if time.monotonic() - start > DEADLINE_S:
-                failure = f"no result within {DEADLINE_S} s"
-                break
-            time.sleep(0.2)
-        else:
-            failed = [i for i, p in enumerate(procs) if p.returncode != 0]
-            if failed:
-                failure = f"process {failed[0]} exited with {procs[failed[0]].returncode}"
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        texts = []
-        for i, log in enumerate(logs):
-            log.seek(0)
-            texts.append(f"--- process {i} ---\n{log.read()[-4000:]}")
-            log.close()
-    if failure:
-        pytest.fail(f"{failure}\n" + "\n".join(texts))
-
-
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
@@ -170,9 +92,10 @@ def two_process_run(tmp_path_factory):
     batches = global_batches(seed=1)
     np.savez(root / "batches.npz", **batches)
     out = root / "out"
-    run_workers(["--model", str(model_dir), "--batches", str(root / "batches.npz"),
+    run_workers([sys.executable, str(WORKER), "--model", str(model_dir), "--batches", str(root / "batches.npz"),
                  "--checkpoints", str(root / "shared_checkpoints"), "--out", str(out),
-                 "--learning-rate", str(LEARNING_RATE), "--adam-eps", str(ADAM_EPS)], log_dir=root)
+                 "--learning-rate", str(LEARNING_RATE), "--adam-eps", str(ADAM_EPS)], log_dir=root,
+                devices_per_process=2)
     results = [dict(np.load(out / f"process_{i}.npz")) for i in range(NUM_PROCESSES)]
     return model_dir, batches, results
 
