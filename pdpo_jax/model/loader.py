@@ -20,6 +20,7 @@ from pdpo_jax.model.checkpoint import load_hf, read_config
 from pdpo_jax.model.config import ModelConfig
 from pdpo_jax.model.decoder import param_shapes
 from pdpo_jax.model.default_model import default_model_dir
+from pdpo_jax.model.hub import hub_model_dir, looks_like_hub_id
 from pdpo_jax.model.model_dir import has_tokenizer_files, is_orbax_model_dir, restore_params
 from pdpo_jax.parallel import param_shardings
 
@@ -88,9 +89,12 @@ def load_orbax_params(model_dir: Path, *, dtype: Any = None, shardings: Any = No
 
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:
-    """The directory `path` names ("default": the bundled model, materialized on first use)."""
+    """The directory `path` names: a folder, "default" (the bundled model, materialized on first
+    use) or a Hugging Face Hub id such as "meta-llama/Llama-2-13b-hf" (fetched into the Hub cache)."""
     if os.fspath(path) == "default":
         return default_model_dir()
+    if looks_like_hub_id(os.fspath(path)):
+        return hub_model_dir(os.fspath(path))
     model_dir = Path(path)
     if not model_dir.is_dir():
         raise ModelDirError(f"{model_dir}: model directory not found")
@@ -102,8 +106,8 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
 def load_model(path: str | os.PathLike, *, dtype: Any = None, mesh: Any = None, compute_dtype: ComputeDtype | None = None,
                remat: bool | None = None, tokenizer: str | os.PathLike | None = None,
                allow_pickle: bool = False) -> Model:
-    """The model at `path`: a Hugging Face directory, a directory written by training, or
-    "default" for the bundled model.
+    """The model at `path`: a Hugging Face directory, a directory written by training, a Hub id
+    (fetched into the Hub cache on first use), or "default" for the bundled model.
 
     `dtype` is the parameter dtype (default float32); `mesh` is None (one local device), a Mesh
     (parameters placed by the partition rules as they are read), or a {"a/b/kernel": Sharding}

@@ -68,6 +68,7 @@ from pdpo_jax.files import append_jsonl, atomic_write_json, atomic_write_jsonl, 
 from pdpo_jax.generation import context_limit, respond, sampler_description, sampler_from_config
 from pdpo_jax.model import Model
 from pdpo_jax.model.digest import model_digest
+from pdpo_jax.model.hub import looks_like_hub_id
 from pdpo_jax.scoring import make_scorer
 from pdpo_jax.parallel import is_primary, primary_decides, rows_for_mesh
 from pdpo_jax.stages.common import (
@@ -144,7 +145,7 @@ def open_side(name: str, config: RunConfig, cache: dict[str, Side], mesh: Any) -
     """The model `name` on the run's mesh (one load when generator and reference are the same)."""
     if name in cache:
         return cache[name]
-    if name != "default" and not Path(name).is_dir():
+    if name != "default" and not Path(name).is_dir() and not looks_like_hub_id(name):
         hint = " (the SFT stage's output: run `pdpo sft` first, or set prefs.generator / prefs.reference)" \
             if Path(name).parts[-2:] == ("sft", "best") else ""
         raise PrefsError(f"model directory not found: {name}{hint}")
