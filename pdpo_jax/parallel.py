@@ -203,6 +203,14 @@ def process_batch_indices(mesh: Mesh, global_batch_size: int, batch_axis: int = 
     return np.asarray(rows, dtype=np.int64)
 
 
+def host_rows(mesh: Mesh | None) -> Any:
+    """`n -> indices` of the rows of an n-long batch axis this process feeds on `mesh`, or None
+    when one process feeds everything."""
+    if mesh is None or jax.process_count() == 1:
+        return None
+    return lambda n: process_batch_indices(mesh, n)
+
+
 def place_batch(arrays: Any, mesh: Mesh | None, *, batch_axis: int = 0, rows: str = "global") -> Any:
     """Host arrays onto devices, axis `batch_axis` split over the mesh's batch axes.
 

@@ -2,7 +2,8 @@
 a tiny model on a mesh of data 2 x fsdp 2 x tensor 2, every stage. Its preference records (byte
 for byte), DNLI reports and exported weights equal those of one process running the same mesh on
 8 devices, and every file of the run directory is written once, by process 0 (process 1 writes
-only its own part of each orbax checkpoint).
+only its own part of each orbax checkpoint). A make-prefs crash after the first shards resumes on
+both processes and writes the records of the uninterrupted run.
 
 Training on two processes reduces gradients across them in another order than one process does,
 so the two SFT models agree to fp32 rounding, not bit for bit, and a sampled negative could then
@@ -56,6 +57,19 @@ def runs(tmp_path_factory):
     args = pipeline_args(tmp, run_dir)
     run_workers([sys.executable, str(WORKER), *args], log_dir=tmp, devices_per_process=4, stall_s=180, deadline_s=900,
                 env={"PDPO_TEST_WATCH": str(run_dir), "PDPO_TEST_WRITES": str(tmp / "writes_{process}.tsv")})
+    # A crash after the first shard of each split: both processes resume, and must write what one run did.
+    prefs = run_dir / "prefs"
+    lost = [p for p in prefs.glob("*/shard-*.jsonl") if not p.name.endswith("00000.jsonl")]
+    assert lost
+    for path in [*lost, prefs / "DONE", prefs / "summary.json"]:
+        path.unlink()
+    run_workers([sys.executable, str(WORKER), "make-prefs", *args[1:]], log_dir=tmp, devices_per_process=4,
+                stall_s=180, deadline_s=600,
+                env={"PDPO_TEST_WATCH": str(run_dir), "PDPO_TEST_WRITES": str(tmp / "resume_writes_{process}.tsv")})
+    resumed = sorted(line.split("\t")[1] for line in (tmp / "resume_writes_0.tsv").read_text().splitlines()
+                     if "/shard-" in line)
+    assert resumed == sorted(str(p.resolve()) for p in lost)  # only the lost shards were made again
+    assert "shard-" not in (tmp / "resume_writes_1.tsv").read_text()
     run_dir.rename(tmp / "two")
     shutil.copytree(tmp / "two" / "sft", run_dir / "sft")  # the same SFT model: see the module docstring
     env = {key: value for key, value in os.environ.items() if not key.startswith(("JAX_", "PDPO_"))}

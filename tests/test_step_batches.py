@@ -27,9 +27,14 @@ def rows_of(items, length):
             "item_sizes": np.asarray([sum(item) if item else 0 for item in items], np.int32)}  # a per-item array
 
 
-def step_batches(items, process_index=0, process_count=1):
+def block_of(host):
+    """Host `host` of HOSTS feeds block `host` of every batch axis (the meshes of make_mesh)."""
+    return lambda n: np.arange(n).reshape(HOSTS, -1)[host]
+
+
+def step_batches(items, host_rows=None):
     return StepBatches(items, BATCH, ACCUM, seed=5, to_arrays=rows_of, length_of=sum, length_bucket=8,
-                       process_index=process_index, process_count=process_count)
+                       host_rows=host_rows)
 
 
 @pytest.fixture
@@ -40,7 +45,7 @@ def items():
 
 def test_hosts_together_feed_exactly_the_single_host_stack(items):
     single = step_batches(items)
-    hosts = [step_batches(items, p, HOSTS) for p in range(HOSTS)]
+    hosts = [step_batches(items, block_of(p)) for p in range(HOSTS)]
     for epoch in range(2):
         for step in range(single.steps_per_epoch()):
             expected = single.batch(epoch, step)
@@ -53,7 +58,7 @@ def test_hosts_together_feed_exactly_the_single_host_stack(items):
 
 def test_a_step_is_as_wide_as_its_own_items_not_the_longest_of_the_set(items):
     long_item = (200, 100)
-    hosts = [step_batches(items + [long_item], p, HOSTS) for p in range(HOSTS)]
+    hosts = [step_batches(items + [long_item], block_of(p)) for p in range(HOSTS)]
     order = hosts[0]._iterator.epoch_order(0)
     long_step = int(np.flatnonzero(order == len(items))[0]) // (BATCH * ACCUM)
     widths = {step: hosts[0].batch(0, step)["input_ids"].shape[-1] for step in range(hosts[0].steps_per_epoch())}
@@ -62,10 +67,12 @@ def test_a_step_is_as_wide_as_its_own_items_not_the_longest_of_the_set(items):
 
 
 def test_the_second_hosts_sequence_ids_continue_the_first_hosts(items):
-    second = step_batches(items, 1, HOSTS).batch(0, 0)["sequence_ids"]
+    second = step_batches(items, block_of(1)).batch(0, 0)["sequence_ids"]
     assert second.max() == BATCH - 1 and second[second >= 0].min() == BATCH // HOSTS
 
 
-def test_a_batch_that_does_not_split_over_the_hosts_is_refused(items):
-    with pytest.raises(ValueError, match="not a multiple of the 3 hosts"):
-        step_batches(items, 0, 3)
+def test_a_host_whose_devices_hold_interleaved_rows_feeds_those_rows(items):
+    odd = step_batches(items, lambda n: np.arange(1, n, 2)).batch(0, 1)
+    full = step_batches(items).batch(0, 1)
+    for key, value in full.items():
+        np.testing.assert_array_equal(odd[key], value[:, 1::2], err_msg=key)

@@ -14,8 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import jax
-
 from pdpo_jax.files import atomic_write_json, mark_done
 from pdpo_jax.config import RunConfig
 from pdpo_jax.data import PromptEncoder
@@ -23,7 +21,7 @@ from pdpo_jax.data.pairs import PairIds, dpo_batch
 from pdpo_jax.data.preferences import PrefsError, read_preference_pairs
 from pdpo_jax.metrics_log import read_metrics_jsonl
 from pdpo_jax.model import pad_id
-from pdpo_jax.parallel import is_primary
+from pdpo_jax.parallel import host_rows, is_primary
 from pdpo_jax.stages.common import claim_run_dir, load_for_run, parse_stage_args, stage_dir, start_training_stage
 from pdpo_jax.stages.make_prefs import resolve_model_paths
 from pdpo_jax.train.batches import StepBatches
@@ -44,7 +42,7 @@ def tokenize_pairs(records: list[dict[str, Any]], encoder: PromptEncoder) -> lis
     ]
 
 
-def dpo_batches(config: RunConfig, pairs: list[PairIds], pad_id: int, *, shuffle: bool) -> StepBatches:
+def dpo_batches(config: RunConfig, pairs: list[PairIds], pad_id: int, *, shuffle: bool, mesh: Any = None) -> StepBatches:
     """`dpo.share_prompt`: one row [prompt | chosen | rejected] per pair (the prompt runs once),
     else rows [prompt | chosen] and [prompt | rejected]; both give the same log-probs."""
     share = config.dpo.share_prompt
@@ -53,7 +51,7 @@ def dpo_batches(config: RunConfig, pairs: list[PairIds], pad_id: int, *, shuffle
         to_arrays=functools.partial(_pair_arrays, pad_id=pad_id, share_prompt=share),
         length_of=PairIds.shared_length if share else PairIds.unshared_length,
         length_bucket=config.data.length_bucket, shuffle=shuffle,
-        process_index=jax.process_index(), process_count=jax.process_count(),
+        host_rows=host_rows(mesh),
     )
 
 
@@ -77,8 +75,8 @@ def run_dpo(config: RunConfig) -> dict[str, Any]:
     if is_primary():
         atomic_write_json(out_dir / "data_summary.json", {"policy_init": str(reference_path),
                                                           "train_pairs": len(train_pairs), "val_pairs": len(val_pairs)})
-    train = dpo_batches(config, train_pairs, pad_id(model), shuffle=True)
-    val = dpo_batches(config, val_pairs, pad_id(model), shuffle=False)
+    train = dpo_batches(config, train_pairs, pad_id(model), shuffle=True, mesh=mesh)
+    val = dpo_batches(config, val_pairs, pad_id(model), shuffle=False, mesh=mesh)
 
     settings = DPOSettings(beta=config.dpo.beta, loss_type=config.dpo.loss_type,
                            label_smoothing=config.dpo.label_smoothing, reference_free=config.dpo.reference_free)

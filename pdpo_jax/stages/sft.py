@@ -10,15 +10,13 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import jax
-
 from pdpo_jax.files import atomic_write_json, mark_done
 from pdpo_jax.config import RunConfig
 from pdpo_jax.data import PromptEncoder, examples_from_dialogues, per_turn_batch, tokenize_examples
 from pdpo_jax.data.corpus import prepare_corpus
 from pdpo_jax.data.packing import pack_dialogues, packed_batch, packing_summary
 from pdpo_jax.model import Model, pad_id
-from pdpo_jax.parallel import is_primary
+from pdpo_jax.parallel import host_rows, is_primary
 from pdpo_jax.stages.common import claim_run_dir, load_for_run, parse_stage_args, stage_dir, start_training_stage
 from pdpo_jax.train.batches import StepBatches
 from pdpo_jax.train.fit import fit
@@ -27,13 +25,15 @@ from pdpo_jax.train.steps import sft_objective
 STAGE = "sft"
 
 
-def sft_batches(config: RunConfig, model: Model, dialogues: list, *, shuffle: bool) -> tuple[StepBatches, dict]:
+def sft_batches(config: RunConfig, model: Model, dialogues: list, *, shuffle: bool,
+                mesh: Any = None) -> tuple[StepBatches, dict]:
     """SFT batches of `dialogues` and a summary of the rows.
 
     `sft.packing: dialogue` puts a dialogue's prompt once in a row with every model response
     scored (several short dialogues may share a row); `turn` makes one row per model turn. Both give
     the same token-mean loss over the same response tokens; a packed row counts as one row of
-    `sft.batch_size`, so a step then covers whole dialogues.
+    `sft.batch_size`, so a step then covers whole dialogues. On a pod each host keeps the rows its
+    devices of `mesh` hold.
     """
     data = config.data
     pad = pad_id(model)
@@ -50,7 +50,7 @@ def sft_batches(config: RunConfig, model: Model, dialogues: list, *, shuffle: bo
     batches = StepBatches(
         items, config.sft.batch_size, config.sft.grad_accum, config.seed, to_arrays=to_arrays, length_of=len,
         length_bucket=data.length_bucket, shuffle=shuffle,
-        process_index=jax.process_index(), process_count=jax.process_count(),
+        host_rows=host_rows(mesh),
     )
     return batches, summary
 
@@ -70,8 +70,8 @@ def run_sft(config: RunConfig) -> dict[str, Any]:
     out_dir, mesh = started
     model = load_for_run(config.model.path, config, mesh)
     corpus = prepare_corpus(config.data, config.seed)
-    train, train_stats = sft_batches(config, model, corpus.train, shuffle=True)
-    val, val_stats = sft_batches(config, model, corpus.val, shuffle=False)
+    train, train_stats = sft_batches(config, model, corpus.train, shuffle=True, mesh=mesh)
+    val, val_stats = sft_batches(config, model, corpus.val, shuffle=False, mesh=mesh)
     if is_primary():
         atomic_write_json(out_dir / "data_summary.json", {**corpus.summary(), "train": train_stats, "val": val_stats})
 

@@ -6,10 +6,10 @@ A step takes `rows_per_step = batch_size * grad_accum` items of the epoch's orde
 one length and one scored width, those of the step's whole global batch.
 
 On a pod every host knows the global order: each lays out the step's whole global batch, exactly
-as one host would, and keeps block p of P of every array's batch axis (its rows, and the pairs of
-DPO's per-pair arrays), so shapes agree without exchanging anything, sequence ids stay global, and
-the arrays the hosts assemble are the single-host stack: a run's batches do not depend on how many
-hosts it has.
+as one host would, and keeps the rows its devices hold of every array's batch axis (its rows, and
+the pairs of DPO's per-pair arrays), so shapes agree without exchanging anything, sequence ids stay
+global, and the arrays the hosts assemble are the single-host stack: a run's batches do not depend
+on how many hosts it has.
 """
 
 from __future__ import annotations
@@ -34,12 +34,11 @@ class StepBatches:
     length_of: Callable[[Any], int]
     length_bucket: int = 64
     shuffle: bool = True
-    process_index: int = 0
-    process_count: int = 1
+    # On a pod: the indices this host feeds of an n-long batch axis (`pdpo_jax.parallel.host_rows`
+    # of the run's mesh); None on one host.
+    host_rows: Callable[[int], np.ndarray] | None = None
 
     def __post_init__(self) -> None:
-        if self.batch_size % self.process_count:
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of the {self.process_count} hosts")
         self._iterator = BatchIterator(self.items, self.batch_size * self.grad_accum, self.seed, shuffle=self.shuffle)
 
     def steps_per_epoch(self) -> int:
@@ -53,9 +52,9 @@ class StepBatches:
         micro_batches = [self.to_arrays(items[m * self.batch_size : (m + 1) * self.batch_size], length)
                          for m in range(self.grad_accum)]
         stack = with_scored_positions({key: np.stack([mb[key] for mb in micro_batches]) for key in micro_batches[0]})
-        if self.process_count == 1:
+        if self.host_rows is None:
             return stack
-        return {key: np.split(value, self.process_count, axis=1)[self.process_index] for key, value in stack.items()}
+        return {key: np.take(value, self.host_rows(value.shape[1]), axis=1) for key, value in stack.items()}
 
     def all_batches(self) -> list[dict[str, np.ndarray]]:
         """Every step of one epoch in order (validation sets)."""
