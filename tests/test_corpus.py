@@ -3,6 +3,7 @@ from pathlib import Path
 from pdpo_jax.config import load_config
 from pdpo_jax.data import normalize_utterance, read_dnli
 from pdpo_jax.data.corpus import prepare_corpus
+from pdpo_jax.data.overlap import example_utterances, shares_an_example
 
 
 def test_staged_corpus_is_clean_of_dnli_dialogues_and_split_by_dialogue(shared_data):
@@ -15,10 +16,10 @@ def test_staged_corpus_is_clean_of_dnli_dialogues_and_split_by_dialogue(shared_d
     kept = corpus.train + corpus.val + corpus.test
     assert corpus.overlap.dialogues_kept == len(kept) < 1000
     assert not {d.id for d in corpus.train} & {d.id for d in corpus.val + corpus.test}
-    dnli_utterances = {normalize_utterance(u) for path in dnli_files for ex in read_dnli(path, protocol="all")
-                       for u in ex.history + (ex.gold,)}
-    for dialogue in corpus.train:
-        assert not {normalize_utterance(t.text) for t in dialogue.turns} & dnli_utterances
+    examples = [example_utterances(ex) for path in dnli_files for ex in read_dnli(path, protocol="all")]
+    for dialogue in corpus.train + corpus.val + corpus.test:
+        utterances = {normalize_utterance(t.text) for t in dialogue.turns}
+        assert not any(shares_an_example(utterances, example) for example in examples)
     print(f"kept {len(kept)} of 1000 dialogues: {corpus.summary()}")
 
 

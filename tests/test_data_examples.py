@@ -67,27 +67,47 @@ def test_normalize_utterance(raw, normalized):
     assert normalize_utterance(raw) == normalized
 
 
+def source_dialogues(dialogues, example):
+    """The dialogues that open with the example's prefix and gold, utterance by utterance."""
+    wanted = [normalize_utterance(u) for u in (*example.history, example.gold)]
+    return {d.id for d in dialogues if [normalize_utterance(t.text) for t in d.turns[: len(wanted)]] == wanted}
+
+
 def test_overlap_filter_on_staged_data(shared_data):
-    dialogues = load_dialogues(shared_data / "personachat/valid_self_original_no_cands.txt")
+    """Validation: every dialogue an example was cut from goes, and little else; train (another
+    split) loses nothing, though its generic lines meet the DNLI prefixes everywhere."""
     dnli = read_dnli(shared_data / "dnli/valid_havenot.jsonl") + read_dnli(shared_data / "dnli/valid_likedislike.jsonl")
-    kept, report = drop_overlapping(dialogues, dnli)
-    print(f"\nDNLI overlap filter: {report.summary()}")
-    assert report.dialogues_kept == len(kept) and 0 < len(kept) < 1000
-    assert report.dialogues_kept + report.dialogues_dropped == 1000 == report.dialogues_in
-    banned = {normalize_utterance(e.gold) for e in dnli} | {normalize_utterance(h) for e in dnli for h in e.history}
-    for example in examples_from_dialogues(kept):
-        assert all(normalize_utterance(text) not in banned for text in example.history + (example.response,))
-    # every DNLI gold response was found in (and removed with) some dropped dialogue
-    dropped = {d.id for d in dialogues} - {d.id for d in kept}
-    dropped_utterances = {normalize_utterance(t.text) for d in dialogues if d.id in dropped for t in d.turns}
-    assert all(normalize_utterance(e.gold) in dropped_utterances for e in dnli)
+    val = load_dialogues(shared_data / "personachat/valid_self_original_no_cands.txt")
+    kept, report = drop_overlapping(val, dnli)
+    print(f"\nDNLI overlap filter, validation: {report.summary()}")
+    assert report.dialogues_kept == len(kept) == 703 and report.dialogues_in == 1000
+    assert report.examples_matched == len(dnli) == 454  # every example's source was found and dropped
+    dropped = set(report.dropped_ids)
+    sources = set().union(*(source_dialogues(val, e) for e in dnli))
+    assert len(sources) == 296 and sources <= dropped  # the exact-prefix sources (one example's has a typo)
+    kept_ids = {d.id for d in kept}
+    assert not kept_ids & dropped
+    kept_utterances = {normalize_utterance(t.text) for d in kept for t in d.turns}
+    golds_left = {e.gold for e in dnli if normalize_utterance(e.gold) in kept_utterances}
+    assert golds_left == {"do you have any pets ?"}  # a generic line, said in unrelated dialogues too
+
+    train = load_dialogues(shared_data / "personachat/parallel/per-train.txt")
+    kept_train, train_report = drop_overlapping(train, dnli)
+    print(f"DNLI overlap filter, train: {train_report.summary()}")
+    assert len(kept_train) == 1356 and train_report.examples_matched == 0
+    generic = {normalize_utterance(u) for e in dnli for u in e.history}
+    assert sum(any(normalize_utterance(t.text) in generic for t in d.turns) for d in train) > 500  # the old rule's losses
 
 
 def test_overlap_filter_matches_both_speakers_after_normalization():
     clean = dialogue(0)
-    partner_side = Dialogue("p", ("x .",), None, (Turn(PARTNER, "I'm allergic to cats!"), Turn(MODEL, "oh no")))
+    source = Dialogue("p", ("x .",), None, (Turn(PARTNER, "I'm allergic to cats!"), Turn(MODEL, "oh no"),
+                                            Turn(PARTNER, "Sorry, it's fine.")))
+    generic = Dialogue("g", ("y .",), None, (Turn(PARTNER, "i am allergic to cats"), Turn(MODEL, "me too")))
     from pdpo_jax.data import DnliExample
 
-    probe = DnliExample("e", ("x .",), ("i am allergic to cats",), (("unrelated gold", "hits"),))
-    kept, report = drop_overlapping([clean, partner_side], [probe])
-    assert kept == [clean] and report.dropped_ids == ("p",) and report.dialogues_kept == 1
+    probe = DnliExample("e", ("x .",), ("i am allergic to cats", "Oh no!"), (("sorry , it is fine", "hits"),))
+    kept, report = drop_overlapping([clean, source, generic], [probe])
+    assert kept == [clean, generic] and report.dropped_ids == ("p",) and report.examples_matched == 1
+    short = DnliExample("s", ("x .",), ("me too",), (("unrelated", "hits"),))  # fewer than 3: all must match
+    assert drop_overlapping([generic], [short])[1].dialogues_dropped == 0

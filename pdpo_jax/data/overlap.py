@@ -2,15 +2,20 @@
 
 The DNLI evaluation set was cut from PersonaChat dialogues after rewriting contractions and
 punctuation, so utterances are compared after the same normalization: lower case, contractions
-undone ("i'm" -> "i am", "n't" -> " not", ...), punctuation removed, spaces squashed. A dialogue
-is dropped when any of its utterances, from either speaker, equals a DNLI gold response or prefix
-utterance.
+undone ("i'm" -> "i am", "n't" -> " not", ...), punctuation removed, spaces squashed.
+
+A DNLI example is a dialogue's opening utterances (its prefix) and the next one (the gold). A
+dialogue is dropped when it shares at least `MIN_SHARED` of those utterances, from either speaker,
+with one example (all of them when the example has fewer). One shared line is not enough: openers
+such as "hi , how are you ?" or "what do you do for a living ?" occur in hundreds of unrelated
+dialogues, and dropping every dialogue that says one would discard a third of PersonaChat's train
+split for no leak. A source dialogue shares its whole prefix and gold with its examples.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pdpo_jax.data.dialogue import Dialogue
@@ -34,6 +39,7 @@ _CONTRACTIONS = tuple(
         (r"\b(it|that|what|he|she|there|here|who|where|how|this|everything|nothing)'s\b", r"\1 is"),
     )
 )
+MIN_SHARED = 3
 _APOSTROPHE_SPACING = re.compile(r"\s*'\s*")
 _PUNCTUATION = re.compile(r"[^\w\s]|_")
 
@@ -52,35 +58,43 @@ class OverlapReport:
     dialogues_kept: int
     dialogues_dropped: int
     evaluation_examples: int
-    evaluation_utterances: int  # distinct normalized utterances looked for
+    examples_matched: int  # evaluation examples whose source dialogue was among the input
     dropped_ids: tuple[str, ...]
 
     def summary(self) -> str:
         return (
-            f"kept {self.dialogues_kept} of {self.dialogues_in} dialogues; dropped {self.dialogues_dropped} sharing an "
-            f"utterance with {self.evaluation_examples} evaluation examples ({self.evaluation_utterances} distinct utterances)"
+            f"kept {self.dialogues_kept} of {self.dialogues_in} dialogues; dropped {self.dialogues_dropped} sharing "
+            f">= {MIN_SHARED} utterances with one of {self.evaluation_examples} evaluation examples "
+            f"({self.examples_matched} of which came from these dialogues)"
         )
 
 
-def evaluation_utterances(examples: Iterable[DnliExample]) -> set[str]:
-    """Normalized gold responses and prefix utterances of the evaluation examples."""
-    found: set[str] = set()
-    for example in examples:
-        found.add(normalize_utterance(example.gold))
-        found.update(normalize_utterance(text) for text in example.history)
-    found.discard("")
-    return found
+def example_utterances(example: DnliExample) -> frozenset[str]:
+    """The normalized prefix utterances and gold response of one evaluation example."""
+    return frozenset(u for u in map(normalize_utterance, (*example.history, example.gold)) if u)
+
+
+def shares_an_example(utterances: set[str], example: frozenset[str]) -> bool:
+    return len(utterances & example) >= min(MIN_SHARED, len(example))
 
 
 def drop_overlapping(
     dialogues: Sequence[Dialogue], dnli_examples: Sequence[DnliExample]
 ) -> tuple[list[Dialogue], OverlapReport]:
-    banned = evaluation_utterances(dnli_examples)
-    kept, dropped = [], []
+    examples = [example_utterances(e) for e in dnli_examples]
+    by_utterance: dict[str, list[int]] = {}
+    for index, example in enumerate(examples):
+        for utterance in example:
+            by_utterance.setdefault(utterance, []).append(index)
+    kept, dropped, matched = [], [], set()
     for dialogue in dialogues:
-        if any(normalize_utterance(turn.text) in banned for turn in dialogue.turns):
+        utterances = {normalize_utterance(turn.text) for turn in dialogue.turns}
+        candidates = {i for u in utterances for i in by_utterance.get(u, ())}
+        sources = {i for i in candidates if shares_an_example(utterances, examples[i])}
+        if sources:
             dropped.append(dialogue.id)
+            matched |= sources
         else:
             kept.append(dialogue)
-    report = OverlapReport(len(dialogues), len(kept), len(dropped), len(dnli_examples), len(banned), tuple(dropped))
+    report = OverlapReport(len(dialogues), len(kept), len(dropped), len(dnli_examples), len(matched), tuple(dropped))
     return kept, report
