@@ -85,6 +85,11 @@ class DataSection:
     length_bucket: int = 64  # batch lengths round up to a multiple of this (= max_length: one shape, one compile)
     on_overflow: Literal["error", "skip"] = "error"
     max_dialogues: int | None = None  # keep the first N dialogues (demos, smoke runs)
+    # With explicit `val` files: the share of the (clean) validation dialogues kept apart as test
+    # dialogues, never used for selection (by the stable split of split_fractions), and a cap on
+    # the validation dialogues that remain (budgeted runs).
+    test_fraction: float = 0.0
+    max_val_dialogues: int | None = None
 
 
 @dataclass

@@ -33,8 +33,9 @@ class Corpus:
 
 def prepare_corpus(data: Any, seed: int) -> Corpus:
     """`data` is a `DataSection`. Without explicit `val` files the dialogues are split by
-    `split_fractions`; the overlap filter applies to every file, validation included, because
-    selecting a model on DNLI's source dialogues would leak too."""
+    `split_fractions`; with them, `test_fraction` of the validation dialogues become the test
+    split. The overlap filter applies to every file, validation included, because selecting a
+    model on DNLI's source dialogues would leak too."""
     if not data.train:
         raise ValueError("data.train is empty: name at least one dialogue file")
     dialogues = _read_all(data.train, data)
@@ -50,7 +51,14 @@ def prepare_corpus(data: Any, seed: int) -> Corpus:
     if data.max_dialogues is not None:
         dialogues = dialogues[: data.max_dialogues]
     if val_given is not None:
-        return Corpus(train=dialogues, val=val_given, test=[], overlap=overlap)
+        if not 0.0 <= data.test_fraction < 1.0:
+            raise ValueError(f"data.test_fraction must be in [0, 1), got {data.test_fraction}")
+        val, test = split_dialogues(val_given, (1.0 - data.test_fraction, data.test_fraction), seed=seed)
+        if data.max_val_dialogues is not None:
+            val = val[: data.max_val_dialogues]
+        if not val:
+            raise ValueError(f"no validation dialogues left of {len(val_given)} after data.test_fraction")
+        return Corpus(train=dialogues, val=val, test=test, overlap=overlap)
     train, val, test = split_dialogues(dialogues, tuple(data.split_fractions), seed=seed)
     if not train or not val:
         raise ValueError(
