@@ -9,15 +9,38 @@ as one line `pdpo <stage>: <message>` on stderr with exit status 2; a run that s
 
 from __future__ import annotations
 
+import glob
 import importlib
+import importlib.util
 import os
 import sys
+from collections.abc import Mapping
 
 from pdpo_jax.errors import PdpoError, RunFailed
 from pdpo_jax.stages import STAGES
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "PDPO_DEBUG"
+
+
+def platforms_without_absent_tpus(env: Mapping[str, str], tpu_device_files: list[str]) -> str | None:
+    """The JAX_PLATFORMS a command should run with, or None to leave JAX to choose.
+
+    The set-up installs libtpu (the compiler `pdpo plan` uses), and where libtpu is installed JAX
+    tries to start a TPU even on a machine without one: it asks the cloud metadata server and
+    warns at length before falling back. Unless JAX_PLATFORMS is set, a machine with no TPU chips
+    (no /dev/accel* or /dev/vfio/N device files) runs on its GPU plugin if one is installed, else
+    on CPU.
+    """
+    if env.get("JAX_PLATFORMS") or tpu_device_files or importlib.util.find_spec("libtpu") is None:
+        return None
+    gpu = [name for name, plugin in (("cuda", "jax_cuda12_plugin"), ("cuda", "jax_cuda13_plugin"),
+                                     ("rocm", "jax_rocm60_plugin")) if importlib.util.find_spec(plugin)]
+    return ",".join(dict.fromkeys([*gpu, "cpu"]))
+
+
+def _tpu_device_files() -> list[str]:
+    return glob.glob("/dev/accel*") + glob.glob("/dev/vfio/[0-9]*")
 
 
 def _usage() -> str:
@@ -52,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     if stage not in STAGES:
         print(f"pdpo: unknown stage {stage!r}; run `pdpo --help` for the list", file=sys.stderr)
         return 2
+    platforms = platforms_without_absent_tpus(os.environ, _tpu_device_files())
+    if platforms is not None:  # before any stage imports JAX
+        os.environ["JAX_PLATFORMS"] = platforms
     try:
         module = importlib.import_module(STAGES[stage][0])
         return int(module.main(rest) or 0)

@@ -114,3 +114,16 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_an_unknown_stage_is_one_line(capsys):
     status, error = run_cli(["sfft"], capsys)
     assert status == 2 and error.count("\n") == 1 and "unknown stage 'sfft'" in error
+
+
+def test_a_machine_without_tpu_chips_keeps_jax_off_libtpu():
+    import importlib.util
+
+    from pdpo_jax.cli import platforms_without_absent_tpus
+
+    if importlib.util.find_spec("libtpu") is None:
+        assert platforms_without_absent_tpus({}, []) is None  # nothing to keep JAX off
+        return
+    assert platforms_without_absent_tpus({}, []) in ("cpu", "cuda,cpu", "rocm,cpu")
+    assert platforms_without_absent_tpus({}, ["/dev/accel0"]) is None  # a TPU VM: JAX finds its chips
+    assert platforms_without_absent_tpus({"JAX_PLATFORMS": "cpu"}, []) is None  # the user's choice stands
