@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -331,32 +331,50 @@ def to_hf_tensors(config: ModelConfig, params: Any) -> Iterator[tuple[str, np.nd
         yield hf_name, np.ascontiguousarray(TRANSFORMS[transform](parallel.to_host(flat[flax_path])))
 
 
-def _shard_groups(tensors: list[tuple[str, np.ndarray]], max_shard_bytes: int) -> list[list[tuple[str, np.ndarray]]]:
-    groups: list[list[tuple[str, np.ndarray]]] = [[]]
+def hf_tensor_sizes(config: ModelConfig, params: Any) -> list[tuple[str, int]]:
+    """(torch name, bytes) of every tensor `to_hf_tensors` yields, in its order, without reading one."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    sizes = []
+    for hf_name, flax_path, _ in expand_key_map(config):
+        if flax_path not in flat:
+            raise ValueError(f"params: missing {flax_path!r} needed for {hf_name!r}")
+        sizes.append((hf_name, int(np.prod(np.shape(flat[flax_path]))) * np.dtype(flat[flax_path].dtype).itemsize))
+    return sizes
+
+
+def _shard_groups(sizes: Sequence[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    groups: list[list[str]] = [[]]
     size = 0
-    for name, array in tensors:
-        if groups[-1] and size + array.nbytes > max_shard_bytes:
+    for name, nbytes in sizes:
+        if groups[-1] and size + nbytes > max_shard_bytes:
             groups.append([])
             size = 0
-        groups[-1].append((name, array))
-        size += array.nbytes
+        groups[-1].append(name)
+        size += nbytes
     return groups
 
 
-def write_safetensors(out_dir: Path, tensors: list[tuple[str, np.ndarray]], max_shard_bytes: int) -> None:
+def write_safetensors(out_dir: Path, tensors: Iterable[tuple[str, np.ndarray]], sizes: Sequence[tuple[str, int]],
+                      max_shard_bytes: int) -> None:
+    """The tensors as one safetensors file, or as shards of at most `max_shard_bytes` with an index.
+    `tensors` is consumed one shard at a time (`sizes` plans the shards), so a host never holds
+    more than one shard of a large model."""
     from safetensors.numpy import save_file
 
-    groups = _shard_groups(tensors, max_shard_bytes)
-    if len(groups) == 1:
-        save_file(dict(groups[0]), os.fspath(out_dir / SAFETENSORS_FILE), metadata={"format": "pt"})
-        return
+    groups = _shard_groups(sizes, max_shard_bytes)
+    names = [SAFETENSORS_FILE] if len(groups) == 1 else \
+        [f"model-{n:05d}-of-{len(groups):05d}.safetensors" for n in range(1, len(groups) + 1)]
+    stream = iter(tensors)
     weight_map = {}
-    for number, group in enumerate(groups, start=1):
-        file_name = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
-        save_file(dict(group), os.fspath(out_dir / file_name), metadata={"format": "pt"})
-        weight_map.update({name: file_name for name, _ in group})
-    index = {"metadata": {"total_size": sum(a.nbytes for _, a in tensors)}, "weight_map": weight_map}
-    (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    for file_name, group in zip(names, groups):
+        shard = dict(next(stream) for _ in group)
+        if list(shard) != group:
+            raise ValueError(f"{out_dir / file_name}: tensors came in another order than planned")
+        save_file(shard, os.fspath(out_dir / file_name), metadata={"format": "pt"})
+        weight_map.update({name: file_name for name in group})
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": sum(nbytes for _, nbytes in sizes)}, "weight_map": weight_map}
+        (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
 def default_generation_config(config: ModelConfig) -> dict[str, Any]:
@@ -373,12 +391,13 @@ def save_hf(out_dir: str | os.PathLike, config: ModelConfig, params: Any, *, tok
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     if jax.process_index() != 0:
-        list(to_hf_tensors(config, params))  # join the gathers of sharded arrays, write nothing
+        for _ in to_hf_tensors(config, params):  # join the gathers of sharded arrays, keep nothing
+            pass
         return out_dir
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_hf(), indent=2) + "\n", encoding="utf-8")
-        write_safetensors(tmp, list(to_hf_tensors(config, params)), max_shard_bytes)
+        write_safetensors(tmp, to_hf_tensors(config, params), hf_tensor_sizes(config, params), max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(os.fspath(tmp))
         gen = generation_config if generation_config is not None else default_generation_config(config)
