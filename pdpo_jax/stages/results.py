@@ -26,7 +26,7 @@ from pdpo_jax.stages.common import StageParser, stage_parser
 def build_parser() -> StageParser:
     parser = stage_parser(
         "pdpo results", config="none", epilog=None,
-        description="The DNLI results table of several models on the same examples (shares with 95%% bootstrap "
+        description="The DNLI results table of several models on the same examples (shares with 95% bootstrap "
                     "intervals, exact McNemar tests and paired differences against a reference, log-likelihood "
                     "shifts, a bar chart, training curves) and generated responses side by side.",
     )
@@ -37,15 +37,15 @@ def build_parser() -> StageParser:
     dnli.add_argument("--reference", default="sft", help="the model paired tests compare against (default: %(default)s)")
     dnli.add_argument("--curves", action="append", default=[], metavar="NAME=metrics.jsonl",
                       help="a training stage's metrics.jsonl, drawn into curves.png; repeat for every run")
-    dnli.add_argument("--bootstrap-samples", type=int, default=DEFAULT_SAMPLES, help="resamples (default: %(default)s)")
-    dnli.add_argument("--seed", type=int, default=0, help="seed of the resampling (default: %(default)s)")
+    dnli.add_argument("--bootstrap-samples", type=int, default=DEFAULT_SAMPLES, metavar="N", help="resamples (default: %(default)s)")
+    dnli.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the resampling (default: %(default)s)")
     examples = parser.add_argument_group("generated examples (the paper's Table 5)")
     examples.add_argument("--conversations", type=Path, metavar="FILE.jsonl",
                           help='conversations {"id", "persona": [...], "history": [...]} given to pdpo generate --input')
     examples.add_argument("--responses", action="append", default=[], metavar="NAME=FILE.jsonl",
                           help="a model's pdpo generate --output on them; repeat, in column order")
     examples.add_argument("--examples", type=int, default=5, metavar="N", help="how many to show (default: %(default)s)")
-    examples.add_argument("--examples-seed", type=int, default=0, help="seed of which are shown (default: %(default)s)")
+    examples.add_argument("--examples-seed", type=int, default=0, metavar="N", help="seed of which are shown (default: %(default)s)")
     return parser
 
 
