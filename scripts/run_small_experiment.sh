@@ -21,3 +21,8 @@ time pdpo pipeline --config "$CONFIG" --config configs/paper/variants/wo-shuffle
   --stages make-prefs,dpo,eval-dpo,summary
 python -m pdpo_jax.evaluate.report dnli "$SHUFFLED/eval/sft/dnli.json" "$SHUFFLED/eval/dpo/dnli.json" \
   "$UNSHUFFLED/eval/dpo/dnli.json" --out "$ROOT/staged-small-comparison"
+# The same three models with intervals and paired tests against SFT (docs/dnli.md).
+pdpo results --model sft="$SHUFFLED/eval/sft/dnli.json" --model pseudo-dpo="$SHUFFLED/eval/dpo/dnli.json" \
+  --model wo-shuffle="$UNSHUFFLED/eval/dpo/dnli.json" --reference sft --out "$ROOT/staged-small-results" \
+  --curves sft="$SHUFFLED/sft/metrics.jsonl" --curves pseudo-dpo="$SHUFFLED/dpo/metrics.jsonl" \
+  --curves wo-shuffle="$UNSHUFFLED/dpo/metrics.jsonl"

@@ -23,7 +23,7 @@ CONFIG_STAGES = {  # stage -> the other arguments it needs to get as far as read
     "export-hf": [],
     "pipeline": [],
 }
-FLAG_ONLY_STAGES = ("default-model", "data", "generate")
+FLAG_ONLY_STAGES = ("default-model", "data", "generate", "results")
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
@@ -59,6 +59,7 @@ VALID_ARGUMENTS = {  # what each stage needs besides the bad flag, so that argpa
     "eval-dnli": ["--out", "report.json"],
     "judge": ["--responses", "a.jsonl", "b.jsonl", "--out", "judged"],
     "data": ["inspect", "file.txt"],
+    "results": ["--out", "results"],
 }
 
 

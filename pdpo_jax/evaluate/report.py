@@ -130,9 +130,17 @@ def dnli_comparison_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
     return title + "\n\n" + _table(["subset", "model", "n", *_dnli_header()], rows, align_right_from=2) + "\n"
 
 
-def plot_dnli(reports: Mapping[str, Any] | Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
-    """Grouped bars: a panel per subset (and overall), the four metrics on x, a bar per model."""
+def plot_dnli(
+    reports: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    intervals: Sequence[Mapping[str, Mapping[str, Sequence[float]]]] | None = None,
+) -> Path:
+    """Grouped bars: a panel per subset (and overall), the four metrics on x, a bar per model.
+
+    `intervals`, one per report, `{subset: {metric: (low, high)}}` in percent, draws error bars."""
     reports = [reports] if isinstance(reports, Mapping) else list(reports)
+    if intervals is not None and len(intervals) != len(reports):
+        raise ValueError(f"{len(intervals)} sets of intervals for {len(reports)} reports")
     per_model = [(r.get("model", "?"), {name: pct for name, _, pct, _ in _dnli_rows(r)}) for r in reports]
     subsets: list[str] = []
     for _, groups in per_model:
@@ -149,12 +157,17 @@ def plot_dnli(reports: Mapping[str, Any] | Sequence[Mapping[str, Any]], path: st
                 continue
             values = [groups[subset][k] for k, _, _ in DNLI_METRICS]
             xs = [i - 0.4 + width * (m + 0.5) for i in range(len(DNLI_METRICS))]
-            bars = ax.bar(xs, values, width=width * 0.95, color=colors[m], label=model)
-            if len(per_model) <= 4:
+            errors = None
+            if intervals is not None:
+                bounds = [intervals[m][subset][k] for k, _, _ in DNLI_METRICS]
+                errors = [[v - lo for v, (lo, _) in zip(values, bounds)], [hi - v for v, (_, hi) in zip(values, bounds)]]
+            bars = ax.bar(xs, values, width=width * 0.95, color=colors[m], label=model, yerr=errors,
+                          capsize=2, error_kw={"elinewidth": 0.8})
+            if len(per_model) <= 4 and errors is None:
                 ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
         ax.set_xticks(range(len(DNLI_METRICS)), [f"{t}\n{'↑' if up else '↓'}" for _, t, up in DNLI_METRICS], fontsize=8)
         ax.set_title(subset, fontsize=10)
-        ax.set_ylabel("% of examples", fontsize=8)
+        ax.set_ylabel("% of examples" + ("" if intervals is None else " (error bars: 95% interval)"), fontsize=8)
         ax.set_ylim(0, 105)
         ax.grid(axis="y", alpha=0.3)
     for ax in axes[len(subsets) :]:

@@ -8,6 +8,7 @@
     eval_dnli       4. Dialogue-NLI candidate ranking
     judge           4. pairwise LLM-as-judge win rates
     export_hf       4. any trained model as a Hugging Face directory
+    results         4. the results table of several evaluated models, and responses side by side
     generate        talk to a model: persona + history in, response out
     pipeline        1-4 in one run directory
 
@@ -28,6 +29,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "eval-dnli": ("pdpo_jax.stages.eval_dnli", "4. Dialogue-NLI candidate ranking by log-likelihood"),
     "judge": ("pdpo_jax.stages.judge", "4. pairwise LLM-as-judge win rates"),
     "export-hf": ("pdpo_jax.stages.export_hf", "4. export a checkpoint to a Hugging Face directory"),
+    "results": ("pdpo_jax.stages.results", "4. DNLI table with intervals and paired tests; responses side by side"),
     "generate": ("pdpo_jax.stages.generate", "persona + history in, response out"),
     "pipeline": ("pdpo_jax.stages.pipeline", "1-4 in order inside one run directory"),
 }

@@ -1,0 +1,90 @@
+"""`pdpo results`: the results table of a reproduction run, from the files the evaluations wrote.
+
+    pdpo results --model base=eval/base/dnli.json --model sft=runs/x/eval/sft/dnli.json \\
+        --model pseudo-dpo=runs/x/eval/dpo/dnli.json --reference sft --out results/ \\
+        --curves sft=runs/x/sft/metrics.jsonl --curves pseudo-dpo=runs/x/dpo/metrics.jsonl
+    pdpo results --conversations talks.jsonl --responses SFT=sft.jsonl --responses PseudoDPO=dpo.jsonl --out results/
+
+The DNLI part (`pdpo_jax.evaluate.results_table`) writes table.json, table.md, dnli.png,
+score_shifts.json (and curves.png); the examples part (`pdpo_jax.evaluate.response_examples`)
+writes examples.md. Either part, or both, in one call. Nothing is computed on a model: it reads
+the reports of `pdpo eval-dnli` and the outputs of `pdpo generate`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pdpo_jax.errors import UsageError
+from pdpo_jax.evaluate.dnli_stats import DEFAULT_SAMPLES
+from pdpo_jax.evaluate.response_examples import read_conversations, read_responses, response_examples_markdown
+from pdpo_jax.evaluate.results_table import read_dnli_result, results_table, write_results_table
+from pdpo_jax.files import atomic_write_text
+from pdpo_jax.stages.common import StageParser, stage_parser
+
+
+def build_parser() -> StageParser:
+    parser = stage_parser(
+        "pdpo results", config="none", epilog=None,
+        description="The DNLI results table of several models on the same examples (shares with 95% bootstrap "
+                    "intervals, exact McNemar tests and paired differences against a reference, log-likelihood "
+                    "shifts, a bar chart, training curves) and generated responses side by side.",
+    )
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    dnli = parser.add_argument_group("DNLI table")
+    dnli.add_argument("--model", action="append", default=[], metavar="NAME=REPORT.json",
+                      help="a model's eval-dnli report (its REPORT.examples.jsonl beside it); repeat, in table order")
+    dnli.add_argument("--reference", default="sft", help="the model paired tests compare against (default: %(default)s)")
+    dnli.add_argument("--curves", action="append", default=[], metavar="NAME=metrics.jsonl",
+                      help="a training stage's metrics.jsonl, drawn into curves.png; repeat for every run")
+    dnli.add_argument("--bootstrap-samples", type=int, default=DEFAULT_SAMPLES, metavar="N", help="resamples (default: %(default)s)")
+    dnli.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the resampling (default: %(default)s)")
+    examples = parser.add_argument_group("generated examples (the paper's Table 5)")
+    examples.add_argument("--conversations", type=Path, metavar="FILE.jsonl",
+                          help='conversations {"id", "persona": [...], "history": [...]} given to pdpo generate --input')
+    examples.add_argument("--responses", action="append", default=[], metavar="NAME=FILE.jsonl",
+                          help="a model's pdpo generate --output on them; repeat, in column order")
+    examples.add_argument("--examples", type=int, default=5, metavar="N", help="how many to show (default: %(default)s)")
+    examples.add_argument("--examples-seed", type=int, default=0, metavar="N", help="seed of which are shown (default: %(default)s)")
+    return parser
+
+
+def named_paths(specs: list[str], flag: str) -> dict[str, Path]:
+    named: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"{flag} takes NAME=PATH, got {spec!r}")
+        if name in named:
+            raise UsageError(f"{flag}: the name {name!r} is given twice")
+        named[name] = Path(path)
+    return named
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    models = named_paths(args.model, "--model")
+    curves = named_paths(args.curves, "--curves")
+    responses = named_paths(args.responses, "--responses")
+    if not models and args.conversations is None:
+        raise UsageError("give --model NAME=REPORT.json (the DNLI table), --conversations with --responses (examples), or both")
+    if curves and not models:
+        raise UsageError("--curves go with the DNLI table: give --model too")
+    if (args.conversations is None) != (not responses):
+        raise UsageError("--conversations and --responses go together")
+    if models and args.reference not in models:
+        raise UsageError(f"--reference {args.reference!r} is not one of the --model names {list(models)}")
+    if args.bootstrap_samples < 1:
+        raise UsageError("--bootstrap-samples must be positive")
+    written = []
+    if models:
+        results = [read_dnli_result(name, path) for name, path in models.items()]
+        table = results_table(results, args.reference, samples=args.bootstrap_samples, seed=args.seed)
+        written += write_results_table(table, results, args.out, curves=curves).values()
+    if args.conversations is not None:
+        conversations = read_conversations(args.conversations)
+        by_model = {name: read_responses(path) for name, path in responses.items()}
+        text = response_examples_markdown(conversations, by_model, args.examples, args.examples_seed)
+        written.append(atomic_write_text(args.out / "examples.md", text))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
