@@ -1,0 +1,210 @@
+"""The reproduction run: base, SFT, +PseudoDPO and +PseudoDPO w/o shuffle from one SFT model, with
+the learning rates searched on validation (never on DNLI), DNLI on every listed subset, generated
+examples on test dialogues, and the results table.
+
+    python scripts/run_reproduction.py --config configs/experiments/personachat-cpu.yaml \\
+        --data ../shared/data --root ../runs/personachat-cpu [--results results/personachat-cpu]
+
+Every step is a `pdpo` command in its own process, in its own run directory under --root, and is
+skipped when its output exists, so the run resumes where it stopped (a stage that was cut off
+resumes from its own checkpoint). Under --root:
+
+    sft-lr<LR>/          one SFT run per searched learning rate (best: lowest validation loss)
+    main/                the chosen SFT (a copy), its pseudo-preferences, DPO, DNLI evaluations
+    dpo-lr<LR>/          short DPO runs on main's pairs (best: highest validation reward accuracy)
+    wo-shuffle/          negatives under the example's own persona, DPO with the chosen rate
+    eval/base/           the zero-shot base model's DNLI evaluation
+    examples/            test conversations and both models' responses to them
+    search.json, timings.json
+
+The small reports (table, plots, search, timings) are copied to --results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PLACEHOLDER = "PDPO_DATA"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--config", required=True, type=Path, help="experiment config (configs/experiments/...)")
+    parser.add_argument("--data", required=True, type=Path, help="folder holding personachat/ and dnli/")
+    parser.add_argument("--root", required=True, type=Path, help="folder for every run directory (outside the repo)")
+    parser.add_argument("--results", type=Path, help="where the small reports go (default: results/<config name>)")
+    parser.add_argument("--sft-learning-rates", type=float, nargs="+", default=[2e-5, 5e-5, 1e-4])
+    parser.add_argument("--dpo-learning-rates", type=float, nargs="+", default=[1e-6, 5e-6, 2e-5])
+    parser.add_argument("--dpo-search-steps", type=int, default=90,
+                        help="optimizer steps of each DPO search run (about a third of an epoch of the CPU run)")
+    parser.add_argument("--examples", type=int, default=12, help="test conversations answered by SFT and PseudoDPO")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides given to every stage (e.g. a smoke run: data.max_dialogues=4)")
+    return parser.parse_args(argv)
+
+
+class Runner:
+    def __init__(self, args: argparse.Namespace, config: Path):
+        self.args, self.config, self.root = args, config, args.root.resolve()
+        self.timings_path = self.root / "timings.json"
+        self.timings = json.loads(self.timings_path.read_text()) if self.timings_path.exists() else {}
+
+    def pdpo(self, name: str, *argv: str) -> None:
+        """`pdpo ARGV` as step `name`, its wall time added to timings.json."""
+        print(f"== {name}: pdpo {' '.join(argv)}", flush=True)
+        started = time.time()
+        if subprocess.run([sys.executable, "-m", "pdpo_jax.cli", *argv], cwd=REPO).returncode:
+            raise SystemExit(f"step {name!r} failed (its message is above); rerun to resume")
+        self.timings[name] = round(self.timings.get(name, 0.0) + time.time() - started, 1)
+        self.root.mkdir(parents=True, exist_ok=True)
+        _write_json(self.timings_path, self.timings)
+
+    def stage(self, name: str, run_dir: Path, stage: str, *overrides: str, extra: tuple[str, ...] = ()) -> None:
+        self.pdpo(name, stage, "--config", str(self.config), *extra, f"run_dir={run_dir}", *self.args.overrides,
+                  *overrides)
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _done(stage_dir: Path) -> dict | None:
+    done = stage_dir / "DONE"
+    return json.loads(done.read_text()) if done.exists() else None
+
+
+def _link(source: Path, target: Path) -> None:
+    """`target` names the finished stage folder `source` (a symlink: the runs that share it only
+    read it, and an SFT folder holds gigabytes of checkpoints)."""
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(source.resolve(), target_is_directory=True)
+
+
+def _rate(value: float) -> str:
+    return f"{value:.0e}".replace("e-0", "e-")
+
+
+def resolved_configs(data: Path, tmp: Path) -> None:
+    """Every experiment config with PDPO_DATA replaced, side by side so `base:` files resolve."""
+    for source in (REPO / "configs" / "experiments").glob("*.yaml"):
+        (tmp / source.name).write_text(source.read_text().replace(PLACEHOLDER, str(data.resolve())))
+
+
+def write_test_conversations(config: Path, overrides: list[str], out: Path, count: int) -> None:
+    """`count` model turns of the test dialogues (seeded pick), as `pdpo generate --input` reads them."""
+    from pdpo_jax.config import load_config
+    from pdpo_jax.data import examples_from_dialogues
+    from pdpo_jax.data.corpus import prepare_corpus
+
+    run = load_config([str(config)], overrides)
+    corpus = prepare_corpus(run.data, run.seed)
+    examples = [e for e in examples_from_dialogues(corpus.test) if e.history]
+    if not examples:
+        raise SystemExit(f"{config}: the corpus has no test dialogues (set data.test_fraction)")
+    picked = random.Random(run.seed).sample(examples, min(count, len(examples)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps({"id": e.id, "persona": list(e.persona), "history": list(e.history),
+                                       "reference": e.response}) + "\n" for e in picked))
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    results = (args.results or REPO / "results" / args.config.stem).resolve()
+    with tempfile.TemporaryDirectory() as tmp:
+        resolved_configs(args.data, Path(tmp))
+        runner = Runner(args, Path(tmp) / args.config.name)
+        root = runner.root
+        search = {"sft": {}, "dpo": {}, "dpo_search_steps": args.dpo_search_steps,
+                  "selection": "SFT: lowest validation loss; DPO: highest validation reward accuracy"}
+
+        # 1. SFT learning rate, on validation loss
+        for lr in args.sft_learning_rates:
+            run_dir = root / f"sft-lr{_rate(lr)}"
+            if _done(run_dir / "sft") is None:
+                runner.stage(f"sft lr={lr:g}", run_dir, "sft", f"sft.optimizer.learning_rate={lr}")
+            info = _done(run_dir / "sft")
+            search["sft"][f"{lr:g}"] = {"best_val_loss": info["best_value"], "best_step": info["best_step"]}
+        sft_lr = min(args.sft_learning_rates, key=lambda lr: search["sft"][f"{lr:g}"]["best_val_loss"])
+        search["sft_learning_rate"] = sft_lr
+        main_dir = root / "main"
+        _link(root / f"sft-lr{_rate(sft_lr)}" / "sft", main_dir / "sft")
+        _write_json(root / "search.json", search)
+
+        # 2. the zero-shot base and the SFT model on DNLI; pseudo-preferences from the SFT model
+        base_report = root / "eval" / "base" / "dnli.json"
+        if not base_report.exists():
+            runner.pdpo("eval-dnli base", "eval-dnli", "--config", str(runner.config), "--model", "default",
+                        "--name", "BASE", "--out", str(base_report), *args.overrides)
+        runner.stage("eval-dnli sft", main_dir, "pipeline", extra=("--stages", "eval-sft"))
+        runner.stage("make-prefs", main_dir, "make-prefs")
+
+        # 3. DPO learning rate, on validation reward accuracy, in short runs on main's pairs
+        for lr in args.dpo_learning_rates:
+            run_dir = root / f"dpo-lr{_rate(lr)}"
+            _link(main_dir / "sft", run_dir / "sft")
+            _link(main_dir / "prefs", run_dir / "prefs")
+            if _done(run_dir / "dpo") is None:
+                runner.stage(f"dpo search lr={lr:g}", run_dir, "dpo", f"dpo.optimizer.learning_rate={lr}",
+                             f"dpo.max_steps={args.dpo_search_steps}")
+            info = _done(run_dir / "dpo")
+            search["dpo"][f"{lr:g}"] = {"best_val_reward_accuracy": info["best_value"], "best_step": info["best_step"]}
+        dpo_lr = max(args.dpo_learning_rates, key=lambda lr: search["dpo"][f"{lr:g}"]["best_val_reward_accuracy"])
+        search["dpo_learning_rate"] = dpo_lr
+        _write_json(root / "search.json", search)
+
+        # 4. PseudoDPO, and the w/o-shuffle ablation from the same SFT model
+        dpo_lr_override = f"dpo.optimizer.learning_rate={dpo_lr}"
+        runner.stage("dpo", main_dir, "pipeline", dpo_lr_override, extra=("--stages", "dpo,eval-dpo"))
+        wo_dir = root / "wo-shuffle"
+        _link(main_dir / "sft", wo_dir / "sft")
+        runner.stage("wo-shuffle", wo_dir, "pipeline", "prefs.shuffle=false", dpo_lr_override,
+                     extra=("--stages", "make-prefs,dpo,eval-dpo"))
+
+        # 5. generated examples on test dialogues
+        conversations = root / "examples" / "test_conversations.jsonl"
+        if not conversations.exists():
+            write_test_conversations(runner.config, args.overrides, conversations, args.examples)
+        for name, model in (("sft", main_dir / "sft" / "best"), ("pseudo-dpo", main_dir / "dpo" / "best")):
+            out = root / "examples" / f"{name}.jsonl"
+            if not out.exists():
+                runner.pdpo(f"generate {name}", "generate", "--model", str(model), "--input", str(conversations),
+                            "--output", str(out), "--sampler", "greedy", "--max-new-tokens", "32")
+
+        # 6. the small reports: the table, its plots, generated examples, search and timings
+        reports = {"base": root / "eval" / "base" / "dnli.json", "sft": main_dir / "eval" / "sft" / "dnli.json",
+                   "pseudo-dpo": main_dir / "eval" / "dpo" / "dnli.json",
+                   "wo-shuffle": wo_dir / "eval" / "dpo" / "dnli.json"}
+        curves = {"sft": main_dir / "sft" / "metrics.jsonl", "pseudo-dpo": main_dir / "dpo" / "metrics.jsonl",
+                  "wo-shuffle": wo_dir / "dpo" / "metrics.jsonl",
+                  **{f"sft-lr{_rate(lr)}": root / f"sft-lr{_rate(lr)}" / "sft" / "metrics.jsonl" for lr in args.sft_learning_rates},
+                  **{f"dpo-lr{_rate(lr)}": root / f"dpo-lr{_rate(lr)}" / "dpo" / "metrics.jsonl" for lr in args.dpo_learning_rates}}
+        runner.pdpo("results", "results", "--out", str(results), "--reference", "sft",
+                    *[f"--model={name}={path}" for name, path in reports.items()],
+                    *[f"--curves={name}={path}" for name, path in curves.items()],
+                    "--conversations", str(conversations),
+                    "--responses", f"SFT={root / 'examples' / 'sft.jsonl'}",
+                    "--responses", f"PseudoDPO={root / 'examples' / 'pseudo-dpo.jsonl'}",
+                    "--examples", str(args.examples))
+    results.mkdir(parents=True, exist_ok=True)
+    for name in ("search.json", "timings.json"):
+        shutil.copy2(root / name, results / name)
+    print(f"runs in {root}; reports in {results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
