@@ -10,6 +10,7 @@
     export_hf       4. any trained model as a Hugging Face directory
     generate        talk to a model: persona + history in, response out
     pipeline        1-4 in one run directory
+    plan            compile a config's programs for its TPU slice: does it fit, how long an epoch takes
 
 Each module has `main(argv) -> int` and raises, rather than prints, what goes wrong. The
 libraries they stand on are below them: `data`, `model`, `scoring`, `generation`, `train`,
@@ -30,4 +31,5 @@ STAGES: dict[str, tuple[str, str]] = {
     "export-hf": ("pdpo_jax.stages.export_hf", "4. export a checkpoint to a Hugging Face directory"),
     "generate": ("pdpo_jax.stages.generate", "persona + history in, response out"),
     "pipeline": ("pdpo_jax.stages.pipeline", "1-4 in order inside one run directory"),
+    "plan": ("pdpo_jax.stages.plan", "compile a config for its TPU slice: per-chip memory, FLOPs, epoch times"),
 }
