@@ -16,6 +16,8 @@ from pdpo_jax.planning.roofline import Cost, Memory, bound_by, roofline_seconds
 from pdpo_jax.planning.slices import Chip
 
 OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED|[Rr]an out of memory|exceeds the .*memory")
+REQUIRED = re.compile(r"required for [^(]*\(([\d.]+)([KMGT])\)")  # "... HLO temporaries (143.66G) exceeds ..."
+UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,13 @@ class Compiled:
         return self.memory is not None and self.memory.total <= self.hbm_bytes
 
     @property
-    def need_bytes(self) -> int:
-        return self.memory.total if self.memory is not None else 0
+    def need_bytes(self) -> int | None:
+        """Per-chip bytes: the memory analysis' total, or what the compiler said it needed when it
+        refused the program (None if it did not say)."""
+        if self.memory is not None:
+            return self.memory.total
+        match = REQUIRED.search(self.refusal)
+        return int(float(match.group(1)) * UNITS[match.group(2)]) if match else None
 
     def seconds(self, chip: Chip) -> float | None:
         return None if self.cost is None else roofline_seconds(self.cost, chip.peak_flops, chip.hbm_bandwidth)

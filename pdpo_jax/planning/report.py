@@ -200,7 +200,8 @@ def render_text(plan: dict[str, Any]) -> str:
         moved = f"{p['bytes_accessed'] / 1e9:.1f}" if "bytes_accessed" in p else "-"
         time_cell = f"{format_seconds(p['seconds'])}" if p.get("seconds") is not None else "-"
         compile_cell = f"{p['compile_seconds']:.0f} s" if "compile_seconds" in p else "-"
-        lines.append(f"{p['name']:<12} {'yes' if p['fits'] else 'NO':<4} {format_bytes(p['need_bytes']):>10} "
+        need = format_bytes(p["need_bytes"]) if p.get("need_bytes") is not None else "-"
+        lines.append(f"{p['name']:<12} {'yes' if p['fits'] else 'NO':<4} {need:>10} "
                      f"{cell('argument'):>10} {cell('output'):>10} {cell('alias'):>10} {cell('temp'):>10} "
                      f"{cell('resident'):>10} {flops:>8} {moved:>9} {time_cell:>10} {compile_cell:>8}  {p['shapes']}")
         if p.get("refusal"):

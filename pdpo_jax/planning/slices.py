@@ -10,6 +10,7 @@ lists 32 single-core devices, where a v4-32 run sees 16). v5e and v6e chips have
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from dataclasses import dataclass
@@ -73,8 +74,14 @@ class TpuSlice:
         return "megacore" if self.chip.megacore else "default"
 
     @property
+    def chips_per_host_bounds(self) -> tuple[int, int, int]:
+        """A host holds a 2x2 block of chips (fewer on a smaller slice)."""
+        grid = tuple(self.grid) + (1,) * (3 - len(self.grid))
+        return tuple(min(g, b) for g, b in zip(grid, CHIPS_PER_HOST_BOUNDS))
+
+    @property
     def hosts(self) -> int:
-        return max(1, self.chips // int(np.prod(CHIPS_PER_HOST_BOUNDS)))
+        return max(1, self.chips // int(np.prod(self.chips_per_host_bounds)))
 
     def describe(self) -> str:
         view = "one device per chip (megacore: both TensorCores)" if self.chip.megacore else "one device per chip"
@@ -119,10 +126,11 @@ def topology_devices(tpu: TpuSlice) -> list[Any]:
     try:
         topology = get_topology_desc(platform="tpu", topology_name=tpu.topology_name,
                                      chip_config_name=tpu.chip_config_name,
-                                     chips_per_host_bounds=CHIPS_PER_HOST_BOUNDS, num_slices=1)
+                                     chips_per_host_bounds=tpu.chips_per_host_bounds, num_slices=1)
     except Exception as err:  # noqa: BLE001 - libtpu missing or refusing the topology
-        raise SliceError(f"cannot describe TPU slice {tpu.name} ({tpu.topology_name}): {' '.join(str(err).split())[:300]} "
-                         "(pdpo plan needs libtpu: pip install libtpu, see scripts/setup.sh)") from None
+        hint = "" if importlib.util.find_spec("libtpu") else " (pdpo plan needs libtpu: see scripts/setup.sh)"
+        raise SliceError(f"cannot describe TPU slice {tpu.name} ({tpu.topology_name}): "
+                         f"{' '.join(str(err).split())[:300]}{hint}") from None
     devices = list(topology.devices)
     if len(devices) != tpu.chips:
         raise SliceError(f"TPU slice {tpu.name}: libtpu lists {len(devices)} devices for {tpu.topology_name}, "
