@@ -2,8 +2,9 @@
 TPU), an undersized layout is refused with its figures, and the arithmetic and facts under it.
 
 Compiling a paper model's train step takes minutes on a CPU, so the suite compiles the full plan of
-one small paper model (gpt2-medium), the largest program of the largest one (llama-2-13b's SFT
-step), and every program of a tiny local model; docs/pods.md holds the full plans of all twelve.
+one small paper model (gpt2-medium, all but its DPO step), the largest program of the largest one
+(llama-2-13b's SFT step), and every program of a tiny local model; docs/pods.md holds the full
+plans of the paper configs.
 """
 
 from __future__ import annotations
@@ -197,7 +198,9 @@ def test_every_program_of_a_local_model_compiles_on_a_two_axis_mesh(tmp_path, ca
 def gpt2_medium_plan():
     from pdpo_jax.planning.report import plan_run
 
-    return plan_run(load_config(PAPER / "gpt2-medium.yaml"), parse_slice("v4-8"), config_name="gpt2-medium.yaml")
+    # dpo-step is left out (two minutes more): the tiny model's plan compiles it, docs/pods.md has gpt2-medium's
+    return plan_run(load_config(PAPER / "gpt2-medium.yaml"), parse_slice("v4-8"), config_name="gpt2-medium.yaml",
+                    programs=("sft-step", "prefill", "decode-step", "dnli-score"))
 
 
 @needs_libtpu
@@ -206,7 +209,7 @@ def test_gpt2_medium_fits_its_v4_8(gpt2_medium_plan):
     plan = gpt2_medium_plan
     assert plan["fits"] and plan["slice"]["chips"] == 4 and plan["mesh"]["data"] == 4
     programs = {p["name"]: p for p in plan["programs"]}
-    assert set(programs) == {"sft-step", "dpo-step", "prefill", "decode-step", "dnli-score"}
+    assert set(programs) == {"sft-step", "prefill", "decode-step", "dnli-score"}
     assert all(p["need_bytes"] <= 32 * GiB for p in programs.values())
     # Pure data parallel: every chip holds the fp32 weights and both Adam moments.
     params = plan["model"]["parameters"]
