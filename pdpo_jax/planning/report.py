@@ -138,6 +138,7 @@ def plan_run(run: RunConfig, tpu: TpuSlice, *, config_name: str = "", programs: 
         precheck = argument_bytes(program)
         result = compile_program(program, tpu.chip) if precheck <= tpu.chip.hbm_bytes else None
         entries[name] = _program_entry(result, program, tpu, precheck)
+        jax.clear_caches()  # the traced jaxprs of a 40-layer model are large; each program is traced once
     chip = tpu.chip
     return {
         "config": config_name,
