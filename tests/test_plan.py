@@ -2,14 +2,15 @@
 TPU), an undersized layout is refused with its figures, and the arithmetic and facts under it.
 
 Compiling a paper model's train step takes minutes on a CPU, so the suite compiles the full plan of
-one small paper model (gpt2-medium, all but its DPO step), the largest program of the largest one
-(llama-2-13b's SFT step), and every program of a tiny local model; docs/pods.md holds the full
-plans of the paper configs.
+one small paper model (gpt2-medium, all but its DPO step) and every program of a tiny local model;
+the largest program of the largest one (llama-2-13b's SFT step) runs with PDPO_TEST_LARGE_PLANS=1,
+and docs/pods.md holds the plans of the paper configs.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -220,7 +221,15 @@ def test_gpt2_medium_fits_its_v4_8(gpt2_medium_plan):
     assert programs["sft-step"]["flops"] == pytest.approx(8 * params * tokens, rel=0.35)
 
 
+# Compiling llama-2-13b's 40 unrolled layers takes ~5 minutes and ~18 GB of host memory on a
+# 2-core machine, too much beside the rest of the suite on a 24 GB CI machine: opt in.
+needs_large_plans = pytest.mark.skipif(os.environ.get("PDPO_TEST_LARGE_PLANS") != "1",
+                                       reason="compiling a 13B train step needs ~18 GB of host memory and ~5 "
+                                              "minutes; set PDPO_TEST_LARGE_PLANS=1 to run it")
+
+
 @needs_libtpu
+@needs_large_plans
 @pytest.mark.slow
 def test_llama_2_13b_sft_step_fits_its_v4_32(capsys):
     status, plan, err = run_plan(["--config", str(PAPER / "llama-2-13b.yaml"), "--programs", "sft-step"], capsys)
