@@ -322,24 +322,28 @@ def _load_msgpack(path: Path, shapes: Mapping[str, tuple[int, ...]], place: Plac
 # ----------------------------------------------------------------------------- save
 
 
-def to_hf_tensors(config: ModelConfig, params: Any) -> Iterator[tuple[str, np.ndarray]]:
-    """(torch name, numpy array) for every tensor, in key-map order; tied lm_head is not written."""
+def _hf_sources(config: ModelConfig, params: Any) -> list[tuple[str, Any, str]]:
+    """(torch name, parameter leaf, transform) of every tensor an export writes, in key-map order;
+    a tied lm_head is not among them."""
     flat = traverse_util.flatten_dict(params, sep="/")
+    sources = []
     for hf_name, flax_path, transform in expand_key_map(config):
         if flax_path not in flat:
             raise ValueError(f"params: missing {flax_path!r} needed for {hf_name!r}")
-        yield hf_name, np.ascontiguousarray(TRANSFORMS[transform](parallel.to_host(flat[flax_path])))
+        sources.append((hf_name, flat[flax_path], transform))
+    return sources
+
+
+def to_hf_tensors(config: ModelConfig, params: Any) -> Iterator[tuple[str, np.ndarray]]:
+    """(torch name, numpy array) for every tensor, in key-map order; tied lm_head is not written."""
+    for hf_name, leaf, transform in _hf_sources(config, params):
+        yield hf_name, np.ascontiguousarray(TRANSFORMS[transform](parallel.to_host(leaf)))
 
 
 def hf_tensor_sizes(config: ModelConfig, params: Any) -> list[tuple[str, int]]:
     """(torch name, bytes) of every tensor `to_hf_tensors` yields, in its order, without reading one."""
-    flat = traverse_util.flatten_dict(params, sep="/")
-    sizes = []
-    for hf_name, flax_path, _ in expand_key_map(config):
-        if flax_path not in flat:
-            raise ValueError(f"params: missing {flax_path!r} needed for {hf_name!r}")
-        sizes.append((hf_name, int(np.prod(np.shape(flat[flax_path]))) * np.dtype(flat[flax_path].dtype).itemsize))
-    return sizes
+    return [(hf_name, int(np.prod(np.shape(leaf))) * np.dtype(leaf.dtype).itemsize)
+            for hf_name, leaf, _ in _hf_sources(config, params)]
 
 
 def _shard_groups(sizes: Sequence[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
