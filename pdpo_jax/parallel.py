@@ -7,6 +7,7 @@ over data and fsdp together.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -191,9 +192,9 @@ def _batch_sharding_at(mesh: Mesh, batch_axis: int) -> NamedSharding:
 def process_batch_indices(mesh: Mesh, global_batch_size: int, batch_axis: int = 0) -> np.ndarray:
     """The rows of a global batch this process feeds, in the order `place_batch(..., rows="local")` expects.
 
-    With the mesh of `make_mesh` process p usually holds the contiguous block p (what
-    pdpo_jax.data.iterator hands it), but a device order that interleaves hosts gives other rows;
-    asking the sharding keeps a host's rows and the global array in step either way.
+    With the mesh of `make_mesh` process p usually holds the contiguous block p, but a device
+    order that interleaves hosts gives other rows; asking the sharding keeps a host's rows and the
+    global array in step either way.
     """
     sharding = _batch_sharding_at(mesh, batch_axis)
     shape = (1,) * batch_axis + (global_batch_size,)
@@ -208,7 +209,8 @@ def host_rows(mesh: Mesh | None) -> Any:
     when one process feeds everything."""
     if mesh is None or jax.process_count() == 1:
         return None
-    return lambda n: process_batch_indices(mesh, n)
+    # Asked for every array of every step, for a handful of lengths: each is worked out once.
+    return functools.lru_cache(maxsize=None)(lambda n: process_batch_indices(mesh, n))
 
 
 def place_batch(arrays: Any, mesh: Mesh | None, *, batch_axis: int = 0, rows: str = "global") -> Any:
