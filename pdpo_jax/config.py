@@ -62,6 +62,9 @@ class ModelSection:
     path: str = "default"  # an HF directory, a hub name when online, or `default` (bundled model)
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters stay fp32
     remat: bool = False
+    # One scanned block instead of num_layers unrolled ones: compile time and compiler memory stop
+    # growing with depth (the 7B/13B paper configs); same results, in-memory layout only.
+    scan_layers: bool = False
     allow_pickle: bool = False
 
 

@@ -22,6 +22,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from pdpo_jax.errors import RunFailed
 
 AXES = ("data", "fsdp", "tensor")
+# The module name of a scanned layer stack (model.scan_layers): its parameters have a leading
+# [num_layers] axis that the rules leave unsplit. The decoder names its module by this.
+STACKED_LAYERS = "stacked"
 BATCH_AXES = ("data", "fsdp")
 
 # (regex on the param path, spec). Kernels of Dense layers are [in, out]; GPT-2 Conv1D kernels
@@ -75,6 +78,9 @@ def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh | None) -> P:
 
 
 def spec_for_path(path: str, shape: tuple[int, ...], rules: Sequence[tuple[str, P]], mesh: Mesh | None = None) -> P:
+    if f"/{STACKED_LAYERS}/" in path:  # a scanned layer stack: the layer axis unsplit, each layer by the rules
+        layer_path = path.replace(f"/{STACKED_LAYERS}/", "/")
+        return P(None, *spec_for_path(layer_path, tuple(shape)[1:], rules, mesh))
     for pattern, spec in rules:
         if re.search(pattern, path):
             return fit_spec(spec, shape, mesh)

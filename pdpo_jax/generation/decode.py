@@ -74,9 +74,14 @@ def compute_params(params: Any, config: ModelConfig) -> Any:
 
 def cache_specs(config: ModelConfig) -> dict:
     """PartitionSpecs of `init_cache`'s tree: keys and values split over the batch axes and their
-    kv heads over "tensor" (as the k/v projections are), the id arrays over the batch axes."""
+    kv heads over "tensor" (as the k/v projections are), the id arrays over the batch axes; a
+    scanned decoder's stacked keys and values keep their layer axis whole."""
     kv = PartitionSpec(BATCH_AXES, "tensor", None, None)
     ids = PartitionSpec(BATCH_AXES, None)
+    if config.scan_layers:  # one array with a leading, unsplit layer axis
+        layers = PartitionSpec(None, *kv)
+        return {"k": layers, "v": layers, "positions": ids, "segment_ids": ids, "branch_ids": ids,
+                "index": PartitionSpec()}
     return {"k": [kv] * config.num_layers, "v": [kv] * config.num_layers,
             "positions": ids, "segment_ids": ids, "branch_ids": ids, "index": PartitionSpec()}
 

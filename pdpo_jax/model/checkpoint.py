@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from pdpo_jax import parallel
 from pdpo_jax.model.config import ModelConfig
 from pdpo_jax.model.decoder import param_shapes
+from pdpo_jax.model.layer_stack import per_layer_leaves
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -323,26 +324,26 @@ def _load_msgpack(path: Path, shapes: Mapping[str, tuple[int, ...]], place: Plac
 
 
 def _hf_sources(config: ModelConfig, params: Any) -> list[tuple[str, Any, str]]:
-    """(torch name, parameter leaf, transform) of every tensor an export writes, in key-map order;
-    a tied lm_head is not among them."""
-    flat = traverse_util.flatten_dict(params, sep="/")
+    """(torch name, `LayerLeaf`, transform) of every tensor an export writes, in key-map order;
+    a tied lm_head is not among them. `params` may be per-layer or stacked."""
+    leaves = per_layer_leaves(params)
     sources = []
     for hf_name, flax_path, transform in expand_key_map(config):
-        if flax_path not in flat:
+        if flax_path not in leaves:
             raise ValueError(f"params: missing {flax_path!r} needed for {hf_name!r}")
-        sources.append((hf_name, flat[flax_path], transform))
+        sources.append((hf_name, leaves[flax_path], transform))
     return sources
 
 
 def to_hf_tensors(config: ModelConfig, params: Any) -> Iterator[tuple[str, np.ndarray]]:
     """(torch name, numpy array) for every tensor, in key-map order; tied lm_head is not written."""
     for hf_name, leaf, transform in _hf_sources(config, params):
-        yield hf_name, np.ascontiguousarray(TRANSFORMS[transform](parallel.to_host(leaf)))
+        yield hf_name, np.ascontiguousarray(TRANSFORMS[transform](parallel.to_host(leaf.value())))
 
 
 def hf_tensor_sizes(config: ModelConfig, params: Any) -> list[tuple[str, int]]:
     """(torch name, bytes) of every tensor `to_hf_tensors` yields, in its order, without reading one."""
-    return [(hf_name, int(np.prod(np.shape(leaf))) * np.dtype(leaf.dtype).itemsize)
+    return [(hf_name, int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize)
             for hf_name, leaf, _ in _hf_sources(config, params)]
 
 

@@ -54,6 +54,7 @@ class ModelConfig:
     pad_token_id: int | None = None
     dtype: str = "float32"
     remat: bool = False
+    scan_layers: bool = False  # run-time layout: the blocks as one scanned layer (docs/design.md)
 
     def __post_init__(self) -> None:
         if self.family not in ("gpt2", "llama"):

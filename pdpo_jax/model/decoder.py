@@ -17,6 +17,7 @@ import numpy as np
 
 from pdpo_jax.model.config import ModelConfig
 from pdpo_jax.matmul import matmul_last_axis
+from pdpo_jax.parallel import STACKED_LAYERS
 
 Array = jax.Array
 # finite, so a fully masked (padding) row softmaxes to a uniform row instead of NaN
@@ -275,14 +276,25 @@ class GPT2Block(nn.Module):
         return x + GPT2MLP(c, name="mlp")(layer_norm(c, "ln_2")(x)), layer_cache
 
 
+STACKED = STACKED_LAYERS
+
+
 class BlockStack(nn.Module):
-    """Blocks named "0", "1", ... like HF Flax's layer collections (model/layers/0, transformer/h/0)."""
+    """Blocks named "0", "1", ... like HF Flax's layer collections (model/layers/0, transformer/h/0);
+    with `config.scan_layers` one block scanned `num_layers` times instead (model/layers/stacked,
+    every parameter and the KV cache with a leading layer axis), so XLA compiles a single layer."""
 
     config: ModelConfig
 
     @nn.compact
     def __call__(self, x, rope, mask, layer_caches, index):
         block_cls = GPT2Block if self.config.family == "gpt2" else LlamaBlock
+        if self.config.scan_layers:
+            if self.config.remat:
+                block_cls = nn.remat(block_cls, prevent_cse=False)  # scan already keeps the recompute apart
+            scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                              in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=self.config.num_layers)
+            return scanned(self.config, name=STACKED)(x, rope, mask, layer_caches, index)
         if self.config.remat:
             block_cls = nn.remat(block_cls)
         new_caches = []
@@ -355,11 +367,12 @@ class Decoder(nn.Module):
             kv_slots = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len))
             kv = (cache["segment_ids"], cache["branch_ids"], cache["positions"], kv_slots)
             q_slots = q_slots + index
-            layer_caches = list(zip(cache["k"], cache["v"]))
+            layer_caches = (cache["k"], cache["v"]) if c.scan_layers else list(zip(cache["k"], cache["v"]))
         mask = attention_mask(segment_ids, branch_ids, positions, q_slots, *kv, c.sliding_window)
         hidden, layer_caches, table = Backbone(c, name=backbone_name(c))(input_ids, positions, mask, layer_caches, index)
         if cache is not None:
-            cache = dict(cache, k=[k for k, _ in layer_caches], v=[v for _, v in layer_caches], index=index + length)
+            k, v = layer_caches if c.scan_layers else ([k for k, _ in layer_caches], [v for _, v in layer_caches])
+            cache = dict(cache, k=k, v=v, index=index + length)
         if return_hidden:
             return hidden, cache
         if c.tie_word_embeddings:
@@ -392,12 +405,18 @@ def write_cache_ids(cache: dict, positions: Array, segment_ids: Array, branch_id
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> dict:
-    """An empty KV cache: segment_ids 0 marks an empty slot; `index` is the next slot to write."""
+    """An empty KV cache: segment_ids 0 marks an empty slot; `index` is the next slot to write.
+    Keys and values are a list of `[batch, kv_heads, max_length, head_dim]` arrays, one per layer,
+    or with `config.scan_layers` one array with a leading layer axis."""
     shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
     ids = jnp.zeros((batch_size, max_length), jnp.int32)
+    if config.scan_layers:
+        k = v = jnp.zeros((config.num_layers, *shape), dtype)
+    else:
+        k, v = ([jnp.zeros(shape, dtype) for _ in range(config.num_layers)] for _ in range(2))
     return {
-        "k": [jnp.zeros(shape, dtype) for _ in range(config.num_layers)],
-        "v": [jnp.zeros(shape, dtype) for _ in range(config.num_layers)],
+        "k": k,
+        "v": v,
         "positions": ids,
         "segment_ids": ids,
         "branch_ids": ids,

@@ -21,6 +21,7 @@ from pdpo_jax.model.config import ModelConfig
 from pdpo_jax.model.decoder import param_shapes
 from pdpo_jax.model.default_model import default_model_dir
 from pdpo_jax.model.hub import hub_model_dir, looks_like_hub_id
+from pdpo_jax.model.layer_stack import in_layout
 from pdpo_jax.model.model_dir import has_tokenizer_files, is_orbax_model_dir, restore_params
 from pdpo_jax.parallel import param_shardings
 
@@ -104,15 +105,16 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
 
 
 def load_model(path: str | os.PathLike, *, dtype: Any = None, mesh: Any = None, compute_dtype: ComputeDtype | None = None,
-               remat: bool | None = None, tokenizer: str | os.PathLike | None = None,
-               allow_pickle: bool = False) -> Model:
+               remat: bool | None = None, scan_layers: bool | None = None,
+               tokenizer: str | os.PathLike | None = None, allow_pickle: bool = False) -> Model:
     """The model at `path`: a Hugging Face directory, a directory written by training, a Hub id
     (fetched into the Hub cache on first use), or "default" for the bundled model.
 
     `dtype` is the parameter dtype (default float32); `mesh` is None (one local device), a Mesh
     (parameters placed by the partition rules as they are read), or a {"a/b/kernel": Sharding}
-    mapping. `compute_dtype` and `remat` override the config's; `tokenizer` loads the tokenizer
-    from another directory.
+    mapping. `compute_dtype` and `remat` override the config's; `scan_layers=True` stacks the
+    blocks' parameters for a scanned decoder (`pdpo_jax.model.layer_stack`); `tokenizer` loads
+    the tokenizer from another directory.
     """
     model_dir = resolve_model_dir(path)
     if is_orbax_model_dir(model_dir):
@@ -123,6 +125,9 @@ def load_model(path: str | os.PathLike, *, dtype: Any = None, mesh: Any = None, 
         config = config.replace(dtype=compute_dtype)
     if remat is not None:
         config = config.replace(remat=remat)
+    if scan_layers is not None:
+        config = config.replace(scan_layers=scan_layers)
+        params = in_layout(params, config, donate=True)
     tokenizer_dir = Path(tokenizer) if tokenizer is not None else model_dir
     loaded_tokenizer = None
     if has_tokenizer_files(tokenizer_dir):

@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from pdpo_jax.model.layer_stack import unstack_layers
+
 PARAMS_DIR = "params"
 WEIGHT_SUFFIXES = (".safetensors", ".msgpack", ".bin", ".gguf")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -33,9 +35,10 @@ def has_tokenizer_files(model_dir: Path) -> bool:
 
 
 def write_params(model_dir: str | Path, params: Any) -> None:
-    """Saves `params` as `model_dir/params`. Every process of a multi-host run must call it."""
+    """Saves `params` as `model_dir/params`, in the per-layer layout whatever layout they run in.
+    Every process of a multi-host run must call it."""
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(Path(model_dir).absolute() / PARAMS_DIR, params)
+        checkpointer.save(Path(model_dir).absolute() / PARAMS_DIR, unstack_layers(params))
         checkpointer.wait_until_finished()
 
 

@@ -54,6 +54,14 @@ def _compile(program: Program):
     return program.jitted.lower(*program.args).compile()
 
 
+def _loop_corrected_cost(program: Program, executable) -> Cost:
+    cost = Cost.of(executable.cost_analysis())
+    if program.outside is not None and program.loop_trips > 1:
+        outside = Cost.of(_compile(program.outside).cost_analysis())
+        cost = cost.repeated_body(outside, program.loop_trips)
+    return cost
+
+
 def compile_program(program: Program, chip: Chip) -> Compiled:
     started = time.perf_counter()
     try:
@@ -64,10 +72,11 @@ def compile_program(program: Program, chip: Chip) -> Compiled:
             raise
         return Compiled(program, None, None, 0, time.perf_counter() - started, chip.hbm_bytes,
                         refusal=message[:600])
-    cost = Cost.of(executable.cost_analysis())
-    if program.outside is not None and program.loop_trips > 1:
-        outside = Cost.of(_compile(program.outside).cost_analysis())
-        cost = cost.repeated_body(outside, program.loop_trips)
+    if program.layer_probes is None:
+        cost = _loop_corrected_cost(program, executable)
+    else:
+        one, two = (_loop_corrected_cost(probe, _compile(probe)) for probe in program.layer_probes)
+        cost = one.plus(two.minus(one).times(program.layers - 1))
     stats = executable.memory_analysis()
     memory = Memory.of(stats, resident=program.resident_bytes)
     return Compiled(program, memory, cost, int(stats.generated_code_size_in_bytes), time.perf_counter() - started,

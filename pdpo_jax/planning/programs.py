@@ -12,11 +12,14 @@ compile-only topology included). Nothing is allocated.
     dnli-score   sequence_scores of `rows` examples x 31 candidates, as eval-dnli batches them
 
 The train steps' cost is corrected for the compiler counting a loop body once: `outside` is the
-part of the step outside the micro-batch loop (the optimizer update), compiled on its own.
+part of the step outside the micro-batch loop (the optimizer update), compiled on its own. A
+scanned layer stack (`model.scan_layers`) is such a loop too: its cost comes from the same program
+built unrolled with one and with two layers (`layer_probes`), every layer costing the same.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -67,6 +70,8 @@ class Program:
     resident_bytes: int = 0  # per chip, live beside the program (the fp32 weights while decoding)
     loop_trips: int = 1  # micro-batches of a train step
     outside: "Program | None" = None  # the step outside its micro-batch loop, for the cost count
+    layers: int = 0  # of the model, for the cost of a scanned stack
+    layer_probes: "tuple[Program, Program] | None" = None  # the program unrolled with 1 and 2 layers
     extra: dict = field(default_factory=dict)
 
 
@@ -226,3 +231,12 @@ BUILDERS: dict[str, Callable[[RunConfig, ModelConfig, Mesh, Shapes], Program]] =
     "sft-step": sft_step, "dpo-step": dpo_step, "prefill": prefill_program, "decode-step": decode_program,
     "dnli-score": dnli_program,
 }
+
+
+def build_program(name: str, run: RunConfig, config: ModelConfig, mesh: Mesh, shapes: Shapes) -> Program:
+    """The program `name` of `run`; for a scanned layer stack with the unrolled probes its cost needs."""
+    program = BUILDERS[name](run, config, mesh, shapes)
+    if not config.scan_layers:
+        return program
+    probes = tuple(BUILDERS[name](run, config.replace(scan_layers=False, num_layers=n), mesh, shapes) for n in (1, 2))
+    return dataclasses.replace(program, layers=config.num_layers, layer_probes=probes)

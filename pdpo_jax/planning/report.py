@@ -19,13 +19,14 @@ from pdpo_jax.model.decoder import param_shapes
 from pdpo_jax.parallel import BATCH_AXES, make_mesh
 from pdpo_jax.planning.compile import Compiled, argument_bytes, compile_program
 from pdpo_jax.planning.epochs import EpochSizes, epoch_sizes
-from pdpo_jax.planning.programs import BUILDERS, PROGRAMS, Program, Shapes
+from pdpo_jax.planning.programs import BUILDERS, PROGRAMS, Program, Shapes, build_program
 from pdpo_jax.planning.roofline import format_bytes, format_seconds, steps_per_epoch
 from pdpo_jax.planning.slices import TpuSlice, topology_devices
 
 TIME_NOTE = ("times are roofline lower bounds per chip: max(FLOPs / peak FLOP/s, bytes accessed / HBM bandwidth) "
              "from the compiler's counts; collectives, latency and imperfect overlap make real steps slower")
-LOOP_NOTE = ("the compiler counts a loop body once: train steps are corrected for their micro-batch loop; the "
+LOOP_NOTE = ("the compiler counts a loop body once: train steps are corrected for their micro-batch loop, a "
+             "scanned layer stack by the same program compiled unrolled with 1 and 2 layers; the "
              "chunked vocabulary projection of scoring (256 positions a chunk) is counted once, so the FLOPs of "
              "programs scoring more positions per row are undercounted and their times stay lower bounds")
 
@@ -126,7 +127,8 @@ def plan_run(run: RunConfig, tpu: TpuSlice, *, config_name: str = "", programs: 
         raise PlanError(f"unknown program(s) {unknown}; known: {', '.join(PROGRAMS)}")
     if not run.eval.dnli:
         programs = [name for name in programs if name != "dnli-score"]
-    config, source = architecture_of(run.model.path, dtype=run.model.dtype, remat=run.model.remat)
+    config, source = architecture_of(run.model.path, dtype=run.model.dtype, remat=run.model.remat,
+                                     scan_layers=run.model.scan_layers)
     mesh = _mesh(run, tpu)
     _check_rows(run, mesh, programs, shapes)
     sampling_run = _sampler_rows(run, mesh)
@@ -134,7 +136,7 @@ def plan_run(run: RunConfig, tpu: TpuSlice, *, config_name: str = "", programs: 
     parameters = int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree.leaves(param_shapes(config))))
     entries: dict[str, dict[str, Any]] = {}
     for name in programs:
-        program = BUILDERS[name](sampling_run if name in ("prefill", "decode-step") else run, config, mesh, shapes)
+        program = build_program(name, sampling_run if name in ("prefill", "decode-step") else run, config, mesh, shapes)
         precheck = argument_bytes(program)
         result = compile_program(program, tpu.chip) if precheck <= tpu.chip.hbm_bytes else None
         entries[name] = _program_entry(result, program, tpu, precheck)
@@ -143,7 +145,7 @@ def plan_run(run: RunConfig, tpu: TpuSlice, *, config_name: str = "", programs: 
     return {
         "config": config_name,
         "model": {"path": run.model.path, "architecture": source, "parameters": parameters, "dtype": config.dtype,
-                  "remat": config.remat},
+                  "remat": config.remat, "scan_layers": config.scan_layers},
         "slice": {"name": tpu.name, "chips": tpu.chips, "hosts": tpu.hosts, "topology": tpu.topology_name,
                   "chip_config": tpu.chip_config_name, "device_view": "one device per chip" + (
                       " (megacore: both TensorCores as one device, as JAX on a TPU VM shows them)" if chip.megacore else ""),

@@ -67,6 +67,9 @@ class Cost:
     def plus(self, other: "Cost") -> "Cost":
         return Cost(self.flops + other.flops, self.bytes_accessed + other.bytes_accessed)
 
+    def minus(self, other: "Cost") -> "Cost":
+        return Cost(self.flops - other.flops, self.bytes_accessed - other.bytes_accessed)
+
 
 def roofline_seconds(cost: Cost, peak_flops: float, hbm_bandwidth: float) -> float:
     """The least time one execution can take on a chip: max(compute time, memory time)."""

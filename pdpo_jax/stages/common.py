@@ -107,10 +107,10 @@ def build_mesh(config: RunConfig):
 
 
 def load_for_run(path: str | Path, config: RunConfig, mesh: Any) -> Model:
-    """`load_model` with the run's compute dtype and rematerialization; the stages that call it
-    turn text into tokens, so the model must come with a tokenizer."""
+    """`load_model` with the run's compute dtype, rematerialization and layer layout; the stages
+    that call it turn text into tokens, so the model must come with a tokenizer."""
     model = load_model(path, mesh=mesh, compute_dtype=config.model.dtype, remat=config.model.remat,
-                       allow_pickle=config.model.allow_pickle)
+                       scan_layers=config.model.scan_layers, allow_pickle=config.model.allow_pickle)
     require_tokenizer(model)
     return model
 
