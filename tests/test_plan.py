@@ -2,9 +2,9 @@
 TPU), an undersized layout is refused with its figures, and the arithmetic and facts under it.
 
 Compiling a paper model's train step takes minutes on a CPU, so the suite compiles the full plan of
-one small paper model (gpt2-medium, all but its DPO step) and every program of a tiny local model;
-the largest program of the largest one (llama-2-13b's SFT step) runs with PDPO_TEST_LARGE_PLANS=1,
-and docs/pods.md holds the plans of the paper configs.
+one small paper model (gpt2-medium, all but its DPO step), the largest program of the largest one
+(llama-2-13b's SFT step) and every program of a tiny local model; docs/pods.md holds the plans of
+all paper configs.
 """
 
 from __future__ import annotations
@@ -169,21 +169,30 @@ def test_epoch_sizes_come_from_files_or_say_what_they_assume(shared_data, tmp_pa
 # --- compiled plans --------------------------------------------------------------------------------
 
 
-def tiny_model(tmp_path: Path) -> Path:
-    config = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+def tiny_model(tmp_path: Path, layers: int = 2) -> Path:
+    config = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": layers,
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024,
               "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
     (tmp_path / "config.json").write_text(json.dumps(config))
     return tmp_path
 
 
+LOCAL_PLAN_ARGS = ["--config", str(PAPER / "gpt2-medium.yaml"), "--topology", "v4-8", "mesh.data=2", "mesh.fsdp=2",
+                   "mesh.tensor=1"]
+
+
+@pytest.fixture(scope="module")
+def local_model(tmp_path_factory) -> Path:
+    # more layers than the cost probes of a scanned stack have (1 and 2), so their extrapolation shows
+    return tiny_model(tmp_path_factory.mktemp("plan-model"), layers=5)
+
+
 @needs_libtpu
-def test_every_program_of_a_local_model_compiles_on_a_two_axis_mesh(tmp_path, capsys):
-    model = tiny_model(tmp_path)
-    status, plan, err = run_plan(["--config", str(PAPER / "gpt2-medium.yaml"), "--topology", "v4-8",
-                                  f"model.path={model}", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=1"], capsys)
+def test_every_program_of_a_local_model_compiles_on_a_two_axis_mesh(local_model, capsys):
+    status, plan, err = run_plan([*LOCAL_PLAN_ARGS, f"model.path={local_model}"], capsys)
     assert status == 0, err
     assert plan["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1} and plan["fits"]
+    assert plan["model"]["scan_layers"]  # as the paper configs run
     assert [p["name"] for p in plan["programs"]] == ["sft-step", "dpo-step", "prefill", "decode-step", "dnli-score"]
     for program in plan["programs"]:
         memory = program["memory"]
@@ -193,6 +202,14 @@ def test_every_program_of_a_local_model_compiles_on_a_two_axis_mesh(tmp_path, ca
     assert set(stages) == {"sft", "make-prefs", "dpo", "eval-dnli"}
     assert stages["sft"]["steps"] == steps_per_epoch(PERSONACHAT_TRAIN["examples"], 16)
     assert stages["sft"]["epoch_seconds"] == pytest.approx(stages["sft"]["steps"] * stages["sft"]["step_seconds"])
+
+    # The scanned stack is counted as the unrolled one is (the compiler counts a loop body once).
+    status, unrolled, err = run_plan([*LOCAL_PLAN_ARGS, f"model.path={local_model}", "model.scan_layers=false",
+                                      "--programs", "sft-step,decode-step"], capsys)
+    assert status == 0, err
+    scanned = {p["name"]: p["flops"] for p in plan["programs"]}
+    for program in unrolled["programs"]:
+        assert scanned[program["name"]] == pytest.approx(program["flops"], rel=1e-3), program["name"]
 
 
 @pytest.fixture(scope="module")
@@ -221,15 +238,7 @@ def test_gpt2_medium_fits_its_v4_8(gpt2_medium_plan):
     assert programs["sft-step"]["flops"] == pytest.approx(8 * params * tokens, rel=0.35)
 
 
-# Compiling llama-2-13b's 40 unrolled layers takes ~5 minutes and ~18 GB of host memory on a
-# 2-core machine, too much beside the rest of the suite on a 24 GB CI machine: opt in.
-needs_large_plans = pytest.mark.skipif(os.environ.get("PDPO_TEST_LARGE_PLANS") != "1",
-                                       reason="compiling a 13B train step needs ~18 GB of host memory and ~5 "
-                                              "minutes; set PDPO_TEST_LARGE_PLANS=1 to run it")
-
-
 @needs_libtpu
-@needs_large_plans
 @pytest.mark.slow
 def test_llama_2_13b_sft_step_fits_its_v4_32(capsys):
     status, plan, err = run_plan(["--config", str(PAPER / "llama-2-13b.yaml"), "--programs", "sft-step"], capsys)
@@ -240,6 +249,11 @@ def test_llama_2_13b_sft_step_fits_its_v4_32(capsys):
     assert sft["fits"] and sft["need_bytes"] < 32 * GiB
     # fp32 weights + two Adam moments split over all 16 chips
     assert sft["memory"]["argument"] == pytest.approx(12 * plan["model"]["parameters"] / 16, rel=0.02)
+    # The scanned stack's cost comes from its unrolled 1- and 2-layer probes: all 40 layers counted,
+    # about 8 FLOPs per parameter and token (remat), 4 micro-batches of 1 row a data shard, the
+    # weights split 4 ways by tensor.
+    assert plan["model"]["scan_layers"]
+    assert sft["flops"] == pytest.approx(8 * plan["model"]["parameters"] * 4 * 512 / 4, rel=0.35)
 
 
 @needs_libtpu
