@@ -23,20 +23,40 @@ DEBUG_FLAG = "--debug"
 DEBUG_ENV = "PDPO_DEBUG"
 
 
-def platforms_without_absent_tpus(env: Mapping[str, str], tpu_device_files: list[str]) -> str | None:
+def platforms_without_absent_tpus(env: Mapping[str, str], tpu_device_files: list[str],
+                                  gpu_plugins: list[str] | None = None) -> str | None:
     """The JAX_PLATFORMS a command should run with, or None to leave JAX to choose.
 
     The set-up installs libtpu (the compiler `pdpo plan` uses), and where libtpu is installed JAX
     tries to start a TPU even on a machine without one: it asks the cloud metadata server and
     warns at length before falling back. Unless JAX_PLATFORMS is set, a machine with no TPU chips
-    (no /dev/accel* or /dev/vfio/N device files) runs on its GPU plugin if one is installed, else
-    on CPU.
+    (no /dev/accel* or /dev/vfio/N device files) runs on its CUDA or ROCm plugin if one is
+    installed, else on CPU; a plugin of another kind leaves the choice to JAX.
     """
     if env.get("JAX_PLATFORMS") or tpu_device_files or importlib.util.find_spec("libtpu") is None:
         return None
-    gpu = [name for name, plugin in (("cuda", "jax_cuda12_plugin"), ("cuda", "jax_cuda13_plugin"),
-                                     ("rocm", "jax_rocm60_plugin")) if importlib.util.find_spec(plugin)]
-    return ",".join(dict.fromkeys([*gpu, "cpu"]))
+    platforms = []
+    for plugin in _installed_jax_plugins() if gpu_plugins is None else gpu_plugins:
+        kind = next((kind for kind in ("cuda", "rocm") if kind in plugin.lower()), None)
+        if kind is None:
+            return None
+        platforms.append(kind)
+    return ",".join(dict.fromkeys([*platforms, "cpu"]))
+
+
+def _installed_jax_plugins() -> list[str]:
+    """Names of the PJRT plugins JAX would load: `jax_plugins` entry points and namespace modules."""
+    import importlib.metadata
+    import pkgutil
+
+    names = [entry.name for entry in importlib.metadata.entry_points(group="jax_plugins")]
+    try:
+        import jax_plugins
+
+        names += [module.name for module in pkgutil.iter_modules(jax_plugins.__path__)]
+    except ImportError:
+        pass
+    return names
 
 
 def _tpu_device_files() -> list[str]:

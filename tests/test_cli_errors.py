@@ -129,3 +129,7 @@ def test_a_machine_without_tpu_chips_keeps_jax_off_libtpu():
     assert platforms_without_absent_tpus({}, []) in ("cpu", "cuda,cpu", "rocm,cpu")
     assert platforms_without_absent_tpus({}, ["/dev/accel0"]) is None  # a TPU VM: JAX finds its chips
     assert platforms_without_absent_tpus({"JAX_PLATFORMS": "cpu"}, []) is None  # the user's choice stands
+    assert platforms_without_absent_tpus({}, [], gpu_plugins=[]) == "cpu"
+    assert platforms_without_absent_tpus({}, [], gpu_plugins=["xla_cuda12"]) == "cuda,cpu"
+    assert platforms_without_absent_tpus({}, [], gpu_plugins=["jax_rocm7_plugin"]) == "rocm,cpu"
+    assert platforms_without_absent_tpus({}, [], gpu_plugins=["xla_metal"]) is None  # unknown kind: JAX decides
