@@ -13,11 +13,21 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def umask_file_mode() -> int:
+    """The mode `open()` would give a new file (0o666 less the umask). `mkstemp` creates its files
+    0o600, so a file renamed into place from it gets this mode first: run directories stay
+    readable by whoever may read the others' files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, umask_file_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from pdpo_jax.files import append_jsonl, atomic_write_json, is_done, jsonl_objects, mark_done
+from pdpo_jax.files import append_jsonl, atomic_write_json, atomic_write_text, is_done, jsonl_objects, mark_done
 
 
 def test_atomic_write_leaves_no_temporary_files(tmp_path):
@@ -26,3 +26,10 @@ def test_done_marker(tmp_path):
     assert not is_done(tmp_path / "sft")
     mark_done(tmp_path / "sft", {"best_step": 3})
     assert is_done(tmp_path / "sft")
+
+
+def test_atomic_write_gives_the_mode_a_plain_write_would(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic = atomic_write_text(tmp_path / "atomic.txt", "x")
+    assert (atomic.stat().st_mode & 0o777) == (plain.stat().st_mode & 0o777)

@@ -42,7 +42,7 @@ from http.cookiejar import CookieJar
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterator, Sequence
 
-from pdpo_jax.files import atomic_write_json
+from pdpo_jax.files import atomic_write_json, umask_file_mode
 from pdpo_jax.errors import RunFailed, UsageError
 
 CHUNK = 1 << 16
@@ -243,6 +243,7 @@ def download(url: str, dest: str | Path, *, digest: Digest | None = None, retrie
         fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
         tmp = Path(tmp_name)
         try:
+            os.fchmod(fd, umask_file_mode())
             hasher = hashlib.new(digest.algorithm if digest else SHA256)
             with os.fdopen(fd, "wb") as handle:
                 with _open_download(url, timeout_s) as response:
