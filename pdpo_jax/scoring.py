@@ -25,7 +25,8 @@ Scorer = Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]
 """`batch -> (summed log-probs, token counts)` of every scored sequence, both `[num_sequences]` numpy."""
 
 
-def token_logps(params: Any, config: ModelConfig, batch: dict[str, jax.Array]) -> jax.Array:
+def token_logps(params: Any, config: ModelConfig, batch: dict[str, jax.Array],
+                chunk_size: int = LOGPROB_CHUNK) -> jax.Array:
     """log p(targets) at every position of a layout batch, `[batch, length]` fp32.
 
     With `scored_positions` in the batch (see `pdpo_jax.data.with_scored_positions`) only those
@@ -38,17 +39,18 @@ def token_logps(params: Any, config: ModelConfig, batch: dict[str, jax.Array]) -
     )
     kernel = unembedding(params, config).astype(hidden.dtype)
     if SCORED_POSITIONS in batch:
-        return token_logprobs_at(hidden, kernel, batch["targets"], batch[SCORED_POSITIONS], chunk_size=LOGPROB_CHUNK)
-    return token_logprobs_from_hidden(hidden, kernel, batch["targets"], chunk_size=LOGPROB_CHUNK)
+        return token_logprobs_at(hidden, kernel, batch["targets"], batch[SCORED_POSITIONS], chunk_size=chunk_size)
+    return token_logprobs_from_hidden(hidden, kernel, batch["targets"], chunk_size=chunk_size)
 
 
 def sequence_scores(params: Any, config: ModelConfig, batch: dict[str, jax.Array],
-                    num_sequences: int) -> tuple[jax.Array, jax.Array]:
+                    num_sequences: int, chunk_size: int = LOGPROB_CHUNK) -> tuple[jax.Array, jax.Array]:
     """Summed response log-probs and token counts of every scored sequence, both `[num_sequences]`.
 
-    Jit it with `config` and `num_sequences` static (or use `make_scorer`).
+    Jit it with `config` and `num_sequences` static (or use `make_scorer`). `chunk_size` positions
+    are projected onto the vocabulary at a time (the same values, less memory).
     """
-    logps = token_logps(params, config, batch)
+    logps = token_logps(params, config, batch, chunk_size)
     return sequence_logprobs(logps, batch["loss_mask"], batch["sequence_ids"], num_sequences)
 
 

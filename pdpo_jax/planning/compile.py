@@ -55,6 +55,8 @@ def _compile(program: Program):
 
 
 def _loop_corrected_cost(program: Program, executable) -> Cost:
+    if program.cost_program is not None:
+        return _loop_corrected_cost(program.cost_program, _compile(program.cost_program))
     cost = Cost.of(executable.cost_analysis())
     if program.outside is not None and program.loop_trips > 1:
         outside = Cost.of(_compile(program.outside).cost_analysis())

@@ -14,7 +14,8 @@ compile-only topology included). Nothing is allocated.
 The train steps' cost is corrected for the compiler counting a loop body once: `outside` is the
 part of the step outside the micro-batch loop (the optimizer update), compiled on its own. A
 scanned layer stack (`model.scan_layers`) is such a loop too: its cost comes from the same program
-built unrolled with one and with two layers (`layer_probes`), every layer costing the same.
+built unrolled with one and with two layers (`layer_probes`), every layer costing the same; the
+DNLI scorer's chunked vocabulary projection by the same scorer in one chunk (`cost_program`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pdpo_jax.generation.decode import bucket_width, cache_shardings, compute_pa
 from pdpo_jax.model import ModelConfig, init_cache
 from pdpo_jax.model.decoder import param_shapes
 from pdpo_jax.parallel import BATCH_AXES, param_shardings, replicated
-from pdpo_jax.scoring import sequence_scores
+from pdpo_jax.scoring import LOGPROB_CHUNK, sequence_scores
 from pdpo_jax.train.optim import make_optimizer
 from pdpo_jax.train.steps import (DPOSettings, abstract_train_state, dpo_objective, jit_train_step,
                                   micro_batch_sharding, sft_objective, state_shardings)
@@ -70,6 +71,7 @@ class Program:
     resident_bytes: int = 0  # per chip, live beside the program (the fp32 weights while decoding)
     loop_trips: int = 1  # micro-batches of a train step
     outside: "Program | None" = None  # the step outside its micro-batch loop, for the cost count
+    cost_program: "Program | None" = None  # the same math without a loop the compiler would count once
     layers: int = 0  # of the model, for the cost of a scanned stack
     layer_probes: "tuple[Program, Program] | None" = None  # the program unrolled with 1 and 2 layers
     extra: dict = field(default_factory=dict)
@@ -218,13 +220,15 @@ def dnli_program(run: RunConfig, config: ModelConfig, mesh: Mesh, shapes: Shapes
     batch[SCORED_POSITIONS] = jax.ShapeDtypeStruct((rows, scored), jnp.int32, sharding=sharding)
     num_sequences = rows * DNLI_CANDIDATES
 
-    def score(params, batch):
-        return sequence_scores(params, config, batch, num_sequences)
+    def scorer(chunk_size: int):
+        def score(params, batch):
+            return sequence_scores(params, config, batch, num_sequences, chunk_size)
+        return jax.jit(score, out_shardings=replicated(mesh))
 
-    jitted = jax.jit(score, out_shardings=replicated(mesh))
-    return Program("dnli-score", "eval-dnli",
-                   f"[{rows}, {length}] rows of {DNLI_CANDIDATES} candidates, {scored} scored positions per row",
-                   jitted, (params, batch))
+    what = f"[{rows}, {length}] rows of {DNLI_CANDIDATES} candidates, {scored} scored positions per row"
+    # The vocabulary projection runs in chunks inside a loop; for the FLOP count, in one chunk.
+    whole = Program("dnli-score", "eval-dnli", what, scorer(scored), (params, batch))
+    return Program("dnli-score", "eval-dnli", what, scorer(LOGPROB_CHUNK), (params, batch), cost_program=whole)
 
 
 BUILDERS: dict[str, Callable[[RunConfig, ModelConfig, Mesh, Shapes], Program]] = {

@@ -26,9 +26,8 @@ from pdpo_jax.planning.slices import TpuSlice, topology_devices
 TIME_NOTE = ("times are roofline lower bounds per chip: max(FLOPs / peak FLOP/s, bytes accessed / HBM bandwidth) "
              "from the compiler's counts; collectives, latency and imperfect overlap make real steps slower")
 LOOP_NOTE = ("the compiler counts a loop body once: train steps are corrected for their micro-batch loop, a "
-             "scanned layer stack by the same program compiled unrolled with 1 and 2 layers; the "
-             "chunked vocabulary projection of scoring (256 positions a chunk) is counted once, so the FLOPs of "
-             "programs scoring more positions per row are undercounted and their times stay lower bounds")
+             "scanned layer stack by the same program compiled unrolled with 1 and 2 layers, and the DNLI "
+             "scorer's chunked vocabulary projection by the scorer compiled with a single chunk")
 
 
 class PlanError(PdpoError):
