@@ -1,5 +1,6 @@
 """`pdpo pipeline` as one program on two hosts: two processes on 127.0.0.1 with 4 CPU devices each,
-a tiny model on a mesh of data 2 x fsdp 2 x tensor 2, every stage. Its preference records (byte
+a tiny model on a mesh of data 2 x fsdp 2 x tensor 2 with its layers scanned (as the paper configs
+run on pods), every stage. Its preference records (byte
 for byte), DNLI reports and exported weights equal those of one process running the same mesh on
 8 devices, and every file of the run directory is written once, by process 0 (process 1 writes
 only its own part of each orbax checkpoint). A make-prefs crash after the first shards resumes on
@@ -47,7 +48,7 @@ def pipeline_args(tmp: Path, run_dir: Path) -> list[str]:
             f"run_dir={run_dir}", f"model.path={model_dir}", f"data.train={DEMO / 'dialogues.txt'}",
             f"eval.dnli={DEMO / 'dnli_eval.jsonl'}", "sft.max_steps=3", "sft.eval_every=2", "dpo.max_steps=3",
             "dpo.eval_every=2", "prefs.max_new_tokens=6", "prefs.batch_size=8", "prefs.shard_size=16",
-            "data.max_length=192", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+            "data.max_length=192", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.scan_layers=true"]
 
 
 @pytest.fixture(scope="module")
