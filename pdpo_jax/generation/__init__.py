@@ -2,11 +2,20 @@
 
     sampling   Greedy, Temperature, TopK, TopP: `choose(logits, key) -> ids`
     decode     `generate(model, input_ids, attention_mask, ...)`: new token ids after each prompt
-    respond    `respond(model, encoder, prompts, ...)`: responses cut at their end of turn, as text
+    respond    `respond(model, encoder, prompts, ...)`: responses cut at their end of turn, as text;
+               `respond_to_conversations(...)`: (persona, history) pairs in, fitted to the context, in batches
 """
 
 from pdpo_jax.generation.decode import generate
-from pdpo_jax.generation.respond import Response, context_limit, cut_at_stop, respond, stop_sequences
+from pdpo_jax.generation.respond import (
+    NoRoomToRespond,
+    Response,
+    context_limit,
+    cut_at_stop,
+    respond,
+    respond_to_conversations,
+    stop_sequences,
+)
 from pdpo_jax.generation.sampling import (
     Greedy,
     Sampler,
@@ -18,6 +27,6 @@ from pdpo_jax.generation.sampling import (
 )
 
 __all__ = [
-    "Greedy", "Response", "Sampler", "Temperature", "TopK", "TopP", "context_limit", "cut_at_stop", "generate",
-    "respond", "sampler_description", "sampler_from_config", "stop_sequences",
+    "Greedy", "NoRoomToRespond", "Response", "Sampler", "Temperature", "TopK", "TopP", "context_limit", "cut_at_stop",
+    "generate", "respond", "respond_to_conversations", "sampler_description", "sampler_from_config", "stop_sequences",
 ]

@@ -1,6 +1,6 @@
 """Persona + history in, response text out: the prompt a model answers, sampled, cut at its end of turn.
 
-Shared by `pdpo generate` and the preference builder. Prompts are built by the data layer's
+Shared by `pdpo generate`, the test responses of a run and the preference builder. Prompts are built by the data layer's
 `PromptEncoder` (the same ids SFT trains on); a history too long for the context loses its oldest
 turns first (`PromptEncoder.fit_history`), exactly like training examples.
 Sampling stops at an end-of-sequence id; chat templates close a turn with their own token, which
@@ -16,9 +16,14 @@ from typing import Any
 import numpy as np
 
 from pdpo_jax.data.tokenization import PromptEncoder
+from pdpo_jax.errors import PdpoError
 from pdpo_jax.generation.decode import generate
 from pdpo_jax.generation.sampling import Sampler
 from pdpo_jax.model import Model, eos_ids
+
+
+class NoRoomToRespond(PdpoError):
+    """A conversation whose persona alone fills the context, leaving no room for the response."""
 
 
 @dataclass(frozen=True)
@@ -81,3 +86,27 @@ def respond(model: Model, encoder: PromptEncoder, prompts: Sequence[Sequence[int
         kept, stopped = cut_at_stop(sampled[row], stops)
         responses.append(Response(decode_response(model.tokenizer, kept), stopped, tuple(kept)))
     return responses
+
+
+def respond_to_conversations(model: Model, encoder: PromptEncoder,
+                             conversations: Sequence[tuple[Sequence[str], Sequence[str]]], *, max_new_tokens: int,
+                             sampler: Sampler | None, seed: int, batch_size: int, max_length: int | None = None,
+                             mesh: Any = None) -> list[tuple[Response, int]]:
+    """A response to every (persona, history), sampled `batch_size` at a time (batch b with seed
+    `seed + b`, every batch in one shape), each with how many of the oldest history turns were left
+    out so that the prompt and `max_new_tokens` fit `max_length` and the model's positions. Raises
+    NoRoomToRespond naming the conversation (counted from 1) whose persona alone does not fit."""
+    room = context_limit(model, max_length) - max_new_tokens
+    prompts, dropped = [], []
+    for number, (persona, history) in enumerate(conversations, 1):
+        kept = encoder.fit_history(persona, history, room)
+        if kept is None:
+            raise NoRoomToRespond(f"conversation {number}: the persona alone leaves no room for "
+                                  f"{max_new_tokens} new tokens")
+        prompts.append(encoder.prompt_ids(persona, kept))
+        dropped.append(len(history) - len(kept))
+    responses: list[Response] = []
+    for batch, start in enumerate(range(0, len(prompts), batch_size)):
+        responses += respond(model, encoder, prompts[start : start + batch_size], max_new_tokens=max_new_tokens,
+                             sampler=sampler, seed=seed + batch, rows=min(batch_size, len(prompts)), mesh=mesh)
+    return list(zip(responses, dropped))

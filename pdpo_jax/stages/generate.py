@@ -17,7 +17,7 @@ from typing import Any
 from pdpo_jax.data import PromptEncoder
 from pdpo_jax.errors import PdpoError, UsageError
 from pdpo_jax.files import atomic_write_jsonl, jsonl_objects
-from pdpo_jax.generation import context_limit, respond, sampler_from_config
+from pdpo_jax.generation import respond_to_conversations, sampler_from_config
 from pdpo_jax.model import Model, load_model, require_tokenizer
 from pdpo_jax.parallel import initialize_distributed, is_primary, make_mesh
 from pdpo_jax.stages.common import StageParser, parse_mesh, stage_parser
@@ -82,21 +82,12 @@ def answer(model: Model, conversations: list[dict[str, Any]], args: argparse.Nam
            mesh: Any = None) -> list[dict[str, Any]]:
     encoder = PromptEncoder(model.tokenizer, args.template)
     sampler = sampler_from_config(args.sampler, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    room = context_limit(model, args.max_length) - args.max_new_tokens
-    prompts = []
-    for number, item in enumerate(conversations, 1):
-        history = encoder.fit_history(item["persona"], item["history"], room)
-        if history is None:
-            raise InputError(f"conversation {number}: the persona alone leaves no room for {args.max_new_tokens} new tokens")
-        prompts.append(encoder.prompt_ids(item["persona"], history))
-    results = []
-    for batch, start in enumerate(range(0, len(prompts), args.batch_size)):
-        chunk = prompts[start : start + args.batch_size]
-        responses = respond(model, encoder, chunk, max_new_tokens=args.max_new_tokens, sampler=sampler,
-                            seed=args.seed + batch, rows=min(args.batch_size, len(prompts)), mesh=mesh)
-        for item, response in zip(conversations[start : start + len(chunk)], responses):
-            results.append({**item, "response": response.text, "stopped": response.stopped})
-    return results
+    answered = respond_to_conversations(
+        model, encoder, [(item["persona"], item["history"]) for item in conversations],
+        max_new_tokens=args.max_new_tokens, sampler=sampler, seed=args.seed, batch_size=args.batch_size,
+        max_length=args.max_length, mesh=mesh)
+    return [{**item, "response": response.text, "stopped": response.stopped}
+            for item, (response, _) in zip(conversations, answered)]
 
 
 def main(argv: list[str] | None = None) -> int:
