@@ -20,15 +20,20 @@ Message = dict[str, str]
 class JudgePrompt:
     """Everything language-specific about asking for one verdict."""
 
-    system: str
+    instructions: str  # what to judge and how; human annotators read the same text
+    output_format: str  # how the judge writes its answer
     user_template: str  # fields: persona, history, response_1, response_2
     speaker_label: str  # the persona's owner, who says the judged response
     partner_label: str
     empty_history: str
     reask: str  # sent after an answer without a verdict
 
+    @property
+    def system(self) -> str:
+        return f"{self.instructions}\n\n{self.output_format}"
 
-_SYSTEM_EN = """\
+
+_INSTRUCTIONS_EN = """\
 You are an impartial judge of persona-grounded open-domain dialogue. You are given the persona of \
 a speaker (sentences describing who the speaker is), the dialogue so far, and two candidate \
 responses that the speaker could say next. Decide which response better fulfils the persona and \
@@ -45,8 +50,9 @@ Avoid these biases:
 - Position: the order in which the two responses are shown must not influence your decision.
 - Length: do not prefer a response because it is longer or shorter; judge what it says.
 - Names: the labels "Response 1" and "Response 2" carry no meaning; ignore any names, and do not \
-guess or consider which system wrote a response.
+guess or consider which system wrote a response."""
 
+_OUTPUT_FORMAT_EN = """\
 First write a brief explanation that compares the two responses on the criteria. Then end your \
 answer with the verdict on its own line, in exactly this format: "[[1]]" if Response 1 is \
 better, "[[2]]" if Response 2 is better, "[[3]]" if they are equally good or equally bad (a tie). \
@@ -70,7 +76,7 @@ _USER_EN = """\
 Which response better fulfils the persona and is preferable as the speaker's next turn? Explain \
 first, then give your verdict as [[1]], [[2]] or [[3]] on the last line."""
 
-_SYSTEM_JA = """\
+_INSTRUCTIONS_JA = """\
 あなたはペルソナに基づく雑談対話を評価する公平な審査員です。話者のペルソナ（話者がどんな人物かを説明する文）、\
 ここまでの対話、そして話者が次に言いうる二つの応答候補が与えられます。どちらの応答がペルソナをよりよく満たし、\
 話者の次の発話として望ましいかを判定してください。
@@ -83,8 +89,9 @@ _SYSTEM_JA = """\
 次の偏りを避けてください:
 - 位置: 二つの応答が示される順番を判定に影響させないこと。
 - 長さ: 長い・短いという理由で応答を選ばないこと。内容で判断すること。
-- 名前: 「応答1」「応答2」というラベルに意味はありません。名前は無視し、どのシステムが書いた応答かを推測・考慮しないこと。
+- 名前: 「応答1」「応答2」というラベルに意味はありません。名前は無視し、どのシステムが書いた応答かを推測・考慮しないこと。"""
 
+_OUTPUT_FORMAT_JA = """\
 まず二つの応答を評価基準に沿って比較する短い説明を書いてください。そのあと最後の行に、判定を次の形式どおりに書いてください: \
 応答1が良ければ「[[1]]」、応答2が良ければ「[[2]]」、同程度に良い、または同程度に悪ければ（引き分け）「[[3]]」。\
 判定は必ず回答の最後に書いてください。"""
@@ -109,7 +116,8 @@ _USER_JA = """\
 
 PROMPTS: dict[str, JudgePrompt] = {
     "en": JudgePrompt(
-        system=_SYSTEM_EN,
+        instructions=_INSTRUCTIONS_EN,
+        output_format=_OUTPUT_FORMAT_EN,
         user_template=_USER_EN,
         speaker_label="Speaker",
         partner_label="Partner",
@@ -118,7 +126,8 @@ PROMPTS: dict[str, JudgePrompt] = {
         "verdict now, replying with exactly one of [[1]], [[2]] or [[3]].",
     ),
     "ja": JudgePrompt(
-        system=_SYSTEM_JA,
+        instructions=_INSTRUCTIONS_JA,
+        output_format=_OUTPUT_FORMAT_JA,
         user_template=_USER_JA,
         speaker_label="話者",
         partner_label="相手",
@@ -139,9 +148,12 @@ def format_history(history: Sequence[str], prompt: JudgePrompt) -> str:
     """Label turns counting back from the end: the last turn is the partner's, the speaker answers it."""
     if not history:
         return prompt.empty_history
-    last = len(history) - 1
-    labels = [prompt.partner_label if (last - i) % 2 == 0 else prompt.speaker_label for i in range(len(history))]
-    return "\n".join(f"{label}: {turn}" for label, turn in zip(labels, history))
+    return "\n".join(f"{label}: {turn}" for label, turn in zip(history_labels(len(history), prompt), history))
+
+
+def history_labels(turns: int, prompt: JudgePrompt) -> list[str]:
+    """Who said each of `turns` history turns, oldest first: the last is the partner's."""
+    return [prompt.partner_label if (turns - 1 - i) % 2 == 0 else prompt.speaker_label for i in range(turns)]
 
 
 def build_messages(
