@@ -284,6 +284,12 @@ def plot_outcomes(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
         rows = [(f"{results['model_a']}\nvs {results['model_b']}", c["win"], c["draw"], c["lose"])]
     else:
         rows = [(r["model"], r["wins"], r["draws"], r["losses"]) for r in results["models"]]
+    return plot_outcome_shares(rows, path, "LLM-judge outcomes (win / draw / lose)", "% of judged games")
+
+
+def plot_outcome_shares(rows: Sequence[tuple[str, int, int, int]], path: str | os.PathLike, title: str,
+                        xlabel: str) -> Path:
+    """One stacked bar of win/draw/lose shares per (label, wins, draws, losses) row, top to bottom."""
     fig = _figure(6.4, 1.4 + 0.5 * len(rows))
     ax = fig.subplots()
     left = [0.0] * len(rows)
@@ -295,8 +301,8 @@ def plot_outcomes(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
     ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=9)
     ax.invert_yaxis()
     ax.set_xlim(0, 100)
-    ax.set_xlabel("% of judged games", fontsize=8)
-    ax.set_title("LLM-judge outcomes (win / draw / lose)", fontsize=10)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_title(title, fontsize=10)
     fig.legend(loc="outside lower center", ncols=3, fontsize=8)
     return save_figure(fig, path)
 
