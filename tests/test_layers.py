@@ -26,7 +26,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("data", "model"),  # readers, templates, batching | the decoder, loading, export
     ("scoring", "generation"),  # scoring sequences | sampling and decoding
     ("train", "evaluate", "api"),  # training loop | DNLI, judge, reports | conveniences
-    ("planning",),  # a config's programs compiled for a TPU slice (stands on train, generation, scoring)
+    # a config's programs compiled for a TPU slice (stands on train, generation, scoring) | a human
+    # study of the judge's pairs (stands on evaluate)
+    ("planning", "annotation"),
     ("stages",),  # one module per stage of the method
     ("cli", "__init__"),  # entry points
 )

@@ -7,6 +7,7 @@
     dpo             3. DPO from the SFT model on those pairs
     eval_dnli       4. Dialogue-NLI candidate ranking
     judge           4. pairwise LLM-as-judge win rates
+    annotate        4. a human study of the same pairs: the annotation web application and its report
     export_hf       4. any trained model as a Hugging Face directory
     results         4. the results table of several evaluated models, and responses side by side
     generate        talk to a model: persona + history in, response out
@@ -29,6 +30,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "dpo": ("pdpo_jax.stages.dpo", "3. DPO from the SFT model on pseudo-preference pairs"),
     "eval-dnli": ("pdpo_jax.stages.eval_dnli", "4. Dialogue-NLI candidate ranking by log-likelihood"),
     "judge": ("pdpo_jax.stages.judge", "4. pairwise LLM-as-judge win rates"),
+    "annotate": ("pdpo_jax.stages.annotate", "4. pairwise human evaluation: items, annotator links, web app, votes, report"),
     "export-hf": ("pdpo_jax.stages.export_hf", "4. export a checkpoint to a Hugging Face directory"),
     "results": ("pdpo_jax.stages.results", "4. DNLI table with intervals and paired tests; responses side by side"),
     "generate": ("pdpo_jax.stages.generate", "persona + history in, response out"),

@@ -1,0 +1,237 @@
+"""The web application annotators vote in: Starlette on uvicorn over one study database.
+
+Every URL lies under an annotator's personal link, `/a/<token>/`:
+
+    GET  /a/<token>/                            the page (its script and style beside it)
+    GET  /a/<token>/api/state                   name, the page's words, progress, where to resume
+    GET  /a/<token>/api/items/<position>        the item at that position of this annotator's sequence
+    POST /a/<token>/api/items/<position>/vote   {"choice": "1" | "2" | "draw"} -> stored, then progress
+                                                and the next position to show
+
+A missing or unknown token gets 403 and nothing else, whatever the path; a token opens only its
+own annotator's items and votes. The page holds no data: its script fetches the items as JSON and
+writes every text into the page as text, and the Content-Security-Policy allows no inline script,
+so markup inside a response is shown, never run. A bad request gets a 4xx with a JSON
+`{"error": ...}`; an unexpected error a 500 without details (the traceback goes to the server's log).
+Access logs are off: they would write every annotator's token into the log.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import socket
+from importlib import resources
+from typing import Any, Callable
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+
+from pdpo_jax.annotation.errors import StudyError
+from pdpo_jax.annotation.page_text import labelled_history, page_text
+from pdpo_jax.annotation.store import CHOICES, Annotator, Progress, ShownItem, Study
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+MAX_BODY_BYTES = 1024  # a vote is a few bytes
+BACKLOG = 128
+MAX_POSITION = 2**31  # larger numbers are no position (and would not fit an SQLite integer)
+ANNOTATOR = "pdpo.annotator"  # where the gate leaves the annotator in the request scope
+STATIC_MEDIA = {"html": "text/html; charset=utf-8", "js": "text/javascript; charset=utf-8", "css": "text/css; charset=utf-8"}
+SECURITY_HEADERS = [
+    (b"content-security-policy", b"default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                                 b"img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),  # the page's URL holds the token
+    (b"cache-control", b"no-store"),
+]
+
+
+def _resource(name: str) -> bytes:
+    return resources.files("pdpo_jax").joinpath("resources", "annotation", name).read_bytes()
+
+
+async def _forbidden(scope: dict, receive: Callable, send: Callable) -> None:
+    if scope["type"] == "http":
+        await PlainTextResponse("forbidden", status_code=403)(scope, receive, send)
+    elif scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008})
+
+
+class TokenGate:
+    """Lets a request through to `app` only when its path's token belongs to an annotator."""
+
+    def __init__(self, study: Study, app: Callable):
+        self.study, self.app = study, app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        annotator = None
+        if scope["type"] == "http":
+            annotator = await run_in_threadpool(self.study.annotator_for_token, scope["path_params"]["token"])
+        if annotator is None:
+            await _forbidden(scope, receive, send)
+            return
+        await self.app({**scope, ANNOTATOR: annotator}, receive, send)
+
+
+class SecurityHeaders:
+    """Adds SECURITY_HEADERS to every response."""
+
+    def __init__(self, app: Callable):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers if scope["type"] == "http" else send)
+
+
+def _annotator(request: Request) -> Annotator:
+    return request.scope[ANNOTATOR]
+
+
+def _position(request: Request) -> int:
+    position = request.path_params["position"]
+    if not 1 <= position <= MAX_POSITION:
+        raise HTTPException(404, f"no item at position {position}; positions start at 1")
+    return position
+
+
+def _progress_json(progress: Progress) -> dict[str, Any]:
+    return {"done": progress.done, "total": progress.total, "next": progress.next_open}
+
+
+def _item_json(shown: ShownItem, language: str) -> dict[str, Any]:
+    response_1, response_2 = shown.shown_responses
+    return {"position": shown.position, "persona": list(shown.item.persona),
+            "history": labelled_history(shown.item.history, language),
+            "response_1": response_1, "response_2": response_2, "choice": shown.choice}
+
+
+async def _read_choice(request: Request) -> str:
+    # JSON only: a cross-site form cannot send it without a preflight this server never allows.
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise HTTPException(415, "send the vote as JSON (Content-Type: application/json)")
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPException(400, "the request body is not valid JSON") from None
+    if not isinstance(body, dict) or set(body) != {"choice"} or body["choice"] not in CHOICES:
+        raise HTTPException(400, 'expected {"choice": "1" | "2" | "draw"}')
+    return body["choice"]
+
+
+def create_app(study: Study) -> Starlette:
+    """The application over `study`; every request reads and writes the database afresh."""
+    text = page_text(study.language)
+
+    def static(name: str) -> Callable[[Request], Response]:
+        content, media = _resource(name), STATIC_MEDIA[name.rsplit(".", 1)[-1]]
+        return lambda request: Response(content, media_type=media)
+
+    def state(request: Request) -> JSONResponse:
+        annotator = _annotator(request)
+        return JSONResponse({"annotator": annotator.name, "language": study.language, "text": text,
+                             **_progress_json(study.progress(annotator))})
+
+    def item(request: Request) -> JSONResponse:
+        annotator, position = _annotator(request), _position(request)
+        shown = study.shown_item(annotator, position)
+        if shown is None:
+            raise HTTPException(404, f"no item at position {position}")
+        return JSONResponse({**_item_json(shown, study.language), **_progress_json(study.progress(annotator))})
+
+    async def vote(request: Request) -> JSONResponse:
+        annotator, position = _annotator(request), _position(request)
+        choice = await _read_choice(request)
+        voted = await run_in_threadpool(study.record_vote, annotator, position, choice)
+        if voted is None:
+            raise HTTPException(404, f"no item at position {position}")
+        shown, progress = voted
+        return JSONResponse({"position": shown.position, "choice": shown.choice, **_progress_json(progress)})
+
+    def with_slash(request: Request) -> Response:
+        if study.annotator_for_token(request.path_params["token"]) is None:
+            return PlainTextResponse("forbidden", status_code=403)
+        return RedirectResponse(f"{request.path_params['token']}/", status_code=307)  # relative: no Host trusted
+
+    annotator_routes = Mount("", max_body_size=MAX_BODY_BYTES, routes=[
+        Route("/", static("page.html")),
+        Route("/page.js", static("page.js")),
+        Route("/page.css", static("page.css")),
+        Route("/api/state", state),
+        Route("/api/items/{position:int}", item),
+        Route("/api/items/{position:int}/vote", vote, methods=["POST"]),
+    ])
+    return Starlette(
+        routes=[Route("/a/{token}", with_slash), Mount("/a/{token}", app=TokenGate(study, annotator_routes)),
+                Mount("", app=_forbidden)],
+        middleware=[Middleware(SecurityHeaders)],
+        exception_handlers={HTTPException: _http_error, 500: _server_error},
+    )
+
+
+async def _http_error(request: Request, error: HTTPException) -> Response:
+    return JSONResponse({"error": error.detail}, status_code=error.status_code, headers=error.headers)
+
+
+async def _server_error(request: Request, error: Exception) -> Response:
+    return JSONResponse({"error": "internal error; the server's log has the details"}, status_code=500)
+
+
+def bind(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> socket.socket:
+    """A listening socket on (host, port); port 0 takes any free port (`base_url` tells which).
+    Connections made before the server runs wait in its backlog."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+    except OSError as err:
+        sock.close()
+        raise StudyError(f"cannot serve on {host}:{port}: {err.strerror}") from None
+    return sock
+
+
+def base_url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def make_server(study: Study) -> uvicorn.Server:
+    """A uvicorn server of the study's application; `server.run(sockets=[bind(...)])` serves it
+    until `server.should_exit` is set (or, in the main thread, until Ctrl-C)."""
+    config = uvicorn.Config(create_app(study), lifespan="off", access_log=False, log_level="warning",
+                            timeout_graceful_shutdown=3)
+    return uvicorn.Server(config)
+
+
+def serve(study: Study, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
+          announce: Callable[[str], None] = print) -> None:
+    """Serves the study until interrupted; `announce` is told the address once it is bound."""
+    sock = bind(host, port)
+    if not is_loopback(host):
+        LOG.warning("serving on %s, beyond this machine: anyone who can reach it and holds a link can vote, "
+                    "and nothing is encrypted; put an HTTPS proxy in front for a study over a network", host)
+    announce(f"serving {study.path} at {base_url(sock)}/ (annotators open {base_url(sock)}/a/<token>/); Ctrl-C stops")
+    make_server(study).run(sockets=[sock])
