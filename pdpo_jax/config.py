@@ -153,6 +153,18 @@ class EvalSection:
 
 
 @dataclass
+class TestResponsesSection:
+    """The responses every trained model gives to the test dialogues' turns: what the judge and the
+    annotators compare."""
+
+    sampler: SamplerSection = field(default_factory=lambda: SamplerSection(kind="greedy"))
+    max_new_tokens: int = 48
+    batch_size: int = 16  # conversations sampled together
+    seed: int = 0  # batch b samples with seed + b; also picks the turns when max_examples is set
+    max_examples: int | None = None  # a seeded sample of N turns; None = every turn answering a partner line
+
+
+@dataclass
 class JudgeSection:
     """`pdpo judge`: the judge endpoint and how pairs are judged. There is no key for the API key:
     it is read from the environment variable that `api_key_env` names, so no config file holds it."""
@@ -190,6 +202,7 @@ class RunConfig:
     prefs: PrefsSection = field(default_factory=PrefsSection)
     dpo: DPOSection = field(default_factory=DPOSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    test_responses: TestResponsesSection = field(default_factory=TestResponsesSection)
     judge: JudgeSection = field(default_factory=JudgeSection)
 
 
@@ -340,6 +353,12 @@ def _validate(config: RunConfig, where: str) -> None:
          "data.split_fractions must be three numbers summing to 1"),
         (0 < config.prefs.sampler.top_p <= 1, "prefs.sampler.top_p must be in (0, 1]"),
         (config.prefs.sampler.temperature > 0, "prefs.sampler.temperature must be positive"),
+        (config.test_responses.max_new_tokens > 0, "test_responses.max_new_tokens must be positive"),
+        (config.test_responses.batch_size > 0, "test_responses.batch_size must be positive"),
+        (config.test_responses.max_examples is None or config.test_responses.max_examples > 0,
+         "test_responses.max_examples must be positive or null"),
+        (0 < config.test_responses.sampler.top_p <= 1, "test_responses.sampler.top_p must be in (0, 1]"),
+        (config.test_responses.sampler.temperature > 0, "test_responses.sampler.temperature must be positive"),
     ]
     for ok, message in checks:
         if not ok:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -107,15 +106,12 @@ def resolved_configs(data: Path, tmp: Path) -> None:
 def write_test_conversations(config: Path, overrides: list[str], out: Path, count: int) -> None:
     """`count` model turns of the test dialogues (seeded pick), as `pdpo generate --input` reads them."""
     from pdpo_jax.config import load_config
-    from pdpo_jax.data import examples_from_dialogues
-    from pdpo_jax.data.corpus import prepare_corpus
+    from pdpo_jax.data.corpus import pick_test_turns, prepare_corpus
 
     run = load_config([str(config)], overrides)
-    corpus = prepare_corpus(run.data, run.seed)
-    examples = [e for e in examples_from_dialogues(corpus.test) if e.history]
-    if not examples:
+    picked = pick_test_turns(prepare_corpus(run.data, run.seed), count, run.seed)
+    if not picked:
         raise SystemExit(f"{config}: the corpus has no test dialogues (set data.test_fraction)")
-    picked = random.Random(run.seed).sample(examples, min(count, len(examples)))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps({"id": e.id, "persona": list(e.persona), "history": list(e.history),
                                        "reference": e.response}) + "\n" for e in picked))

@@ -4,6 +4,7 @@ statistics, the settings and their config section, and the command line."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import random
 import re
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from pdpo_jax.config import ConfigError, JudgeSection, load_config
+from pdpo_jax.errors import RunFailed, UsageError
 from pdpo_jax.evaluate import judge, judge_client, judge_prompts, judge_stats
 from pdpo_jax.stages import judge as judge_stage
 from pdpo_jax.evaluate.judge_client import JudgeConfigError
@@ -537,6 +539,70 @@ def test_main_raises_setting_errors_before_any_request(tmp_path):
         judge_stage.main(["--responses", a, b, "--out", str(tmp_path / "out")])
 
 
+def write_run_responses(run: Path, n: int) -> None:
+    """A run's test responses as `pdpo test-responses` writes them (PseudoDPO and SFT)."""
+    folder = run / "test_responses"
+    folder.mkdir(parents=True)
+    write_responses(folder / "dpo.jsonl", "PseudoDPO", dialogue_rows("PseudoDPO", n))
+    write_responses(folder / "sft.jsonl", "SFT", dialogue_rows("SFT", n))
+
+
+def pseudo_dpo_wins(body: dict, attempt: int) -> Reply:
+    _, order = seen(body)
+    return verdict("PseudoDPO keeps the persona.", 1 if order[0] == "PseudoDPO" else 2)
+
+
+def test_with_a_config_alone_judge_judges_the_runs_test_responses_once(tmp_path, capsys):
+    run, n = tmp_path / "run", 3
+    write_run_responses(run, n)
+    with ScriptedJudgeServer(pseudo_dpo_wins) as server:
+        config = write_judge_config(tmp_path / "run.yaml", server)
+        assert judge_stage.main(["--config", config, f"run_dir={run}"]) == 0
+        assert server.request_count == 2 * n
+        saved = json.loads((run / "judge" / "judge_results.json").read_text())
+        assert (saved["model_a"], saved["model_b"], saved["counts"]) == ("PseudoDPO", "SFT", {"win": n, "draw": 0, "lose": 0})
+        assert json.loads((run / "judge" / "DONE").read_text())["counts"] == saved["counts"]
+        assert "| PseudoDPO | SFT | 100.0 (3) |" in capsys.readouterr().out
+        assert judge_stage.main(["--config", config, f"run_dir={run}"]) == 0  # finished: kept as it is
+        assert server.request_count == 2 * n and "judge: already finished" in capsys.readouterr().out
+        with pytest.raises(UsageError, match="--out goes with --responses"):
+            judge_stage.main(["--config", config, f"run_dir={run}", "--out", str(tmp_path / "x")])
+        with pytest.raises(ConfigError, match="test_responses/dpo.jsonl not found; run the test-responses stage first"):
+            judge_stage.main(["--config", config, f"run_dir={tmp_path / 'empty'}"])
+    with pytest.raises(UsageError, match="or --config FILE to judge a run's test responses"):
+        judge_stage.main([])
+
+
+def test_the_runs_judge_stage_says_in_one_line_that_it_is_skipped_without_a_judge_model(tmp_path, capsys):
+    run = tmp_path / "run"
+    write_run_responses(run, 2)
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(f"run_dir: {run}\n")
+    assert judge_stage.main(["--config", str(plain)]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == [
+        "judge: skipped, the config names no judge model (set judge.model, and judge.base_url for an endpoint "
+        "other than the OpenAI API)"]
+    assert not (run / "judge").exists()
+
+
+def test_the_runs_judge_stage_stays_unfinished_while_judgments_fail(tmp_path):
+    run, n = tmp_path / "run", 2
+    write_run_responses(run, n)
+    failing = {"on": True}
+
+    def policy(body: dict, attempt: int) -> Reply:
+        return Reply(status=500) if failing["on"] else pseudo_dpo_wins(body, attempt)
+
+    with ScriptedJudgeServer(policy) as server:
+        config = write_judge_config(tmp_path / "run.yaml", server, max_retries=0)
+        with pytest.raises(RunFailed, match="judge: 2 judgments failed .*rerun the stage to retry them"):
+            judge_stage.main(["--config", config, f"run_dir={run}"])
+        assert not (run / "judge" / "DONE").exists()
+        failing["on"] = False
+        assert judge_stage.main(["--config", config, f"run_dir={run}"]) == 0
+        assert (run / "judge" / "DONE").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # Pure pieces
 
@@ -557,6 +623,15 @@ def test_combine_orders_table():
         assert judge_prompts.combine_orders(first, second) == combined
     assert [judge_prompts.verdict_to_outcome(v, True) for v in (1, 2, 3)] == [w, l, d]
     assert [judge_prompts.verdict_to_outcome(v, False) for v in (1, 2, 3)] == [l, w, d]
+
+
+def test_the_instructions_are_the_system_prompt_without_its_output_format():
+    for prompt in judge_prompts.PROMPTS.values():
+        assert prompt.system == f"{prompt.instructions}\n\n{prompt.output_format}"
+        assert "[[" not in prompt.instructions and "[[1]]" in prompt.output_format
+    # Cached answers are keyed on the system prompt: a changed text would silently miss them all.
+    assert hashlib.sha256(judge_prompts.PROMPTS["en"].system.encode()).hexdigest().startswith("0962e7e8aec0c915")
+    assert hashlib.sha256(judge_prompts.PROMPTS["ja"].system.encode()).hexdigest().startswith("4e0d9cedac172711")
 
 
 def test_prompts_carry_the_format_and_the_bias_rules():

@@ -1,17 +1,28 @@
 """The whole pipeline on the demo data with a tiny random model: every stage runs, the summary is
-written, the exported model matches, and a rerun skips every finished stage."""
+written, the exported model matches, both models answer the same test turns, the judge stage is
+skipped without a judge and judges those answers with one (a scripted server on 127.0.0.1), and a
+rerun skips every finished stage."""
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+from judge_fixtures import Reply, ScriptedJudgeServer
 from model_fixtures import load_torch_model, torch_logits
 from prefs_fixtures import tiny_llama_with_words
 
-from pdpo_jax.config import load_config
+from pdpo_jax.annotation.items import study_items
+from pdpo_jax.config import JudgeSection, load_config
 from pdpo_jax.data import load_dialogues, read_dnli
+from pdpo_jax.data.corpus import pick_test_turns, prepare_corpus
+from pdpo_jax.evaluate.judge import common_ids, load_responses
 from pdpo_jax.stages.pipeline import STAGE_NAMES, run_pipeline
+
+TEST_TURNS = 4
+KEY_ENV = "PDPO_TEST_PIPELINE_JUDGE_KEY"
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "pdpo_jax" / "resources" / "demo"
@@ -28,6 +39,7 @@ def finished_run(tmp_path_factory):
         f"run_dir={tmp / 'run'}", f"model.path={model_dir}", f"data.train={DEMO / 'dialogues.txt'}",
         f"eval.dnli={DEMO / 'dnli_eval.jsonl'}", "sft.max_steps=3", "sft.eval_every=2", "dpo.max_steps=3",
         "dpo.eval_every=2", "prefs.max_new_tokens=6", "data.max_length=192",
+        "test_responses.max_new_tokens=6", f"test_responses.max_examples={TEST_TURNS}",
         "mesh.data=4", "mesh.tensor=2",  # the eight test devices: training runs sharded
     ])
     run_pipeline(config)
@@ -60,6 +72,53 @@ def test_exported_model_gives_the_dpo_models_logits(finished_run):
     logits, _ = Decoder(ours.config).apply({"params": ours.params}, ids, positions, np.ones_like(ids))
     reference = torch_logits(load_torch_model(run / "export" / "hf"), ids, np.ones_like(ids), positions)
     np.testing.assert_allclose(np.asarray(logits), reference, atol=1e-4, rtol=0)
+
+
+def test_both_models_answer_the_same_test_turns(finished_run):
+    config, _ = finished_run
+    folder = Path(config.run_dir) / "test_responses"
+    assert (folder / "DONE").exists()
+    sets = [load_responses(folder / f"{stage}.jsonl") for stage in ("sft", "dpo")]
+    assert [s.model for s in sets] == ["SFT", "PseudoDPO"]
+    turns = pick_test_turns(prepare_corpus(config.data, config.seed), TEST_TURNS, config.test_responses.seed)
+    assert common_ids(sets) == [t.id for t in turns] and len(turns) == TEST_TURNS
+    for line, turn in zip((folder / "sft.jsonl").read_text().splitlines(), turns):
+        row = json.loads(line)
+        assert (row["history"], row["reference"], row["persona"]) == (list(turn.history), turn.response, list(turn.persona))
+        assert isinstance(row["stopped"], bool) and row["history_turns_dropped"] == 0
+
+
+def shorter_response_wins(body: dict, attempt: int) -> Reply:
+    """A judge with a taste that does not depend on the order it reads the responses in."""
+    first, second = re.findall(r"\[Response [12]\]\n(.*?)\n\[End of Response", body["messages"][1]["content"], re.S)
+    verdict = 3 if len(first) == len(second) else 1 if len(first) < len(second) else 2
+    return Reply(text=f"the shorter one.\n[[{verdict}]]")
+
+
+def test_the_judge_stage_is_skipped_without_a_judge_and_judges_the_test_responses_with_one(
+        finished_run, capsys, monkeypatch):
+    config, _ = finished_run
+    run = Path(config.run_dir)
+    run_pipeline(config, ("judge",))
+    assert "judge: skipped, the config names no judge model" in capsys.readouterr().out
+    assert not (run / "judge").exists()
+
+    monkeypatch.setenv(KEY_ENV, "sk-test")
+    with ScriptedJudgeServer(shorter_response_wins) as server:
+        judged = dataclasses.replace(config, judge=JudgeSection(
+            model="judge-test", base_url=server.base_url, api_key_env=KEY_ENV, timeout=10.0, bootstrap=50, plots=False))
+        run_pipeline(judged, ("judge", "summary"))
+        assert server.request_count == 2 * TEST_TURNS  # both orders of every pair
+        run_pipeline(judged, ("judge",))
+        assert server.request_count == 2 * TEST_TURNS and "judge: already finished" in capsys.readouterr().out
+    results = json.loads((run / "judge" / "judge_results.json").read_text())
+    assert (results["model_a"], results["model_b"]) == ("PseudoDPO", "SFT")
+    assert results["status"]["judged"] == TEST_TURNS and sum(results["counts"].values()) == TEST_TURNS
+    assert results["position_consistency"]["rate"] == 1.0
+    assert (run / "judge" / "DONE").exists() and "## LLM judge on the test turns" in (run / "summary" / "summary.md").read_text()
+    # A human study of the same pairs starts from this folder.
+    items = study_items([str(run / "judge")])
+    assert [(i.model_a, i.model_b) for i in items] == [("PseudoDPO", "SFT")] * TEST_TURNS
 
 
 def test_rerun_skips_finished_stages(finished_run, capsys):

@@ -6,12 +6,13 @@ run's `data` section, so they all see the same train/val/test dialogues.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Any
 
 from pdpo_jax.data.dialogue import Dialogue
 from pdpo_jax.data.dnli import read_dnli
-from pdpo_jax.data.examples import split_dialogues
+from pdpo_jax.data.examples import Example, examples_from_dialogues, split_dialogues
 from pdpo_jax.data.loading import load_dialogues
 from pdpo_jax.data.overlap import OverlapReport, drop_overlapping
 
@@ -65,6 +66,16 @@ def prepare_corpus(data: Any, seed: int) -> Corpus:
             f"splitting {len(dialogues)} dialogues by {data.split_fractions} left an empty train or val split"
         )
     return Corpus(train=train, val=val, test=test, overlap=overlap)
+
+
+def pick_test_turns(corpus: Corpus, count: int | None, seed: int) -> list[Example]:
+    """The test dialogues' model turns that answer a partner line (an opening turn has nothing to
+    answer, so it says little about persona consistency): all of them in corpus order, or `count`
+    of them picked with `seed`."""
+    examples = [e for e in examples_from_dialogues(corpus.test) if e.history]
+    if count is None:
+        return examples
+    return random.Random(seed).sample(examples, min(count, len(examples)))
 
 
 def _read_all(paths: list[str], data: Any) -> list[Dialogue]:

@@ -6,6 +6,7 @@
     make_prefs      2. pseudo-negatives sampled under another dialogue's persona
     dpo             3. DPO from the SFT model on those pairs
     eval_dnli       4. Dialogue-NLI candidate ranking
+    test_responses  4. every trained model's responses to the test dialogues' turns
     judge           4. pairwise LLM-as-judge win rates
     annotate        4. a human study of the same pairs: the annotation web application and its report
     export_hf       4. any trained model as a Hugging Face directory
@@ -29,6 +30,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "make-prefs": ("pdpo_jax.stages.make_prefs", "2. build pseudo-preference pairs with swapped personas"),
     "dpo": ("pdpo_jax.stages.dpo", "3. DPO from the SFT model on pseudo-preference pairs"),
     "eval-dnli": ("pdpo_jax.stages.eval_dnli", "4. Dialogue-NLI candidate ranking by log-likelihood"),
+    "test-responses": ("pdpo_jax.stages.test_responses", "4. every trained model's responses to the test turns"),
     "judge": ("pdpo_jax.stages.judge", "4. pairwise LLM-as-judge win rates"),
     "annotate": ("pdpo_jax.stages.annotate", "4. pairwise human evaluation: items, annotator links, web app, votes, report"),
     "export-hf": ("pdpo_jax.stages.export_hf", "4. export a checkpoint to a Hugging Face directory"),

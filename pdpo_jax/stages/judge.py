@@ -1,4 +1,9 @@
-"""`pdpo judge`: the judge evaluation from the command line.
+"""`pdpo judge`: the judge evaluation from the command line, and the pipeline's judge stage.
+
+Two ways in: `--responses A.jsonl B.jsonl --out DIR` judges any responses files; `--config FILE`
+alone judges the run's test responses (`pdpo test-responses`: PseudoDPO as A against SFT as B)
+into `<run_dir>/judge`, as the pipeline's judge stage does. That stage runs only when the config
+names a judge model (`judge.model`) and says so in one line otherwise.
 
 The settings come from the `judge` section of the run config (`--config FILE`, repeatable, and
 `judge.KEY=VALUE` overrides); flags override the config. Errors are raised, not printed; the exit
@@ -9,17 +14,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import re
 import sys
+from pathlib import Path
 
-from pdpo_jax.config import JudgeSection, load_config
+from pdpo_jax.config import ConfigError, JudgeSection, RunConfig, load_config
+from pdpo_jax.errors import RunFailed, UsageError
 from pdpo_jax.evaluate import report
 from pdpo_jax.evaluate.judge_prompts import PROMPTS
 from pdpo_jax.evaluate.judge_run import JudgeSettings, run_judge, settings_from_section
 from pdpo_jax.evaluate.judge_stats import DEFAULT_GAMES
-from pdpo_jax.stages.common import StageParser, stage_parser
+from pdpo_jax.files import mark_done
+from pdpo_jax.parallel import primary_decides
+from pdpo_jax.stages.common import StageParser, claim_run_dir, finished, stage_parser
+from pdpo_jax.stages.test_responses import responses_path
 
 PROG = "pdpo judge"
 DESCRIPTION = (
@@ -28,6 +39,10 @@ DESCRIPTION = (
     "[[1]] (response 1 is better), [[2]] (response 2) or [[3]] (tie)."
 )
 EPILOG = """\
+a run's test responses: with --config and no --responses, PseudoDPO's answers to the test
+  turns (<run_dir>/test_responses/dpo.jsonl, written by `pdpo test-responses`) are judged
+  against SFT's (sft.jsonl) into <run_dir>/judge; a finished judge folder is kept.
+
 responses files (jsonl, one per model, matched by id):
   {"id": ..., "persona": [...], "history": [...], "response": "...", "model": "name"}
   (without "model" the file's stem names the model)
@@ -54,6 +69,7 @@ outputs in --out: judge_results.json, judge_results.md, judgments.jsonl (every a
   The API key is never written anywhere."""
 
 DEFAULTS = JudgeSection()
+JUDGE_DIR = "judge"  # a run's judge folder
 SETTINGS = frozenset(f.name for f in dataclasses.fields(JudgeSettings))
 # `--responses` takes every word up to the next option, overrides written after it included.
 _OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
@@ -62,8 +78,9 @@ _OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
 def build_parser() -> StageParser:
     parser = stage_parser(PROG, DESCRIPTION, config="optional", epilog=EPILOG,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--responses", nargs="+", required=True, metavar="FILE", help="responses jsonl, one per model")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--responses", nargs="+", metavar="FILE",
+                        help="responses jsonl, one per model (default: the --config run's test responses)")
+    parser.add_argument("--out", help="output folder (required with --responses; a run's judge folder is <run_dir>/judge)")
 
     def setting(flag: str, dest: str, text: str, **kwargs) -> None:
         # Absent flags stay out of the namespace, so they leave the config's value alone.
@@ -110,18 +127,76 @@ def split_overrides(responses: list[str], overrides: list[str]) -> tuple[list[st
     return files, [*overrides, *moved]
 
 
+def setting_flags(args: argparse.Namespace) -> dict[str, object]:
+    return {name: value for name, value in vars(args).items() if name in SETTINGS}
+
+
 def settings_from_args(args: argparse.Namespace, overrides: list[str]) -> JudgeSettings:
     section = load_config(args.config or None, overrides).judge
-    flags = {name: value for name, value in vars(args).items() if name in SETTINGS}
-    return settings_from_section(section, **flags)
+    return settings_from_section(section, **setting_flags(args))
+
+
+def judge_test_responses(config: RunConfig, **flags: object) -> dict[str, object] | None:
+    """The judge stage of a run: PseudoDPO's test responses (A) against SFT's (B), judged into
+    `<run_dir>/judge` with the config's `judge` section (`flags` replace its keys). Returns the
+    results, or None after a one-line reason when no judge model is named. Raises RunFailed, and
+    leaves the stage unfinished, when some judgments failed: a rerun asks for exactly those."""
+    out_dir = Path(config.run_dir) / JUDGE_DIR
+    if finished(out_dir):
+        print(f"judge: already finished in {out_dir} (delete its DONE file to rerun)")
+        return primary_decides(lambda: json.loads((out_dir / "judge_results.json").read_text(encoding="utf-8")))
+    if not (flags.get("model") or config.judge.model):
+        print("judge: skipped, the config names no judge model (set judge.model, and judge.base_url for an "
+              "endpoint other than the OpenAI API)")
+        return None
+    settings = settings_from_section(config.judge, **flags)
+    files = [responses_path(config, stage) for stage in ("dpo", "sft")]
+    for path in files:
+        if not path.exists():
+            raise ConfigError(f"judge: {path} not found; run the test-responses stage first")
+    return primary_decides(_judge_into, files, out_dir, settings)
+
+
+def _judge_into(files: list[Path], out_dir: Path, settings: JudgeSettings) -> dict[str, object]:
+    results, _ = run_judge([str(path.resolve()) for path in files], out_dir, settings)
+    failed = results["status"]["failed"]
+    if failed:
+        raise RunFailed(f"judge: {failed} judgments failed (see {out_dir / 'judgments.jsonl'}); rerun the stage to "
+                        f"retry them, the answers so far are cached")
+    mark_done(out_dir, {key: results[key] for key in ("mode", "counts", "status") if key in results})
+    return results
+
+
+def _log_to_stderr() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+
+
+def judge_run(args: argparse.Namespace) -> int:
+    """`pdpo judge --config FILE`: the run's judge stage."""
+    if not args.config:
+        raise UsageError("give --responses A.jsonl B.jsonl --out DIR, or --config FILE to judge a run's test "
+                         f"responses (see {PROG} --help)")
+    if args.out is not None:
+        raise UsageError("--out goes with --responses; a run's judgments are written to <run_dir>/judge")
+    config = load_config(args.config, args.overrides)
+    _log_to_stderr()
+    with claim_run_dir(config):
+        results = judge_test_responses(config, **setting_flags(args))
+    if results is not None:
+        print(report.judge_markdown(results))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.responses:
+        return judge_run(args)
+    if args.out is None:
+        raise UsageError(f"--responses needs --out DIR (see {PROG} --help)")
     responses, overrides = split_overrides(args.responses, args.overrides)
     settings = settings_from_args(args, overrides)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    _log_to_stderr()
     results, _ = run_judge(responses, args.out, settings)
     print(report.judge_markdown(results))
     failed = results["status"]["failed"]

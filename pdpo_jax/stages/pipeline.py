@@ -1,5 +1,6 @@
-"""`pdpo pipeline`: SFT -> make-prefs -> DPO -> DNLI evaluation of both models -> export-hf ->
-results summary, inside one run directory.
+"""`pdpo pipeline`: SFT -> make-prefs -> DPO -> DNLI evaluation of both models -> both models'
+responses to the test turns -> the LLM judge on them (when the config names a judge model) ->
+export-hf -> results summary, inside one run directory.
 
 Each stage writes its own folder and a `DONE` marker last; a rerun skips finished stages and
 resumes the unfinished one where it stopped. `--stages` runs a subset (e.g. only the evaluation).
@@ -28,8 +29,10 @@ from pdpo_jax.stages.common import (
     write_resolved_config,
 )
 from pdpo_jax.stages.dpo import run_dpo
+from pdpo_jax.stages.judge import JUDGE_DIR, judge_test_responses
 from pdpo_jax.stages.make_prefs import make_prefs
 from pdpo_jax.stages.sft import run_sft
+from pdpo_jax.stages.test_responses import write_test_responses
 
 EVALUATED_MODELS = ("sft", "dpo")
 
@@ -82,6 +85,9 @@ def write_summary(config: RunConfig) -> Path:
     if curves:
         plots.plot_training_curves(curves, out_dir / "curves.png")
         lines += ["## Training", "", "![training curves](curves.png)", ""]
+    judge_results = run / JUDGE_DIR / "judge_results.json"
+    if judge_results.exists():
+        lines += ["## LLM judge on the test turns", "", plots.judge_markdown(json.loads(judge_results.read_text())), ""]
     lines += ["## Stages", ""]
     for stage in ("sft", "prefs", "dpo"):
         done = run / stage / "DONE"
@@ -103,12 +109,14 @@ def stage_table() -> dict[str, Callable[[RunConfig], Any]]:
         "dpo": run_dpo,
         "eval-sft": lambda config: run_eval(config, "sft"),
         "eval-dpo": lambda config: run_eval(config, "dpo"),
+        "test-responses": write_test_responses,
+        "judge": judge_test_responses,
         "export-hf": run_export,
         "summary": lambda config: primary_decides(lambda: str(write_summary(config))),
     }
 
 
-STAGE_NAMES = ("sft", "make-prefs", "dpo", "eval-sft", "eval-dpo", "export-hf", "summary")
+STAGE_NAMES = ("sft", "make-prefs", "dpo", "eval-sft", "eval-dpo", "test-responses", "judge", "export-hf", "summary")
 
 
 def run_pipeline(config: RunConfig, stages: tuple[str, ...] = STAGE_NAMES) -> Path:
@@ -128,8 +136,9 @@ def run_pipeline(config: RunConfig, stages: tuple[str, ...] = STAGE_NAMES) -> Pa
 def main(argv: list[str]) -> int:
     parser = stage_parser(
         "pdpo pipeline",
-        "SFT -> pseudo-preferences -> DPO -> DNLI evaluation of SFT and DPO -> export-hf -> summary, in <run_dir>. "
-        "Finished stages are skipped on rerun.",
+        "SFT -> pseudo-preferences -> DPO -> DNLI evaluation of SFT and DPO -> their responses to the test turns -> "
+        "the LLM judge on them (skipped unless judge.model is set; the key comes from the environment variable "
+        "judge.api_key_env names) -> export-hf -> summary, in <run_dir>. Finished stages are skipped on rerun.",
         epilog=f"Stages: {', '.join(STAGE_NAMES)}. Overrides are dotted config keys, e.g. sft.epochs=1.",
     )
     parser.add_argument("--stages", default=",".join(STAGE_NAMES),
