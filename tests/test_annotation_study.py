@@ -9,6 +9,7 @@ import sqlite3
 import pytest
 from annotation_fixtures import pair_items, write_judge_output, write_responses_file
 
+from pdpo_jax import cli
 from pdpo_jax.annotation.errors import StudyError
 from pdpo_jax.annotation.items import sample_items, study_items
 from pdpo_jax.annotation.store import Study, token_digest
@@ -174,3 +175,16 @@ def test_the_command_line_from_init_to_export(tmp_path, capsys):
     assert [json.loads(line)["current"] for line in out.read_text().splitlines()] == [False, True, True]
     with pytest.raises(StudyError, match="exists already"):
         annotate.main(["init", "--db", str(db), "--pairs", str(folder)])
+
+
+def test_study_errors_reach_the_user_as_one_line(tmp_path, capsys):
+    for argv, fragment in (
+        (["serve", "--db", str(tmp_path / "none.db")], "none.db: no study database here"),
+        (["init", "--db", str(tmp_path / "s.db"), "--pairs", str(tmp_path / "missing.jsonl"), "x.jsonl"],
+         "responses file not found"),
+        (["report", "--db", str(tmp_path / "none.db"), "--out", "r.json"], "no study database here"),
+        (["add-annotator", "--db", str(tmp_path / "none.db")], "the following arguments are required: name"),
+    ):
+        assert cli.main(["annotate", *argv]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and error.startswith("pdpo annotate: ") and fragment in error, error

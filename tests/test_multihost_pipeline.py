@@ -1,10 +1,10 @@
 """`pdpo pipeline` as one program on two hosts: two processes on 127.0.0.1 with 4 CPU devices each,
 a tiny model on a mesh of data 2 x fsdp 2 x tensor 2 with its layers scanned (as the paper configs
-run on pods), every stage. Its preference records (byte
-for byte), DNLI reports and exported weights equal those of one process running the same mesh on
-8 devices, and every file of the run directory is written once, by process 0 (process 1 writes
-only its own part of each orbax checkpoint). A make-prefs crash after the first shards resumes on
-both processes and writes the records of the uninterrupted run.
+run on pods), every stage. Its preference records (byte for byte), DNLI reports, the SFT model's
+test responses and exported weights equal those of one process running the same mesh on 8 devices,
+and every file of the run directory is written once, by process 0 (process 1 writes only its own
+part of each orbax checkpoint). A make-prefs crash after the first shards resumes on both
+processes and writes the records of the uninterrupted run.
 
 Training on two processes reduces gradients across them in another order than one process does,
 so the two SFT models agree to fp32 rounding, not bit for bit, and a sampled negative could then
@@ -91,7 +91,7 @@ def relative_files(root: Path, pattern: str) -> list[Path]:
 
 def test_every_stage_finished_on_two_hosts(runs):
     _, two, _ = runs
-    for stage in ("sft", "prefs", "dpo", "eval/sft", "eval/dpo", "export"):
+    for stage in ("sft", "prefs", "dpo", "eval/sft", "eval/dpo", "test_responses", "export"):
         assert (two / stage / "DONE").exists(), stage
     assert (two / "summary" / "summary.md").exists()
 
@@ -126,6 +126,15 @@ def test_dnli_reports_equal_those_of_one_process(runs):
         np.testing.assert_allclose(a["scores"], b["scores"], rtol=SCORE_RTOL, err_msg=a["id"])
 
 
+def test_test_responses_of_the_same_sft_model_equal_those_of_one_process(runs):
+    one, two, _ = runs
+    files = [run / "test_responses" / "sft.jsonl" for run in (one, two)]
+    assert files[0].read_text().count("\n") > 0
+    assert files[1].read_bytes() == files[0].read_bytes()
+    for run in (one, two):
+        assert json.loads((run / "test_responses" / "DONE").read_text())["turns"] > 0
+
+
 def test_exported_weights_equal_those_of_one_process(runs):
     from safetensors.numpy import load_file
 
@@ -148,6 +157,6 @@ def test_every_file_is_written_once_by_process_zero(runs):
     assert second and all(path.endswith("/array_metadatas/process_1") for _, path in second), second
     assert not {path for _, path in first} & {path for _, path in second}
     outputs = [path for event, path in first if event in ("os.rename", "os.replace")
-               and any(f"/{part}/" in path for part in ("prefs", "eval", "export", "summary"))
+               and any(f"/{part}/" in path for part in ("prefs", "eval", "test_responses", "export", "summary"))
                or path.endswith(("/DONE", "/data_summary.json", "/pipeline.json"))]
     assert len(outputs) >= 20 and len(outputs) == len(set(outputs)), sorted(p for p in outputs if outputs.count(p) > 1)

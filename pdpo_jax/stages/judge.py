@@ -70,6 +70,7 @@ outputs in --out: judge_results.json, judge_results.md, judgments.jsonl (every a
 
 DEFAULTS = JudgeSection()
 JUDGE_DIR = "judge"  # a run's judge folder
+JUDGED_STAGES = ("dpo", "sft")  # a run's judge compares the test responses of model A (PseudoDPO) and B (SFT)
 SETTINGS = frozenset(f.name for f in dataclasses.fields(JudgeSettings))
 # `--responses` takes every word up to the next option, overrides written after it included.
 _OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
@@ -150,7 +151,7 @@ def judge_test_responses(config: RunConfig, **flags: object) -> dict[str, object
               "endpoint other than the OpenAI API)")
         return None
     settings = settings_from_section(config.judge, **flags)
-    files = [responses_path(config, stage) for stage in ("dpo", "sft")]
+    files = [responses_path(config, stage) for stage in JUDGED_STAGES]
     for path in files:
         if not path.exists():
             raise ConfigError(f"judge: {path} not found; run the test-responses stage first")
