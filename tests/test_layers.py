@@ -24,7 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("matmul", "parallel", "metrics_log"),  # the projection | mesh and partition rules | metrics.jsonl
     ("losses",),  # pure loss math
     ("data", "model"),  # readers, templates, batching | the decoder, loading, export
-    ("scoring", "generation"),  # scoring sequences | sampling and decoding
+    ("scoring", "generation", "nli"),  # scoring sequences | sampling and decoding | NLI probabilities and reward
     ("train", "evaluate", "api"),  # training loop | DNLI, judge, reports | conveniences
     ("planning",),  # a config's programs compiled for a TPU slice (stands on train, generation, scoring)
     ("stages",),  # one module per stage of the method
