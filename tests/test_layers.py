@@ -26,7 +26,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("data", "model"),  # readers, templates, batching | the decoder, loading, export
     ("scoring", "generation", "nli"),  # scoring sequences | sampling and decoding | NLI probabilities and reward
     ("train", "evaluate", "api"),  # training loop | DNLI, judge, reports | conveniences
-    ("planning",),  # a config's programs compiled for a TPU slice (stands on train, generation, scoring)
+    ("planning", "rl"),  # a config's programs compiled for a TPU slice | PPO (both stand on train, generation, scoring)
     ("stages",),  # one module per stage of the method
     ("cli", "__init__"),  # entry points
 )

@@ -6,7 +6,16 @@
 """
 
 from pdpo_jax.generation.decode import generate
-from pdpo_jax.generation.respond import Response, context_limit, cut_at_stop, respond, stop_sequences
+from pdpo_jax.generation.respond import (
+    Response,
+    context_limit,
+    cut_at_stop,
+    decode_response,
+    respond,
+    right_padded,
+    split_at_stop,
+    stop_sequences,
+)
 from pdpo_jax.generation.sampling import (
     Greedy,
     Sampler,
@@ -19,5 +28,6 @@ from pdpo_jax.generation.sampling import (
 
 __all__ = [
     "Greedy", "Response", "Sampler", "Temperature", "TopK", "TopP", "context_limit", "cut_at_stop", "generate",
-    "respond", "sampler_description", "sampler_from_config", "stop_sequences",
+    "decode_response", "respond", "right_padded", "sampler_description", "sampler_from_config", "split_at_stop",
+    "stop_sequences",
 ]
