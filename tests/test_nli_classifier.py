@@ -142,11 +142,11 @@ def song_reward(probabilities: np.ndarray, mode: str) -> float:
 @pytest.mark.parametrize("mode", ["song", "entail_minus_contradict", "entailment"])
 def test_nli_reward_selects_the_most_contradicted_sentence(llama_classifier, mode):
     classifier, _ = llama_classifier
-    reward = NliReward(classifier, mode, max_length=64, rows=4, bucket=8)
+    reward = NliReward(classifier, mode, max_length=64, rows=3, bucket=8)
     per_sentence = reward.sentence_probabilities(PERSONAS, RESPONSES)
     assert [len(p) for p in per_sentence] == [3, 1, 0]
-    np.testing.assert_allclose(np.concatenate(per_sentence), class_probabilities(classifier, encoded_pairs(classifier)),
-                               atol=1e-6)
+    np.testing.assert_allclose(np.concatenate(per_sentence),
+                               class_probabilities(classifier, encoded_pairs(classifier), rows=3, bucket=8), atol=1e-6)
     np.testing.assert_allclose(reward(PERSONAS, RESPONSES), [song_reward(p, mode) for p in per_sentence], atol=1e-6)
 
 

@@ -156,6 +156,33 @@ def test_the_classifier_loads_in_transformers_and_eval_nli_agrees_with_it(finish
         assert block["n"] == len(rows) and block["correct"] == sum(predicted[i] == label for i in rows)
 
 
+def test_a_rollout_trains_on_the_sampled_tokens_up_to_their_stop_and_rewards_their_text(finished_run):
+    from pdpo_jax.data import PromptEncoder, examples_from_dialogues
+    from pdpo_jax.generation import Temperature, decode_response, generate, split_at_stop, stop_sequences
+    from pdpo_jax.model import load_model, pad_id
+    from pdpo_jax.rl import PromptBatches, rl_prompts, sample_rollout
+
+    policy = load_model(Path(finished_run["config"].run_dir) / "sft" / "best")
+    encoder = PromptEncoder(policy.tokenizer, "chat-en")
+    examples = examples_from_dialogues(load_dialogues(DEMO / "dialogues.txt")[:1])[:3]
+    prompts, _ = rl_prompts(examples, encoder, room=64)
+    batch = PromptBatches(prompts, rows=4, seed=0, shuffle=False, pad_id=pad_id(policy)).batch(0, 0)
+    assert batch["prompt_index"].tolist() == [0, 1, 2, -1]  # a filler row fills the short batch
+    sampler = Temperature(1.0)
+    rollout = sample_rollout(policy, encoder, batch, prompts, max_new_tokens=6, sampler=sampler, seed=5,
+                             length_bucket=32)
+    sampled = generate(policy, batch["prompt_ids"], batch["segment_ids"], max_new_tokens=6, sampler=sampler, seed=5)
+    layout = rollout.batch
+    for row, prompt in enumerate(prompts):
+        kept, stop = split_at_stop(sampled[row], stop_sequences(policy, encoder))
+        scored = np.flatnonzero(layout["loss_mask"][row])
+        assert scored[0] == len(prompt.prompt_ids) - 1  # the last prompt token predicts the first response token
+        assert layout["targets"][row, scored].tolist() == kept + stop
+        assert rollout.responses[row] == decode_response(policy.tokenizer, kept)
+        assert rollout.stopped[row] == bool(stop) and rollout.personas[row] == prompt.persona
+    assert not layout["loss_mask"][3].any() and rollout.real.tolist() == [True, True, True, False]
+
+
 KILLER = """
 import os, signal, sys
 from pdpo_jax import cli, metrics_log

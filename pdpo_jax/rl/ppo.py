@@ -109,8 +109,13 @@ def initial_ppo_state(policy_params: Any, value_head: Any, optimizer: optax.Grad
     frozen reference."""
     learner = jax.jit(functools.partial(create_train_state, optimizer=optimizer),
                       out_shardings=shardings.learner)({"policy": policy_params, "value_head": value_head})
-    return PPOState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step), learner=learner,
-                    kl_coef=jax.device_put(jnp.asarray(kl_coef, jnp.float32), shardings.kl_coef))
+    return PPOState(step=scalar_on(0, jnp.int32, shardings.step), learner=learner,
+                    kl_coef=scalar_on(kl_coef, jnp.float32, shardings.kl_coef))
+
+
+def scalar_on(value: float, dtype: Any, sharding: Any) -> jax.Array:
+    """A replicated scalar every process of the run holds alike."""
+    return jax.make_array_from_callback((), sharding, lambda _: np.asarray(value, dtype))
 
 
 # --- the objective ----------------------------------------------------------------------------------
@@ -239,7 +244,7 @@ class PPOTrainer:
             kl_coef = float(adaptive_kl_coef(kl_coef, mean_kl, target=settings.kl_target, horizon=settings.kl_horizon,
                                              n_steps=int(rollout.real.sum())))
         new_state = PPOState(step=state.step + 1, learner=learner,
-                             kl_coef=jax.device_put(jnp.asarray(kl_coef, jnp.float32), state.kl_coef.sharding))
+                             kl_coef=scalar_on(kl_coef, jnp.float32, state.kl_coef.sharding))
         return new_state, metrics
 
     def _micro_batches(self, rollout_data: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:

@@ -25,6 +25,7 @@ from pdpo_jax.files import atomic_write_json, mark_done
 from pdpo_jax.generation import context_limit, sampler_description, sampler_from_config
 from pdpo_jax.metrics_log import read_metrics_jsonl
 from pdpo_jax.model.classifier import load_classifier
+from pdpo_jax.model.hub import looks_like_hub_id
 from pdpo_jax.nli import NliReward
 from pdpo_jax.parallel import is_primary
 from pdpo_jax.rl import fit_ppo, rl_prompts
@@ -46,18 +47,20 @@ class RLInputError(ModelDirError):
     """A model or the prompts the RL stage needs are not there; the message says which stage makes them."""
 
 
-def resolve_inputs(config: RunConfig) -> tuple[Path, Path]:
-    """(policy, classifier) directories, checked before anything loads."""
+def resolve_inputs(config: RunConfig) -> tuple[str, Path]:
+    """(policy, classifier): the policy a directory, `default` or a Hub id, the classifier a
+    directory; checked before anything loads."""
     run = Path(config.run_dir)
     policy = Path(config.rl.policy) if config.rl.policy else run / "sft" / "best"
     classifier = Path(config.rl.classifier) if config.rl.classifier else run / NLI_STAGE / CLASSIFIER_DIR
-    if config.rl.policy != "default" and not policy.is_dir():
+    named = config.rl.policy == "default" or looks_like_hub_id(config.rl.policy or "")
+    if not named and not policy.is_dir():
         hint = " (run `pdpo sft` first, or set rl.policy)" if not config.rl.policy else ""
         raise RLInputError(f"policy model directory not found: {policy}{hint}")
     if not classifier.is_dir():
         hint = " (run `pdpo train-nli` first, or set rl.classifier)" if not config.rl.classifier else ""
         raise RLInputError(f"NLI classifier directory not found: {classifier}{hint}")
-    return (Path("default") if config.rl.policy == "default" else policy), classifier
+    return (config.rl.policy if named else str(policy)), classifier
 
 
 def run_rl(config: RunConfig) -> dict[str, Any]:
@@ -68,7 +71,7 @@ def run_rl(config: RunConfig) -> dict[str, Any]:
     out_dir, mesh = started
     check_batch_fits_mesh(section.batch_size, config, "rl.batch_size")
     policy_path, classifier_path = resolve_inputs(config)
-    policy = load_for_run(str(policy_path), config, mesh)
+    policy = load_for_run(policy_path, config, mesh)
     classifier = load_classifier(classifier_path, mesh=mesh, compute_dtype=config.model.dtype)
     reward = NliReward(classifier, section.reward, max_length=config.nli.max_length, mesh=mesh)
     encoder = PromptEncoder(policy.tokenizer, config.data.template)
