@@ -68,7 +68,6 @@ from pdpo_jax.train.optim import make_optimizer
 from pdpo_jax.train.steps import TrainState, create_train_state, jit_train_step, put_micro_batches, state_shardings
 
 SELECT_METRIC = "objective/scores"
-ROLLOUT_KEYS = ("old_logps", "old_values", "advantages", "returns")
 
 
 # --- the value head and the state -------------------------------------------------------------------
