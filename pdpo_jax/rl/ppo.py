@@ -18,9 +18,9 @@ Validation answers the validation prompts greedily and reports their mean reward
 policy is both the reference (KL 0) and the policy that sampled (ratio 1).
 
 The value head is one linear map on the policy's own final hidden states, as in TRL's classic
-`AutoModelForCausalLMWithValueHead`: one forward gives log-probs and values, and no second model
-(a critic as large as the policy, with its own Adam moments) is held in memory, which is what lets
-a 7B or 13B paper model fit the same slice as its DPO run. The price is that value gradients reach
+`AutoModelForCausalLMWithValueHead`: one forward gives log-probs and values, and no second model is
+trained (a critic as large as the policy would add its parameters, gradients and Adam moments
+again, on top of the policy's and the frozen reference's). The price is that value gradients reach
 the policy's trunk; TRL's small `vf_coef` (0.1) keeps them in proportion. The head starts at zero
 (every value 0), so the first advantages are the rewards themselves.
 
