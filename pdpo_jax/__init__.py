@@ -49,6 +49,13 @@ _EXPORTS = {
     "load_config": "pdpo_jax.config",
     "sft_loss": "pdpo_jax.losses",
     "dpo_loss": "pdpo_jax.losses",
+    "gae_advantages": "pdpo_jax.losses",
+    "kl_penalized_rewards": "pdpo_jax.losses",
+    "ppo_policy_loss": "pdpo_jax.losses",
+    "ppo_value_loss": "pdpo_jax.losses",
+    "Classifier": "pdpo_jax.model.classifier",
+    "load_classifier": "pdpo_jax.model.classifier",
+    "NliReward": "pdpo_jax.nli",
     "PdpoError": "pdpo_jax.errors",
 }
 

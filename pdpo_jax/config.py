@@ -55,6 +55,10 @@ class OptimizerConfig:
 
 SFT_DEFAULTS = OptimizerConfig(learning_rate=1e-5, schedule="cosine")
 DPO_DEFAULTS = OptimizerConfig(learning_rate=1e-6, schedule="linear")
+NLI_DEFAULTS = OptimizerConfig(learning_rate=2e-5, schedule="linear")
+# TRL's PPOConfig: Adam at a constant 1.41e-5, no weight decay, no gradient clipping
+RL_DEFAULTS = OptimizerConfig(learning_rate=1.41e-5, schedule="constant", warmup_ratio=0.0, weight_decay=0.0,
+                              max_grad_norm=None)
 
 
 @dataclass
@@ -118,8 +122,11 @@ class SamplerSection:
 @dataclass
 class PrefsSection:
     shuffle: bool = True  # False = the paper's "w/o shuffle" ablation
-    generator: str | None = None  # model that samples negatives; None = this run's SFT model
-    reference: str | None = None  # model whose log-probs are stored; None = this run's SFT model
+    # The stage whose best model samples the negatives, scores them as the reference and starts
+    # the DPO policy, where generator / reference are not set: "rl" is "+RL(DialogueNLI) +PseudoDPO".
+    from_stage: Literal["sft", "rl"] = "sft"
+    generator: str | None = None  # model that samples negatives; None = <run_dir>/<from_stage>/best
+    reference: str | None = None  # model whose log-probs are stored; None = <run_dir>/<from_stage>/best
     sampler: SamplerSection = field(default_factory=SamplerSection)
     max_new_tokens: int = 48
     batch_size: int = 16
@@ -142,6 +149,61 @@ class DPOSection:
     eval_every: int = 100
     share_prompt: bool = True
     checkpoint_every: int = 100
+
+
+@dataclass
+class NliSection:
+    """`pdpo train-nli`: the three-way NLI classifier behind the RL(DialogueNLI) reward."""
+
+    pairs: list[str] = field(default_factory=list)  # NLI pair files: `s1</s>s2</s>label` lines or the official jsonl
+    val_pairs: list[str] = field(default_factory=list)  # held-out pair files; none: val_fraction of `pairs`
+    val_fraction: float = 0.1
+    model: str = "default"  # the classifier's trunk: any model `load_model` opens
+    max_length: int = 128  # tokens of a pair; longer pairs keep their end
+    optimizer: OptimizerConfig = NLI_DEFAULTS
+    batch_size: int = 16
+    grad_accum: int = 1
+    epochs: int = 2
+    max_steps: int | None = None
+    eval_every: int = 100
+    checkpoint_every: int = 100
+
+
+@dataclass
+class RLSection:
+    """`pdpo rl`: PPO against the NLI reward with a KL penalty to the starting model (TRL's classic
+    PPOTrainer defaults)."""
+
+    policy: str | None = None  # start and frozen reference; None = <run_dir>/sft/best
+    classifier: str | None = None  # the NLI classifier; None = <run_dir>/nli/classifier
+    reward: Literal["song", "entail_minus_contradict", "entailment"] = "song"
+    optimizer: OptimizerConfig = RL_DEFAULTS
+    batch_size: int = 16  # prompts per rollout (one loop step)
+    mini_batch_size: int = 4  # rows per micro-batch of a PPO update
+    grad_accum: int = 1  # micro-batches per update: an update sees mini_batch_size * grad_accum rows
+    ppo_epochs: int = 4  # passes over each rollout
+    epochs: int = 2  # passes over the training prompts (the paper: at most 2)
+    max_steps: int | None = None  # rollouts at most
+    eval_every: int = 20
+    checkpoint_every: int = 20
+    max_new_tokens: int = 32
+    # Pure sampling at temperature 1: PPO's ratios are taken against the distribution that sampled.
+    sampler: SamplerSection = field(default_factory=lambda: SamplerSection(kind="temperature"))
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    kl_coef: float = 0.2  # the starting coefficient of the KL penalty
+    adaptive_kl: bool = True  # Ziegler et al.'s controller towards kl_target; False: kl_coef fixed
+    kl_target: float = 6.0
+    kl_horizon: float = 10000.0
+    max_val_examples: int | None = None  # validation prompts (greedy responses) per validation; None = all
+
+
+@dataclass
+class PipelineSection:
+    stages: list[str] | None = None  # what `pdpo pipeline` runs (in pipeline order); None = its default list
 
 
 @dataclass
@@ -201,6 +263,9 @@ class RunConfig:
     sft: SFTSection = field(default_factory=SFTSection)
     prefs: PrefsSection = field(default_factory=PrefsSection)
     dpo: DPOSection = field(default_factory=DPOSection)
+    nli: NliSection = field(default_factory=NliSection)
+    rl: RLSection = field(default_factory=RLSection)
+    pipeline: PipelineSection = field(default_factory=PipelineSection)
     eval: EvalSection = field(default_factory=EvalSection)
     test_responses: TestResponsesSection = field(default_factory=TestResponsesSection)
     judge: JudgeSection = field(default_factory=JudgeSection)
@@ -359,6 +424,20 @@ def _validate(config: RunConfig, where: str) -> None:
          "test_responses.max_examples must be positive or null"),
         (0 < config.test_responses.sampler.top_p <= 1, "test_responses.sampler.top_p must be in (0, 1]"),
         (config.test_responses.sampler.temperature > 0, "test_responses.sampler.temperature must be positive"),
+        (config.nli.batch_size > 0 and config.nli.grad_accum > 0, "nli.batch_size and nli.grad_accum must be positive"),
+        (0.0 < config.nli.val_fraction < 1.0, "nli.val_fraction must lie in (0, 1)"),
+        (config.nli.max_length > 2, "nli.max_length is too small"),
+        (min(config.rl.batch_size, config.rl.mini_batch_size, config.rl.grad_accum, config.rl.ppo_epochs,
+             config.rl.max_new_tokens) > 0,
+         "rl.batch_size, rl.mini_batch_size, rl.grad_accum, rl.ppo_epochs and rl.max_new_tokens must be positive"),
+        (config.rl.batch_size % (config.rl.mini_batch_size * config.rl.grad_accum) == 0,
+         "rl.batch_size must be a multiple of rl.mini_batch_size * rl.grad_accum (the rows of one PPO update)"),
+        (0.0 <= config.rl.gamma <= 1.0 and 0.0 <= config.rl.lam <= 1.0, "rl.gamma and rl.lam must lie in [0, 1]"),
+        (config.rl.cliprange > 0 and config.rl.cliprange_value > 0, "rl.cliprange and rl.cliprange_value must be positive"),
+        (config.rl.kl_coef >= 0 and config.rl.kl_target > 0 and config.rl.kl_horizon > 0,
+         "rl.kl_coef must be non-negative, rl.kl_target and rl.kl_horizon positive"),
+        (config.rl.sampler.temperature > 0 and 0 < config.rl.sampler.top_p <= 1,
+         "rl.sampler.temperature must be positive and rl.sampler.top_p in (0, 1]"),
     ]
     for ok, message in checks:
         if not ok:

@@ -33,14 +33,23 @@ def token_logps(params: Any, config: ModelConfig, batch: dict[str, jax.Array],
     positions are projected onto the vocabulary and every other one reads 0: the same values
     wherever `loss_mask` is non-zero, for a fraction of the work when prompts are long.
     """
+    return token_logps_and_hidden(params, config, batch, chunk_size)[0]
+
+
+def token_logps_and_hidden(params: Any, config: ModelConfig, batch: dict[str, jax.Array],
+                           chunk_size: int = LOGPROB_CHUNK) -> tuple[jax.Array, jax.Array]:
+    """`token_logps` and the final-norm hidden states `[batch, length, hidden]` they came from
+    (what a value head on the same trunk reads)."""
     hidden, _ = Decoder(config).apply(
         {"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"],
         branch_ids=batch.get("branch_ids"), return_hidden=True,
     )
     kernel = unembedding(params, config).astype(hidden.dtype)
     if SCORED_POSITIONS in batch:
-        return token_logprobs_at(hidden, kernel, batch["targets"], batch[SCORED_POSITIONS], chunk_size=chunk_size)
-    return token_logprobs_from_hidden(hidden, kernel, batch["targets"], chunk_size=chunk_size)
+        logps = token_logprobs_at(hidden, kernel, batch["targets"], batch[SCORED_POSITIONS], chunk_size=chunk_size)
+    else:
+        logps = token_logprobs_from_hidden(hidden, kernel, batch["targets"], chunk_size=chunk_size)
+    return logps, hidden
 
 
 def sequence_scores(params: Any, config: ModelConfig, batch: dict[str, jax.Array],

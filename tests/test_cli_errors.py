@@ -18,6 +18,8 @@ CONFIG_STAGES = {  # stage -> the other arguments it needs to get as far as read
     "sft": [],
     "make-prefs": [],
     "dpo": [],
+    "train-nli": [],
+    "rl": [],
     "eval-dnli": ["--out", "report.json"],
     "test-responses": [],
     "judge": ["--responses", "a.jsonl", "b.jsonl", "--out", "judged"],
@@ -25,7 +27,7 @@ CONFIG_STAGES = {  # stage -> the other arguments it needs to get as far as read
     "pipeline": [],
     "plan": ["--topology", "v4-8"],
 }
-FLAG_ONLY_STAGES = ("default-model", "data", "generate", "results", "annotate")
+FLAG_ONLY_STAGES = ("default-model", "data", "generate", "results", "annotate", "eval-nli")
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
@@ -57,7 +59,9 @@ def test_a_typo_in_the_config_is_one_line(stage, tmp_path, capsys, monkeypatch):
 
 
 VALID_ARGUMENTS = {  # what each stage needs besides the bad flag, so that argparse gets as far as the flags
-    **{stage: ["--config", "run.yaml"] for stage in ("sft", "make-prefs", "dpo", "test-responses", "pipeline", "plan")},
+    **{stage: ["--config", "run.yaml"] for stage in ("sft", "make-prefs", "dpo", "test-responses", "train-nli", "rl",
+                                                     "pipeline", "plan")},
+    "eval-nli": ["--model", "classifier", "--data", "pairs.txt"],
     "eval-dnli": ["--out", "report.json"],
     "judge": ["--responses", "a.jsonl", "b.jsonl", "--out", "judged"],
     "data": ["inspect", "file.txt"],

@@ -78,3 +78,49 @@ def test_variant_files_stack_on_a_model_file():
     cross = load_config([model, CONFIGS / "paper" / "variants" / "from-llama-2-13b.yaml"])
     assert cross.prefs.generator == "runs/paper/llama-2-13b/sft/best"
     assert cross.model.path == "openai-community/gpt2-medium" and cross.prefs.shuffle is True
+
+
+def test_rl_defaults_are_trls_ppo_defaults():
+    rl = load_config(None).rl
+    assert (rl.gamma, rl.lam, rl.cliprange, rl.cliprange_value, rl.vf_coef) == (1.0, 0.95, 0.2, 0.2, 0.1)
+    assert (rl.kl_coef, rl.adaptive_kl, rl.kl_target, rl.kl_horizon, rl.ppo_epochs) == (0.2, True, 6.0, 10000.0, 4)
+    assert rl.optimizer.learning_rate == 1.41e-5 and rl.optimizer.schedule == "constant"
+    assert rl.optimizer.weight_decay == 0.0 and rl.optimizer.max_grad_norm is None
+    assert rl.epochs == 2 and rl.sampler.kind == "temperature" and rl.sampler.temperature == 1.0
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (CONFIGS / "paper").glob("[!_]*.yaml")))
+def test_the_rl_variants_stack_on_every_paper_model_file(path):
+    from pdpo_jax.stages.pipeline import stages_to_run
+
+    model = CONFIGS / "paper" / path
+    baseline = load_config([model, CONFIGS / "paper" / "variants" / "rl-dnli.yaml"])
+    assert baseline.run_dir == f"runs/paper/{path[:-5]}"  # shares the model's SFT and summary
+    assert stages_to_run(baseline) == ("sft", "train-nli", "rl", "eval-sft", "eval-rl", "summary")
+    for batch in (baseline.rl.batch_size, baseline.rl.mini_batch_size, baseline.nli.batch_size):
+        assert batch % (baseline.mesh.data * baseline.mesh.fsdp) == 0
+    then_dpo = load_config([model, CONFIGS / "paper" / "variants" / "rl-dnli-pseudo-dpo.yaml"])
+    assert then_dpo.prefs.from_stage == "rl" and then_dpo.run_dir == f"runs/paper/{path[:-5]}-rl-pseudo-dpo"
+    assert stages_to_run(then_dpo).index("rl") < stages_to_run(then_dpo).index("make-prefs")
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("rl.batch_size=6", "multiple of rl.mini_batch_size"),
+        ("rl.reward=cosine", "rl.reward must be one of"),
+        ("prefs.from_stage=dpo", "prefs.from_stage must be one of"),
+        ("nli.val_fraction=1.5", "nli.val_fraction"),
+        ("rl.kl_target=0", "rl.kl_target"),
+    ],
+)
+def test_bad_rl_and_nli_values_name_the_key(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(None, [override])
+
+
+def test_an_unknown_pipeline_stage_in_the_config_names_the_key():
+    from pdpo_jax.stages.pipeline import stages_to_run
+
+    with pytest.raises(ConfigError, match=r"pipeline.stages: unknown stage\(s\) \['rll'\]"):
+        stages_to_run(load_config(None, ["pipeline.stages=[sft,rll]"]))

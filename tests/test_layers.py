@@ -24,11 +24,11 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("matmul", "parallel", "metrics_log"),  # the projection | mesh and partition rules | metrics.jsonl
     ("losses",),  # pure loss math
     ("data", "model"),  # readers, templates, batching | the decoder, loading, export
-    ("scoring", "generation"),  # scoring sequences | sampling and decoding
+    ("scoring", "generation", "nli"),  # scoring sequences | sampling and decoding | NLI probabilities and reward
     ("train", "evaluate", "api"),  # training loop | DNLI, judge, reports | conveniences
-    # a config's programs compiled for a TPU slice (stands on train, generation, scoring) | a human
-    # study of the judge's pairs (stands on evaluate)
-    ("planning", "annotation"),
+    # a config's programs compiled for a TPU slice | a human study of the judge's pairs (stands on
+    # evaluate) | PPO (planning and rl stand on train, generation, scoring)
+    ("planning", "annotation", "rl"),
     ("stages",),  # one module per stage of the method
     ("cli", "__init__"),  # entry points
 )

@@ -12,8 +12,11 @@ from pdpo_jax.generation.respond import (
     Response,
     context_limit,
     cut_at_stop,
+    decode_response,
     respond,
     respond_to_conversations,
+    right_padded,
+    split_at_stop,
     stop_sequences,
 )
 from pdpo_jax.generation.sampling import (
@@ -28,5 +31,6 @@ from pdpo_jax.generation.sampling import (
 
 __all__ = [
     "Greedy", "NoRoomToRespond", "Response", "Sampler", "Temperature", "TopK", "TopP", "context_limit", "cut_at_stop",
-    "generate", "respond", "respond_to_conversations", "sampler_description", "sampler_from_config", "stop_sequences",
+    "decode_response", "generate", "respond", "respond_to_conversations", "right_padded", "sampler_description",
+    "sampler_from_config", "split_at_stop", "stop_sequences",
 ]

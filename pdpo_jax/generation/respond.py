@@ -46,12 +46,18 @@ def stop_sequences(model: Model, encoder: PromptEncoder) -> tuple[tuple[int, ...
 
 def cut_at_stop(token_ids: Sequence[int], stops: Sequence[Sequence[int]]) -> tuple[list[int], bool]:
     """(ids before the earliest stop sequence, whether one was found)."""
+    kept, stop = split_at_stop(token_ids, stops)
+    return kept, bool(stop)
+
+
+def split_at_stop(token_ids: Sequence[int], stops: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
+    """(ids before the earliest stop sequence, that stop sequence's ids, or [] when none was sampled)."""
     ids = [int(t) for t in token_ids]
     for start in range(len(ids)):
         for stop in stops:
             if stop and ids[start : start + len(stop)] == list(stop):
-                return ids[:start], True
-    return ids, False
+                return ids[:start], list(stop)
+    return ids, []
 
 
 def decode_response(tokenizer: Any, token_ids: Sequence[int]) -> str:

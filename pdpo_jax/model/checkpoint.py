@@ -3,7 +3,9 @@ and (only when asked) pickled pytorch_model.bin.
 
 One declarative key map per family names every tensor: the PyTorch name with `{i}` for the
 layer, our Flax path, and the transform between them. Both directions read the same table, so
-import and export cannot drift apart.
+import and export cannot drift apart. A sequence classifier (`num_labels` given) has the same
+trunk and, instead of `lm_head`, the bias-free `score` head of transformers'
+*ForSequenceClassification.
 """
 
 from __future__ import annotations
@@ -96,17 +98,23 @@ GPT2_KEY_MAP: tuple[KeyMapping, ...] = (
 KEY_MAPS = {"llama": LLAMA_KEY_MAP, "gpt2": GPT2_KEY_MAP}
 # checkpoints saved from the bare backbone (e.g. openai-community/gpt2) lack this prefix
 BACKBONE_PREFIX = {"llama": "model.", "gpt2": "transformer."}
+LM_HEAD = "lm_head/kernel"
+# *ForSequenceClassification's head: torch Linear [num_labels, hidden], no bias
+CLASSIFIER_HEAD = KeyMapping("score.weight", "score/kernel", "transpose")
 
 
-def expand_key_map(config: ModelConfig) -> list[tuple[str, str, str]]:
-    """(hf name, flax path, transform) for every tensor of this config, layers expanded."""
+def expand_key_map(config: ModelConfig, num_labels: int | None = None) -> list[tuple[str, str, str]]:
+    """(hf name, flax path, transform) for every tensor of this config, layers expanded; with
+    `num_labels`, those of a sequence classifier (the trunk, then `score`)."""
     rows = []
     for mapping in KEY_MAPS[config.family]:
-        if not mapping.when(config):
+        if not mapping.when(config) or (num_labels is not None and mapping.flax == LM_HEAD):
             continue
         layers = range(config.num_layers) if "{i}" in mapping.hf else [None]
         for i in layers:
             rows.append((mapping.hf.format(i=i), mapping.flax.format(i=i), mapping.transform))
+    if num_labels is not None:
+        rows.append((CLASSIFIER_HEAD.hf, CLASSIFIER_HEAD.flax, CLASSIFIER_HEAD.transform))
     return rows
 
 
@@ -237,14 +245,21 @@ def read_config(model_dir: Path, **overrides: Any) -> ModelConfig:
     return ModelConfig.from_json_file(model_dir / CONFIG_FILE, **overrides)
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: ModelConfig, num_labels: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Every parameter's shape by "/"-joined path: the decoder's, or with `num_labels` a sequence
+    classifier's (no lm_head; `score/kernel` [hidden, num_labels])."""
     flat = traverse_util.flatten_dict(param_shapes(config), sep="/")
-    return {path: tuple(leaf.shape) for path, leaf in flat.items()}
+    shapes = {path: tuple(leaf.shape) for path, leaf in flat.items()}
+    if num_labels is not None:
+        shapes.pop(LM_HEAD, None)
+        shapes[CLASSIFIER_HEAD.flax] = (config.hidden_size, num_labels)
+    return shapes
 
 
 def load_hf(path: str | os.PathLike, *, dtype: Any = None, shardings: Any = None, allow_pickle: bool = False,
-            config_overrides: Mapping[str, Any] | None = None) -> tuple[ModelConfig, Any]:
-    """(ModelConfig, params) from a Hugging Face model directory.
+            config_overrides: Mapping[str, Any] | None = None, num_labels: int | None = None) -> tuple[ModelConfig, Any]:
+    """(ModelConfig, params) from a Hugging Face model directory (with `num_labels`, a
+    *ForSequenceClassification one).
 
     `dtype` is the parameter dtype (default float32); `shardings` is None (default device), a
     jax Mesh (partition rules of pdpo_jax.parallel) or a {"a/b/kernel": Sharding} mapping.
@@ -253,22 +268,24 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = None, shardings: Any = None
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: model directory not found")
     config = read_config(model_dir, **dict(config_overrides or {}))
-    shapes = expected_shapes(config)
+    shapes = expected_shapes(config, num_labels)
     place = make_placer(shardings, shapes, jax.numpy.dtype(dtype or "float32"))
     has_torch_weights = any((model_dir / f).is_file() for f in (SAFETENSORS_FILE, SAFETENSORS_INDEX, PICKLE_FILE, PICKLE_INDEX))
     if not has_torch_weights and (model_dir / MSGPACK_FILE).is_file():
         flat = _load_msgpack(model_dir / MSGPACK_FILE, shapes, place)
     else:
-        flat = _load_torch_layout(open_tensor_source(model_dir, allow_pickle=allow_pickle), config, shapes, place)
+        source = open_tensor_source(model_dir, allow_pickle=allow_pickle)
+        flat = _load_torch_layout(source, config, shapes, place, num_labels)
     return config, traverse_util.unflatten_dict(flat, sep="/")
 
 
-def _load_torch_layout(source: TensorSource, config: ModelConfig, shapes: Mapping[str, tuple[int, ...]], place: Placer) -> dict[str, Any]:
+def _load_torch_layout(source: TensorSource, config: ModelConfig, shapes: Mapping[str, tuple[int, ...]], place: Placer,
+                       num_labels: int | None = None) -> dict[str, Any]:
     available = set(source.names())
     prefix = BACKBONE_PREFIX[config.family]
     used: set[str] = set()
     flat = {}
-    for hf_name, flax_path, transform in expand_key_map(config):
+    for hf_name, flax_path, transform in expand_key_map(config, num_labels):
         name = hf_name
         if name not in available and name.startswith(prefix) and name[len(prefix):] in available:
             name = name[len(prefix):]
@@ -323,28 +340,28 @@ def _load_msgpack(path: Path, shapes: Mapping[str, tuple[int, ...]], place: Plac
 # ----------------------------------------------------------------------------- save
 
 
-def _hf_sources(config: ModelConfig, params: Any) -> list[tuple[str, Any, str]]:
+def _hf_sources(config: ModelConfig, params: Any, num_labels: int | None = None) -> list[tuple[str, Any, str]]:
     """(torch name, `LayerLeaf`, transform) of every tensor an export writes, in key-map order;
     a tied lm_head is not among them. `params` may be per-layer or stacked."""
     leaves = per_layer_leaves(params)
     sources = []
-    for hf_name, flax_path, transform in expand_key_map(config):
+    for hf_name, flax_path, transform in expand_key_map(config, num_labels):
         if flax_path not in leaves:
             raise ValueError(f"params: missing {flax_path!r} needed for {hf_name!r}")
         sources.append((hf_name, leaves[flax_path], transform))
     return sources
 
 
-def to_hf_tensors(config: ModelConfig, params: Any) -> Iterator[tuple[str, np.ndarray]]:
+def to_hf_tensors(config: ModelConfig, params: Any, num_labels: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """(torch name, numpy array) for every tensor, in key-map order; tied lm_head is not written."""
-    for hf_name, leaf, transform in _hf_sources(config, params):
+    for hf_name, leaf, transform in _hf_sources(config, params, num_labels):
         yield hf_name, np.ascontiguousarray(TRANSFORMS[transform](parallel.to_host(leaf.value())))
 
 
-def hf_tensor_sizes(config: ModelConfig, params: Any) -> list[tuple[str, int]]:
+def hf_tensor_sizes(config: ModelConfig, params: Any, num_labels: int | None = None) -> list[tuple[str, int]]:
     """(torch name, bytes) of every tensor `to_hf_tensors` yields, in its order, without reading one."""
     return [(hf_name, int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize)
-            for hf_name, leaf, _ in _hf_sources(config, params)]
+            for hf_name, leaf, _ in _hf_sources(config, params, num_labels)]
 
 
 def _shard_groups(sizes: Sequence[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
@@ -389,20 +406,26 @@ def default_generation_config(config: ModelConfig) -> dict[str, Any]:
 
 
 def save_hf(out_dir: str | os.PathLike, config: ModelConfig, params: Any, *, tokenizer: Any = None,
-            max_shard_bytes: int = 2 * 1024**3, generation_config: Any = None) -> Path:
+            max_shard_bytes: int = 2 * 1024**3, generation_config: Any = None,
+            hf_config: Mapping[str, Any] | None = None, num_labels: int | None = None) -> Path:
     """Writes a directory transformers loads: config.json, safetensors (sharded with an index above
     `max_shard_bytes`), tokenizer files, generation_config.json. Written to a temporary sibling and
-    renamed into place, so a crash never leaves a half-written model at `out_dir`."""
+    renamed into place, so a crash never leaves a half-written model at `out_dir`.
+
+    A sequence classifier passes `num_labels` and its config.json dict as `hf_config` (default:
+    `config.to_hf()`, a causal LM)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     if jax.process_index() != 0:
-        for _ in to_hf_tensors(config, params):  # join the gathers of sharded arrays, keep nothing
+        for _ in to_hf_tensors(config, params, num_labels):  # join the gathers of sharded arrays, keep nothing
             pass
         return out_dir
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_hf(), indent=2) + "\n", encoding="utf-8")
-        write_safetensors(tmp, to_hf_tensors(config, params), hf_tensor_sizes(config, params), max_shard_bytes)
+        hf_config = config.to_hf() if hf_config is None else dict(hf_config)
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+        write_safetensors(tmp, to_hf_tensors(config, params, num_labels), hf_tensor_sizes(config, params, num_labels),
+                          max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(os.fspath(tmp))
         gen = generation_config if generation_config is not None else default_generation_config(config)

@@ -16,7 +16,7 @@ import jax
 from flax import traverse_util
 
 from pdpo_jax.errors import ModelDirError
-from pdpo_jax.model.checkpoint import load_hf, read_config
+from pdpo_jax.model.checkpoint import expected_shapes, load_hf, read_config
 from pdpo_jax.model.config import ModelConfig
 from pdpo_jax.model.decoder import param_shapes
 from pdpo_jax.model.default_model import default_model_dir
@@ -68,11 +68,18 @@ def require_tokenizer(model: Model) -> Any:
     return model.tokenizer
 
 
-def load_orbax_params(model_dir: Path, *, dtype: Any = None, shardings: Any = None) -> tuple[ModelConfig, Any]:
+def load_orbax_params(model_dir: Path, *, dtype: Any = None, shardings: Any = None,
+                      num_labels: int | None = None) -> tuple[ModelConfig, Any]:
     """(ModelConfig, params) from a training-written directory, restored straight onto `shardings`
-    (None: the default device; a Mesh: the partition rules; or {"a/b/kernel": Sharding}) in `dtype`."""
+    (None: the default device; a Mesh: the partition rules; or {"a/b/kernel": Sharding}) in `dtype`.
+    With `num_labels`, the parameters of a sequence classifier on that config's trunk."""
     config = read_config(model_dir)
-    shapes = param_shapes(config)
+    if num_labels is None:
+        shapes = param_shapes(config)
+    else:
+        flat_shapes = expected_shapes(config, num_labels)
+        shapes = traverse_util.unflatten_dict(
+            {path: jax.ShapeDtypeStruct(shape, jax.numpy.float32) for path, shape in flat_shapes.items()}, sep="/")
     if shardings is None:
         placement = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), shapes)
     elif isinstance(shardings, jax.sharding.Mesh):
@@ -106,7 +113,8 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
 
 def load_model(path: str | os.PathLike, *, dtype: Any = None, mesh: Any = None, compute_dtype: ComputeDtype | None = None,
                remat: bool | None = None, scan_layers: bool | None = None,
-               tokenizer: str | os.PathLike | None = None, allow_pickle: bool = False) -> Model:
+               tokenizer: str | os.PathLike | None = None, allow_pickle: bool = False,
+               num_labels: int | None = None) -> Model:
     """The model at `path`: a Hugging Face directory, a directory written by training, a Hub id
     (fetched into the Hub cache on first use), or "default" for the bundled model.
 
@@ -114,13 +122,15 @@ def load_model(path: str | os.PathLike, *, dtype: Any = None, mesh: Any = None, 
     (parameters placed by the partition rules as they are read), or a {"a/b/kernel": Sharding}
     mapping. `compute_dtype` and `remat` override the config's; `scan_layers=True` stacks the
     blocks' parameters for a scanned decoder (`pdpo_jax.model.layer_stack`); `tokenizer` loads
-    the tokenizer from another directory.
+    the tokenizer from another directory. `num_labels` reads a sequence classifier's parameters
+    (the trunk and its `score` head, see `pdpo_jax.model.classifier`) instead of a causal LM's.
     """
     model_dir = resolve_model_dir(path)
     if is_orbax_model_dir(model_dir):
-        config, params = load_orbax_params(model_dir, dtype=dtype, shardings=mesh)
+        config, params = load_orbax_params(model_dir, dtype=dtype, shardings=mesh, num_labels=num_labels)
     else:
-        config, params = load_hf(model_dir, dtype=dtype, shardings=mesh, allow_pickle=allow_pickle)
+        config, params = load_hf(model_dir, dtype=dtype, shardings=mesh, allow_pickle=allow_pickle,
+                                 num_labels=num_labels)
     if compute_dtype is not None:
         config = config.replace(dtype=compute_dtype)
     if remat is not None:

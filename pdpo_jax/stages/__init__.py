@@ -5,6 +5,9 @@
     sft             1. supervised fine-tuning on persona dialogues
     make_prefs      2. pseudo-negatives sampled under another dialogue's persona
     dpo             3. DPO from the SFT model on those pairs
+    train_nli       the RL(DialogueNLI) baseline: an NLI classifier on Dialogue NLI pairs
+    rl              the RL(DialogueNLI) baseline: PPO from the SFT model against the classifier's reward
+    eval_nli        the classifier's accuracy on labelled pairs
     eval_dnli       4. Dialogue-NLI candidate ranking
     test_responses  4. every trained model's responses to the test dialogues' turns
     judge           4. pairwise LLM-as-judge win rates
@@ -29,6 +32,9 @@ STAGES: dict[str, tuple[str, str]] = {
     "sft": ("pdpo_jax.stages.sft", "1. supervised fine-tuning on persona dialogues"),
     "make-prefs": ("pdpo_jax.stages.make_prefs", "2. build pseudo-preference pairs with swapped personas"),
     "dpo": ("pdpo_jax.stages.dpo", "3. DPO from the SFT model on pseudo-preference pairs"),
+    "train-nli": ("pdpo_jax.stages.train_nli", "baseline: a 3-way NLI classifier on Dialogue NLI pairs (the RL reward)"),
+    "rl": ("pdpo_jax.stages.rl", "baseline RL(DialogueNLI): PPO from the SFT model against the NLI reward"),
+    "eval-nli": ("pdpo_jax.stages.eval_nli", "an NLI classifier's accuracy per class on labelled pairs (JSON)"),
     "eval-dnli": ("pdpo_jax.stages.eval_dnli", "4. Dialogue-NLI candidate ranking by log-likelihood"),
     "test-responses": ("pdpo_jax.stages.test_responses", "4. every trained model's responses to the test turns"),
     "judge": ("pdpo_jax.stages.judge", "4. pairwise LLM-as-judge win rates"),

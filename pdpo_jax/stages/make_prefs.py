@@ -137,8 +137,10 @@ def plan_split(dialogues: Sequence[Any], shuffle: bool, seed: int) -> list[PairJ
 
 
 def resolve_model_paths(config: RunConfig) -> tuple[str, str]:
-    sft_best = os.fspath(Path(config.run_dir) / "sft" / "best")
-    return config.prefs.generator or sft_best, config.prefs.reference or sft_best
+    """(generator, reference): as configured, else the best model of `prefs.from_stage` (SFT, or
+    the RL baseline for "+RL(DialogueNLI) +PseudoDPO")."""
+    start = os.fspath(Path(config.run_dir) / config.prefs.from_stage / "best")
+    return config.prefs.generator or start, config.prefs.reference or start
 
 
 def open_side(name: str, config: RunConfig, cache: dict[str, Side], mesh: Any) -> Side:
@@ -146,8 +148,9 @@ def open_side(name: str, config: RunConfig, cache: dict[str, Side], mesh: Any) -
     if name in cache:
         return cache[name]
     if name != "default" and not Path(name).is_dir() and not looks_like_hub_id(name):
-        hint = " (the SFT stage's output: run `pdpo sft` first, or set prefs.generator / prefs.reference)" \
-            if Path(name).parts[-2:] == ("sft", "best") else ""
+        stage = Path(name).parts[-2] if len(Path(name).parts) > 1 and Path(name).name == "best" else None
+        hint = (f" (the {stage} stage's output: run `pdpo {stage}` first, or set prefs.generator / prefs.reference)"
+                if stage in ("sft", "rl") else "")
         raise PrefsError(f"model directory not found: {name}{hint}")
     model = load_for_run(name, config, mesh=mesh)
     cache[name] = Side(name, model, PromptEncoder(model.tokenizer, config.data.template), model_digest(model), mesh)
@@ -409,7 +412,8 @@ DESCRIPTION = (
     "Build pseudo-preference pairs: for each train/val example, sample a negative from the generator under "
     "another dialogue's persona and store it with the reference model's log-probs. Writes "
     "<run_dir>/prefs/{train,val}/shard-*.jsonl, summary.json and DONE; a rerun resumes after the last complete "
-    "shard. The generator and reference default to <run_dir>/sft/best (prefs.generator, prefs.reference)."
+    "shard. The generator and reference default to <run_dir>/sft/best (prefs.generator, prefs.reference; "
+    "prefs.from_stage=rl starts from the RL baseline's best model instead)."
 )
 
 

@@ -51,7 +51,9 @@ class StepBatches:
         length = bucketed_length(max(self.length_of(item) for item in items if item is not None), self.length_bucket)
         micro_batches = [self.to_arrays(items[m * self.batch_size : (m + 1) * self.batch_size], length)
                          for m in range(self.grad_accum)]
-        stack = with_scored_positions({key: np.stack([mb[key] for mb in micro_batches]) for key in micro_batches[0]})
+        stack = {key: np.stack([mb[key] for mb in micro_batches]) for key in micro_batches[0]}
+        if "loss_mask" in stack:  # a layout that scores tokens (a classifier's has labels instead)
+            stack = with_scored_positions(stack)
         if self.host_rows is None:
             return stack
         return {key: np.take(value, self.host_rows(value.shape[1]), axis=1) for key, value in stack.items()}

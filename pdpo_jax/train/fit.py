@@ -1,5 +1,6 @@
-"""What SFT and DPO share once their batches exist: optimizer, sharded train state, jitted steps,
-and the loop with best-model selection."""
+"""What SFT, DPO and the NLI classifier share once their batches exist: optimizer, sharded train
+state, jitted steps, and the loop with best-model selection. (PPO, whose steps are rollouts, sets
+up the same pieces itself: `pdpo_jax.rl.ppo.fit_ppo`.)"""
 
 from __future__ import annotations
 

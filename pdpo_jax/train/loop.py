@@ -1,5 +1,7 @@
-"""The training loop shared by SFT and DPO: epochs, periodic validation, best-model selection,
-metrics logs, progress bar, NaN guard, and orbax checkpoints that resume exactly.
+"""The training loop shared by SFT, DPO, the NLI classifier and PPO: epochs, periodic validation,
+best-model selection, metrics logs, progress bar, NaN guard, and orbax checkpoints that resume
+exactly. A step is whatever `step_fn` does with one batch: an optimizer update, or a PPO rollout
+and its updates.
 
 Resumption is exact because everything a step depends on is either in the checkpoint (parameters,
 optimizer state with its step count, best-so-far) or a pure function of (seed, epoch, batch index)

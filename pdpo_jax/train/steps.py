@@ -1,11 +1,13 @@
-"""Jitted train and eval steps for SFT and DPO, with gradient accumulation and sharding.
+"""Jitted train and eval steps for SFT, DPO and the NLI classifier, with gradient accumulation and
+sharding.
 
 A step takes a stack of micro-batches `[accumulation, batch, ...]` (see docs/design.md for the
 batch layout; DPO micro-batches also carry `ref_chosen_logps`, `ref_rejected_logps` and optionally
-`pair_mask`, all `[accumulation, pairs]`). Each objective returns the *sum* of its per-item losses
-and (sum, count) metrics; gradients are summed over micro-batches and divided once by the total
-count, so the result is the exact token mean (SFT) or pair mean (DPO) over the whole accumulated
-batch, however the items fall into micro-batches.
+`pair_mask`, all `[accumulation, pairs]`; classifier micro-batches carry `labels` and `label_mask`,
+`[accumulation, rows]`). Each objective returns the *sum* of its per-item losses and (sum, count)
+metrics; gradients are summed over micro-batches and divided once by the total count, so the
+result is the exact token mean (SFT), pair mean (DPO) or row mean (classifier) over the whole
+accumulated batch, however the items fall into micro-batches.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from pdpo_jax.losses import Metrics, dpo_loss, merge_metrics, sft_loss, split_chosen_rejected
+from pdpo_jax.losses import Metrics, classification_loss, dpo_loss, merge_metrics, sft_loss, split_chosen_rejected
 from pdpo_jax.model import ModelConfig
+from pdpo_jax.model.classifier import classifier_logits
 from pdpo_jax.parallel import BATCH_AXES, param_shardings, place_batch, replicated
 from pdpo_jax.scoring import sequence_scores, token_logps
 
@@ -82,6 +85,15 @@ def dpo_objective(params: Any, batch: dict[str, jax.Array], *, config: ModelConf
         beta=settings.beta, loss_type=settings.loss_type, label_smoothing=settings.label_smoothing,
         reference_free=settings.reference_free, pair_mask=batch.get("pair_mask"),
     )
+    return loss * metrics["loss"][1], metrics
+
+
+def classifier_objective(params: Any, batch: dict[str, jax.Array], *, config: ModelConfig,
+                         class_names: tuple[str, ...]) -> tuple[jax.Array, Metrics]:
+    """Summed cross-entropy of a sequence classifier over the labelled rows of one micro-batch;
+    `metrics["loss"]` = (summed loss, labelled rows), with overall and per-class accuracies."""
+    logits = classifier_logits(params, config, batch["input_ids"], batch["positions"], batch["segment_ids"])
+    loss, metrics = classification_loss(logits, batch["labels"], batch["label_mask"], class_names)
     return loss * metrics["loss"][1], metrics
 
 
