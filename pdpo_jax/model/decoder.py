@@ -323,8 +323,7 @@ class Backbone(nn.Module):
                              embedding_init=nn.initializers.normal(0.01), name="wpe")(positions)
         else:
             rope = rope_tables(positions, c)
-        stack_name = "h" if c.family == "gpt2" else "layers"
-        x, layer_caches = BlockStack(c, name=stack_name)(x, rope, mask, layer_caches, index)
+        x, layer_caches = BlockStack(c, name=block_stack_name(c))(x, rope, mask, layer_caches, index)
         if c.family == "gpt2":
             x = layer_norm(c, "ln_f")(x)
         else:
@@ -334,6 +333,11 @@ class Backbone(nn.Module):
 
 def backbone_name(config: ModelConfig) -> str:
     return "transformer" if config.family == "gpt2" else "model"
+
+
+def block_stack_name(config: ModelConfig) -> str:
+    """The block collection inside the backbone: GPT-2's `h`, Llama's `layers`."""
+    return "h" if config.family == "gpt2" else "layers"
 
 
 def embedding_path(config: ModelConfig) -> tuple[str, str, str]:

@@ -19,12 +19,12 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pdpo_jax.model.config import ModelConfig
-from pdpo_jax.model.decoder import STACKED, backbone_name
+from pdpo_jax.model.decoder import STACKED, backbone_name, block_stack_name
 
 
 def stack_prefix(config: ModelConfig) -> str:
     """The "/"-joined path of the block collection: `transformer/h` or `model/layers`."""
-    return f"{backbone_name(config)}/{'h' if config.family == 'gpt2' else 'layers'}"
+    return f"{backbone_name(config)}/{block_stack_name(config)}"
 
 
 def _split_stacked(path: str) -> tuple[str, str] | None:
