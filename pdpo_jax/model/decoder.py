@@ -46,12 +46,19 @@ def attention_mask(
     kv_segments: Array, kv_branches: Array, kv_positions: Array, kv_slots: Array,
     sliding_window: int | None,
 ) -> Array:
-    """bool [batch, q_len, kv_len]: the rule of docs/design.md, from ids alone."""
+    """bool [batch, q_len, kv_len]: the rule of docs/design.md, from ids alone.
+
+    A branch forks off the trunk at its first token's position: it sees the trunk tokens before
+    that position and its own tokens, never the trunk's later tokens (a dialogue tree's gold
+    continuation) or another branch.
+    """
     same_segment = (q_segments[:, :, None] == kv_segments[:, None, :]) & (q_segments[:, :, None] != 0)
     causal = kv_slots[:, None, :] <= q_slots[:, :, None]
-    kv_branch = kv_branches[:, None, :]
-    visible_branch = (kv_branch == 0) | (kv_branch == q_branches[:, :, None])
-    mask = same_segment & causal & visible_branch
+    q_branch, kv_branch = q_branches[:, :, None], kv_branches[:, None, :]
+    own_branch = (kv_branch == q_branch) & (q_branch != 0) & same_segment
+    fork = jnp.min(jnp.where(own_branch, kv_positions[:, None, :], jnp.iinfo(jnp.int32).max), axis=-1)
+    trunk_before_fork = (kv_branch == 0) & (kv_positions[:, None, :] < fork[:, :, None])
+    mask = same_segment & causal & (trunk_before_fork | (kv_branch == q_branch))
     if sliding_window is not None:
         mask &= (q_positions[:, :, None] - kv_positions[:, None, :]) < sliding_window
     return mask
