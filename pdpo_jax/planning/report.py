@@ -101,8 +101,12 @@ def _epochs(run: RunConfig, sizes: EpochSizes, programs: dict[str, dict[str, Any
     rows.append(("make-prefs", sizes.train_examples, run.prefs.batch_size, sample, 1,
                  f"prefill + {run.prefs.max_new_tokens} decode steps a batch (every token sampled); "
                  "reference scoring not included"))
-    rows.append(("dpo", sizes.train_examples, run.dpo.batch_size * run.dpo.grad_accum, seconds("dpo-step"),
-                 run.dpo.epochs, "a pair per model turn"))
+    if run.dpo.layout == "tree":
+        dpo_items, dpo_note = sizes.train_dialogues, "tree rows: at least a row per dialogue (more where one is cut)"
+    else:
+        dpo_items, dpo_note = sizes.train_examples, "a pair per model turn"
+    rows.append(("dpo", dpo_items, run.dpo.batch_size * run.dpo.grad_accum, seconds("dpo-step"), run.dpo.epochs,
+                 dpo_note))
     if run.eval.dnli:
         dnli_items = sizes.dnli_examples if sizes.dnli_examples is not None else 1000
         note = "every DNLI example once" if sizes.dnli_examples is not None else "per 1,000 DNLI examples"
