@@ -10,7 +10,7 @@ import pytest
 
 from model_fixtures import RecordingSampler, make_tiny_hf_model
 from pdpo_jax.generation import Greedy, TopP, generate, right_padded
-from pdpo_jax.generation.tree_decode import _tree_decode, generate_tree, nested_groups, tree_layout, trunk_rows
+from pdpo_jax.generation.tree_decode import _tree_decode, generate_tree, nested_groups, next_power_of_two, tree_layout
 from pdpo_jax.model import load_model
 from pdpo_jax.parallel import make_mesh
 
@@ -66,7 +66,7 @@ def test_nested_groups_follow_token_prefixes():
     prompts = dialogue_prompts()
     assert nested_groups(prompts) == [[0, 1, 2, 3], [4, 5], [6], [7, 8, 9]]
     assert nested_groups([[1, 2], [1, 2], [1, 2, 3], [2], [1, 2, 3, 4]]) == [[0, 1, 2], [3], [4]]
-    assert [trunk_rows(n, 16) for n in (1, 2, 3, 5, 9, 17)] == [1, 2, 4, 8, 16, 16]
+    assert [next_power_of_two(n, 16) for n in (1, 2, 3, 5, 9, 17)] == [1, 2, 4, 8, 16, 16]
     layout = tree_layout(prompts, ROWS, PAD)
     assert layout.trunk_ids.shape[0] == 4  # 4 groups; 12 decode rows
     assert layout.branch_trunk.tolist() == [0, 0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 3]  # filler repeats the last prompt

@@ -59,9 +59,10 @@ def nested_groups(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
     return groups
 
 
-def trunk_rows(groups: int, rows: int) -> int:
-    """Trunk rows for `groups` groups: the next power of two, at most `rows` (a few shapes a run)."""
-    return min(1 << max(0, groups - 1).bit_length(), rows)
+def next_power_of_two(count: int, most: int) -> int:
+    """`count` rounded up to a power of two, at most `most`: the trunk rows of `count` groups,
+    so that a run compiles a few shapes."""
+    return min(1 << max(0, count - 1).bit_length(), most)
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def tree_layout(prompts: Sequence[Sequence[int]], rows: int, pad: int, mesh: Mes
         raise ValueError(f"{len(prompts)} prompts do not fit {rows} decode rows")
     groups = nested_groups(prompts)
     trunks = [prompts[group[-1]] for group in groups]
-    count = rows_for_mesh(trunk_rows(len(trunks), rows), mesh)
+    count = rows_for_mesh(next_power_of_two(len(trunks), rows), mesh)
     trunks += [trunks[-1]] * (count - len(trunks))
     width = bucket_width(max(len(t) for t in trunks))
     trunk_ids = np.full((count, width), pad, np.int32)
