@@ -147,7 +147,17 @@ class DPOSection:
     epochs: int = 3
     max_steps: int | None = None
     eval_every: int = 100
-    share_prompt: bool = True
+    # How pairs are laid out in rows (the same log-probs, loss and gradients in each):
+    #   shared:   one row [prompt | chosen | rejected] per pair; batch_size counts pairs (the paper's 4)
+    #   unshared: a row [prompt | chosen] and a row [prompt | rejected] per pair (TRL's layout)
+    #   tree:     one row per dialogue, its turns' pairs on one trunk (docs/design.md); batch_size
+    #             counts dialogue trees, so a step holds ~7 PersonaChat pairs per tree instead of a
+    #             fixed number of pairs, and an epoch has that many times fewer, larger steps.
+    #             With the same learning rate that is a different optimisation, so the paper
+    #             configs keep `shared`.
+    layout: Literal["shared", "unshared", "tree"] = "shared"
+    tree_max_length: int = 1024  # tree rows longer than this are cut at turn boundaries
+    tree_max_pairs: int = 16  # pairs per tree row (fixed, so every step has one shape of per-pair arrays)
     checkpoint_every: int = 100
 
 
@@ -412,6 +422,8 @@ def _validate(config: RunConfig, where: str) -> None:
         (config.sft.grad_accum > 0, "sft.grad_accum must be positive"),
         (config.dpo.batch_size > 0, "dpo.batch_size must be positive"),
         (config.dpo.beta > 0, "dpo.beta must be positive"),
+        (config.dpo.tree_max_length > 0 and config.dpo.tree_max_pairs > 0,
+         "dpo.tree_max_length and dpo.tree_max_pairs must be positive"),
         (0.0 <= config.dpo.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)"),
         (config.data.max_length > 8, "data.max_length is too small"),
         (len(config.data.split_fractions) == 3 and abs(sum(config.data.split_fractions) - 1) < 1e-6,

@@ -1,18 +1,22 @@
-"""Epoch time of SFT per-turn vs packed dialogues, and of DPO unshared vs shared-prompt pairs.
+"""Epoch time of SFT per-turn vs packed dialogues, and of DPO unshared vs shared-prompt vs tree rows.
 
     python scripts/bench_packing.py [--model DIR | --random-smollm2] [--steps 2] [--layers N] ...
 
-Data: the staged PersonaChat dialogues (--data, default ../shared/data) after the DNLI overlap
-filter, train split, through `prepare_corpus` and the run config's data settings. SFT scores
-every model turn once per epoch, either one example per row or whole dialogues packed into rows
-of `data.max_length`; DPO uses one pair per example (chosen = the reference response, rejected =
-the response of another example) in the unshared or the shared-prompt layout. Each layout runs
-the jitted train step (`jit_train_step`, the paper's optimizer) on the same model.
+Data: the staged PersonaChat train dialogues (--dialogues train, the default: personachat/parallel/
+per-train.txt under --data, default ../shared/data) or the validation file (--dialogues val), after
+the DNLI overlap filter, the train split of `prepare_corpus` with the run config's data settings.
+SFT scores every model turn once per epoch, either one example per row or whole dialogues packed
+into rows of `data.max_length`. DPO uses one pair per example (chosen = the reference response,
+rejected = the response of another example), a dialogue's prompts cut to `data.max_length` so that
+they nest (`nested_pairs`), the same pairs in the unshared, the shared-prompt and the tree layout
+(`dpo.batch_size` pairs a step, or `dpo.batch_size` dialogue trees a step). Each layout runs the
+jitted train step (`jit_train_step`, the paper's optimizer) on the same model.
 
 Timing: the epoch's batches are built exactly; for each distinct batch shape the step is compiled
 (untimed) and then `--steps` steps of that shape are timed. The epoch time is extrapolated as the
 sum over the epoch's batches of the measured time of their shape. The last line is
-`sft_speedup=X dpo_speedup=Y` (per-turn / packed and unshared / shared epoch time).
+`sft_speedup=X dpo_speedup=Y dpo_tree_speedup=Z` (per-turn / packed, unshared / shared and
+shared / tree epoch time).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DIALOGUE_FILES = {"train": Path("personachat") / "parallel" / "per-train.txt",
+                  "val": Path("personachat") / "valid_self_original_no_cands.txt"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a randomly initialised SmolLM2-135M-shaped model with the SmolLM2 tokenizer")
     parser.add_argument("--layers", type=int, help="keep only this many decoder layers (quick runs on small machines)")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="staged data folder (personachat/, dnli/)")
+    parser.add_argument("--dialogues", choices=sorted(DIALOGUE_FILES), default="train",
+                        help="the staged train dialogues (default) or the validation dialogues")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per distinct batch shape")
     parser.add_argument("--bucket", type=int, default=64, help="row lengths are rounded up to a multiple of this")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -148,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
     from pdpo_jax.data import (
         PromptEncoder,
         dpo_batch,
-        encode_pair,
         examples_from_dialogues,
         pack_dialogues,
         packed_batch,
@@ -157,12 +164,13 @@ def main(argv: list[str] | None = None) -> int:
         tokenize_examples,
     )
     from pdpo_jax.data.corpus import prepare_corpus
+    from pdpo_jax.data.trees import nested_pairs, pair_trees, tree_batch, tree_summary
     from pdpo_jax.train.optim import make_optimizer
     from pdpo_jax.train.steps import DPOSettings, dpo_objective, sft_objective
 
     data = Path(args.data)
     overrides = [
-        f"data.train=[{data / 'personachat' / 'valid_self_original_no_cands.txt'}]",
+        f"data.train=[{data / DIALOGUE_FILES[args.dialogues]}]",
         f"data.exclude_dnli=[{', '.join(str(p) for p in sorted((data / 'dnli').glob('*.jsonl')))}]",
         *args.overrides,
     ]
@@ -182,11 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = pack_dialogues(dialogues, encoder, max_length, on_overflow=cfg.data.on_overflow)
     pack_s = time.perf_counter() - start
     start = time.perf_counter()
-    pairs = [
-        encode_pair(encoder, ex.persona, ex.history, ex.response, examples[(i + len(examples) // 2) % len(examples)].response,
-                    max_length=max_length, pair_id=ex.id)
-        for i, ex in enumerate(examples)
-    ]
+    rejected = [examples[(i + len(examples) // 2) % len(examples)].response for i in range(len(examples))]
+    pairs = [pair for pair in nested_pairs(encoder, examples, rejected, max_length=max_length) if pair is not None]
+    trees = pair_trees(pairs, max_length=cfg.dpo.tree_max_length, max_pairs=cfg.dpo.tree_max_pairs)
     pairs_s = time.perf_counter() - start
 
     print(f"model: {description}: {config.model_type}, {config.num_layers} layers, hidden {config.hidden_size}, "
@@ -194,8 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform}), jax {jax.__version__}")
     print(f"data: {len(dialogues)} train dialogues after the DNLI overlap filter ({corpus.summary()}), template "
           f"{cfg.data.template}, max_length {max_length}, {len(tokenized)} model turns ({stats.truncated} truncated)")
-    print(f"packing: {packing_summary(rows, max_length)}; tokenize {tokenize_s:.1f} s, pack {pack_s:.1f} s, pairs {pairs_s:.1f} s")
-    print(f"batches: SFT {cfg.sft.batch_size} rows/step, DPO {cfg.dpo.batch_size} pairs/step, lengths rounded up to "
+    print(f"packing: {packing_summary(rows, max_length)}; tokenize {tokenize_s:.1f} s, pack {pack_s:.1f} s, "
+          f"pairs and trees {pairs_s:.1f} s")
+    print(f"pairs: {len(pairs)} of {len(examples)} model turns; trees: {tree_summary(trees)}")
+    print(f"batches: SFT {cfg.sft.batch_size} rows/step, DPO {cfg.dpo.batch_size} pairs (tree: trees)/step, lengths rounded up to "
           f"a multiple of {args.bucket}; one epoch each, extrapolated from timed steps (see below)", flush=True)
 
     bucket = args.bucket
@@ -205,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                                  partial(dpo_batch, share_prompt=False, pad_id=pad_id, bucket=bucket))
     dpo_shared = epoch_batches(pairs, cfg.dpo.batch_size, cfg.seed,
                                partial(dpo_batch, share_prompt=True, pad_id=pad_id, bucket=bucket))
+    dpo_tree = epoch_batches(trees, cfg.dpo.batch_size, cfg.seed,
+                             partial(tree_batch, pairs_per_row=cfg.dpo.tree_max_pairs, pad_id=pad_id, bucket=bucket))
 
     sft = partial(sft_objective, config=config)
     dpo = partial(dpo_objective, config=config, settings=DPOSettings(
@@ -213,12 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, batches, objective, section in (
         ("sft per-turn", sft_per_turn, sft, cfg.sft), ("sft packed", sft_packed, sft, cfg.sft),
         ("dpo unshared", dpo_unshared, dpo, cfg.dpo), ("dpo shared", dpo_shared, dpo, cfg.dpo),
+        ("dpo tree", dpo_tree, dpo, cfg.dpo),
     ):
         optimizer, _ = make_optimizer(section.optimizer, len(batches))
         times[name] = time_epoch(name, batches, objective, optimizer, params, args.steps)
     sft_speedup = times["sft per-turn"] / times["sft packed"]
     dpo_speedup = times["dpo unshared"] / times["dpo shared"]
-    print(f"sft_speedup={sft_speedup:.2f} dpo_speedup={dpo_speedup:.2f}")
+    dpo_tree_speedup = times["dpo shared"] / times["dpo tree"]
+    print(f"sft_speedup={sft_speedup:.2f} dpo_speedup={dpo_speedup:.2f} dpo_tree_speedup={dpo_tree_speedup:.2f}")
     return 0
 
 

@@ -21,7 +21,8 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "pdpo_jax"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),  # the base of every user-facing error
     ("files", "config", "run_lock"),  # atomic files and JSON lines | run configuration | one run per run dir
-    ("matmul", "parallel", "metrics_log"),  # the projection | mesh and partition rules | metrics.jsonl
+    # the projection | which form a hot operation takes per backend | mesh and partition rules | metrics.jsonl
+    ("matmul", "backend_forms", "parallel", "metrics_log"),
     ("losses",),  # pure loss math
     ("data", "model"),  # readers, templates, batching | the decoder, loading, export
     ("scoring", "generation", "nli"),  # scoring sequences | sampling and decoding | NLI probabilities and reward

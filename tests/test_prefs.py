@@ -308,3 +308,19 @@ def test_sample_seeds_differ_by_split_shard_and_batch():
     seeds = {prefs.sample_seed(0, split, shard, batch) for split in preferences.SPLITS for shard in range(3) for batch in range(3)}
     assert len(seeds) == 18 and all(0 <= s < 2**31 for s in seeds)
     assert prefs.sample_seed(0, "train", 1, 2) == prefs.sample_seed(0, "train", 1, 2) != prefs.sample_seed(1, "train", 1, 2)
+
+
+def test_tree_layout_dpo_starts_from_the_stored_reference_logps(setup, shuffled_run):
+    """The records' reference log-probs were scored in shared-prompt rows; a DPO run in the tree
+    layout starts at loss ln 2 with zero margins only if its rows give the same log-probs."""
+    from pdpo_jax.stages import dpo
+
+    run_dir = setup["root"] / "tree-dpo"
+    shutil.copytree(shuffled_run, run_dir / "prefs")
+    config = config_file(setup, "tree-dpo")
+    assert dpo.main(["--config", str(config), "dpo.layout=tree", "dpo.max_steps=1", "dpo.eval_every=1",
+                     "dpo.batch_size=2"]) == 0
+    summary = json.loads((run_dir / "dpo" / DONE_MARKER).read_text())
+    assert summary["start_check"].startswith("ok"), summary["start_check"]
+    trees = json.loads((run_dir / "dpo" / "data_summary.json").read_text())["train_trees"]
+    assert trees["pairs"] == 10 and trees["trees"] == 5  # five dialogues of two model turns, one tree each

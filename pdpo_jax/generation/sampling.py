@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pdpo_jax.backend_forms import by_backend
+
 NUCLEUS_CANDIDATES = 256  # top-p draws among this many most likely tokens when they hold p
 
 class Sampler(Protocol):
@@ -32,7 +34,12 @@ class Greedy:
 
 def draw(weights: jax.Array, key: jax.Array) -> jax.Array:
     """One index per row with probability proportional to `weights` `[batch, n]` (>= 0, each row
-    with some positive weight), by inverting the cumulative sum at one uniform draw per row.
+    with some positive weight): `inverse_cdf_draw` on CPU, `categorical_draw` on TPU and GPU."""
+    return by_backend(weights, key, cpu_tuned=inverse_cdf_draw, textbook=categorical_draw)
+
+
+def inverse_cdf_draw(weights: jax.Array, key: jax.Array) -> jax.Array:
+    """`draw` by inverting the cumulative sum at one uniform draw per row.
 
     `jax.random.categorical` needs a Gumbel draw per vocabulary entry, which costs more than the
     model's own decode step on CPU at a 49k vocabulary; this needs one number per row.
@@ -45,9 +52,21 @@ def draw(weights: jax.Array, key: jax.Array) -> jax.Array:
     return jnp.minimum(index, last_possible).astype(jnp.int32)
 
 
+def categorical_draw(weights: jax.Array, key: jax.Array) -> jax.Array:
+    """`draw` as `jax.random.categorical` on the log-weights (a zero weight is log 0 = -inf: never drawn)."""
+    return jax.random.categorical(key, jnp.log(weights.astype(jnp.float32)), axis=-1).astype(jnp.int32)
+
+
 def first_argmax(logits: jax.Array) -> jax.Array:
-    """argmax over the last axis (first index on ties) as two plain reductions; XLA's CPU argmax
-    (one reduction over (value, index) pairs) is several times slower on large vocabularies."""
+    """argmax over the last axis, the first index on ties: `first_argmax_by_reductions` on CPU,
+    `jnp.argmax` on TPU and GPU."""
+    return by_backend(logits, cpu_tuned=first_argmax_by_reductions,
+                      textbook=lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+
+
+def first_argmax_by_reductions(logits: jax.Array) -> jax.Array:
+    """`first_argmax` as two plain reductions; XLA's CPU argmax (one reduction over (value, index)
+    pairs) is several times slower on large vocabularies."""
     largest = jnp.max(logits, axis=-1, keepdims=True)
     index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
     return jnp.min(jnp.where(logits == largest, index, logits.shape[-1]), axis=-1)
@@ -86,10 +105,11 @@ class TopP:
     """Nucleus sampling: the smallest set of most likely tokens whose probability reaches `p`.
 
     A token is in the nucleus when the mass of the tokens ranked before it is below `p` (so the
-    top token always is). When the NUCLEUS_CANDIDATES most likely tokens of every row already hold
-    `p`, the nucleus lies among them and the draw is made there; otherwise the nucleus is found
-    over the whole vocabulary without sorting it (XLA's CPU sort of a large vocabulary costs more
-    than a model step), by bisecting on the smallest kept probability.
+    top token always is). On TPU and GPU the vocabulary is sorted to rank the tokens. On CPU it is
+    not (XLA's CPU sort of a large vocabulary costs more than a model step): when the
+    NUCLEUS_CANDIDATES most likely tokens of every row already hold `p`, the nucleus lies among
+    them and the draw is made there; otherwise the nucleus is found over the whole vocabulary by
+    bisecting on the smallest kept probability.
     """
 
     p: float = 0.9
@@ -101,19 +121,31 @@ class TopP:
             raise ValueError(f"TopP.p must be in (0, 1], got {self.p!r}")
 
     def choose(self, logits: jax.Array, key: jax.Array) -> jax.Array:
-        scaled = logits.astype(jnp.float32) / self.temperature
-        probs = jax.nn.softmax(scaled, axis=-1)
+        probs = jax.nn.softmax(logits.astype(jnp.float32) / self.temperature, axis=-1)
+        return by_backend(probs, key, cpu_tuned=self.draw_without_sorting, textbook=self.draw_by_sorting)
+
+    def draw_without_sorting(self, probs: jax.Array, key: jax.Array) -> jax.Array:
         top_probs, top_ids = jax.lax.top_k(probs, min(NUCLEUS_CANDIDATES, probs.shape[-1]))
 
         def among_candidates():
-            mass_before = jnp.cumsum(top_probs, axis=-1) - top_probs
-            choice = draw(jnp.where(mass_before < self.p, top_probs, 0.0), key)
+            choice = inverse_cdf_draw(ranked_nucleus(top_probs, self.p), key)
             return jnp.take_along_axis(top_ids, choice[..., None], axis=-1)[..., 0].astype(jnp.int32)
 
         def over_vocabulary():
-            return draw(jnp.where(probs >= nucleus_threshold(probs, self.p), probs, 0.0), key)
+            return inverse_cdf_draw(jnp.where(probs >= nucleus_threshold(probs, self.p), probs, 0.0), key)
 
         return jax.lax.cond(jnp.all(jnp.sum(top_probs, axis=-1) >= self.p), among_candidates, over_vocabulary)
+
+    def draw_by_sorting(self, probs: jax.Array, key: jax.Array) -> jax.Array:
+        order = jnp.argsort(probs, axis=-1, descending=True)  # stable: ties ranked by index, as top_k ranks them
+        choice = categorical_draw(ranked_nucleus(jnp.take_along_axis(probs, order, axis=-1), self.p), key)
+        return jnp.take_along_axis(order, choice[..., None], axis=-1)[..., 0].astype(jnp.int32)
+
+
+def ranked_nucleus(ranked_probs: jax.Array, p: float) -> jax.Array:
+    """`ranked_probs` (each row in descending order) with the tokens outside the nucleus set to 0."""
+    mass_before = jnp.cumsum(ranked_probs, axis=-1) - ranked_probs
+    return jnp.where(mass_before < p, ranked_probs, 0.0)
 
 
 def nucleus_threshold(probs: jax.Array, p: float) -> jax.Array:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pdpo_jax.backend_forms import by_backend
 from pdpo_jax.model.config import ModelConfig
 from pdpo_jax.matmul import matmul_last_axis
 from pdpo_jax.parallel import STACKED_LAYERS
@@ -46,12 +47,19 @@ def attention_mask(
     kv_segments: Array, kv_branches: Array, kv_positions: Array, kv_slots: Array,
     sliding_window: int | None,
 ) -> Array:
-    """bool [batch, q_len, kv_len]: the rule of docs/design.md, from ids alone."""
+    """bool [batch, q_len, kv_len]: the rule of docs/design.md, from ids alone.
+
+    A branch forks off the trunk at its first token's position: it sees the trunk tokens before
+    that position and its own tokens, never the trunk's later tokens (a dialogue tree's gold
+    continuation) or another branch.
+    """
     same_segment = (q_segments[:, :, None] == kv_segments[:, None, :]) & (q_segments[:, :, None] != 0)
     causal = kv_slots[:, None, :] <= q_slots[:, :, None]
-    kv_branch = kv_branches[:, None, :]
-    visible_branch = (kv_branch == 0) | (kv_branch == q_branches[:, :, None])
-    mask = same_segment & causal & visible_branch
+    q_branch, kv_branch = q_branches[:, :, None], kv_branches[:, None, :]
+    own_branch = (kv_branch == q_branch) & (q_branch != 0) & same_segment
+    fork = jnp.min(jnp.where(own_branch, kv_positions[:, None, :], jnp.iinfo(jnp.int32).max), axis=-1)
+    trunk_before_fork = (kv_branch == 0) & (kv_positions[:, None, :] < fork[:, :, None])
+    mask = same_segment & causal & (trunk_before_fork | (kv_branch == q_branch))
     if sliding_window is not None:
         mask &= (q_positions[:, :, None] - kv_positions[:, None, :]) < sliding_window
     return mask
@@ -107,18 +115,28 @@ def grouped_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     group = heads // kv_heads
     q = q.reshape(b, t, kv_heads, group, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, group * t, d)
     if t == 1 and q.dtype == jnp.float32:
-        # One fp32 decode token: a matrix-vector product per (row, kv head), which XLA's CPU backend
-        # runs faster as a fused multiply-and-sum (decode step 108 -> 91 ms on the bundled model);
-        # in bf16 the batched matmul is as fast and keeps fp32 accumulation.
-        scores = jnp.sum(q[:, :, :, None, :] * k[:, :, None, :, :], axis=-1)
+        scores = by_backend(q, k, cpu_tuned=_scores_by_multiply_and_sum, textbook=_scores_by_matmul)
     else:
-        scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
+        scores = _scores_by_matmul(q, k)
     scores = scores * (1.0 / np.sqrt(d))
     scores = jnp.where(mask[:, None, None, :, :], scores.reshape(b, kv_heads, group, t, -1), MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, group * t, -1)
     out = jnp.einsum("bkqs,bksd->bkqd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
     out = out.reshape(b, kv_heads, group, t, d)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, heads, d)
+
+
+def _scores_by_matmul(q: Array, k: Array) -> Array:
+    """q [b,kv_heads,queries,d] . k [b,kv_heads,s,d] -> fp32 [b,kv_heads,queries,s]."""
+    return jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
+
+
+def _scores_by_multiply_and_sum(q: Array, k: Array) -> Array:
+    """`_scores_by_matmul` for fp32 q and k. One fp32 decode token makes the product a matrix-vector
+    product per (row, kv head), which XLA's CPU backend runs faster as a fused multiply-and-sum
+    (decode step 108 -> 91 ms on the bundled model); in bf16 the batched matmul is as fast and
+    keeps fp32 accumulation."""
+    return jnp.sum(q[:, :, :, None, :] * k[:, :, None, :, :], axis=-1)
 
 
 # ----------------------------------------------------------------------------- layers

@@ -146,8 +146,10 @@ def sft_step(run: RunConfig, config: ModelConfig, mesh: Mesh, shapes: Shapes) ->
 def dpo_row_length(run: RunConfig) -> int:
     """The longest DPO row: a pair's prompt is cut so prompt + the longer response fit max_length;
     a shared row adds one copied token and the shorter response (a sample of at most
-    max_new_tokens plus its end-of-turn token)."""
-    if not run.dpo.share_prompt:
+    max_new_tokens plus its end-of-turn token); a tree row is at most `dpo.tree_max_length`."""
+    if run.dpo.layout == "tree":
+        return bucketed_length(run.dpo.tree_max_length, run.data.length_bucket)
+    if run.dpo.layout == "unshared":
         return bucketed_length(run.data.max_length, run.data.length_bucket)
     return bucketed_length(run.data.max_length + 1 + run.prefs.max_new_tokens + 1, run.data.length_bucket)
 
@@ -155,14 +157,17 @@ def dpo_row_length(run: RunConfig) -> int:
 def dpo_step(run: RunConfig, config: ModelConfig, mesh: Mesh, shapes: Shapes) -> Program:
     dpo = run.dpo
     length = dpo_row_length(run)
-    rows = dpo.batch_size if dpo.share_prompt else 2 * dpo.batch_size
-    scored = scored_width(shapes.response_tokens + run.prefs.max_new_tokens + 1, length)
+    rows = 2 * dpo.batch_size if dpo.layout == "unshared" else dpo.batch_size
+    pairs = dpo.batch_size * dpo.tree_max_pairs if dpo.layout == "tree" else dpo.batch_size
+    pair_tokens = shapes.response_tokens + run.prefs.max_new_tokens + 1
+    scored = scored_width(pair_tokens * (dpo.tree_max_pairs if dpo.layout == "tree" else 1), length)
     settings = DPOSettings(beta=dpo.beta, loss_type=dpo.loss_type, label_smoothing=dpo.label_smoothing,
                            reference_free=dpo.reference_free)
-    layout = "[prompt | chosen | rejected] rows" if dpo.share_prompt else "a row per response"
+    layout = {"shared": "[prompt | chosen | rejected] rows", "unshared": "a row per response",
+              "tree": f"dialogue-tree rows of up to {dpo.tree_max_pairs} pairs"}[dpo.layout]
     what = f"{dpo.grad_accum} x [{rows}, {length}] micro-batches ({layout}), {scored} scored positions per row"
     return _train_step("dpo-step", "dpo", functools.partial(dpo_objective, config=config, settings=settings), dpo,
-                       config, mesh, rows, length, scored, dpo.batch_size, what)
+                       config, mesh, rows, length, scored, pairs, what)
 
 
 def sampler_sizes(run: RunConfig) -> tuple[int, int, int]:

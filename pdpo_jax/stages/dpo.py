@@ -19,6 +19,7 @@ from pdpo_jax.config import RunConfig
 from pdpo_jax.data import PromptEncoder
 from pdpo_jax.data.pairs import PairIds, dpo_batch
 from pdpo_jax.data.preferences import PrefsError, read_preference_pairs
+from pdpo_jax.data.trees import pair_trees, tree_batch, tree_summary
 from pdpo_jax.metrics_log import read_metrics_jsonl
 from pdpo_jax.model import pad_id
 from pdpo_jax.parallel import host_rows, is_primary
@@ -43,20 +44,29 @@ def tokenize_pairs(records: list[dict[str, Any]], encoder: PromptEncoder) -> lis
 
 
 def dpo_batches(config: RunConfig, pairs: list[PairIds], pad_id: int, *, shuffle: bool, mesh: Any = None) -> StepBatches:
-    """`dpo.share_prompt`: one row [prompt | chosen | rejected] per pair (the prompt runs once),
-    else rows [prompt | chosen] and [prompt | rejected]; both give the same log-probs."""
-    share = config.dpo.share_prompt
-    return StepBatches(
-        pairs, config.dpo.batch_size, config.dpo.grad_accum, config.seed,
-        to_arrays=functools.partial(_pair_arrays, pad_id=pad_id, share_prompt=share),
-        length_of=PairIds.shared_length if share else PairIds.unshared_length,
-        length_bucket=config.data.length_bucket, shuffle=shuffle,
-        host_rows=host_rows(mesh),
-    )
+    """The steps of `dpo.layout`: `shared` rows [prompt | chosen | rejected] (the prompt runs
+    once), `unshared` rows [prompt | chosen] and [prompt | rejected], or `tree` rows, a dialogue's
+    consecutive pairs on one trunk (`pdpo_jax.data.trees`); all give the same log-probs. A tree
+    step holds `dpo.batch_size` trees, a per-pair step `dpo.batch_size` pairs."""
+    dpo = config.dpo
+    if dpo.layout == "tree":
+        items: list[Any] = pair_trees(pairs, max_length=dpo.tree_max_length, max_pairs=dpo.tree_max_pairs)
+        to_arrays = functools.partial(_tree_arrays, pad_id=pad_id, pairs_per_row=dpo.tree_max_pairs)
+        length_of = len
+    else:
+        share = dpo.layout == "shared"
+        items, length_of = pairs, PairIds.shared_length if share else PairIds.unshared_length
+        to_arrays = functools.partial(_pair_arrays, pad_id=pad_id, share_prompt=share)
+    return StepBatches(items, dpo.batch_size, dpo.grad_accum, config.seed, to_arrays=to_arrays, length_of=length_of,
+                       length_bucket=config.data.length_bucket, shuffle=shuffle, host_rows=host_rows(mesh))
 
 
 def _pair_arrays(pairs, length, *, pad_id, share_prompt):
     return dpo_batch(pairs, pad_to=length, pad_id=pad_id, share_prompt=share_prompt)
+
+
+def _tree_arrays(trees, length, *, pad_id, pairs_per_row):
+    return tree_batch(trees, pairs_per_row, pad_to=length, pad_id=pad_id)
 
 
 def run_dpo(config: RunConfig) -> dict[str, Any]:
@@ -72,11 +82,14 @@ def run_dpo(config: RunConfig) -> dict[str, Any]:
     val_pairs = tokenize_pairs(read_preference_pairs(prefs_dir, "val"), encoder)
     if not train_pairs or not val_pairs:
         raise PrefsError(f"{prefs_dir}: no usable train or val pairs (run make-prefs first)")
-    if is_primary():
-        atomic_write_json(out_dir / "data_summary.json", {"policy_init": str(reference_path),
-                                                          "train_pairs": len(train_pairs), "val_pairs": len(val_pairs)})
     train = dpo_batches(config, train_pairs, pad_id(model), shuffle=True, mesh=mesh)
     val = dpo_batches(config, val_pairs, pad_id(model), shuffle=False, mesh=mesh)
+    if is_primary():
+        summary = {"policy_init": str(reference_path), "layout": config.dpo.layout,
+                   "train_pairs": len(train_pairs), "val_pairs": len(val_pairs)}
+        if config.dpo.layout == "tree":
+            summary |= {"train_trees": tree_summary(train.items), "val_trees": tree_summary(val.items)}
+        atomic_write_json(out_dir / "data_summary.json", summary)
 
     settings = DPOSettings(beta=config.dpo.beta, loss_type=config.dpo.loss_type,
                            label_smoothing=config.dpo.label_smoothing, reference_free=config.dpo.reference_free)
