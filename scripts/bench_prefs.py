@@ -45,8 +45,10 @@ LAYOUTS = ("tree", "per_turn")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="default", help="model directory with tokenizer files (default: the bundled model)")
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="PersonaChat-style dialogue file (default: staged train dialogues)")
+    parser.add_argument("--model", default="default",
+                        help="model directory with tokenizer files (default: the bundled model)")
+    parser.add_argument("--data", default=str(DEFAULT_DATA),
+                        help="PersonaChat-style dialogue file (default: the staged train dialogues)")
     parser.add_argument("--dialogues", type=int, default=16, help="the first N dialogues of --data")
     parser.add_argument("--batch", type=int, default=16, help="examples per sampling batch (prefs.batch_size)")
     parser.add_argument("--new-tokens", type=int, default=32, help="token budget of a negative (prefs.max_new_tokens)")
@@ -217,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     for layout in (LAYOUTS if args.layout == "both" else (args.layout,)):
         result = ours(args, jobs, side, layout)
         rates[layout] = result["records"] / result["seconds"]
-        print(f"ours ({layout}): {rates[layout]:8.2f} records/s ({result['records']} records in {result['seconds']:.1f} s; "
-              f"compile {result['compile_s']:.1f} s; {result['rejected_tokens']} rejected tokens)")
+        print(f"ours ({layout}): {rates[layout]:8.2f} records/s ({result['records']} records in "
+              f"{result['seconds']:.1f} s; compile {result['compile_s']:.1f} s; {result['rejected_tokens']} rejected tokens)")
     if args.skip_torch:
         return 0
     import torch
@@ -227,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     theirs = peer(args, jobs, model, encoder)
     peer_rate = theirs["records"] / theirs["seconds"]
     print(f"peer (transformers generate + TRL-style reference forward, torch {torch.__version__}, "
-          f"{theirs['threads']} threads): {peer_rate:8.2f} records/s ({theirs['records']} records in {theirs['seconds']:.1f} s)")
+          f"{theirs['threads']} threads): {peer_rate:8.2f} records/s ({theirs['records']} records in "
+          f"{theirs['seconds']:.1f} s)")
     ours_rate = rates.get("tree", next(iter(rates.values())))
     print(f"prefs_speedup={ours_rate / peer_rate:.2f}")
     return 0

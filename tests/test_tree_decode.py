@@ -57,7 +57,8 @@ def stopping_eos(tokens: np.ndarray) -> int:
     """A token that some row first samples mid-way and another row never samples."""
     for token in np.unique(tokens):
         first = [np.flatnonzero(row == token)[:1] for row in tokens]
-        if token != PAD and any(f.size and 3 <= f[0] <= NEW_TOKENS - 6 for f in first) and any(f.size == 0 for f in first):
+        midway = any(f.size and 3 <= f[0] <= NEW_TOKENS - 6 for f in first)
+        if token != PAD and midway and any(f.size == 0 for f in first):
             return int(token)
     raise AssertionError(f"no token in {tokens.tolist()} stops one row mid-way and leaves another running")
 
@@ -71,7 +72,8 @@ def test_nested_groups_follow_token_prefixes():
     assert layout.trunk_ids.shape[0] == 4  # 4 groups; 12 decode rows
     assert layout.branch_trunk.tolist() == [0, 0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 3]  # filler repeats the last prompt
     assert layout.branch_length.tolist() == [len(p) for p in prompts] + [len(prompts[-1])] * 2
-    for trunk, valid, prompt in zip(layout.trunk_ids, layout.trunk_valid, (prompts[3], prompts[5], prompts[6], prompts[9])):
+    trunks = (prompts[3], prompts[5], prompts[6], prompts[9])
+    for trunk, valid, prompt in zip(layout.trunk_ids, layout.trunk_valid, trunks):
         assert trunk[: valid.sum()].tolist() == prompt and valid[: len(prompt)].all()
 
 
