@@ -106,3 +106,14 @@ class RecordingSampler:
 
         jax.debug.callback(lambda x: self.seen.append(np.asarray(x)), logits, ordered=True)
         return self.inner.choose(logits, key)
+
+
+def early_stopping_eos(tokens: np.ndarray, pad: int, *, earliest: int, latest: int) -> int:
+    """A token that one row of `tokens` first produces between steps `earliest` and `latest` and
+    another row never produces: as the end of sequence, it stops one row mid-way only."""
+    for token in np.unique(tokens):
+        first = [np.flatnonzero(row == token)[:1] for row in tokens]
+        midway = any(f.size and earliest <= f[0] <= latest for f in first)
+        if token != pad and midway and any(f.size == 0 for f in first):
+            return int(token)
+    raise AssertionError(f"no token in {tokens.tolist()} stops one row mid-way and leaves another running")

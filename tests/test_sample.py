@@ -10,7 +10,7 @@ import pytest
 import scipy.stats
 from jax.sharding import PartitionSpec as P
 
-from model_fixtures import RecordingSampler, load_torch_model, make_tiny_hf_model, padded_batch
+from model_fixtures import RecordingSampler, early_stopping_eos, load_torch_model, make_tiny_hf_model, padded_batch
 from pdpo_jax.model import Decoder, load_model
 from pdpo_jax.parallel import make_mesh
 from pdpo_jax.generation.decode import _decode, bucket_width, cache_shardings, generate
@@ -75,22 +75,13 @@ def right_padded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def early_stopping_eos(tokens: np.ndarray) -> int:
-    """A token that one row first produces mid-way and another row never produces."""
-    for token in np.unique(tokens):
-        first = [np.flatnonzero(row == token)[:1] for row in tokens]
-        midway = any(f.size and 4 <= f[0] <= NEW_TOKENS - 8 for f in first)
-        if token != PAD and midway and any(f.size == 0 for f in first):
-            return int(token)
-    raise AssertionError(f"no token in {tokens.tolist()} stops one row mid-way and leaves another running")
-
-
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_greedy_equals_transformers_with_early_stop(tiny_dirs, family):
     torch_model = load_torch_model(tiny_dirs[family])
     left = padded_batch(LENGTHS, WIDTH, left=True, seed=3)
     right = right_padded(left)
-    eos = early_stopping_eos(hf_greedy(torch_model, left["input_ids"], left["attention_mask"], eos=None))
+    eos = early_stopping_eos(hf_greedy(torch_model, left["input_ids"], left["attention_mask"], eos=None), PAD,
+                             earliest=4, latest=NEW_TOKENS - 8)
     expected = hf_greedy(torch_model, left["input_ids"], left["attention_mask"], eos=eos)
 
     model = with_tokens(load_model(tiny_dirs[family]), eos=eos)

@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from model_fixtures import RecordingSampler, make_tiny_hf_model
+from model_fixtures import RecordingSampler, early_stopping_eos, make_tiny_hf_model
 from pdpo_jax.generation import Greedy, TopP, generate, right_padded
 from pdpo_jax.generation.tree_decode import _tree_decode, generate_tree, nested_groups, next_power_of_two, tree_layout
 from pdpo_jax.model import load_model
@@ -53,16 +53,6 @@ def per_turn(model, prompts, **kwargs):
     return generate(model, ids, mask, max_new_tokens=NEW_TOKENS, **kwargs)[: len(prompts)]
 
 
-def stopping_eos(tokens: np.ndarray) -> int:
-    """A token that some row first samples mid-way and another row never samples."""
-    for token in np.unique(tokens):
-        first = [np.flatnonzero(row == token)[:1] for row in tokens]
-        midway = any(f.size and 3 <= f[0] <= NEW_TOKENS - 6 for f in first)
-        if token != PAD and midway and any(f.size == 0 for f in first):
-            return int(token)
-    raise AssertionError(f"no token in {tokens.tolist()} stops one row mid-way and leaves another running")
-
-
 def test_nested_groups_follow_token_prefixes():
     prompts = dialogue_prompts()
     assert nested_groups(prompts) == [[0, 1, 2, 3], [4, 5], [6], [7, 8, 9]]
@@ -81,7 +71,7 @@ def test_nested_groups_follow_token_prefixes():
 def test_greedy_tokens_equal_per_turn_generation_with_early_stop(tiny_dirs, family):
     prompts = dialogue_prompts()
     model = with_tokens(load_model(tiny_dirs[family]), eos=10_000)
-    eos = stopping_eos(per_turn(model, prompts))
+    eos = early_stopping_eos(per_turn(model, prompts), PAD, earliest=3, latest=NEW_TOKENS - 6)
     model = with_tokens(model, eos=eos)
     expected = per_turn(model, prompts)
     ours = generate_tree(model, prompts, max_new_tokens=NEW_TOKENS, rows=ROWS)
