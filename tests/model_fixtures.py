@@ -6,6 +6,7 @@ save_pretrained in safetensors, exactly like a downloaded checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +92,28 @@ def padded_batch(lengths: list[int], width: int, *, left: bool = False, seed: in
     ids = rng.integers(3, vocab, size=(batch, width)).astype(np.int32) * mask
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
     return {"input_ids": ids, "positions": positions, "segment_ids": mask.copy(), "attention_mask": mask}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RecordingSampler:
+    """Draws with `inner` and hands every logits array it is asked to choose from to the host, in order."""
+
+    inner: Any
+    seen: list = dataclasses.field(default_factory=list)
+
+    def choose(self, logits, key):
+        import jax
+
+        jax.debug.callback(lambda x: self.seen.append(np.asarray(x)), logits, ordered=True)
+        return self.inner.choose(logits, key)
+
+
+def early_stopping_eos(tokens: np.ndarray, pad: int, *, earliest: int, latest: int) -> int:
+    """A token that one row of `tokens` first produces between steps `earliest` and `latest` and
+    another row never produces: as the end of sequence, it stops one row mid-way only."""
+    for token in np.unique(tokens):
+        first = [np.flatnonzero(row == token)[:1] for row in tokens]
+        midway = any(f.size and earliest <= f[0] <= latest for f in first)
+        if token != pad and midway and any(f.size == 0 for f in first):
+            return int(token)
+    raise AssertionError(f"no token in {tokens.tolist()} stops one row mid-way and leaves another running")

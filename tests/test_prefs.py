@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from prefs_fixtures import corpus_text, staged_slice, tiny_gpt2_that_stops, tiny_llama_with_words, write_config
@@ -22,10 +23,14 @@ from pdpo_jax.model import load_model
 from pdpo_jax.model.digest import model_digest
 from pdpo_jax.stages import make_prefs as prefs
 from pdpo_jax.files import DONE_MARKER
+from pdpo_jax.data.pairs import PairIds
 from pdpo_jax.data.tokenization import history_drop_choices
+from pdpo_jax.data.trees import pair_trees
 from pdpo_jax.generation import cut_at_stop
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# fp32 sums of a response's token log-probs, from a trunk row against a row of the pair's own
+TREE_LOGP_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +316,7 @@ def test_sample_seeds_differ_by_split_shard_and_batch():
 
 
 def test_tree_layout_dpo_starts_from_the_stored_reference_logps(setup, shuffled_run):
-    """The records' reference log-probs were scored in shared-prompt rows; a DPO run in the tree
+    """The records' reference log-probs were scored by make-prefs' own rows; a DPO run in the tree
     layout starts at loss ln 2 with zero margins only if its rows give the same log-probs."""
     from pdpo_jax.stages import dpo
 
@@ -324,3 +329,48 @@ def test_tree_layout_dpo_starts_from_the_stored_reference_logps(setup, shuffled_
     assert summary["start_check"].startswith("ok"), summary["start_check"]
     trees = json.loads((run_dir / "dpo" / "data_summary.json").read_text())["train_trees"]
     assert trees["pairs"] == 10 and trees["trees"] == 5  # five dialogues of two model turns, one tree each
+
+
+def test_tree_layout_scores_what_per_pair_rows_score(setup, shuffled_run):
+    """The default (tree) run's stored log-probs against the per-pair scorer on the same records,
+    and the two scorers on one batch of them."""
+    model = load_model(setup["llama"])
+    reference = prefs.Side(str(setup["llama"]), model, PromptEncoder(model.tokenizer, "chat-en"), "", None)
+    records = preferences.read_preference_pairs(shuffled_run, "train")
+    assert json.loads((shuffled_run / prefs.SETTINGS_FILE).read_text())["prefs"]["layout"] == "tree"
+    prompts = [reference.encoder.prompt_ids(r["persona"], r["history"]) for r in records]
+    chosen = [reference.encoder.response_ids(r["chosen"]) for r in records]
+    rejected = [reference.encoder.response_ids(r["rejected"]) for r in records]
+    per_pair = prefs.ScoreFn(reference, rows=len(records), length_bucket=64)(prompts, chosen, rejected)
+    tree = prefs.TreeScoreFn(reference, rows=len(records), length_bucket=64)(prompts, chosen, rejected)
+    stored = ([r["ref_chosen_logp"] for r in records], [r["ref_rejected_logp"] for r in records],
+              [r["chosen_tokens"] for r in records], [r["rejected_tokens"] for r in records])
+    assert len(pair_trees([PairIds(tuple(p), tuple(c), tuple(r)) for p, c, r in zip(prompts, chosen, rejected)])) == 5
+    for ours, theirs, kept in zip(tree, per_pair, stored):
+        np.testing.assert_allclose(ours, theirs, atol=TREE_LOGP_TOL, rtol=0)
+        np.testing.assert_allclose(kept, theirs, atol=TREE_LOGP_TOL, rtol=0)
+
+
+def test_per_turn_layout_draws_the_same_negatives_and_a_folder_keeps_its_layout(setup, shuffled_run, capsys):
+    config = config_file(setup, "per-turn", layout="per_turn")
+    assert prefs.main(["--config", str(config)]) == 0
+    per_turn, tree = all_records(setup["root"] / "per-turn" / "prefs"), all_records(shuffled_run)
+    provenance = ("example_id", "donor_dialogue_id", "history", "sample_seed", "sample_row", "chosen", "rejected")
+    # one seed per batch and the same rows: the same random numbers, drawn from logits equal to fp32 rounding
+    assert [[r[k] for k in provenance] for r in per_turn] == [[r[k] for k in provenance] for r in tree]
+    for key in ("ref_chosen_logp", "ref_rejected_logp"):
+        np.testing.assert_allclose([r[key] for r in per_turn], [r[key] for r in tree], atol=TREE_LOGP_TOL, rtol=0)
+    assert cli.main(["make-prefs", "--config", str(config_file(setup, "shuffled")), "prefs.layout=per_turn"]) == 2
+    assert "prefs.layout: was 'tree', now 'per_turn'" in capsys.readouterr().err
+
+
+def test_a_folder_begun_before_the_layout_setting_resumes_per_turn(setup, shuffled_run, tmp_path):
+    folder = tmp_path / "prefs"
+    shutil.copytree(shuffled_run, folder)
+    old = json.loads((folder / prefs.SETTINGS_FILE).read_text())
+    del old["prefs"]["layout"]
+    (folder / prefs.SETTINGS_FILE).write_text(json.dumps(old))
+    settings = json.loads(json.dumps(old))
+    prefs.check_settings(folder, dict(settings, prefs=dict(settings["prefs"], layout="per_turn")))
+    with pytest.raises(preferences.PrefsError, match="prefs.layout: was 'per_turn', now 'tree'"):
+        prefs.check_settings(folder, dict(settings, prefs=dict(settings["prefs"], layout="tree")))

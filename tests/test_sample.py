@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import scipy.stats
 from jax.sharding import PartitionSpec as P
 
-from model_fixtures import load_torch_model, make_tiny_hf_model, padded_batch
+from model_fixtures import RecordingSampler, early_stopping_eos, load_torch_model, make_tiny_hf_model, padded_batch
 from pdpo_jax.model import Decoder, load_model
 from pdpo_jax.parallel import make_mesh
 from pdpo_jax.generation.decode import _decode, bucket_width, cache_shardings, generate
@@ -25,18 +24,6 @@ CHI_SQUARE_ALPHA = 1e-3  # a correct sampler fails the fixed-seed test with this
 LOGIT_SCALE = 4.0  # sharpens the tiny models' next-token distributions so top-k/top-p sets are small
 LENGTHS = [12, 5, 9, 3, 7]
 WIDTH = max(LENGTHS)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class RecordingSampler:
-    """Draws with `inner` and hands every logits array it is asked to choose from to the host, in order."""
-
-    inner: Any
-    seen: list = dataclasses.field(default_factory=list)
-
-    def choose(self, logits, key):
-        jax.debug.callback(lambda x: self.seen.append(np.asarray(x)), logits, ordered=True)
-        return self.inner.choose(logits, key)
 
 
 def generate_with_step_logits(model, input_ids, attention_mask, *, max_new_tokens, sampler, seed):
@@ -88,22 +75,13 @@ def right_padded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def early_stopping_eos(tokens: np.ndarray) -> int:
-    """A token that one row first produces mid-way and another row never produces."""
-    for token in np.unique(tokens):
-        first = [np.flatnonzero(row == token)[:1] for row in tokens]
-        midway = any(f.size and 4 <= f[0] <= NEW_TOKENS - 8 for f in first)
-        if token != PAD and midway and any(f.size == 0 for f in first):
-            return int(token)
-    raise AssertionError(f"no token in {tokens.tolist()} stops one row mid-way and leaves another running")
-
-
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_greedy_equals_transformers_with_early_stop(tiny_dirs, family):
     torch_model = load_torch_model(tiny_dirs[family])
     left = padded_batch(LENGTHS, WIDTH, left=True, seed=3)
     right = right_padded(left)
-    eos = early_stopping_eos(hf_greedy(torch_model, left["input_ids"], left["attention_mask"], eos=None))
+    eos = early_stopping_eos(hf_greedy(torch_model, left["input_ids"], left["attention_mask"], eos=None), PAD,
+                             earliest=4, latest=NEW_TOKENS - 8)
     expected = hf_greedy(torch_model, left["input_ids"], left["attention_mask"], eos=eos)
 
     model = with_tokens(load_model(tiny_dirs[family]), eos=eos)

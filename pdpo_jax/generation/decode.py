@@ -94,7 +94,8 @@ def cache_shardings(config: ModelConfig, mesh: Mesh, batch: int, length: int) ->
                         cache_specs(config), shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def _constrain(tree: Any, shardings: Any) -> Any:
+def constrain(tree: Any, shardings: Any) -> Any:
+    """`tree` held to `shardings` (a matching tree of NamedShardings) inside jit; None: as it is."""
     if shardings is None:
         return tree
     return jax.tree.map(jax.lax.with_sharding_constraint, tree, shardings)
@@ -117,17 +118,15 @@ def decode_step(params, token, position, cache, *, config: ModelConfig):
     return last_token_logits(hidden[:, -1], unembedding(params, config).astype(jnp.float32)), cache
 
 
-@partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampler", "eos_ids", "pad_id", "mesh"))
-def _decode(params, prompt_ids, prompt_valid, key, *, config: ModelConfig, max_new_tokens: int, sampler: Sampler,
-            eos_ids: tuple[int, ...], pad_id: int, mesh: Mesh | None = None):
-    """Sampled tokens `[batch, max_new_tokens]`, the pad id after each row's end of sequence."""
-    batch, width = prompt_ids.shape
-    params = compute_params(params, config)
-    shardings = None if mesh is None else cache_shardings(config, mesh, batch, width + max_new_tokens)
-    cache = _constrain(init_cache(config, batch, width + max_new_tokens, dtype=jnp.dtype(config.dtype)), shardings)
-    logits, cache = prefill(params, prompt_ids, prompt_valid, cache, config=config)
+def sample_tokens(params, logits, cache, next_position, key, *, config: ModelConfig, max_new_tokens: int,
+                  sampler: Sampler, eos_ids: tuple[int, ...], pad_id: int, cache_shardings: Any = None):
+    """The token loop after a prefill: one token per row per step (`lax.while_loop`) until every
+    row has sampled an end of sequence or `max_new_tokens` are out. `logits` `[batch, vocab]` are
+    the prefill's next-token logits, `next_position` `[batch]` the position of each row's first
+    new token; new tokens are written at the cache's `index`. Returns `[batch, max_new_tokens]`,
+    the pad id after each row's end of sequence."""
+    batch = logits.shape[0]
     eos = jnp.asarray(eos_ids, jnp.int32)
-    last_position = jnp.maximum(jnp.sum(prompt_valid, axis=1) - 1, 0).astype(jnp.int32)
 
     def keep_going(state):
         step, finished = state[0], state[4]
@@ -140,13 +139,49 @@ def _decode(params, prompt_ids, prompt_valid, key, *, config: ModelConfig, max_n
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
         finished = finished | jnp.isin(token, eos)
         logits, cache = decode_step(params, token, position, cache, config=config)
-        return step + 1, _constrain(cache, shardings), logits, tokens, finished, position + 1
+        return step + 1, constrain(cache, cache_shardings), logits, tokens, finished, position + 1
 
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
-    state = (jnp.int32(0), cache, logits, tokens, jnp.zeros((batch,), bool), last_position + 1)
+    state = (jnp.int32(0), cache, logits, tokens, jnp.zeros((batch,), bool), next_position.astype(jnp.int32))
     _, _, _, tokens, _, _ = jax.lax.while_loop(keep_going, one_token, state)
-    # Replicated, so every process of a multi-host run reads every row.
+    return tokens
+
+
+def replicated_tokens(tokens: jax.Array, mesh: Mesh | None) -> jax.Array:
+    """The tokens on every device, so every process of a multi-host run reads every row."""
     return tokens if mesh is None else jax.lax.with_sharding_constraint(tokens, NamedSharding(mesh, PartitionSpec()))
+
+
+@partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampler", "eos_ids", "pad_id", "mesh"))
+def _decode(params, prompt_ids, prompt_valid, key, *, config: ModelConfig, max_new_tokens: int, sampler: Sampler,
+            eos_ids: tuple[int, ...], pad_id: int, mesh: Mesh | None = None):
+    """Sampled tokens `[batch, max_new_tokens]`, the pad id after each row's end of sequence."""
+    batch, width = prompt_ids.shape
+    params = compute_params(params, config)
+    shardings = None if mesh is None else cache_shardings(config, mesh, batch, width + max_new_tokens)
+    cache = constrain(init_cache(config, batch, width + max_new_tokens, dtype=jnp.dtype(config.dtype)), shardings)
+    logits, cache = prefill(params, prompt_ids, prompt_valid, cache, config=config)
+    next_position = jnp.sum(prompt_valid, axis=1).astype(jnp.int32)
+    tokens = sample_tokens(params, logits, cache, next_position, key, config=config, max_new_tokens=max_new_tokens,
+                           sampler=sampler, eos_ids=eos_ids, pad_id=pad_id, cache_shardings=shardings)
+    return replicated_tokens(tokens, mesh)
+
+
+def check_new_tokens(model: Model, longest_prompt: int, max_new_tokens: int) -> None:
+    """Refuses a token budget below one, or past a learned-position model's last position."""
+    if int(max_new_tokens) < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
+    longest = int(longest_prompt) + int(max_new_tokens)
+    if model.config.family == "gpt2" and longest > model.config.max_position_embeddings:
+        raise ValueError(f"{model.path}: prompt + max_new_tokens = {longest} tokens exceeds the model's "
+                         f"{model.config.max_position_embeddings} learned positions")
+
+
+def params_on(model: Model, mesh: Mesh | None) -> Any:
+    """The model's parameters, placed on `mesh` by the partition rules unless they already are."""
+    if mesh is None or on_mesh(model.params, mesh):
+        return model.params
+    return shard_params(model.params, mesh)
 
 
 # ----------------------------------------------------------------------------- public entry point
@@ -162,23 +197,16 @@ def generate(model: Model, input_ids, attention_mask, *, max_new_tokens: int, sa
     tokens are the same as on one device.
     """
     config = model.config
-    if int(max_new_tokens) < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
     stop_ids = eos_ids(model)
     pad = pad_id(model)
     prompt_ids, prompt_valid = left_align(input_ids, attention_mask, pad)
-    longest = int(prompt_valid.sum(axis=1).max()) + int(max_new_tokens)
-    if config.family == "gpt2" and longest > config.max_position_embeddings:
-        raise ValueError(f"{model.path}: prompt + max_new_tokens = {longest} tokens exceeds the model's "
-                         f"{config.max_position_embeddings} learned positions")
+    check_new_tokens(model, int(prompt_valid.sum(axis=1).max()), max_new_tokens)
     batch = prompt_ids.shape[0]
-    params = model.params
+    params = params_on(model, mesh)
     if mesh is not None:
         extra = rows_for_mesh(batch, mesh) - batch  # filler rows (copies of row 0) so the batch splits evenly
         prompt_ids = np.concatenate([prompt_ids, np.repeat(prompt_ids[:1], extra, axis=0)])
         prompt_valid = np.concatenate([prompt_valid, np.repeat(prompt_valid[:1], extra, axis=0)])
-        if not on_mesh(params, mesh):
-            params = shard_params(params, mesh)
         prompt_ids, prompt_valid = place_batch((prompt_ids, prompt_valid), mesh)
     tokens = _decode(params, jnp.asarray(prompt_ids), jnp.asarray(prompt_valid), jax.random.PRNGKey(seed),
                      config=config, max_new_tokens=int(max_new_tokens), sampler=sampler or Greedy(),

@@ -19,6 +19,7 @@ from pdpo_jax.data.tokenization import PromptEncoder
 from pdpo_jax.errors import PdpoError
 from pdpo_jax.generation.decode import generate
 from pdpo_jax.generation.sampling import Sampler
+from pdpo_jax.generation.tree_decode import generate_tree
 from pdpo_jax.model import Model, eos_ids
 
 
@@ -78,14 +79,21 @@ def right_padded(prompts: Sequence[Sequence[int]], rows: int, pad_id: int) -> tu
 
 
 def respond(model: Model, encoder: PromptEncoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-            sampler: Sampler | None, seed: int, rows: int | None = None, mesh: Any = None) -> list[Response]:
+            sampler: Sampler | None, seed: int, rows: int | None = None, mesh: Any = None,
+            share_prefixes: bool = False) -> list[Response]:
     """One response per prompt (token ids from `encoder`), sampled in one batch of `rows` rows
-    (on `mesh`, split over its batch axes; every process gets every response)."""
+    (on `mesh`, split over its batch axes; every process gets every response). With
+    `share_prefixes`, consecutive prompts that extend each other (a dialogue's turns) are
+    prefilled once (`generate_tree`): the same responses for less work."""
     if not prompts:
         return []
     rows = max(rows or len(prompts), len(prompts))
-    ids, mask = right_padded(prompts, rows, pad_id=0)
-    sampled = generate(model, ids, mask, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, mesh=mesh)
+    if share_prefixes:
+        sampled = generate_tree(model, prompts, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, rows=rows,
+                                mesh=mesh)
+    else:
+        ids, mask = right_padded(prompts, rows, pad_id=0)
+        sampled = generate(model, ids, mask, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, mesh=mesh)
     stops = stop_sequences(model, encoder)
     responses = []
     for row in range(len(prompts)):

@@ -23,6 +23,17 @@ record with the record's row in that batch). Sampling a row depends on its batch
 shape, both fixed by (config, k), so a rerun after a crash skips the complete shards and
 rewrites the missing ones exactly as one uninterrupted run would.
 
+Layout (`prefs.layout`): with "per_turn" every example of a batch is prefilled on its own row and
+its pair scored in its own [prompt | chosen | rejected] row. With "tree" (the default) a batch's
+consecutive generation prompts that extend each other (one dialogue's turns under its donor
+persona, with the same history cut) are prefilled once, as the last one's row, and every example
+still samples on its own decode row, row `sample_row` of the batch, with the batch's seed
+(`pdpo_jax.generation.tree_decode`); then the batch's consecutive pairs that nest (own persona)
+are scored one tree row per run (`pdpo_jax.data.trees`). Which prompts share a prefill depends
+only on the batch's prompts, so the determinism above holds for either layout. The two layouts
+sample from the same distributions with the same random numbers and agree on log-probs within
+fp32 rounding, but their bytes differ, so a folder refuses to be resumed in the other layout.
+
 Prompts and truncation: the generation prompt (donor persona + history) keeps the longest history
 tail that leaves room for `max_new_tokens` within `data.max_length` (and the model's positions);
 the pair's prompt (own persona + that history) then keeps the longest tail for which prompt plus
@@ -63,9 +74,12 @@ from pdpo_jax.data.preferences import (
     read_shard,
     shard_path,
 )
+from pdpo_jax.data.pairs import PairIds
 from pdpo_jax.data.shuffle import persona_derangement
+from pdpo_jax.data.trees import pair_trees, tree_batch
 from pdpo_jax.files import append_jsonl, atomic_write_json, atomic_write_jsonl, is_done, mark_done
 from pdpo_jax.generation import context_limit, respond, sampler_description, sampler_from_config
+from pdpo_jax.generation.tree_decode import next_power_of_two
 from pdpo_jax.model import Model
 from pdpo_jax.model.digest import model_digest
 from pdpo_jax.model.hub import looks_like_hub_id
@@ -82,6 +96,7 @@ from pdpo_jax.stages.common import (
 )
 
 SETTINGS_FILE = "settings.json"
+PAIR_ARRAYS = ("ref_chosen_logps", "ref_rejected_logps", "pair_mask")  # the DPO step's, not the scorer's
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -177,6 +192,8 @@ def check_settings(prefs_dir: Path, settings: dict[str, Any]) -> None:
     path = prefs_dir / SETTINGS_FILE
     has_shards = any(prefs_dir.glob("*/shard-*.jsonl")) or is_done(prefs_dir)
     old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    if old is not None and "prefs" in old:
+        old["prefs"].setdefault("layout", "per_turn")  # a folder begun before there was a choice
     if old is not None and settings["generator"]["digest"] is None:
         for side in ("generator", "reference"):
             settings[side]["digest"] = old.get(side, {}).get("digest")
@@ -200,9 +217,10 @@ def _first_difference(old: Any, new: Any, prefix: str = "") -> str:
 
 
 class ScoreFn:
-    """The reference's summed log-probs of [prompt | chosen | rejected] rows, by the shared scorer
-    (the one DNLI ranking uses), in batches of a fixed number of rows (rounded up to split over
-    the mesh; every process passes the whole batch and reads every score)."""
+    """The reference's summed log-probs of [prompt | chosen | rejected] rows (`prefs.layout:
+    per_turn`), by the shared scorer (the one DNLI ranking uses), in batches of a fixed number of
+    rows (rounded up to split over the mesh; every process passes the whole batch and reads every
+    score)."""
 
     def __init__(self, side: Side, rows: int, length_bucket: int):
         self.rows, self.length_bucket = rows_for_mesh(rows, side.mesh), length_bucket
@@ -221,8 +239,39 @@ class ScoreFn:
         return logps[0 : 2 * n : 2], logps[1 : 2 * n : 2], counts[0 : 2 * n : 2], counts[1 : 2 * n : 2]
 
 
+class TreeScoreFn:
+    """The same log-probs (`prefs.layout: tree`) with one row per run of nesting pairs
+    (`pdpo_jax.data.trees`): a dialogue's consecutive pairs share one trunk, the last pair's
+    [prompt | chosen], on which every chosen response is scored, and each rejected response is a
+    branch forking off the trunk where its chosen begins. Rows and pair slots per row are rounded
+    up to powers of two (at most the batch size; rows then to split over the mesh), so a run
+    compiles a handful of shapes."""
+
+    def __init__(self, side: Side, rows: int, length_bucket: int):
+        self.side, self.rows, self.length_bucket = side, rows, length_bucket
+
+    def __call__(self, prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]]):
+        pairs = [PairIds(tuple(p), tuple(c), tuple(r)) for p, c, r in zip(prompts, chosen, rejected)]
+        trees = pair_trees(pairs)
+        rows = rows_for_mesh(next_power_of_two(len(trees), self.rows), self.side.mesh)
+        pairs_per_row = next_power_of_two(max(tree.num_pairs for tree in trees), self.rows)
+        batch = tree_batch(trees + [None] * (rows - len(trees)), pairs_per_row, bucket=self.length_bucket)
+        batch = with_scored_positions({k: v for k, v in batch.items() if k not in PAIR_ARRAYS})
+        scorer = make_scorer(self.side.model, num_sequences=2 * rows * pairs_per_row, mesh=self.side.mesh)
+        logps, counts = scorer(batch)
+        slots = [row * pairs_per_row + k for row, tree in enumerate(trees) for k in range(tree.num_pairs)]
+        chosen_at, rejected_at = [2 * slot for slot in slots], [2 * slot + 1 for slot in slots]
+        logps = logps.astype(np.float64)
+        return logps[chosen_at], logps[rejected_at], counts[chosen_at], counts[rejected_at]
+
+
+def scorer_for_layout(config: RunConfig, reference: Side) -> ScoreFn | TreeScoreFn:
+    score_class = TreeScoreFn if config.prefs.layout == "tree" else ScoreFn
+    return score_class(reference, config.prefs.batch_size, config.data.length_bucket)
+
+
 def build_shard(jobs: Sequence[PairJob], split: str, shard: int, config: RunConfig, generator: Side,
-                reference: Side, score: ScoreFn, sampler: Any,
+                reference: Side, score: ScoreFn | TreeScoreFn, sampler: Any,
                 progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
     """The records of one shard: a pure function of (config, split, shard). `progress(n)` is
     called after each sampling batch with its number of examples."""
@@ -238,7 +287,7 @@ def build_shard(jobs: Sequence[PairJob], split: str, shard: int, config: RunConf
 
 
 def batch_records(batch_jobs: Sequence[PairJob], split: str, seed: int, config: RunConfig, generator: Side,
-                  reference: Side, score: ScoreFn, sampler: Any) -> list[dict[str, Any]]:
+                  reference: Side, score: ScoreFn | TreeScoreFn, sampler: Any) -> list[dict[str, Any]]:
     """The records of one sampling batch: negatives drawn with `seed`, both sides scored."""
     prefs = config.prefs
     fitted = []  # (job, generation history, generation prompt ids)
@@ -253,7 +302,7 @@ def batch_records(batch_jobs: Sequence[PairJob], split: str, seed: int, config: 
         return []
     responses = respond(generator.model, generator.encoder, [p for _, _, p in fitted],
                         max_new_tokens=prefs.max_new_tokens, sampler=sampler, seed=seed, rows=prefs.batch_size,
-                        mesh=generator.mesh)
+                        mesh=generator.mesh, share_prefixes=prefs.layout == "tree")
     pairs = []  # (row, job, pair history, prompt ids, chosen ids, rejected ids, response)
     limit = context_limit(reference.model, config.data.max_length)
     for row, ((job, history, _), response) in enumerate(zip(fitted, responses)):
@@ -354,7 +403,7 @@ def make_prefs(config: RunConfig) -> dict[str, Any]:
     plans = {split: plan_split(getattr(corpus, split), prefs.shuffle, prefs.seed) for split in SPLITS}
     sampler = sampler_from_config(prefs.sampler.kind, temperature=prefs.sampler.temperature,
                                   top_k=prefs.sampler.top_k, top_p=prefs.sampler.top_p)
-    score = ScoreFn(reference, prefs.batch_size, config.data.length_bucket)
+    score = scorer_for_layout(config, reference)
     shards = [(split, k) for split in SPLITS for k in range(shard_count(len(plans[split]), prefs.shard_size))]
     missing = [tuple(shard) for shard in primary_decides(
         lambda: [(s, k) for s, k in shards if not shard_path(prefs_dir, s, k).exists()])]
