@@ -8,7 +8,8 @@ One run, one machine, one model (default: the bundled SmolLM2-135M-Instruct), fp
 sides build a record for every example of the slice from the same plan: the same donor personas
 (`persona_derangement`), the same generation prompts (donor persona + the history that leaves room
 for `--new-tokens`) and pair prompts (own persona + the history that fits with the longer
-response), in the same batches of `--batch` examples, sampling top-p 0.9 at temperature 1 with at
+response), cut as our compared layout cuts them (`kept_histories`: per turn, or nested for the
+tree layout), in the same batches of `--batch` examples, sampling top-p 0.9 at temperature 1 with at
 most `--new-tokens` new tokens and stopping at the end of turn.
 
   ours   `build_shard` of `pdpo_jax.stages.make_prefs`, the stage's own code: the jitted sampler and
@@ -104,20 +105,6 @@ def ours(args: argparse.Namespace, jobs: list, side, layout: str) -> dict:
 # --- the paper stack: transformers generate + TRL-style precomputed reference log-probs --------------
 
 
-def prompts_of(args: argparse.Namespace, jobs: list, model, encoder) -> list[tuple]:
-    """(job, generation prompt ids, pair history) per example, fitted as make-prefs fits them
-    (the pair history is cut again once the negative's length is known)."""
-    from pdpo_jax.generation import context_limit
-
-    room = context_limit(model, args.max_length) - args.new_tokens
-    fitted = []
-    for job in jobs:
-        history = encoder.fit_history(job.donor_persona, job.example.history, room)
-        if history is not None:
-            fitted.append((job, encoder.prompt_ids(job.donor_persona, history), history))
-    return fitted
-
-
 def left_padded(prompts: list[list[int]], pad: int):
     import torch
 
@@ -149,24 +136,36 @@ def reference_logps(torch_model, rows: list[tuple[list[int], list[int]]], pad: i
     return (logps * scored[:, 1:]).sum(-1).tolist()
 
 
-def peer_batch(args: argparse.Namespace, batch: list[tuple], torch_model, model, encoder, stop_ids: list[int]) -> int:
-    """One batch on the paper stack; returns the records it made."""
+def peer_batch(args: argparse.Namespace, jobs: list, layout: str, torch_model, model, encoder,
+               stop_ids: list[int]) -> int:
+    """One batch on the paper stack, with exactly the prompts our stage builds for it in `layout`
+    (`kept_histories`); returns the records it made."""
     import torch
 
     from pdpo_jax.generation import context_limit, cut_at_stop, decode_response, stop_sequences
+    from pdpo_jax.stages.make_prefs import kept_histories
 
+    nested = layout == "tree"
+    room = context_limit(model, args.max_length) - args.new_tokens
+    kept = kept_histories(jobs, [job.donor_persona for job in jobs], [0] * len(jobs), room, encoder, nested=nested)
+    batch = [(job, history) for job, history in zip(jobs, kept) if history is not None]
+    if not batch:
+        return 0
     pad = int(model.config.pad_token_id or 0)
-    ids, mask = left_padded([prompt for _, prompt, _ in batch], pad)
+    ids, mask = left_padded([encoder.prompt_ids(job.donor_persona, history) for job, history in batch], pad)
     with torch.inference_mode():
         out = torch_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=True,
                                    top_p=TOP_P, top_k=0, temperature=1.0, eos_token_id=stop_ids, pad_token_id=pad)
     stops = stop_sequences(model, encoder)
-    limit = context_limit(model, args.max_length)
-    rows = []
-    for (job, _, history), sampled in zip(batch, out[:, ids.shape[1]:].tolist()):
+    responses = []
+    for (job, _), sampled in zip(batch, out[:, ids.shape[1]:].tolist()):
         rejected = encoder.response_ids(decode_response(model.tokenizer, cut_at_stop(sampled, stops)[0]))
-        chosen = encoder.response_ids(job.example.response)
-        pair_history = encoder.fit_history(job.example.persona, history, limit - max(len(chosen), len(rejected)))
+        responses.append((encoder.response_ids(job.example.response), rejected))
+    pair_kept = kept_histories([job for job, _ in batch], [job.example.persona for job, _ in batch],
+                               [max(map(len, ids)) for ids in responses], context_limit(model, args.max_length),
+                               encoder, nested=nested, within=[history for _, history in batch])
+    rows = []
+    for (job, _), (chosen, rejected), pair_history in zip(batch, responses, pair_kept):
         if pair_history is not None:
             prompt = encoder.prompt_ids(job.example.persona, pair_history)
             rows += [(prompt, chosen), (prompt, rejected)]
@@ -175,7 +174,7 @@ def peer_batch(args: argparse.Namespace, batch: list[tuple], torch_model, model,
     return len(rows) // 2
 
 
-def peer(args: argparse.Namespace, jobs: list, model, encoder) -> dict:
+def peer(args: argparse.Namespace, jobs: list, layout: str, model, encoder) -> dict:
     import torch
     import transformers
 
@@ -183,13 +182,12 @@ def peer(args: argparse.Namespace, jobs: list, model, encoder) -> dict:
 
     torch.manual_seed(0)
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32).eval()
-    fitted = prompts_of(args, jobs, model, encoder)
     stop_ids = list(eos_ids(model))
-    batches = [fitted[i : i + args.batch] for i in range(0, len(fitted), args.batch)]
-    peer_batch(args, batches[0][:2], torch_model, model, encoder, stop_ids)  # warm-up: one-off set-up untimed
+    batches = [jobs[i : i + args.batch] for i in range(0, len(jobs), args.batch)]
+    peer_batch(args, batches[0][:2], layout, torch_model, model, encoder, stop_ids)  # warm-up: one-off set-up untimed
 
     def run():
-        return sum(peer_batch(args, batch, torch_model, model, encoder, stop_ids) for batch in batches)
+        return sum(peer_batch(args, batch, layout, torch_model, model, encoder, stop_ids) for batch in batches)
 
     records, seconds = timed(run)
     return {"records": records, "seconds": seconds, "threads": torch.get_num_threads()}
@@ -226,13 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    theirs = peer(args, jobs, model, encoder)
+    compared = "tree" if "tree" in rates else args.layout  # the peer gets the prompts of the layout compared
+    theirs = peer(args, jobs, compared, model, encoder)
     peer_rate = theirs["records"] / theirs["seconds"]
     print(f"peer (transformers generate + TRL-style reference forward, torch {torch.__version__}, "
           f"{theirs['threads']} threads): {peer_rate:8.2f} records/s ({theirs['records']} records in "
           f"{theirs['seconds']:.1f} s)")
-    ours_rate = rates.get("tree", next(iter(rates.values())))
-    print(f"prefs_speedup={ours_rate / peer_rate:.2f}")
+    print(f"prefs_speedup={rates[compared] / peer_rate:.2f}")
     return 0
 
 

@@ -374,3 +374,33 @@ def test_a_folder_begun_before_the_layout_setting_resumes_per_turn(setup, shuffl
     prefs.check_settings(folder, dict(settings, prefs=dict(settings["prefs"], layout="per_turn")))
     with pytest.raises(preferences.PrefsError, match="prefs.layout: was 'per_turn', now 'tree'"):
         prefs.check_settings(folder, dict(settings, prefs=dict(settings["prefs"], layout="tree")))
+
+
+def test_tree_layout_cuts_a_dialogues_histories_so_they_nest():
+    from pdpo_jax.data.examples import Example
+
+    class CountingEncoder(PromptEncoder):  # a prompt costs 10 tokens of persona plus 3 per line
+        def __init__(self):
+            pass
+
+        def prompt_ids(self, persona, history):
+            return [0] * (10 + 3 * len(history))
+
+    lines = [f"p{i // 2}" if i % 2 == 0 else f"m{i // 2}" for i in range(9)]
+    jobs = [prefs.PairJob(Example(f"d#{t}", "d", ("x",), tuple(lines[: 2 * t + 1]), lines[2 * t + 1] if t < 4 else "m4"),
+                          "e", ("y",)) for t in range(5)]
+    jobs.append(prefs.PairJob(Example("e#0", "e", ("y",), ("q0",), "n0"), "d", ("x",)))
+    personas, reserved = [job.donor_persona for job in jobs], [0] * len(jobs)
+    per_turn = prefs.kept_histories(jobs, personas, reserved, 25, CountingEncoder(), nested=False)
+    assert [len(h) for h in per_turn] == [1, 3, 5, 5, 5, 1]  # turns 3 and 4 start two lines apart: no nesting
+    assert per_turn[3][0] == "p1" and per_turn[4][0] == "p2"
+    nested = prefs.kept_histories(jobs, personas, reserved, 25, CountingEncoder(), nested=True)
+    assert [h[:1] for h in nested] == [("p0",)] * 3 + [("p2",)] * 2 + [("q0",)]  # two chunks, then dialogue e
+    for earlier, later, job in zip(nested[:2], nested[1:3], jobs):
+        assert later[: len(earlier) + 1] == earlier + (job.example.response,)
+    assert all(10 + 3 * len(h) <= 25 for h in nested)
+    # A pair never keeps more history than its negative was sampled with.
+    within = [h[2:] if len(h) > 2 else h for h in nested]
+    pairs = prefs.kept_histories(jobs, personas, reserved, 100, CountingEncoder(), nested=True, within=within)
+    assert all(len(p) <= len(w) for p, w in zip(pairs, within))
+    assert prefs.kept_histories(jobs[:1], personas[:1], [20], 25, CountingEncoder(), nested=True) == [None]

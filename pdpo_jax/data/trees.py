@@ -176,7 +176,7 @@ def nested_pairs(encoder: PromptEncoder, examples: Sequence[Example], rejected: 
     of a dialogue cut by `nested_history_cuts` so that they share trees; None for an example that
     does not fit `max_length` even without history. The same pairs serve every DPO layout."""
     pairs: list[PairIds | None] = []
-    for group in _consecutive_dialogues(examples):
+    for group in dialogue_runs(examples):
         responses = [(tuple(encoder.response_ids(examples[i].response)), tuple(encoder.response_ids(rejected[i])))
                      for i in group]
 
@@ -194,8 +194,8 @@ def nested_pairs(encoder: PromptEncoder, examples: Sequence[Example], rejected: 
     return pairs
 
 
-def _consecutive_dialogues(examples: Sequence[Example]) -> list[list[int]]:
-    """Indices of `examples` in runs of the same dialogue."""
+def dialogue_runs(examples: Sequence[Example]) -> list[list[int]]:
+    """Indices of `examples` in runs of consecutive examples of one dialogue, in order."""
     groups: list[list[int]] = []
     for i, example in enumerate(examples):
         if groups and examples[groups[-1][-1]].dialogue_id == example.dialogue_id:

@@ -37,7 +37,12 @@ fp32 rounding, but their bytes differ, so a folder refuses to be resumed in the 
 Prompts and truncation: the generation prompt (donor persona + history) keeps the longest history
 tail that leaves room for `max_new_tokens` within `data.max_length` (and the model's positions);
 the pair's prompt (own persona + that history) then keeps the longest tail for which prompt plus
-the longer of chosen and rejected fits. The history stored in the record is the one used, so
+the longer of chosen and rejected fits. That is the per-turn rule (`prefs.layout: per_turn`);
+cut so, a long dialogue's later prompts each drop a little more history and none nest. The tree
+layout cuts a batch's consecutive turns of one dialogue as packed SFT rows are cut instead
+(`kept_histories`, `nested_history_cuts`): as many consecutive turns as fit keep the same oldest
+line, then as much history as the last of them allows; where nothing is cut, both rules keep
+the whole history. The history stored in the record is the one used, so
 the DPO stage rebuilds exactly the prompt that was scored. A generator with another tokenizer
 works: negatives cross between models as text and are re-tokenized for the reference.
 
@@ -76,7 +81,7 @@ from pdpo_jax.data.preferences import (
 )
 from pdpo_jax.data.pairs import PairIds
 from pdpo_jax.data.shuffle import persona_derangement
-from pdpo_jax.data.trees import pair_trees, tree_batch
+from pdpo_jax.data.trees import dialogue_runs, nested_history_cuts, pair_trees, tree_batch
 from pdpo_jax.files import append_jsonl, atomic_write_json, atomic_write_jsonl, is_done, mark_done
 from pdpo_jax.generation import context_limit, respond, sampler_description, sampler_from_config
 from pdpo_jax.generation.tree_decode import next_power_of_two
@@ -290,10 +295,12 @@ def batch_records(batch_jobs: Sequence[PairJob], split: str, seed: int, config: 
                   reference: Side, score: ScoreFn | TreeScoreFn, sampler: Any) -> list[dict[str, Any]]:
     """The records of one sampling batch: negatives drawn with `seed`, both sides scored."""
     prefs = config.prefs
+    nested = prefs.layout == "tree"
     fitted = []  # (job, generation history, generation prompt ids)
     room = context_limit(generator.model, config.data.max_length) - prefs.max_new_tokens
-    for job in batch_jobs:
-        history = generator.encoder.fit_history(job.donor_persona, job.example.history, room)
+    kept = kept_histories(batch_jobs, [job.donor_persona for job in batch_jobs], [0] * len(batch_jobs), room,
+                          generator.encoder, nested=nested)
+    for job, history in zip(batch_jobs, kept):
         if history is None:
             _too_long(config, job, f"the donor persona leaves no room for {prefs.max_new_tokens} new tokens")
             continue
@@ -302,14 +309,16 @@ def batch_records(batch_jobs: Sequence[PairJob], split: str, seed: int, config: 
         return []
     responses = respond(generator.model, generator.encoder, [p for _, _, p in fitted],
                         max_new_tokens=prefs.max_new_tokens, sampler=sampler, seed=seed, rows=prefs.batch_size,
-                        mesh=generator.mesh, share_prefixes=prefs.layout == "tree")
-    pairs = []  # (row, job, pair history, prompt ids, chosen ids, rejected ids, response)
+                        mesh=generator.mesh, share_prefixes=nested)
     limit = context_limit(reference.model, config.data.max_length)
-    for row, ((job, history, _), response) in enumerate(zip(fitted, responses)):
-        chosen_ids = reference.encoder.response_ids(job.example.response)
-        rejected_ids = reference.encoder.response_ids(response.text)
-        pair_history = reference.encoder.fit_history(job.example.persona, history,
-                                                     limit - max(len(chosen_ids), len(rejected_ids)))
+    responses_ids = [(reference.encoder.response_ids(job.example.response), reference.encoder.response_ids(r.text))
+                     for (job, _, _), r in zip(fitted, responses)]
+    pair_kept = kept_histories([job for job, _, _ in fitted], [job.example.persona for job, _, _ in fitted],
+                               [max(map(len, ids)) for ids in responses_ids], limit, reference.encoder,
+                               nested=nested, within=[history for _, history, _ in fitted])
+    pairs = []  # (row, job, pair history, prompt ids, chosen ids, rejected ids, response)
+    for row, ((job, _, _), response, (chosen_ids, rejected_ids), pair_history) in enumerate(
+            zip(fitted, responses, responses_ids, pair_kept)):
         if pair_history is None:
             _too_long(config, job, "the persona and the longer response alone exceed data.max_length")
             continue
@@ -351,6 +360,32 @@ def batch_records(batch_jobs: Sequence[PairJob], split: str, seed: int, config: 
             "dropped": bool(reasons) and prefs.drop_degenerate,
         })
     return records
+
+
+def kept_histories(jobs: Sequence[PairJob], personas: Sequence[Sequence[str]], reserved: Sequence[int], limit: int,
+                   encoder: PromptEncoder, *, nested: bool,
+                   within: Sequence[Sequence[str]] | None = None) -> list[tuple[str, ...] | None]:
+    """The history tail each job's prompt keeps so that the prompt (under `personas[i]`) plus
+    `reserved[i]` tokens fit `limit`, never more than `within[i]` (the generation prompt's, for a
+    pair); None where even the persona alone does not fit. Per turn, each keeps its longest tail;
+    `nested`, a dialogue's consecutive jobs are cut as packed SFT rows are
+    (`nested_history_cuts`), so that their prompts nest and share a prefill and a tree row."""
+    histories = [tuple(job.example.history) for job in jobs]
+    floor = [0] * len(jobs) if within is None else [len(h) - len(w) for h, w in zip(histories, within)]
+
+    def fits(i: int, dropped: int) -> bool:
+        return dropped >= floor[i] and len(encoder.prompt_ids(personas[i], histories[i][dropped:])) + reserved[i] <= limit
+
+    if not nested:
+        kept = []
+        for i, history in enumerate(histories):
+            tail = encoder.fit_history(personas[i], history[floor[i]:], limit - reserved[i])
+            kept.append(tail)
+        return kept
+    cuts: list[int | None] = []
+    for run in dialogue_runs([job.example for job in jobs]):
+        cuts += nested_history_cuts([len(histories[i]) for i in run], lambda turn, dropped: fits(run[turn], dropped))
+    return [None if dropped is None else history[dropped:] for history, dropped in zip(histories, cuts)]
 
 
 def _too_long(config: RunConfig, job: PairJob, why: str) -> None:
