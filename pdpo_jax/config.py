@@ -136,8 +136,10 @@ class PrefsSection:
     # How a sampling batch is laid out. "tree": a dialogue's consecutive turns nest, so each run of
     # nesting generation prompts is prefilled once (each turn still decodes on its own row) and each
     # run of nesting pairs is scored in one row, its chosen responses on the trunk and its negatives
-    # as branches; "per_turn": one prefill and one scored row per example. Same distribution and
-    # log-probs (fp32 rounding aside), so the records differ; a folder keeps the layout it began with.
+    # as branches; a long dialogue's history is cut so that its prompts keep nesting (docs/prefs.md,
+    # Truncation). "per_turn": one prefill and one scored row per example, each prompt cut on its own.
+    # Where nothing is cut, the same draws and log-probs (fp32 rounding aside); the bytes differ, so a
+    # folder keeps the layout it began with.
     layout: Literal["tree", "per_turn"] = "tree"
 
 
