@@ -64,6 +64,7 @@ from pdpo_jax.data.tokenization import (
     history_drop_choices,
     tokenize_examples,
 )
+from pdpo_jax.data.trees import PairTree, nested_history_cuts, nested_pairs, pair_trees, tree_batch, tree_summary
 
 __all__ = [
     "BATCH_KEYS",
@@ -89,6 +90,7 @@ __all__ = [
     "PackedRow",
     "PackingError",
     "PairIds",
+    "PairTree",
     "PromptEncoder",
     "PromptTemplate",
     "TemplateError",
@@ -111,12 +113,15 @@ __all__ = [
     "inspect_files",
     "load_dialogues",
     "load_template",
+    "nested_history_cuts",
+    "nested_pairs",
     "normalize_utterance",
     "pack_chunks",
     "pack_dialogues",
     "packed_batch",
     "packed_batches",
     "packing_summary",
+    "pair_trees",
     "per_turn_batch",
     "persona_derangement",
     "persona_key",
@@ -133,6 +138,8 @@ __all__ = [
     "shared_prompt_batch",
     "split_dialogues",
     "tokenize_examples",
+    "tree_batch",
+    "tree_summary",
     "with_scored_positions",
     "write_dialogue_jsonl",
 ]
