@@ -99,8 +99,8 @@ LOGITS = {
 def test_top_p_forms_keep_the_same_nucleus(logits_kind, monkeypatch):
     logits = LOGITS[logits_kind]
     cpu_paths = set()
-    for p in (0.05, 0.3, 0.6, 0.9, 0.97, 1.0):
-        for temperature in (0.5, 1.0, 1.7):
+    for p in (0.05, 0.6, 0.9, 1.0):
+        for temperature in (0.5, 1.7):
             sampler = TopP(p, temperature)
             tuned, width = recorded_nucleus("cpu-tuned", sampler, logits, monkeypatch)
             textbook, _ = recorded_nucleus("textbook", sampler, logits, monkeypatch)

@@ -67,10 +67,11 @@ def test_normalize_utterance(raw, normalized):
     assert normalize_utterance(raw) == normalized
 
 
-def source_dialogues(dialogues, example):
-    """The dialogues that open with the example's prefix and gold, utterance by utterance."""
+def source_dialogues(normalized_turns, example):
+    """The dialogues that open with the example's prefix and gold, utterance by utterance
+    (`normalized_turns`: (dialogue id, its normalized utterances) pairs)."""
     wanted = [normalize_utterance(u) for u in (*example.history, example.gold)]
-    return {d.id for d in dialogues if [normalize_utterance(t.text) for t in d.turns[: len(wanted)]] == wanted}
+    return {dialogue_id for dialogue_id, turns in normalized_turns if turns[: len(wanted)] == wanted}
 
 
 def test_overlap_filter_on_staged_data(shared_data):
@@ -83,7 +84,8 @@ def test_overlap_filter_on_staged_data(shared_data):
     assert report.dialogues_kept == len(kept) == 703 and report.dialogues_in == 1000
     assert report.examples_matched == len(dnli) == 454  # every example's source was found and dropped
     dropped = set(report.dropped_ids)
-    sources = set().union(*(source_dialogues(val, e) for e in dnli))
+    normalized_turns = [(d.id, [normalize_utterance(t.text) for t in d.turns]) for d in val]
+    sources = set().union(*(source_dialogues(normalized_turns, e) for e in dnli))
     assert len(sources) == 296 and sources <= dropped  # the exact-prefix sources (one example's has a typo)
     kept_ids = {d.id for d in kept}
     assert not kept_ids & dropped
