@@ -52,10 +52,13 @@ class PairTree:
         return len(self.pairs)
 
 
+def is_token_prefix(head: Sequence[int], ids: Sequence[int]) -> bool:
+    return len(head) <= len(ids) and tuple(ids[: len(head)]) == tuple(head)
+
+
 def nests(earlier: PairIds, later: PairIds) -> bool:
     """True when `earlier`'s prompt + chosen is a token prefix of `later`'s prompt."""
-    head = earlier.prompt_ids + earlier.chosen_ids
-    return len(later.prompt_ids) >= len(head) and later.prompt_ids[: len(head)] == head
+    return is_token_prefix(earlier.prompt_ids + earlier.chosen_ids, later.prompt_ids)
 
 
 def pair_trees(pairs: Sequence[PairIds], *, max_length: int | None = None,

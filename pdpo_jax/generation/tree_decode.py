@@ -37,13 +37,10 @@ from pdpo_jax.generation.decode import (
     replicated_tokens,
     sample_tokens,
 )
+from pdpo_jax.data.trees import is_token_prefix
 from pdpo_jax.generation.sampling import Greedy, Sampler
 from pdpo_jax.model import Decoder, Model, ModelConfig, eos_ids, init_cache, pad_id, unembedding
 from pdpo_jax.parallel import place_batch, rows_for_mesh
-
-
-def is_prefix(head: Sequence[int], ids: Sequence[int]) -> bool:
-    return len(head) <= len(ids) and tuple(ids[: len(head)]) == tuple(head)
 
 
 def nested_groups(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
@@ -52,7 +49,7 @@ def nested_groups(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
     the next run (another dialogue, another persona, or history dropped to fit the context)."""
     groups: list[list[int]] = []
     for i, prompt in enumerate(prompts):
-        if groups and is_prefix(prompts[i - 1], prompt):
+        if groups and is_token_prefix(prompts[i - 1], prompt):
             groups[-1].append(i)
         else:
             groups.append([i])
