@@ -1,9 +1,11 @@
-"""The reproduction run: base, SFT, +PseudoDPO and +PseudoDPO w/o shuffle from one SFT model, with
-the learning rates searched on validation (never on DNLI), DNLI on every listed subset, generated
-examples on test dialogues, and the results table.
+"""The reproduction run: base, SFT, +PseudoDPO and +PseudoDPO w/o shuffle from one SFT model (and,
+with --rl, the RL(DialogueNLI) baseline from it), with the learning rates searched on validation
+(never on DNLI), DNLI on every listed subset, generated examples on test dialogues, and the
+results table.
 
     python scripts/run_reproduction.py --config configs/experiments/personachat-cpu.yaml \\
-        --data ../shared/data --root ../runs/personachat-cpu [--results results/personachat-cpu]
+        --data ../shared/data --root ../runs/personachat-cpu [--results results/personachat-cpu] \\
+        [--rl configs/experiments/personachat-cpu-rl.yaml]
 
 Every step is a `pdpo` command in its own process, in its own run directory under --root, and is
 skipped when its output exists, so the run resumes where it stopped (a stage that was cut off
@@ -13,11 +15,13 @@ resumes from its own checkpoint). Under --root:
     main/                the chosen SFT (a copy), its pseudo-preferences, DPO, DNLI evaluations
     dpo-lr<LR>/          short DPO runs on main's pairs (best: highest validation reward accuracy)
     wo-shuffle/          negatives under the example's own persona, DPO with the chosen rate
+    rl-dnli/             with --rl: the NLI classifier, PPO from main's SFT model, its DNLI evaluation
     eval/base/           the zero-shot base model's DNLI evaluation
-    examples/            test conversations and both models' responses to them
+    examples/            test conversations and the models' responses to them
     search.json, timings.json
 
-The small reports (table, plots, search, timings) are copied to --results.
+The small reports (table, plots, search, timings; with --rl the classifier's and PPO's DONE
+records) are copied to --results.
 """
 
 from __future__ import annotations
@@ -47,7 +51,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dpo-learning-rates", type=float, nargs="+", default=[1e-6, 5e-6, 2e-5])
     parser.add_argument("--dpo-search-steps", type=int, default=90,
                         help="optimizer steps of each DPO search run (about a third of an epoch of the CPU run)")
-    parser.add_argument("--examples", type=int, default=12, help="test conversations answered by SFT and PseudoDPO")
+    parser.add_argument("--examples", type=int, default=12, help="test conversations answered by each trained model")
+    parser.add_argument("--rl", type=Path, metavar="CONFIG",
+                        help="also the RL(DialogueNLI) baseline from the chosen SFT model: a config stacked on --config "
+                             "with the nli and rl sections (e.g. configs/experiments/personachat-cpu-rl.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides given to every stage (e.g. a smoke run: data.max_dialogues=4)")
     return parser.parse_args(argv)
@@ -97,9 +104,9 @@ def _rate(value: float) -> str:
     return f"{value:.0e}".replace("e-0", "e-")
 
 
-def resolved_configs(data: Path, tmp: Path) -> None:
-    """Every experiment config with PDPO_DATA replaced, side by side so `base:` files resolve."""
-    for source in (REPO / "configs" / "experiments").glob("*.yaml"):
+def resolved_configs(data: Path, tmp: Path, *also: Path) -> None:
+    """Every experiment config (and `also`) with PDPO_DATA replaced, side by side so `base:` files resolve."""
+    for source in (*(REPO / "configs" / "experiments").glob("*.yaml"), *also):
         (tmp / source.name).write_text(source.read_text().replace(PLACEHOLDER, str(data.resolve())))
 
 
@@ -121,7 +128,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     results = (args.results or REPO / "results" / args.config.stem).resolve()
     with tempfile.TemporaryDirectory() as tmp:
-        resolved_configs(args.data, Path(tmp))
+        resolved_configs(args.data, Path(tmp), *([args.rl] if args.rl else []))
         runner = Runner(args, Path(tmp) / args.config.name)
         root = runner.root
         search = {"sft": {}, "dpo": {}, "dpo_search_steps": args.dpo_search_steps,
@@ -170,20 +177,31 @@ def main(argv: list[str]) -> int:
         runner.stage("wo-shuffle", wo_dir, "pipeline", "prefs.shuffle=false", dpo_lr_override,
                      extra=("--stages", "make-prefs,dpo,eval-dpo"))
 
-        # 5. generated examples on test dialogues
+        # 5. with --rl, the RL(DialogueNLI) baseline from the same SFT model
+        rl_dir = root / "rl-dnli"
+        if args.rl:
+            _link(main_dir / "sft", rl_dir / "sft")
+            for name, stage in (("train-nli", "train-nli"), ("rl", "rl"), ("eval-dnli rl", "eval-rl")):
+                runner.stage(name, rl_dir, "pipeline", extra=("--config", str(Path(tmp) / args.rl.name), "--stages", stage))
+
+        # 6. generated examples on test dialogues
         conversations = root / "examples" / "test_conversations.jsonl"
         if not conversations.exists():
             write_test_conversations(runner.config, args.overrides, conversations, args.examples)
-        for name, model in (("sft", main_dir / "sft" / "best"), ("pseudo-dpo", main_dir / "dpo" / "best")):
+        answering = {"sft": main_dir / "sft" / "best", "pseudo-dpo": main_dir / "dpo" / "best",
+                     **({"rl": rl_dir / "rl" / "best"} if args.rl else {})}
+        for name, model in answering.items():
             out = root / "examples" / f"{name}.jsonl"
             if not out.exists():
                 runner.pdpo(f"generate {name}", "generate", "--model", str(model), "--input", str(conversations),
                             "--output", str(out), "--sampler", "greedy", "--max-new-tokens", "32")
 
-        # 6. the small reports: the table, its plots, generated examples, search and timings
+        # 7. the small reports: the table, its plots, generated examples, search and timings
         reports = {"base": root / "eval" / "base" / "dnli.json", "sft": main_dir / "eval" / "sft" / "dnli.json",
                    "pseudo-dpo": main_dir / "eval" / "dpo" / "dnli.json",
-                   "wo-shuffle": wo_dir / "eval" / "dpo" / "dnli.json"}
+                   "wo-shuffle": wo_dir / "eval" / "dpo" / "dnli.json",
+                   **({"rl": rl_dir / "eval" / "rl" / "dnli.json"} if args.rl else {})}
+        columns = {"SFT": "sft", "PseudoDPO": "pseudo-dpo", **({"RL(DialogueNLI)": "rl"} if args.rl else {})}
         curves = {"sft": main_dir / "sft" / "metrics.jsonl", "pseudo-dpo": main_dir / "dpo" / "metrics.jsonl",
                   "wo-shuffle": wo_dir / "dpo" / "metrics.jsonl",
                   **{f"sft-lr{_rate(lr)}": root / f"sft-lr{_rate(lr)}" / "sft" / "metrics.jsonl" for lr in args.sft_learning_rates},
@@ -191,13 +209,16 @@ def main(argv: list[str]) -> int:
         runner.pdpo("results", "results", "--out", str(results), "--reference", "sft",
                     *[f"--model={name}={path}" for name, path in reports.items()],
                     *[f"--curves={name}={path}" for name, path in curves.items()],
+                    *([f"--ppo-curves=rl={rl_dir / 'rl' / 'metrics.jsonl'}"] if args.rl else []),
                     "--conversations", str(conversations),
-                    "--responses", f"SFT={root / 'examples' / 'sft.jsonl'}",
-                    "--responses", f"PseudoDPO={root / 'examples' / 'pseudo-dpo.jsonl'}",
+                    *[f"--responses={column}={root / 'examples' / f'{name}.jsonl'}" for column, name in columns.items()],
                     "--examples", str(args.examples))
     results.mkdir(parents=True, exist_ok=True)
     for name in ("search.json", "timings.json"):
         shutil.copy2(root / name, results / name)
+    if args.rl:
+        for stage in ("nli", "rl"):
+            shutil.copy2(rl_dir / stage / "DONE", results / f"rl-dnli-{stage}-done.json")
     print(f"runs in {root}; reports in {results}")
     return 0
 

@@ -80,6 +80,28 @@ def test_variant_files_stack_on_a_model_file():
     assert cross.model.path == "openai-community/gpt2-medium" and cross.prefs.shuffle is True
 
 
+@pytest.mark.parametrize("path", sorted(p.name for p in (CONFIGS / "experiments").glob("*.yaml")))
+def test_every_experiment_config_loads_once_its_data_folder_is_filled_in(tmp_path, path):
+    # As scripts/run_reproduction.py does: PDPO_DATA replaced, the files side by side for `base:`.
+    for source in (CONFIGS / "experiments").glob("*.yaml"):
+        (tmp_path / source.name).write_text(source.read_text().replace("PDPO_DATA", "/data"))
+    config = load_config(tmp_path / path)
+    assert "PDPO_DATA" not in dump_config(config)
+
+
+def test_the_cpu_rl_config_stacks_on_the_cpu_run_with_trls_ppo_settings(tmp_path):
+    for source in (CONFIGS / "experiments").glob("personachat-cpu*.yaml"):
+        (tmp_path / source.name).write_text(source.read_text().replace("PDPO_DATA", "/data"))
+    cpu = load_config(tmp_path / "personachat-cpu.yaml")
+    stacked = load_config([tmp_path / "personachat-cpu.yaml", tmp_path / "personachat-cpu-rl.yaml"])
+    assert stacked.data == cpu.data and stacked.sft == cpu.sft and stacked.eval == cpu.eval  # the same SFT model and DNLI
+    assert stacked.nli.pairs == ["/data/dnli/pairs/nli-train.txt"] and stacked.nli.val_pairs == []
+    defaults = load_config(None).rl
+    for key in ("gamma", "lam", "cliprange", "cliprange_value", "vf_coef", "kl_coef", "adaptive_kl", "ppo_epochs", "optimizer"):
+        assert getattr(stacked.rl, key) == getattr(defaults, key), key
+    assert stacked.rl.max_steps and stacked.rl.max_new_tokens == cpu.prefs.max_new_tokens  # negatives and rollouts alike
+
+
 def test_rl_defaults_are_trls_ppo_defaults():
     rl = load_config(None).rl
     assert (rl.gamma, rl.lam, rl.cliprange, rl.cliprange_value, rl.vf_coef) == (1.0, 0.95, 0.2, 0.2, 0.1)

@@ -55,9 +55,13 @@ def model_args(evals):
 def test_the_table_of_four_models(tmp_path, evals, capsys):
     metrics = tmp_path / "sft_metrics.jsonl"
     metrics.write_text("".join(json.dumps({"step": s, "split": "val", "loss": 3.0 - s}) + "\n" for s in range(3)))
+    ppo_metrics = tmp_path / "rl_metrics.jsonl"
+    ppo_metrics.write_text("".join(json.dumps({"step": s, "split": "train", "objective/scores": 0.1 * s, "objective/kl": s,
+                                               "policy/clipfrac": 0.01, "loss/value": 1.0 / (s + 1)}) + "\n" for s in range(3)))
     out = tmp_path / "results"
     status, err = run(["results", *model_args(evals), "--reference", "sft", "--out", str(out),
-                       "--bootstrap-samples", "300", "--curves", f"sft={metrics}"], capsys)
+                       "--bootstrap-samples", "300", "--curves", f"sft={metrics}", "--ppo-curves", f"rl={ppo_metrics}"],
+                      capsys)
     assert status == 0, err
     table = json.loads((out / "table.json").read_text())
     assert [row["model"] for row in table["rows"]] == list(MODELS)
@@ -85,7 +89,7 @@ def test_the_table_of_four_models(tmp_path, evals, capsys):
     assert categories["hits"]["mean_change"] == pytest.approx(0.5)
     assert categories["contradict"]["mean_change"] == pytest.approx(0.0)
     assert categories["contradict"]["change_vs_gold"] == pytest.approx(-0.5)
-    for png in ("dnli.png", "curves.png"):
+    for png in ("dnli.png", "curves.png", "ppo_curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 

@@ -324,6 +324,10 @@ def metric_names(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return names
 
 
+# The PPO run's health at a glance: mean reward, KL to the starting model, clip fraction, value loss.
+PPO_CURVE_METRICS = ("objective/scores", "objective/kl", "policy/clipfrac", "loss/value")
+
+
 def plot_training_curves(
     runs: Mapping[str, str | os.PathLike | Sequence[Mapping[str, Any]]],
     path: str | os.PathLike,

@@ -26,7 +26,7 @@ from pdpo_jax.evaluate.dnli_shifts import score_shifts, score_shifts_markdown
 from pdpo_jax.evaluate.dnli_stats import (
     DEFAULT_SAMPLES, OVERALL, PAIRED_CATEGORIES, ModelPredictions, dnli_statistics, predictions_from_records,
 )
-from pdpo_jax.evaluate.report import DNLI_METRICS, _table, plot_dnli, plot_training_curves
+from pdpo_jax.evaluate.report import DNLI_METRICS, PPO_CURVE_METRICS, _table, plot_dnli, plot_training_curves
 from pdpo_jax.files import atomic_write_json, atomic_write_text, jsonl_objects
 
 INTERVALS_NOTE = ("{confidence:.0f}% percentile-bootstrap intervals over examples ({samples} resamples, seed {seed}); "
@@ -206,18 +206,23 @@ def _report_shaped(row: Mapping[str, Any], subsets: Sequence[str]) -> dict[str, 
 
 
 def write_results_table(table: Mapping[str, Any], results: Sequence[DnliResult], out_dir: str | os.PathLike,
-                        curves: Mapping[str, str | os.PathLike] | None = None) -> dict[str, Path]:
-    """table.json, table.md, dnli.png, score_shifts.json and (with `curves`, label -> metrics.jsonl) curves.png."""
+                        curves: Mapping[str, str | os.PathLike] | None = None,
+                        ppo_curves: Mapping[str, str | os.PathLike] | None = None) -> dict[str, Path]:
+    """table.json, table.md, dnli.png, score_shifts.json, and from label -> metrics.jsonl maps
+    curves.png (`curves`: every metric of the SFT/DPO runs) and ppo_curves.png (`ppo_curves`: the
+    PPO runs' reward, KL, clip fraction and value loss)."""
     out = Path(out_dir)
     shifts = table_score_shifts(results, table["reference"])
     paths = {"json": out / "table.json", "markdown": out / "table.md", "plot": out / "dnli.png",
              "score_shifts": out / "score_shifts.json"}
-    if curves:
-        for label, source in curves.items():
+    for name, logs, metrics in (("curves", curves, None), ("ppo_curves", ppo_curves, PPO_CURVE_METRICS)):
+        if not logs:
+            continue
+        for label, source in logs.items():
             if not Path(source).is_file():
                 raise ResultsError(f"{source}: training log of {label!r} not found")
-        paths["curves"] = out / "curves.png"
-        plot_training_curves(curves, paths["curves"])
+        paths[name] = out / f"{name}.png"
+        plot_training_curves(logs, paths[name], metrics=metrics)
     plot_dnli([_report_shaped(row, table["subsets"]) for row in table["rows"]], paths["plot"],
               intervals=[{g: row["groups"][g]["intervals"] for g in table["groups"]} for row in table["rows"]])
     atomic_write_json(paths["score_shifts"], shifts)

@@ -40,7 +40,6 @@ from pdpo_jax.stages.train_nli import run_train_nli
 
 EVALUATED_MODELS = ("sft", "rl", "dpo")
 TRAINING_CURVES = ("sft", "dpo")  # stages whose loss curves share one figure
-RL_CURVES = ("objective/scores", "objective/kl", "policy/clipfrac", "loss/value")
 
 
 def model_label(config: RunConfig, which: str) -> str:
@@ -102,7 +101,7 @@ def write_summary(config: RunConfig) -> Path:
         plots.plot_training_curves(curves, out_dir / "curves.png")
         lines += ["![training curves](curves.png)", ""]
     if (run / "rl" / "metrics.jsonl").exists():
-        plots.plot_training_curves({"rl": run / "rl" / "metrics.jsonl"}, out_dir / "rl_curves.png", metrics=RL_CURVES)
+        plots.plot_training_curves({"rl": run / "rl" / "metrics.jsonl"}, out_dir / "rl_curves.png", metrics=plots.PPO_CURVE_METRICS)
         lines += ["PPO (RL(DialogueNLI)): mean reward, KL to the SFT model, clip fraction, value loss.", "",
                   "![PPO curves](rl_curves.png)", ""]
     judge_results = run / JUDGE_DIR / "judge_results.json"

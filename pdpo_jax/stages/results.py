@@ -6,7 +6,7 @@
     pdpo results --conversations talks.jsonl --responses SFT=sft.jsonl --responses PseudoDPO=dpo.jsonl --out results/
 
 The DNLI part (`pdpo_jax.evaluate.results_table`) writes table.json, table.md, dnli.png,
-score_shifts.json (and curves.png); the examples part (`pdpo_jax.evaluate.response_examples`)
+score_shifts.json (and curves.png, ppo_curves.png); the examples part (`pdpo_jax.evaluate.response_examples`)
 writes examples.md. Either part, or both, in one call. Nothing is computed on a model: it reads
 the reports of `pdpo eval-dnli` and the outputs of `pdpo generate`.
 """
@@ -37,6 +37,9 @@ def build_parser() -> StageParser:
     dnli.add_argument("--reference", default="sft", help="the model paired tests compare against (default: %(default)s)")
     dnli.add_argument("--curves", action="append", default=[], metavar="NAME=metrics.jsonl",
                       help="a training stage's metrics.jsonl, drawn into curves.png; repeat for every run")
+    dnli.add_argument("--ppo-curves", action="append", default=[], metavar="NAME=metrics.jsonl",
+                      help="a pdpo rl run's metrics.jsonl, drawn into ppo_curves.png (mean reward, KL, clip "
+                           "fraction, value loss); repeat for every run")
     dnli.add_argument("--bootstrap-samples", type=int, default=DEFAULT_SAMPLES, metavar="N", help="resamples (default: %(default)s)")
     dnli.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the resampling (default: %(default)s)")
     examples = parser.add_argument_group("generated examples (the paper's Table 5)")
@@ -65,11 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     models = named_paths(args.model, "--model")
     curves = named_paths(args.curves, "--curves")
+    ppo_curves = named_paths(args.ppo_curves, "--ppo-curves")
     responses = named_paths(args.responses, "--responses")
     if not models and args.conversations is None:
         raise UsageError("give --model NAME=REPORT.json (the DNLI table), --conversations with --responses (examples), or both")
-    if curves and not models:
-        raise UsageError("--curves go with the DNLI table: give --model too")
+    if (curves or ppo_curves) and not models:
+        raise UsageError("--curves and --ppo-curves go with the DNLI table: give --model too")
     if (args.conversations is None) != (not responses):
         raise UsageError("--conversations and --responses go together")
     if models and args.reference not in models:
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if models:
         results = [read_dnli_result(name, path) for name, path in models.items()]
         table = results_table(results, args.reference, samples=args.bootstrap_samples, seed=args.seed)
-        written += write_results_table(table, results, args.out, curves=curves).values()
+        written += write_results_table(table, results, args.out, curves=curves, ppo_curves=ppo_curves).values()
     if args.conversations is not None:
         conversations = read_conversations(args.conversations)
         by_model = {name: read_responses(path) for name, path in responses.items()}
