@@ -51,7 +51,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dpo-learning-rates", type=float, nargs="+", default=[1e-6, 5e-6, 2e-5])
     parser.add_argument("--dpo-search-steps", type=int, default=90,
                         help="optimizer steps of each DPO search run (about a third of an epoch of the CPU run)")
-    parser.add_argument("--examples", type=int, default=12, help="test conversations answered by each trained model")
+    parser.add_argument("--test-turns", type=int, default=64,
+                        help="test-dialogue turns every trained model answers (persona copying is counted over them)")
+    parser.add_argument("--examples", type=int, default=12, help="how many of them examples.md shows")
     parser.add_argument("--rl", type=Path, metavar="CONFIG",
                         help="also the RL(DialogueNLI) baseline from the chosen SFT model: a config stacked on --config "
                              "with the nli and rl sections (e.g. configs/experiments/personachat-cpu-rl.yaml)")
@@ -187,7 +189,7 @@ def main(argv: list[str]) -> int:
         # 6. generated examples on test dialogues
         conversations = root / "examples" / "test_conversations.jsonl"
         if not conversations.exists():
-            write_test_conversations(runner.config, args.overrides, conversations, args.examples)
+            write_test_conversations(runner.config, args.overrides, conversations, args.test_turns)
         answering = {"sft": main_dir / "sft" / "best", "pseudo-dpo": main_dir / "dpo" / "best",
                      **({"rl": rl_dir / "rl" / "best"} if args.rl else {})}
         for name, model in answering.items():

@@ -13,6 +13,7 @@ import pytest
 from pdpo_jax import cli
 from pdpo_jax.evaluate.dnli import build_report, output_paths
 from pdpo_jax.evaluate.dnli_shifts import score_shifts
+from pdpo_jax.evaluate.response_examples import persona_copy
 from pdpo_jax.files import atomic_write_json, atomic_write_jsonl
 
 SUBSETS = {"valid_havenot": 12, "valid_likedislike": 8}
@@ -146,6 +147,15 @@ def test_the_compare_script_prints_the_library_table(tmp_path, evals, capsys):
     assert "| hits | 20 | +0.5000 | +0.0000 |" in printed
 
 
+def test_persona_copy_counts_the_word_pairs_a_response_repeats():
+    persona = ["i like to ski .", "my dog is named rex"]
+    assert persona_copy(persona, "I like to ski!") == 1.0  # case and punctuation aside, verbatim
+    assert persona_copy(persona, "do you like to read?") == pytest.approx(1 / 3)  # "like to" of 3 pairs
+    assert persona_copy(persona, "my dog rex is named after me") == pytest.approx(2 / 4)  # "my dog", "is named"
+    assert persona_copy(persona, "hello there") == 0.0
+    assert persona_copy(["hi", ""], "hi there") == 0.0  # one-word sentences hold no pair
+
+
 def test_generated_examples_side_by_side(tmp_path, capsys):
     conversations = [{"id": f"c{i}", "persona": [f"i like {i} cats ."], "history": ["hi", "hello | there", f"q{i}?"]}
                      for i in range(6)]
@@ -166,6 +176,7 @@ def test_generated_examples_side_by_side(tmp_path, capsys):
     assert f"| **SFT** | SFT answer {shown[0]} |" in text and f"| **PseudoDPO** | PseudoDPO answer {shown[0]} |" in text
     assert "Self: hi<br>Partner: hello \\| there<br>Self:" not in text  # the last line is the partner's
     assert "Partner: hi<br>Self: hello \\| there<br>Partner: q" in text
+    assert "| SFT | 6 | 0.000 | 0 (0.0%) |" in text  # no response repeats "i like N cats"
     # A response file written for other inputs is refused, naming the file and line.
     atomic_write_jsonl(files["SFT"], [{**c, "history": ["other"], "response": "x"} for c in conversations])
     status, err = run(["results", "--conversations", str(talks), "--responses", f"SFT={files['SFT']}", "--out", str(out)], capsys)

@@ -10,11 +10,16 @@ records plus "response"), matched to the conversations by id; a response whose p
 differs from the conversation's was generated for another input, and is refused. Which
 conversations are shown is a seeded draw without replacement (not the first lines: consecutive
 lines are usually turns of one dialogue), listed in file order.
+
+Above the examples, a table measures over every conversation how much each model copies its
+persona (`persona_copy`): the known failure of a consistency-only reward is a model that repeats
+persona facts verbatim instead of answering.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -22,7 +27,10 @@ import numpy as np
 from pdpo_jax.errors import PdpoError
 from pdpo_jax.files import jsonl_objects
 
-__all__ = ["ResponseExamplesError", "read_conversations", "read_responses", "response_examples_markdown"]
+__all__ = ["ResponseExamplesError", "persona_copy", "read_conversations", "read_responses", "response_examples_markdown"]
+
+# A response counts as copying a persona sentence when it holds this share of the sentence's word pairs.
+COPY_THRESHOLD = 0.8
 
 
 class ResponseExamplesError(PdpoError):
@@ -62,6 +70,33 @@ def read_responses(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     return responses
 
 
+def _word_pairs(text: str) -> set[tuple[str, str]]:
+    words = re.findall(r"[a-z0-9']+", text.lower())
+    return set(zip(words, words[1:]))
+
+
+def persona_copy(persona: Sequence[str], response: str) -> float:
+    """The largest share, over the persona's sentences, of a sentence's word pairs (adjacent
+    lowercased words) that the response also holds: 1 for a sentence repeated verbatim, 0 when no
+    two adjacent words of any sentence reappear. Sentences of fewer than two words are skipped."""
+    said = _word_pairs(response)
+    shares = [len(pairs & said) / len(pairs) for pairs in map(_word_pairs, persona) if pairs]
+    return max(shares, default=0.0)
+
+
+def persona_copy_markdown(conversations: Sequence[Mapping[str, Any]],
+                          responses: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
+    """Per model, over the conversations it answered: the mean `persona_copy` and how many responses
+    copy a persona sentence (at least COPY_THRESHOLD of its word pairs)."""
+    lines = ["| model | responses | mean persona copy | copying a persona sentence |", "| --- | --- | --- | --- |"]
+    for model, by_id in responses.items():
+        copies = [persona_copy(c["persona"], by_id[c["id"]]["response"]) for c in conversations if c["id"] in by_id]
+        copying = sum(share >= COPY_THRESHOLD for share in copies)
+        mean = sum(copies) / len(copies) if copies else float("nan")
+        lines.append(f"| {model} | {len(copies)} | {mean:.3f} | {copying} ({100 * copying / max(len(copies), 1):.1f}%) |")
+    return "\n".join(lines)
+
+
 def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|") or "(empty)"
 
@@ -98,4 +133,7 @@ def response_examples_markdown(conversations: Sequence[Mapping[str, Any]],
             rows.append((model, _cell(record["response"])))
         table = "\n".join(["| | |", "| --- | --- |", *(f"| **{name}** | {text} |" for name, text in rows)])
         parts.append(f"### Example {number}: {conversation['id']}\n\n{table}\n")
-    return "\n".join(parts)
+    summary = (f"Persona copying over all {len(conversations)} conversations (the share of a persona sentence's "
+               f"adjacent word pairs a response repeats, its largest over the sentences; copying = at least "
+               f"{COPY_THRESHOLD:.0%}):\n\n{persona_copy_markdown(conversations, responses)}\n")
+    return "\n".join([summary, *parts])
