@@ -48,7 +48,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--root", required=True, type=Path, help="folder for every run directory (outside the repo)")
     parser.add_argument("--results", type=Path, help="where the small reports go (default: results/<config name>)")
     parser.add_argument("--sft-learning-rates", type=float, nargs="+", default=[2e-5, 5e-5, 1e-4])
-    parser.add_argument("--dpo-learning-rates", type=float, nargs="+", default=[1e-6, 5e-6, 2e-5])
+    parser.add_argument("--dpo-learning-rates", type=float, nargs="+", default=[1e-6, 5e-6, 2e-5],
+                        help="DPO rates searched; a single rate is used as it is, without a search run")
     parser.add_argument("--dpo-search-steps", type=int, default=90,
                         help="optimizer steps of each DPO search run (about a third of an epoch of the CPU run)")
     parser.add_argument("--test-turns", type=int, default=64,
@@ -157,8 +158,9 @@ def main(argv: list[str]) -> int:
         runner.stage("eval-dnli sft", main_dir, "pipeline", extra=("--stages", "eval-sft"))
         runner.stage("make-prefs", main_dir, "make-prefs")
 
-        # 3. DPO learning rate, on validation reward accuracy, in short runs on main's pairs
-        for lr in args.dpo_learning_rates:
+        # 3. DPO learning rate, on validation reward accuracy, in short runs on main's pairs (one rate
+        # given is used as it is: no search run)
+        for lr in args.dpo_learning_rates if len(args.dpo_learning_rates) > 1 else ():
             run_dir = root / f"dpo-lr{_rate(lr)}"
             _link(main_dir / "sft", run_dir / "sft")
             _link(main_dir / "prefs", run_dir / "prefs")
@@ -167,7 +169,7 @@ def main(argv: list[str]) -> int:
                              f"dpo.max_steps={args.dpo_search_steps}")
             info = _done(run_dir / "dpo")
             search["dpo"][f"{lr:g}"] = {"best_val_reward_accuracy": info["best_value"], "best_step": info["best_step"]}
-        dpo_lr = max(args.dpo_learning_rates, key=lambda lr: search["dpo"][f"{lr:g}"]["best_val_reward_accuracy"])
+        dpo_lr = max(args.dpo_learning_rates, key=lambda lr: search["dpo"].get(f"{lr:g}", {}).get("best_val_reward_accuracy", 0))
         search["dpo_learning_rate"] = dpo_lr
         _write_json(root / "search.json", search)
 
@@ -207,7 +209,7 @@ def main(argv: list[str]) -> int:
         curves = {"sft": main_dir / "sft" / "metrics.jsonl", "pseudo-dpo": main_dir / "dpo" / "metrics.jsonl",
                   "wo-shuffle": wo_dir / "dpo" / "metrics.jsonl",
                   **{f"sft-lr{_rate(lr)}": root / f"sft-lr{_rate(lr)}" / "sft" / "metrics.jsonl" for lr in args.sft_learning_rates},
-                  **{f"dpo-lr{_rate(lr)}": root / f"dpo-lr{_rate(lr)}" / "dpo" / "metrics.jsonl" for lr in args.dpo_learning_rates}}
+                  **{f"dpo-lr{_rate(lr)}": root / f"dpo-lr{_rate(lr)}" / "dpo" / "metrics.jsonl" for lr in map(float, search["dpo"])}}
         runner.pdpo("results", "results", "--out", str(results), "--reference", "sft",
                     *[f"--model={name}={path}" for name, path in reports.items()],
                     *[f"--curves={name}={path}" for name, path in curves.items()],
