@@ -20,13 +20,14 @@ resumes from its own checkpoint). Under --root:
     examples/            test conversations and the models' responses to them
     search.json, timings.json
 
-The small reports (table, plots, search, timings; with --rl the classifier's and PPO's DONE
-records) are copied to --results.
+The small reports (table, plots, search, timings, the stages' DONE records, the pairs'
+summaries, and every model's DNLI report with its per-example records gzipped) are copied to --results.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import shutil
@@ -208,7 +209,8 @@ def main(argv: list[str]) -> int:
         columns = {"SFT": "sft", "PseudoDPO": "pseudo-dpo", **({"RL(DialogueNLI)": "rl"} if args.rl else {})}
         curves = {"sft": main_dir / "sft" / "metrics.jsonl", "pseudo-dpo": main_dir / "dpo" / "metrics.jsonl",
                   "wo-shuffle": wo_dir / "dpo" / "metrics.jsonl",
-                  **{f"sft-lr{_rate(lr)}": root / f"sft-lr{_rate(lr)}" / "sft" / "metrics.jsonl" for lr in args.sft_learning_rates},
+                  **{f"sft-lr{_rate(lr)}": root / f"sft-lr{_rate(lr)}" / "sft" / "metrics.jsonl"
+                     for lr in (args.sft_learning_rates if len(args.sft_learning_rates) > 1 else ())},
                   **{f"dpo-lr{_rate(lr)}": root / f"dpo-lr{_rate(lr)}" / "dpo" / "metrics.jsonl" for lr in map(float, search["dpo"])}}
         runner.pdpo("results", "results", "--out", str(results), "--reference", "sft",
                     *[f"--model={name}={path}" for name, path in reports.items()],
@@ -220,9 +222,24 @@ def main(argv: list[str]) -> int:
     results.mkdir(parents=True, exist_ok=True)
     for name in ("search.json", "timings.json"):
         shutil.copy2(root / name, results / name)
-    if args.rl:
-        for stage in ("nli", "rl"):
-            shutil.copy2(rl_dir / stage / "DONE", results / f"rl-dnli-{stage}-done.json")
+    # the stages' DONE records (best steps, the DPO step-0 check, truncated negatives) and the pairs' summaries
+    records = {"sft-done.json": main_dir / "sft" / "DONE", "dpo-done.json": main_dir / "dpo" / "DONE",
+               "prefs-summary.json": main_dir / "prefs" / "summary.json",
+               "wo-shuffle-dpo-done.json": wo_dir / "dpo" / "DONE",
+               "wo-shuffle-prefs-summary.json": wo_dir / "prefs" / "summary.json",
+               **({"rl-dnli-nli-done.json": rl_dir / "nli" / "DONE", "rl-dnli-rl-done.json": rl_dir / "rl" / "DONE"}
+                  if args.rl else {})}
+    for name, source in records.items():
+        shutil.copy2(source, results / name)
+    # every model's DNLI report with its per-example records, gzipped (gunzip, and `pdpo results` recomputes the table)
+    for name, report in reports.items():
+        kept = results / "dnli" / name
+        kept.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(report, kept / report.name)
+        sidecar = report.with_suffix(".examples.jsonl")
+        with sidecar.open("rb") as source, gzip.GzipFile(kept / f"{sidecar.name}.gz.tmp", "wb", mtime=0) as target:
+            shutil.copyfileobj(source, target)
+        os.replace(kept / f"{sidecar.name}.gz.tmp", kept / f"{sidecar.name}.gz")
     print(f"runs in {root}; reports in {results}")
     return 0
 
