@@ -104,6 +104,25 @@ def _link(source: Path, target: Path) -> None:
         target.symlink_to(source.resolve(), target_is_directory=True)
 
 
+def _searched(rates: list[float]) -> list[float]:
+    """The rates a search compares: one rate given is used as it is, with no search run."""
+    return rates if len(rates) > 1 else []
+
+
+def keep_dnli_records(reports: dict[str, Path], out: Path) -> None:
+    """Every model's DNLI report and its per-example records, gzipped, in out/<model>/ (gunzip
+    them, and `pdpo results` recomputes the table from the repository)."""
+    from pdpo_jax.evaluate.dnli import output_paths
+    from pdpo_jax.files import atomic_write_bytes
+
+    for name, report in reports.items():
+        kept = out / name
+        kept.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(report, kept / report.name)
+        sidecar = output_paths(report)["examples"]
+        atomic_write_bytes(kept / f"{sidecar.name}.gz", gzip.compress(sidecar.read_bytes(), mtime=0))
+
+
 def _rate(value: float) -> str:
     return f"{value:.0e}".replace("e-0", "e-")
 
@@ -159,9 +178,8 @@ def main(argv: list[str]) -> int:
         runner.stage("eval-dnli sft", main_dir, "pipeline", extra=("--stages", "eval-sft"))
         runner.stage("make-prefs", main_dir, "make-prefs")
 
-        # 3. DPO learning rate, on validation reward accuracy, in short runs on main's pairs (one rate
-        # given is used as it is: no search run)
-        for lr in args.dpo_learning_rates if len(args.dpo_learning_rates) > 1 else ():
+        # 3. DPO learning rate, on validation reward accuracy, in short runs on main's pairs
+        for lr in _searched(args.dpo_learning_rates):
             run_dir = root / f"dpo-lr{_rate(lr)}"
             _link(main_dir / "sft", run_dir / "sft")
             _link(main_dir / "prefs", run_dir / "prefs")
@@ -170,7 +188,8 @@ def main(argv: list[str]) -> int:
                              f"dpo.max_steps={args.dpo_search_steps}")
             info = _done(run_dir / "dpo")
             search["dpo"][f"{lr:g}"] = {"best_val_reward_accuracy": info["best_value"], "best_step": info["best_step"]}
-        dpo_lr = max(args.dpo_learning_rates, key=lambda lr: search["dpo"].get(f"{lr:g}", {}).get("best_val_reward_accuracy", 0))
+        dpo_lr = max(_searched(args.dpo_learning_rates),
+                     key=lambda lr: search["dpo"][f"{lr:g}"]["best_val_reward_accuracy"], default=args.dpo_learning_rates[0])
         search["dpo_learning_rate"] = dpo_lr
         _write_json(root / "search.json", search)
 
@@ -209,9 +228,8 @@ def main(argv: list[str]) -> int:
         columns = {"SFT": "sft", "PseudoDPO": "pseudo-dpo", **({"RL(DialogueNLI)": "rl"} if args.rl else {})}
         curves = {"sft": main_dir / "sft" / "metrics.jsonl", "pseudo-dpo": main_dir / "dpo" / "metrics.jsonl",
                   "wo-shuffle": wo_dir / "dpo" / "metrics.jsonl",
-                  **{f"sft-lr{_rate(lr)}": root / f"sft-lr{_rate(lr)}" / "sft" / "metrics.jsonl"
-                     for lr in (args.sft_learning_rates if len(args.sft_learning_rates) > 1 else ())},
-                  **{f"dpo-lr{_rate(lr)}": root / f"dpo-lr{_rate(lr)}" / "dpo" / "metrics.jsonl" for lr in map(float, search["dpo"])}}
+                  **{f"sft-lr{_rate(lr)}": root / f"sft-lr{_rate(lr)}" / "sft" / "metrics.jsonl" for lr in _searched(args.sft_learning_rates)},
+                  **{f"dpo-lr{_rate(lr)}": root / f"dpo-lr{_rate(lr)}" / "dpo" / "metrics.jsonl" for lr in _searched(args.dpo_learning_rates)}}
         runner.pdpo("results", "results", "--out", str(results), "--reference", "sft",
                     *[f"--model={name}={path}" for name, path in reports.items()],
                     *[f"--curves={name}={path}" for name, path in curves.items()],
@@ -231,15 +249,7 @@ def main(argv: list[str]) -> int:
                   if args.rl else {})}
     for name, source in records.items():
         shutil.copy2(source, results / name)
-    # every model's DNLI report with its per-example records, gzipped (gunzip, and `pdpo results` recomputes the table)
-    for name, report in reports.items():
-        kept = results / "dnli" / name
-        kept.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(report, kept / report.name)
-        sidecar = report.with_suffix(".examples.jsonl")
-        with sidecar.open("rb") as source, gzip.GzipFile(kept / f"{sidecar.name}.gz.tmp", "wb", mtime=0) as target:
-            shutil.copyfileobj(source, target)
-        os.replace(kept / f"{sidecar.name}.gz.tmp", kept / f"{sidecar.name}.gz")
+    keep_dnli_records(reports, results / "dnli")
     print(f"runs in {root}; reports in {results}")
     return 0
 
