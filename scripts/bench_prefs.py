@@ -12,7 +12,7 @@ response), cut as our compared layout cuts them (`kept_histories`: per turn, or 
 tree layout), in the same batches of `--batch` examples, sampling top-p 0.9 at temperature 1 with at
 most `--new-tokens` new tokens and stopping at the end of turn.
 
-  ours   `build_shard` of `pdpo_jax.stages.make_prefs`, the stage's own code: the jitted sampler and
+  ours   `build_shard` of `pdpo_jax.prefs`, the code the stage runs: the jitted sampler and
          the shared scorer, in the configured `prefs.layout` (tree: one prefill per dialogue run of
          a batch and one scored row per run of nesting pairs; per_turn: one row per example).
          A first, untimed pass over the slice compiles every shape the timed pass uses.
@@ -87,19 +87,19 @@ def timed(fn):
 def ours(args: argparse.Namespace, jobs: list, side, layout: str) -> dict:
     """`build_shard` over the whole slice as shard 0, once to compile and once timed."""
     from pdpo_jax.generation import sampler_from_config
-    from pdpo_jax.stages import make_prefs
+    from pdpo_jax.prefs import build_shard, scorer_for_layout
 
     config = run_config(args, layout)
     sampler = sampler_from_config("top_p", temperature=1.0, top_p=TOP_P)
-    score = make_prefs.scorer_for_layout(config, side)
+    score = scorer_for_layout(config, side)
 
     def run():
-        return make_prefs.build_shard(jobs, "train", 0, config, side, side, score, sampler)
+        return build_shard(jobs, "train", 0, config, side, side, score, sampler)
 
     _, first_s = timed(run)
     records, seconds = timed(run)
     return {"records": len(records), "seconds": seconds, "compile_s": first_s - seconds,
-            "rejected_tokens": sum(r["rejected_tokens"] for r in records)}
+            "rejected_tokens": sum(r.rejected_tokens for r in records)}
 
 
 # --- the paper stack: transformers generate + TRL-style precomputed reference log-probs --------------
@@ -143,7 +143,7 @@ def peer_batch(args: argparse.Namespace, jobs: list, layout: str, torch_model, m
     import torch
 
     from pdpo_jax.generation import context_limit, cut_at_stop, decode_response, stop_sequences
-    from pdpo_jax.stages.make_prefs import kept_histories
+    from pdpo_jax.prefs import kept_histories
 
     nested = layout == "tree"
     room = context_limit(model, args.max_length) - args.new_tokens
@@ -200,15 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     from pdpo_jax.data import PromptEncoder, load_dialogues
     from pdpo_jax.model import load_model
     from pdpo_jax.model.digest import model_digest
-    from pdpo_jax.stages import make_prefs
+    from pdpo_jax.prefs import Side, plan_split
 
     if not Path(args.data).is_file():
         raise SystemExit(f"no dialogue file at {args.data} (pass --data)")
     dialogues = load_dialogues(args.data)[: args.dialogues]
-    jobs = make_prefs.plan_split(dialogues, shuffle=True, seed=0)
+    jobs = plan_split(dialogues, shuffle=True, seed=0)
     model = load_model(args.model, compute_dtype="float32")
     encoder = PromptEncoder(model.tokenizer, "chat-en")
-    side = make_prefs.Side(args.model, model, encoder, model_digest(model), None)
+    side = Side(args.model, model, encoder, model_digest(model), None)
     print(f"model: {model.path} ({model.config.model_type}, {model.config.num_layers} layers, fp32); "
           f"{len(dialogues)} dialogues of {args.data}, {len(jobs)} examples; batch {args.batch}, "
           f"top-p {TOP_P}, <= {args.new_tokens} new tokens, max_length {args.max_length}; "

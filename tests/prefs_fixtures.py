@@ -99,3 +99,20 @@ def write_config(path: Path, *, train: Path, val: Path, run_dir: Path, generator
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+# One record line as make-prefs writes it (key order, separators, non-ASCII text kept as is, floats
+# as Python's repr): the typed record must read it and write back these very bytes.
+STORED_RECORD_LINE = (
+    '{"example_id": "valid-12#3", "dialogue_id": "valid-12", "donor_dialogue_id": "valid-40", "split": "train", '
+    '"persona": ["i love cats .", "私は猫が好きです。"], "donor_persona": ["i am a chef .", "i live in paris ."], '
+    '"history": ["hi ! any pets ?", "two cats , you ?", "a dog named rex ."], "history_turns_dropped": 2, '
+    '"chosen": "rex is a great name ! my cats would hate him .", "rejected": "i cook french food — every day .", '
+    '"shuffled": true, "generator": "runs/main/sft/best", '
+    '"generator_digest": "sha256:9f2c4e8a1b7d3f60c5e2a9d4b8f1c7e3a6d0b5f9e2c8a4d7b1f6e3c9a0d5b2f8", '
+    '"reference": "runs/main/sft/best", '
+    '"reference_digest": "sha256:9f2c4e8a1b7d3f60c5e2a9d4b8f1c7e3a6d0b5f9e2c8a4d7b1f6e3c9a0d5b2f8", '
+    '"sampler": {"kind": "TopP", "p": 0.9, "temperature": 1.0}, "max_new_tokens": 32, "sample_seed": 1718398214, '
+    '"sample_row": 5, "ref_chosen_logp": -41.83720397949219, "ref_rejected_logp": -63.0054931640625, '
+    '"chosen_tokens": 14, "rejected_tokens": 12, "degenerate": [], "dropped": false}'
+)

@@ -26,7 +26,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("losses",),  # pure loss math
     ("data", "model"),  # readers, templates, batching | the decoder, loading, export
     ("scoring", "generation", "nli"),  # scoring sequences | sampling and decoding | NLI probabilities and reward
-    ("train", "evaluate", "api"),  # training loop | DNLI, judge, reports | conveniences
+    # training loop | DNLI, judge, reports | conveniences | building, scoring and reading preference records
+    ("train", "evaluate", "api", "prefs"),
     # a config's programs compiled for a TPU slice | a human study of the judge's pairs (stands on
     # evaluate) | PPO (planning and rl stand on train, generation, scoring)
     ("planning", "annotation", "rl"),

@@ -15,13 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prefs_fixtures import corpus_text, staged_slice, tiny_gpt2_that_stops, tiny_llama_with_words, write_config
+from prefs_fixtures import (STORED_RECORD_LINE, corpus_text, staged_slice, tiny_gpt2_that_stops, tiny_llama_with_words,
+                            write_config)
 
 from pdpo_jax import cli
-from pdpo_jax.data import PromptEncoder, preferences
+from pdpo_jax import prefs
+from pdpo_jax.data import PromptEncoder
 from pdpo_jax.model import load_model
 from pdpo_jax.model.digest import model_digest
-from pdpo_jax.stages import make_prefs as prefs
+from pdpo_jax.stages import make_prefs
 from pdpo_jax.files import DONE_MARKER
 from pdpo_jax.data.pairs import PairIds
 from pdpo_jax.data.tokenization import history_drop_choices
@@ -54,12 +56,12 @@ def config_file(setup, name: str, **prefs_settings) -> Path:
 @pytest.fixture(scope="module")
 def shuffled_run(setup):
     """One uninterrupted run: the records the other tests compare against."""
-    assert prefs.main(["--config", str(config_file(setup, "shuffled"))]) == 0
+    assert make_prefs.main(["--config", str(config_file(setup, "shuffled"))]) == 0
     return setup["root"] / "shuffled" / "prefs"
 
 
 def all_records(prefs_dir: Path, include_dropped: bool = True) -> list[dict]:
-    return [r for split in preferences.SPLITS for r in preferences.read_preference_pairs(prefs_dir, split, include_dropped=include_dropped)]
+    return [r for split in prefs.SPLITS for r in prefs.read_preference_pairs(prefs_dir, split, include_dropped=include_dropped)]
 
 
 def shard_bytes(prefs_dir: Path) -> dict[str, bytes]:
@@ -78,8 +80,8 @@ def test_every_negative_is_sampled_under_another_dialogues_persona(setup, shuffl
         assert record["persona"] == list(own.persona) and record["donor_persona"] == list(donor.persona)
         assert record["donor_persona"] != record["persona"]
         assert record["example_id"].startswith(record["dialogue_id"] + "#")
-    val_donors = {r["donor_dialogue_id"] for r in preferences.read_preference_pairs(shuffled_run, "val")}
-    val_ids = {r["dialogue_id"] for r in preferences.read_preference_pairs(shuffled_run, "val")}
+    val_donors = {r["donor_dialogue_id"] for r in prefs.read_preference_pairs(shuffled_run, "val")}
+    val_ids = {r["dialogue_id"] for r in prefs.read_preference_pairs(shuffled_run, "val")}
     assert val_donors <= val_ids  # personas are swapped within a split
 
 
@@ -106,7 +108,7 @@ def test_no_shuffle_ablation_keeps_the_own_persona_and_defaults_to_sft_best(setu
     base = load_model(setup["llama"])
     save_best_params(run_dir / "sft" / "best", base.params, setup["llama"], {"step": 0})
     config = config_file(setup, "ablation", shuffle=False, generator=None, reference=None)
-    assert prefs.main(["--config", str(config)]) == 0
+    assert make_prefs.main(["--config", str(config)]) == 0
     records = all_records(run_dir / "prefs")
     assert len(records) == 13
     best = str(run_dir / "sft" / "best")
@@ -142,10 +144,10 @@ def test_a_run_killed_midway_and_rerun_writes_exactly_the_uninterrupted_records(
     prefs_dir = setup["root"] / "killed" / "prefs"
     assert sorted(shard_bytes(prefs_dir)) == ["train/shard-00000.jsonl"]
     assert not (prefs_dir / DONE_MARKER).exists()
-    with pytest.raises(preferences.PrefsError, match="no DONE marker"):
-        preferences.read_preference_pairs(prefs_dir, "train")
+    with pytest.raises(prefs.PrefsError, match="no DONE marker"):
+        prefs.read_preference_pairs(prefs_dir, "train")
 
-    assert prefs.main(["--config", str(config)]) == 0
+    assert make_prefs.main(["--config", str(config)]) == 0
     assert shard_bytes(prefs_dir) == shard_bytes(shuffled_run)
     assert json.loads((prefs_dir / "summary.json").read_text()) == json.loads((shuffled_run / "summary.json").read_text())
     shards_written = [json.loads(line)["shard"] for line in (prefs_dir / "metrics.jsonl").read_text().splitlines()]
@@ -166,8 +168,8 @@ def test_progress_advances_after_every_sampling_batch(setup, monkeypatch):
             updates.append(n)
             return super().update(n)
 
-    monkeypatch.setattr(prefs, "tqdm", RecordingBar)
-    assert prefs.main(["--config", str(config_file(setup, "progress"))]) == 0
+    monkeypatch.setattr(make_prefs, "tqdm", RecordingBar)
+    assert make_prefs.main(["--config", str(config_file(setup, "progress"))]) == 0
     metrics = (setup["root"] / "progress" / "prefs" / "metrics.jsonl").read_text().splitlines()
     # shard_size 4 with batch_size 3: a full shard moves the bar by 3, then by 1
     assert len(updates) > len(metrics) and 3 in updates and set(updates) <= {1, 2, 3}
@@ -183,7 +185,7 @@ def test_reference_logps_match_pytorch_scoring(setup, shuffled_run):
     tokenizer = transformers.AutoTokenizer.from_pretrained(setup["llama"])
     encoder = PromptEncoder(tokenizer, "chat-en")
     model = transformers.AutoModelForCausalLM.from_pretrained(setup["llama"], dtype=torch.float32).eval()
-    records = preferences.read_preference_pairs(shuffled_run, "train")
+    records = prefs.read_preference_pairs(shuffled_run, "train")
     for record in (records[1], records[-1]):
         prompt = encoder.prompt_ids(record["persona"], record["history"])
         for side in ("chosen", "rejected"):
@@ -200,7 +202,7 @@ def test_reference_logps_match_pytorch_scoring(setup, shuffled_run):
 def test_another_generator_and_dropping_degenerate_negatives(setup):
     config = config_file(setup, "cross", generator=setup["stopper"], drop_degenerate=True,
                          sampler={"kind": "temperature", "temperature": 1.0})
-    assert prefs.main(["--config", str(config)]) == 0
+    assert make_prefs.main(["--config", str(config)]) == 0
     prefs_dir = setup["root"] / "cross" / "prefs"
     summary = json.loads((prefs_dir / "summary.json").read_text())
     everything = all_records(prefs_dir)
@@ -210,14 +212,14 @@ def test_another_generator_and_dropping_degenerate_negatives(setup):
     assert len(kept) == len(everything) - len(degenerate)
     assert all(not r["degenerate"] and not r["dropped"] for r in kept)
     assert all(r["dropped"] for r in degenerate)
-    for split in preferences.SPLITS:
+    for split in prefs.SPLITS:
         counts, records = summary["splits"][split], [r for r in everything if r["split"] == split]
         assert counts["records"] == len(records)
         assert counts["dropped"] == counts["degenerate_records"] == sum(bool(r["degenerate"]) for r in records)
         assert counts["kept"] == sum(not r["dropped"] for r in records)
         for reason in prefs.DEGENERATE_REASONS:
             assert counts["degenerate"][reason] == sum(reason in r["degenerate"] for r in records)
-    assert sum(summary["splits"][s]["degenerate"]["empty"] for s in preferences.SPLITS) > 0
+    assert sum(summary["splits"][s]["degenerate"]["empty"] for s in prefs.SPLITS) > 0
     assert {r["rejected"] for r in everything if "empty" in r["degenerate"]} == {""}
 
     # negatives cross as text: the reference re-tokenizes them with its own tokenizer
@@ -238,7 +240,7 @@ def test_rerun_with_other_settings_is_refused(setup, shuffled_run, capsys):
     error = capsys.readouterr().err
     assert "prefs.seed: was 7, now 8" in error and error.startswith("pdpo make-prefs: ") and error.count("\n") == 1
     before = shard_bytes(shuffled_run)
-    assert prefs.main(["--config", str(config)]) == 0  # same settings: finished, nothing rewritten
+    assert make_prefs.main(["--config", str(config)]) == 0  # same settings: finished, nothing rewritten
     assert shard_bytes(shuffled_run) == before
 
 
@@ -250,27 +252,27 @@ def test_reader_names_file_and_line_of_a_bad_record(shuffled_run, tmp_path):
 
     lines[1] = lines[1][:-5]
     shard.write_text("\n".join(lines) + "\n")
-    with pytest.raises(preferences.PrefsError, match=r"shard-00001\.jsonl:2: not valid JSON"):
-        preferences.read_preference_pairs(copy, "train")
+    with pytest.raises(prefs.PrefsError, match=r"shard-00001\.jsonl:2: not valid JSON"):
+        prefs.read_preference_pairs(copy, "train")
 
     record = json.loads(lines[0])
     del record["ref_rejected_logp"]
     lines[1] = json.dumps(record)
     shard.write_text("\n".join(lines) + "\n")
-    with pytest.raises(preferences.PrefsError, match=r"shard-00001\.jsonl:2: record lacks field\(s\) \['ref_rejected_logp'\]"):
-        preferences.read_preference_pairs(copy, "train")
+    with pytest.raises(prefs.PrefsError, match=r"shard-00001\.jsonl:2: record lacks field\(s\) \['ref_rejected_logp'\]"):
+        prefs.read_preference_pairs(copy, "train")
 
     record["ref_rejected_logp"] = float("nan")
     lines[1] = json.dumps(record)
     shard.write_text("\n".join(lines) + "\n")
-    with pytest.raises(preferences.PrefsError, match=r"shard-00001\.jsonl:2: field 'ref_rejected_logp'"):
-        preferences.read_preference_pairs(copy, "train")
+    with pytest.raises(prefs.PrefsError, match=r"shard-00001\.jsonl:2: field 'ref_rejected_logp'"):
+        prefs.read_preference_pairs(copy, "train")
 
     shard.unlink()
-    with pytest.raises(preferences.PrefsError, match="missing"):
-        preferences.read_preference_pairs(copy, "train")
-    with pytest.raises(preferences.PrefsError, match="split must be one of"):
-        preferences.read_preference_pairs(copy, "test")
+    with pytest.raises(prefs.PrefsError, match="missing"):
+        prefs.read_preference_pairs(copy, "train")
+    with pytest.raises(prefs.PrefsError, match="split must be one of"):
+        prefs.read_preference_pairs(copy, "test")
 
 
 def test_degenerate_reasons():
@@ -310,7 +312,7 @@ def test_history_is_shortened_oldest_first_keeping_a_partner_line_first():
 
 
 def test_sample_seeds_differ_by_split_shard_and_batch():
-    seeds = {prefs.sample_seed(0, split, shard, batch) for split in preferences.SPLITS for shard in range(3) for batch in range(3)}
+    seeds = {prefs.sample_seed(0, split, shard, batch) for split in prefs.SPLITS for shard in range(3) for batch in range(3)}
     assert len(seeds) == 18 and all(0 <= s < 2**31 for s in seeds)
     assert prefs.sample_seed(0, "train", 1, 2) == prefs.sample_seed(0, "train", 1, 2) != prefs.sample_seed(1, "train", 1, 2)
 
@@ -336,7 +338,7 @@ def test_tree_layout_scores_what_per_pair_rows_score(setup, shuffled_run):
     and the two scorers on one batch of them."""
     model = load_model(setup["llama"])
     reference = prefs.Side(str(setup["llama"]), model, PromptEncoder(model.tokenizer, "chat-en"), "", None)
-    records = preferences.read_preference_pairs(shuffled_run, "train")
+    records = prefs.read_preference_pairs(shuffled_run, "train")
     assert json.loads((shuffled_run / prefs.SETTINGS_FILE).read_text())["prefs"]["layout"] == "tree"
     prompts = [reference.encoder.prompt_ids(r["persona"], r["history"]) for r in records]
     chosen = [reference.encoder.response_ids(r["chosen"]) for r in records]
@@ -353,7 +355,7 @@ def test_tree_layout_scores_what_per_pair_rows_score(setup, shuffled_run):
 
 def test_per_turn_layout_draws_the_same_negatives_and_a_folder_keeps_its_layout(setup, shuffled_run, capsys):
     config = config_file(setup, "per-turn", layout="per_turn")
-    assert prefs.main(["--config", str(config)]) == 0
+    assert make_prefs.main(["--config", str(config)]) == 0
     per_turn, tree = all_records(setup["root"] / "per-turn" / "prefs"), all_records(shuffled_run)
     provenance = ("example_id", "donor_dialogue_id", "history", "sample_seed", "sample_row", "chosen", "rejected")
     # one seed per batch and the same rows: the same random numbers, drawn from logits equal to fp32 rounding
@@ -372,7 +374,7 @@ def test_a_folder_begun_before_the_layout_setting_resumes_per_turn(setup, shuffl
     (folder / prefs.SETTINGS_FILE).write_text(json.dumps(old))
     settings = json.loads(json.dumps(old))
     prefs.check_settings(folder, dict(settings, prefs=dict(settings["prefs"], layout="per_turn")))
-    with pytest.raises(preferences.PrefsError, match="prefs.layout: was 'per_turn', now 'tree'"):
+    with pytest.raises(prefs.PrefsError, match="prefs.layout: was 'per_turn', now 'tree'"):
         prefs.check_settings(folder, dict(settings, prefs=dict(settings["prefs"], layout="tree")))
 
 
@@ -404,3 +406,37 @@ def test_tree_layout_cuts_a_dialogues_histories_so_they_nest():
     pairs = prefs.kept_histories(jobs, personas, reserved, 100, CountingEncoder(), nested=True, within=within)
     assert all(len(p) <= len(w) for p, w in zip(pairs, within))
     assert prefs.kept_histories(jobs[:1], personas[:1], [20], 25, CountingEncoder(), nested=True) == [None]
+
+
+def test_a_stored_record_reads_typed_and_writes_back_the_same_bytes(tmp_path):
+    record = prefs.PreferenceRecord.from_json_line(STORED_RECORD_LINE, "stored")
+    assert record.persona == ("i love cats .", "私は猫が好きです。") and record.history[-1] == "a dog named rex ."
+    assert record.ref_chosen_logp == -41.83720397949219 and record.sample_row == 5 and record.degenerate == ()
+    assert record.to_json_line() == STORED_RECORD_LINE
+    shard = tmp_path / "train" / "shard-00000.jsonl"
+    prefs.write_shard(shard, [record, record])
+    assert shard.read_bytes() == (STORED_RECORD_LINE + "\n").encode("utf-8") * 2
+    assert prefs.read_shard(shard) == [record, record]
+
+
+def test_every_record_of_a_run_writes_back_the_bytes_make_prefs_wrote(shuffled_run, tmp_path):
+    for path in sorted(shuffled_run.glob("*/shard-*.jsonl")):
+        copy = tmp_path / path.relative_to(shuffled_run)
+        prefs.write_shard(copy, prefs.read_shard(path))
+        assert copy.read_bytes() == path.read_bytes()
+
+
+def test_a_bad_field_is_named_with_its_file_and_line(tmp_path):
+    stored = json.loads(STORED_RECORD_LINE)
+    for field, bad in (("sample_row", -1), ("persona", "i love cats ."), ("generator_digest", "md5:0"),
+                       ("degenerate", ["boring"]), ("chosen_tokens", 0), ("split", "test")):
+        shard = tmp_path / f"{field}.jsonl"
+        shard.write_text(STORED_RECORD_LINE + "\n" + json.dumps(dict(stored, **{field: bad})) + "\n")
+        with pytest.raises(prefs.PrefsError, match=rf"{field}\.jsonl:2: field '{field}' has an invalid value"):
+            prefs.read_shard(shard)
+    with pytest.raises(prefs.PrefsError, match=r"^somewhere:9: unknown field\(s\) \['extra'\]$"):
+        prefs.PreferenceRecord.from_json(dict(stored, extra=1), "somewhere:9")
+    with pytest.raises(prefs.PrefsError, match=r"^somewhere:9: record is marked dropped but not degenerate$"):
+        prefs.PreferenceRecord.from_json(dict(stored, dropped=True), "somewhere:9")
+    with pytest.raises(prefs.PrefsError, match=r"^somewhere:9: a record must be a JSON object, got list$"):
+        prefs.PreferenceRecord.from_json([], "somewhere:9")

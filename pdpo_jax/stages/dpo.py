@@ -18,11 +18,11 @@ from pdpo_jax.files import atomic_write_json, mark_done
 from pdpo_jax.config import RunConfig
 from pdpo_jax.data import PromptEncoder
 from pdpo_jax.data.pairs import PairIds, dpo_batch
-from pdpo_jax.data.preferences import PrefsError, read_preference_pairs
 from pdpo_jax.data.trees import pair_trees, tree_batch, tree_summary
 from pdpo_jax.metrics_log import read_metrics_jsonl
 from pdpo_jax.model import pad_id
 from pdpo_jax.parallel import host_rows, is_primary
+from pdpo_jax.prefs import PreferenceRecord, PrefsError, read_records
 from pdpo_jax.stages.common import claim_run_dir, load_for_run, parse_stage_args, stage_dir, start_training_stage
 from pdpo_jax.stages.make_prefs import resolve_model_paths
 from pdpo_jax.train.batches import StepBatches
@@ -32,13 +32,12 @@ from pdpo_jax.train.steps import DPOSettings, dpo_objective
 STAGE = "dpo"
 
 
-def tokenize_pairs(records: list[dict[str, Any]], encoder: PromptEncoder) -> list[PairIds]:
+def tokenize_pairs(records: list[PreferenceRecord], encoder: PromptEncoder) -> list[PairIds]:
     """Prompts are rebuilt from the stored (already length-fitted) persona and history, exactly
     as make-prefs scored them, so the stored reference log-probs belong to these very tokens."""
     return [
-        PairIds(tuple(encoder.prompt_ids(r["persona"], r["history"])), tuple(encoder.response_ids(r["chosen"])),
-                tuple(encoder.response_ids(r["rejected"])), r["ref_chosen_logp"], r["ref_rejected_logp"],
-                r["example_id"])
+        PairIds(tuple(encoder.prompt_ids(r.persona, r.history)), tuple(encoder.response_ids(r.chosen)),
+                tuple(encoder.response_ids(r.rejected)), r.ref_chosen_logp, r.ref_rejected_logp, r.example_id)
         for r in records
     ]
 
@@ -78,8 +77,8 @@ def run_dpo(config: RunConfig) -> dict[str, Any]:
     model = load_for_run(reference_path, config, mesh)
     encoder = PromptEncoder(model.tokenizer, config.data.template)
     prefs_dir = stage_dir(config, "prefs")
-    train_pairs = tokenize_pairs(read_preference_pairs(prefs_dir, "train"), encoder)
-    val_pairs = tokenize_pairs(read_preference_pairs(prefs_dir, "val"), encoder)
+    train_pairs = tokenize_pairs(read_records(prefs_dir, "train"), encoder)
+    val_pairs = tokenize_pairs(read_records(prefs_dir, "val"), encoder)
     if not train_pairs or not val_pairs:
         raise PrefsError(f"{prefs_dir}: no usable train or val pairs (run make-prefs first)")
     train = dpo_batches(config, train_pairs, pad_id(model), shuffle=True, mesh=mesh)

@@ -1,0 +1,133 @@
+"""The `<run_dir>/prefs/` folder: where shards live, the settings it was made with, and reading it.
+
+    settings.json         what the shards depend on (config subset, model digests); a rerun with
+                          different settings refuses to mix its records with these
+    train/shard-00000.jsonl, ...   `shard_size` examples each, in corpus order, written atomically
+    val/shard-00000.jsonl, ...
+    metrics.jsonl         one line per shard written (timing)
+    summary.json, DONE    counts (degenerate negatives by reason, dropped, skipped), written last
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pdpo_jax.config import RunConfig, config_to_dict
+from pdpo_jax.files import atomic_write_json, atomic_write_text, is_done
+from pdpo_jax.prefs.record import SPLITS, PreferenceRecord, PrefsError
+
+SHARD_PATTERN = "shard-{:05d}.jsonl"
+SETTINGS_FILE = "settings.json"
+SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+def shard_path(prefs_dir: str | os.PathLike, split: str, index: int) -> Path:
+    return Path(prefs_dir) / split / SHARD_PATTERN.format(index)
+
+
+def write_shard(path: Path, records: Sequence[PreferenceRecord]) -> Path:
+    """One record per line, atomically: a crash leaves the whole shard or none of it."""
+    return atomic_write_text(path, "".join(record.to_json_line() + "\n" for record in records))
+
+
+def read_shard(path: Path) -> list[PreferenceRecord]:
+    """Every record of one shard file, validated; errors name the file and line."""
+    return [PreferenceRecord.from_json_line(line, f"{path}:{number}")
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)]
+
+
+def read_records(prefs_dir: str | os.PathLike, split: str, *, include_dropped: bool = False) -> list[PreferenceRecord]:
+    """The records of one split of a finished `make-prefs` stage, in corpus order.
+
+    Records marked `dropped` (degenerate negatives under `prefs.drop_degenerate`) are left out
+    unless `include_dropped`. Raises PrefsError naming the file and line of the first bad record,
+    and when the stage is unfinished, a shard is missing, or the counts disagree with the summary.
+    """
+    prefs_dir = Path(prefs_dir)
+    if split not in SPLITS:
+        raise PrefsError(f"split must be one of {SPLITS}, got {split!r}")
+    if not is_done(prefs_dir):
+        raise PrefsError(f"{prefs_dir}: no DONE marker; the make-prefs stage has not finished (run `pdpo make-prefs`)")
+    summary_path = prefs_dir / SUMMARY_FILE
+    try:
+        expected = json.loads(summary_path.read_text(encoding="utf-8"))["splits"][split]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise PrefsError(f"{summary_path}: unreadable or without counts for split {split!r} ({err!r})") from None
+    found = sorted((prefs_dir / split).glob("shard-*.jsonl"))
+    wanted = [shard_path(prefs_dir, split, k) for k in range(expected["shards"])]
+    if found != wanted:
+        missing = sorted(set(wanted) - set(found))
+        extra = sorted(set(found) - set(wanted))
+        raise PrefsError(f"{prefs_dir / split}: shard files do not match the summary (missing {missing}, unexpected {extra})")
+    records, seen = [], {}
+    for path in wanted:
+        for number, record in enumerate(read_shard(path), 1):
+            if record.split != split:
+                raise PrefsError(f"{path}:{number}: record of split {record.split!r} in the {split!r} folder")
+            if record.example_id in seen:
+                raise PrefsError(f"{path}:{number}: example {record.example_id!r} repeats {seen[record.example_id]}")
+            seen[record.example_id] = f"{path}:{number}"
+            records.append(record)
+    if len(records) != expected["records"]:
+        raise PrefsError(f"{prefs_dir / split}: {len(records)} records, the summary says {expected['records']}")
+    return [r for r in records if include_dropped or not r.dropped]
+
+
+def read_preference_pairs(prefs_dir: str | os.PathLike, split: str, *,
+                          include_dropped: bool = False) -> list[dict[str, Any]]:
+    """`read_records` as the JSON objects the shards hold, for callers that want plain dicts."""
+    return [record.to_json() for record in read_records(prefs_dir, split, include_dropped=include_dropped)]
+
+
+def settings_of(config: RunConfig, generator: str, reference: str, digests: dict[str, str] | None) -> dict[str, Any]:
+    """Everything the records depend on; equal settings give byte-identical shards. Without
+    `digests`, the models are left out of the comparison with earlier settings (see check_settings)."""
+    full = config_to_dict(config)
+    return {
+        "seed": config.seed,
+        "data": full["data"],
+        "prefs": full["prefs"],
+        "model_dtype": config.model.dtype,
+        "generator": {"path": generator, "digest": None if digests is None else digests[generator]},
+        "reference": {"path": reference, "digest": None if digests is None else digests[reference]},
+    }
+
+
+def check_settings(prefs_dir: Path, settings: dict[str, Any]) -> None:
+    """Writes settings.json; once shards exist, later runs must match it, or old shards would mix in."""
+    path = prefs_dir / SETTINGS_FILE
+    has_shards = any(prefs_dir.glob("*/shard-*.jsonl")) or is_done(prefs_dir)
+    old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    if old is not None and "prefs" in old:
+        old["prefs"].setdefault("layout", "per_turn")  # a folder begun before there was a choice
+    if old is not None and settings["generator"]["digest"] is None:
+        for side in ("generator", "reference"):
+            settings[side]["digest"] = old.get(side, {}).get("digest")
+    if old is None or not has_shards:
+        atomic_write_json(path, settings)
+        return
+    if old != settings:
+        changed = _first_difference(old, settings)
+        raise PrefsError(
+            f"{path}: this folder holds records made with other settings ({changed}); delete {prefs_dir} "
+            "to rebuild, or run with the original settings to resume"
+        )
+
+
+def _first_difference(old: Any, new: Any, prefix: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            if old.get(key) != new.get(key):
+                return _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+    return f"{prefix.rstrip('.')}: was {old!r}, now {new!r}"
+
+
+def missing_shards(prefs_dir: Path, shard_counts: dict[str, int]) -> list[tuple[str, int]]:
+    """(split, index) of every shard not yet on disk, in the order they are built."""
+    return [(split, k) for split, count in shard_counts.items() for k in range(count)
+            if not shard_path(prefs_dir, split, k).exists()]
