@@ -56,7 +56,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -90,15 +89,8 @@ from pdpo_jax.model.digest import model_digest
 from pdpo_jax.model.hub import looks_like_hub_id
 from pdpo_jax.scoring import make_scorer
 from pdpo_jax.parallel import is_primary, primary_decides, rows_for_mesh
-from pdpo_jax.stages.common import (
-    build_mesh,
-    claim_run_dir,
-    config_from_args,
-    finished,
-    load_for_run,
-    stage_parser,
-    write_resolved_config,
-)
+from pdpo_jax.run_layout import RunLayout
+from pdpo_jax.stage_runner import build_mesh, finished, load_for_run, run_command, write_resolved_config
 
 SETTINGS_FILE = "settings.json"
 PAIR_ARRAYS = ("ref_chosen_logps", "ref_rejected_logps", "pair_mask")  # the DPO step's, not the scorer's
@@ -156,13 +148,6 @@ def plan_split(dialogues: Sequence[Any], shuffle: bool, seed: int) -> list[PairJ
     return [PairJob(ex, donors[ex.dialogue_id], persona_of[donors[ex.dialogue_id]]) for ex in examples_from_dialogues(dialogues)]
 
 
-def resolve_model_paths(config: RunConfig) -> tuple[str, str]:
-    """(generator, reference): as configured, else the best model of `prefs.from_stage` (SFT, or
-    the RL baseline for "+RL(DialogueNLI) +PseudoDPO")."""
-    start = os.fspath(Path(config.run_dir) / config.prefs.from_stage / "best")
-    return config.prefs.generator or start, config.prefs.reference or start
-
-
 def open_side(name: str, config: RunConfig, cache: dict[str, Side], mesh: Any) -> Side:
     """The model `name` on the run's mesh (one load when generator and reference are the same)."""
     if name in cache:
@@ -181,7 +166,7 @@ def settings_of(config: RunConfig, digests: dict[str, str] | None) -> dict[str, 
     """Everything the records depend on; equal settings give byte-identical shards. Without
     `digests`, the models are left out of the comparison with earlier settings (see check_settings)."""
     full = config_to_dict(config)
-    generator, reference = resolve_model_paths(config)
+    generator, reference = RunLayout.of(config).preference_models(config)
     return {
         "seed": config.seed,
         "data": full["data"],
@@ -422,7 +407,7 @@ def make_prefs(config: RunConfig) -> dict[str, Any]:
 
     On a pod every host samples and scores every batch on the shared mesh; process 0 alone
     decides which shards are missing and writes them, so each file is written once."""
-    prefs, prefs_dir = config.prefs, Path(config.run_dir) / "prefs"
+    prefs, prefs_dir = config.prefs, RunLayout.of(config).prefs
     if prefs.batch_size < 1 or prefs.shard_size < 1 or prefs.max_new_tokens < 1:
         raise PrefsError("prefs.batch_size, prefs.shard_size and prefs.max_new_tokens must be positive")
     mesh = build_mesh(config)
@@ -430,7 +415,8 @@ def make_prefs(config: RunConfig) -> dict[str, Any]:
         # A finished folder is checked without loading the models: its digests stand for them.
         return primary_decides(_finished_summary, prefs_dir, settings_of(config, digests=None))
     cache: dict[str, Side] = {}
-    generator, reference = (open_side(name, config, cache, mesh) for name in resolve_model_paths(config))
+    generator, reference = (open_side(name, config, cache, mesh)
+                            for name in RunLayout.of(config).preference_models(config))
     primary_decides(check_settings, prefs_dir,
                     settings_of(config, {side.name: side.digest for side in (generator, reference)}))
     write_resolved_config(config)
@@ -501,14 +487,14 @@ DESCRIPTION = (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = config_from_args(stage_parser("pdpo make-prefs", DESCRIPTION).parse_args(argv))
-    with claim_run_dir(config):
-        summary = make_prefs(config)
-    prefs_dir = Path(config.run_dir) / "prefs"
+def report(summary: dict[str, Any], config: RunConfig) -> None:
+    layout = RunLayout.of(config)
     for split in SPLITS:
         counts = summary["splits"][split]
         print(f"{split}: {counts['kept']} pairs kept of {counts['records']} "
               f"({counts['degenerate_records']} degenerate, {counts['dropped']} dropped, "
-              f"{len(counts['skipped_too_long'])} too long) -> {prefs_dir / split}")
-    return 0
+              f"{len(counts['skipped_too_long'])} too long) -> {layout.prefs_split(split)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("pdpo make-prefs", DESCRIPTION, make_prefs, argv, report)
