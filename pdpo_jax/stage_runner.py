@@ -140,8 +140,8 @@ def run_once(config: RunConfig, name: str, folder: Path, work: Callable[[Any], d
              result_line: Callable[[dict[str, Any]], str] | None = None) -> Any:
     """The sequence of a stage that writes `folder` of the run, under the run directory's lock:
 
-    if `folder` has its DONE marker, says so and returns `when_finished(folder)` (default: the
-    folder's path); else builds the mesh, writes the resolved config, checks that each of
+    if `folder` has its DONE marker, says so and returns `when_finished(folder)` (default:
+    {"stage_dir": folder}); else builds the mesh, writes the resolved config, checks that each of
     `batch_sizes` ({"sft.batch_size": rows}) splits over the mesh, runs `work(mesh)`, writes its
     summary (or `done_record(summary)`) as the DONE marker (process 0), waits for every host,
     prints `result_line(summary)` and returns the summary.
