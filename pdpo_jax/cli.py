@@ -1,4 +1,5 @@
-"""The `pdpo` command: finds the stage, runs its `main`, and turns what goes wrong into one line.
+"""The `pdpo` command: finds the stage's declaration (`pdpo_jax.stages.STAGES`), runs it, and turns
+what goes wrong into one line.
 
 Every error a user can cause (a bad config, data file, model directory or flag) reaches the user
 as one line `pdpo <stage>: <message>` on stderr with exit status 2; a run that stopped on its own
@@ -10,7 +11,6 @@ as one line `pdpo <stage>: <message>` on stderr with exit status 2; a run that s
 from __future__ import annotations
 
 import glob
-import importlib
 import importlib.util
 import os
 import sys
@@ -66,7 +66,7 @@ def _tpu_device_files() -> list[str]:
 def _usage() -> str:
     width = max(len(name) for name in STAGES)
     lines = ["usage: pdpo [--debug] <stage> [--help] [options]", "", "stages:"]
-    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in STAGES.items()]
+    lines += [f"  {name:<{width}}  {stage.description}" for name, stage in STAGES.items()]
     lines += ["", "Run `pdpo <stage> --help` for what a stage needs; --debug (or PDPO_DEBUG=1) shows tracebacks."]
     return "\n".join(lines)
 
@@ -99,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if platforms is not None:  # before any stage imports JAX
         os.environ["JAX_PLATFORMS"] = platforms
     try:
-        module = importlib.import_module(STAGES[stage][0])
-        return int(module.main(rest) or 0)
+        return STAGES[stage].main(rest)
     except KeyboardInterrupt:
         print(f"pdpo {stage}: interrupted; finished work is on disk and a rerun resumes", file=sys.stderr)
         return 130

@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pdpo_jax.run_layout import RunLayout
+
 REPO = Path(__file__).resolve().parents[1]
 PLACEHOLDER = "PDPO_DATA"
 
@@ -91,8 +93,8 @@ def _write_json(path: Path, value) -> None:
     os.replace(tmp, path)
 
 
-def _done(stage_dir: Path) -> dict | None:
-    done = stage_dir / "DONE"
+def _done(run: RunLayout, stage: str) -> dict | None:
+    done = run.done(stage)
     return json.loads(done.read_text()) if done.exists() else None
 
 
@@ -158,35 +160,35 @@ def main(argv: list[str]) -> int:
                   "selection": "SFT: lowest validation loss; DPO: highest validation reward accuracy"}
 
         # 1. SFT learning rate, on validation loss
-        for lr in args.sft_learning_rates:
-            run_dir = root / f"sft-lr{_rate(lr)}"
-            if _done(run_dir / "sft") is None:
-                runner.stage(f"sft lr={lr:g}", run_dir, "sft", f"sft.optimizer.learning_rate={lr}")
-            info = _done(run_dir / "sft")
+        sft_runs = {lr: RunLayout(root / f"sft-lr{_rate(lr)}") for lr in args.sft_learning_rates}
+        for lr, run in sft_runs.items():
+            if _done(run, "sft") is None:
+                runner.stage(f"sft lr={lr:g}", run.root, "sft", f"sft.optimizer.learning_rate={lr}")
+            info = _done(run, "sft")
             search["sft"][f"{lr:g}"] = {"best_val_loss": info["best_value"], "best_step": info["best_step"]}
         sft_lr = min(args.sft_learning_rates, key=lambda lr: search["sft"][f"{lr:g}"]["best_val_loss"])
         search["sft_learning_rate"] = sft_lr
-        main_dir = root / "main"
-        _link(root / f"sft-lr{_rate(sft_lr)}" / "sft", main_dir / "sft")
+        main = RunLayout(root / "main")
+        _link(sft_runs[sft_lr].stage("sft"), main.stage("sft"))
         _write_json(root / "search.json", search)
 
         # 2. the zero-shot base and the SFT model on DNLI; pseudo-preferences from the SFT model
-        base_report = root / "eval" / "base" / "dnli.json"
+        base_report = RunLayout(root).dnli_report("base")
         if not base_report.exists():
             runner.pdpo("eval-dnli base", "eval-dnli", "--config", str(runner.config), "--model", "default",
                         "--name", "BASE", "--out", str(base_report), *args.overrides)
-        runner.stage("eval-dnli sft", main_dir, "pipeline", extra=("--stages", "eval-sft"))
-        runner.stage("make-prefs", main_dir, "make-prefs")
+        runner.stage("eval-dnli sft", main.root, "pipeline", extra=("--stages", "eval-sft"))
+        runner.stage("make-prefs", main.root, "make-prefs")
 
         # 3. DPO learning rate, on validation reward accuracy, in short runs on main's pairs
-        for lr in _searched(args.dpo_learning_rates):
-            run_dir = root / f"dpo-lr{_rate(lr)}"
-            _link(main_dir / "sft", run_dir / "sft")
-            _link(main_dir / "prefs", run_dir / "prefs")
-            if _done(run_dir / "dpo") is None:
-                runner.stage(f"dpo search lr={lr:g}", run_dir, "dpo", f"dpo.optimizer.learning_rate={lr}",
+        dpo_runs = {lr: RunLayout(root / f"dpo-lr{_rate(lr)}") for lr in _searched(args.dpo_learning_rates)}
+        for lr, run in dpo_runs.items():
+            _link(main.stage("sft"), run.stage("sft"))
+            _link(main.prefs, run.prefs)
+            if _done(run, "dpo") is None:
+                runner.stage(f"dpo search lr={lr:g}", run.root, "dpo", f"dpo.optimizer.learning_rate={lr}",
                              f"dpo.max_steps={args.dpo_search_steps}")
-            info = _done(run_dir / "dpo")
+            info = _done(run, "dpo")
             search["dpo"][f"{lr:g}"] = {"best_val_reward_accuracy": info["best_value"], "best_step": info["best_step"]}
         dpo_lr = max(_searched(args.dpo_learning_rates),
                      key=lambda lr: search["dpo"][f"{lr:g}"]["best_val_reward_accuracy"], default=args.dpo_learning_rates[0])
@@ -195,25 +197,25 @@ def main(argv: list[str]) -> int:
 
         # 4. PseudoDPO, and the w/o-shuffle ablation from the same SFT model
         dpo_lr_override = f"dpo.optimizer.learning_rate={dpo_lr}"
-        runner.stage("dpo", main_dir, "pipeline", dpo_lr_override, extra=("--stages", "dpo,eval-dpo"))
-        wo_dir = root / "wo-shuffle"
-        _link(main_dir / "sft", wo_dir / "sft")
-        runner.stage("wo-shuffle", wo_dir, "pipeline", "prefs.shuffle=false", dpo_lr_override,
+        runner.stage("dpo", main.root, "pipeline", dpo_lr_override, extra=("--stages", "dpo,eval-dpo"))
+        wo = RunLayout(root / "wo-shuffle")
+        _link(main.stage("sft"), wo.stage("sft"))
+        runner.stage("wo-shuffle", wo.root, "pipeline", "prefs.shuffle=false", dpo_lr_override,
                      extra=("--stages", "make-prefs,dpo,eval-dpo"))
 
         # 5. with --rl, the RL(DialogueNLI) baseline from the same SFT model
-        rl_dir = root / "rl-dnli"
+        rl = RunLayout(root / "rl-dnli")
         if args.rl:
-            _link(main_dir / "sft", rl_dir / "sft")
+            _link(main.stage("sft"), rl.stage("sft"))
             for name, stage in (("train-nli", "train-nli"), ("rl", "rl"), ("eval-dnli rl", "eval-rl")):
-                runner.stage(name, rl_dir, "pipeline", extra=("--config", str(Path(tmp) / args.rl.name), "--stages", stage))
+                runner.stage(name, rl.root, "pipeline", extra=("--config", str(Path(tmp) / args.rl.name), "--stages", stage))
 
         # 6. generated examples on test dialogues
         conversations = root / "examples" / "test_conversations.jsonl"
         if not conversations.exists():
             write_test_conversations(runner.config, args.overrides, conversations, args.test_turns)
-        answering = {"sft": main_dir / "sft" / "best", "pseudo-dpo": main_dir / "dpo" / "best",
-                     **({"rl": rl_dir / "rl" / "best"} if args.rl else {})}
+        answering = {"sft": main.best_model("sft"), "pseudo-dpo": main.best_model("dpo"),
+                     **({"rl": rl.best_model("rl")} if args.rl else {})}
         for name, model in answering.items():
             out = root / "examples" / f"{name}.jsonl"
             if not out.exists():
@@ -221,19 +223,16 @@ def main(argv: list[str]) -> int:
                             "--output", str(out), "--sampler", "greedy", "--max-new-tokens", "32")
 
         # 7. the small reports: the table, its plots, generated examples, search and timings
-        reports = {"base": root / "eval" / "base" / "dnli.json", "sft": main_dir / "eval" / "sft" / "dnli.json",
-                   "pseudo-dpo": main_dir / "eval" / "dpo" / "dnli.json",
-                   "wo-shuffle": wo_dir / "eval" / "dpo" / "dnli.json",
-                   **({"rl": rl_dir / "eval" / "rl" / "dnli.json"} if args.rl else {})}
+        reports = {"base": base_report, "sft": main.dnli_report("sft"), "pseudo-dpo": main.dnli_report("dpo"),
+                   "wo-shuffle": wo.dnli_report("dpo"), **({"rl": rl.dnli_report("rl")} if args.rl else {})}
         columns = {"SFT": "sft", "PseudoDPO": "pseudo-dpo", **({"RL(DialogueNLI)": "rl"} if args.rl else {})}
-        curves = {"sft": main_dir / "sft" / "metrics.jsonl", "pseudo-dpo": main_dir / "dpo" / "metrics.jsonl",
-                  "wo-shuffle": wo_dir / "dpo" / "metrics.jsonl",
-                  **{f"sft-lr{_rate(lr)}": root / f"sft-lr{_rate(lr)}" / "sft" / "metrics.jsonl" for lr in _searched(args.sft_learning_rates)},
-                  **{f"dpo-lr{_rate(lr)}": root / f"dpo-lr{_rate(lr)}" / "dpo" / "metrics.jsonl" for lr in _searched(args.dpo_learning_rates)}}
+        curves = {"sft": main.metrics("sft"), "pseudo-dpo": main.metrics("dpo"), "wo-shuffle": wo.metrics("dpo"),
+                  **{f"sft-lr{_rate(lr)}": sft_runs[lr].metrics("sft") for lr in _searched(args.sft_learning_rates)},
+                  **{f"dpo-lr{_rate(lr)}": run.metrics("dpo") for lr, run in dpo_runs.items()}}
         runner.pdpo("results", "results", "--out", str(results), "--reference", "sft",
                     *[f"--model={name}={path}" for name, path in reports.items()],
                     *[f"--curves={name}={path}" for name, path in curves.items()],
-                    *([f"--ppo-curves=rl={rl_dir / 'rl' / 'metrics.jsonl'}"] if args.rl else []),
+                    *([f"--ppo-curves=rl={rl.metrics('rl')}"] if args.rl else []),
                     "--conversations", str(conversations),
                     *[f"--responses={column}={root / 'examples' / f'{name}.jsonl'}" for column, name in columns.items()],
                     "--examples", str(args.examples))
@@ -241,12 +240,11 @@ def main(argv: list[str]) -> int:
     for name in ("search.json", "timings.json"):
         shutil.copy2(root / name, results / name)
     # the stages' DONE records (best steps, the DPO step-0 check, truncated negatives) and the pairs' summaries
-    records = {"sft-done.json": main_dir / "sft" / "DONE", "dpo-done.json": main_dir / "dpo" / "DONE",
-               "prefs-summary.json": main_dir / "prefs" / "summary.json",
-               "wo-shuffle-dpo-done.json": wo_dir / "dpo" / "DONE",
-               "wo-shuffle-prefs-summary.json": wo_dir / "prefs" / "summary.json",
-               **({"rl-dnli-nli-done.json": rl_dir / "nli" / "DONE", "rl-dnli-rl-done.json": rl_dir / "rl" / "DONE"}
-                  if args.rl else {})}
+    records = {"sft-done.json": main.done("sft"), "dpo-done.json": main.done("dpo"),
+               "prefs-summary.json": main.prefs_summary,
+               "wo-shuffle-dpo-done.json": wo.done("dpo"),
+               "wo-shuffle-prefs-summary.json": wo.prefs_summary,
+               **({"rl-dnli-nli-done.json": rl.done("nli"), "rl-dnli-rl-done.json": rl.done("rl")} if args.rl else {})}
     for name, source in records.items():
         shutil.copy2(source, results / name)
     keep_dnli_records(reports, results / "dnli")

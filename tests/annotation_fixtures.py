@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 from pdpo_jax.annotation.server import base_url, bind, make_server
 from pdpo_jax.annotation.store import ShownItem, Study
-from pdpo_jax.evaluate.judge import PairItem
+from pdpo_jax.evaluate.judge_pairs import PairItem
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HTTP_TIMEOUT_S = 10.0

@@ -12,7 +12,8 @@ from model_fixtures import make_tiny_hf_model
 from prefs_fixtures import tiny_llama_with_words
 
 from pdpo_jax import cli
-from pdpo_jax.stages import STAGES
+from pdpo_jax.run_layout import RunLayout
+from pdpo_jax.stages import DEFAULT_PIPELINE, PIPELINE_STEPS, STAGES
 
 CONFIG_STAGES = {  # stage -> the other arguments it needs to get as far as reading the config
     "sft": [],
@@ -46,6 +47,23 @@ def assert_one_line(error: str, stage: str, *fragments: str) -> None:
 
 def test_every_stage_is_covered():
     assert set(CONFIG_STAGES) | set(FLAG_ONLY_STAGES) == set(STAGES)
+
+
+def test_every_declaration_names_what_runs_it(tmp_path):
+    """`pdpo <stage>`, the pipeline's steps and the declared paths all resolve: a declaration
+    cannot name a module, a function or a place in the run directory that is not there."""
+    layout = RunLayout(tmp_path / "run")
+    for stage in STAGES.values():
+        module = stage.load()
+        assert callable(module.main), stage.name
+        assert stage.run is None or callable(getattr(module, stage.run)), stage.name
+        if stage.arguments == "config":
+            assert stage.name in CONFIG_STAGES and stage.run is not None, stage.name
+        for path in (*stage.reads(layout), *stage.writes(layout)):
+            assert path.is_relative_to(layout.root), (stage.name, path)
+    for step in PIPELINE_STEPS.values():
+        assert callable(STAGES[step.stage].function(step.function)), step.name
+    assert set(DEFAULT_PIPELINE) <= set(PIPELINE_STEPS)
 
 
 @pytest.mark.parametrize("stage", sorted(CONFIG_STAGES))

@@ -15,10 +15,10 @@ import pytest
 
 from pdpo_jax.config import ConfigError, JudgeSection, load_config
 from pdpo_jax.errors import RunFailed, UsageError
-from pdpo_jax.evaluate import judge, judge_client, judge_prompts, judge_stats
+from pdpo_jax.evaluate import judge_client, judge_pairs, judge_prompts, judge_stats
 from pdpo_jax.stages import judge as judge_stage
 from pdpo_jax.evaluate.judge_client import JudgeConfigError
-from pdpo_jax.evaluate.judge_run import JudgeSettings, run_judge, settings_from_section
+from pdpo_jax.evaluate.judge_evaluation import JudgeSettings, run_judge, settings_from_section
 from judge_fixtures import Reply, ScriptedJudgeServer, write_responses
 
 KEY_ENV = "PDPO_TEST_JUDGE_KEY"
@@ -244,7 +244,7 @@ def test_single_order_judges_each_pair_once_in_a_seeded_order(tmp_path):
         results, judgments, _ = judge_files(server, [a, b], tmp_path / "out", orders="single", seed=3)
         assert server.request_count == n
     a_first = [j.orders[0].a_first for j in judgments]
-    assert a_first == [order[0] for order in judge.presentation_orders(n, "single", 3)]
+    assert a_first == [order[0] for order in judge_pairs.presentation_orders(n, "single", 3)]
     assert 0 < sum(a_first) < n  # both orders occur, so position bias does not favour one model
     assert results["counts"]["win"] == sum(a_first) and results["counts"]["lose"] == n - sum(a_first)
     assert results["position_consistency"]["rate"] is None
@@ -681,21 +681,21 @@ def test_load_responses_names_file_line_and_key(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text('{"id": 1, "persona": [], "history": [], "response": "x"}\n{"id": 2, "persona": [], "response": "y"}\n')
     with pytest.raises(JudgeConfigError, match=r"r.jsonl:2: missing key 'history'"):
-        judge.load_responses(path)
+        judge_pairs.load_responses(path)
     path.write_text('{"id": 1, "persona": [], "history": [], "response": "x"}\n{"id": "1", "persona": [], "history": [], "response": "y"}\n')
     with pytest.raises(JudgeConfigError, match="duplicate id '1'"):
-        judge.load_responses(path)
+        judge_pairs.load_responses(path)
     path.write_text('{"id": 1, "persona": [], "history": [], "response": "x"}\n')
-    assert judge.load_responses(path).model == "r"
+    assert judge_pairs.load_responses(path).model == "r"
 
 
 def test_common_ids_refuses_files_about_different_dialogues(tmp_path):
-    a = judge.load_responses(write_responses(tmp_path / "a.jsonl", "alpha", dialogue_rows("alpha", 3)))
+    a = judge_pairs.load_responses(write_responses(tmp_path / "a.jsonl", "alpha", dialogue_rows("alpha", 3)))
     rows = dialogue_rows("beta", 3)
     rows[1]["history"] = ["something else"]
-    b = judge.load_responses(write_responses(tmp_path / "b.jsonl", "beta", rows))
+    b = judge_pairs.load_responses(write_responses(tmp_path / "b.jsonl", "beta", rows))
     with pytest.raises(JudgeConfigError, match="id '1': history differs"):
-        judge.common_ids([a, b])
+        judge_pairs.common_ids([a, b])
 
 
 def test_sample_games_are_distinct_seeded_and_bounded():

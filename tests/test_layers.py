@@ -22,16 +22,19 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),  # the base of every user-facing error
     ("files", "config", "run_lock"),  # atomic files and JSON lines | run configuration | one run per run dir
     # the projection | which form a hot operation takes per backend | mesh and partition rules | metrics.jsonl
-    ("matmul", "backend_forms", "parallel", "metrics_log"),
+    # | where every artifact of a run lives
+    ("matmul", "backend_forms", "parallel", "metrics_log", "run_layout"),
     ("losses",),  # pure loss math
     ("data", "model"),  # readers, templates, batching | the decoder, loading, export
     ("scoring", "generation", "nli"),  # scoring sequences | sampling and decoding | NLI probabilities and reward
-    # training loop | DNLI, judge, reports | conveniences | building, scoring and reading preference records
-    ("train", "evaluate", "api", "prefs"),
+    # training loop | DNLI, judge, reports | the root API's one-call helpers | building, scoring and
+    # reading preference records
+    ("train", "evaluate", "conveniences", "prefs"),
     # a config's programs compiled for a TPU slice | a human study of the judge's pairs (stands on
     # evaluate) | PPO (planning and rl stand on train, generation, scoring)
     ("planning", "annotation", "rl"),
-    ("stages",),  # one module per stage of the method
+    ("stage_runner",),  # what every stage shares: parser, config, lock, mesh, the DONE -> work -> DONE sequence
+    ("stages",),  # one module per stage of the method, declared once in stages/__init__.py
     ("cli", "__init__"),  # entry points
 )
 
@@ -104,6 +107,59 @@ def layer_violations(package_dir: Path = PACKAGE_DIR) -> list[str]:
                 problems.append(f"{where}: {module} ({own}, layer {LAYER_OF[own]}) imports {imported} "
                                 f"({target}, {relation} {LAYER_OF[target]})")
     return problems
+
+
+def stage_to_stage_imports(package_dir: Path = PACKAGE_DIR) -> list[str]:
+    """Imports of one stage module by another (or by the registry, `stages/__init__.py`, which
+    names modules without importing them). What stages share lives below them."""
+    stages_dir = package_dir / "stages"
+    stage_modules = {f"pdpo_jax.stages.{path.stem}" for path in stages_dir.glob("*.py") if path.stem != "__init__"}
+    problems = []
+    for path in sorted(stages_dir.glob("*.py")):
+        module = module_name(path, package_dir)
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+                    parts = parts[: len(parts) - (node.level - 1)]
+                    base = ".".join(parts + ([node.module] if node.module else []))
+                names = [base] + [f"{base}.{alias.name}" for alias in node.names]  # `from pkg import module`
+            for name in names:
+                hit = next((m for m in stage_modules if name == m or name.startswith(m + ".")), None)
+                if hit is not None and hit != module:
+                    problems.append(f"{path.relative_to(package_dir.parent)}:{node.lineno}: {module} imports "
+                                    f"the stage module {hit}; move what they share below the stages")
+                    break
+    return problems
+
+
+def test_no_stage_module_imports_another():
+    assert stage_to_stage_imports() == []
+
+
+def test_a_stage_importing_a_stage_is_caught(tmp_path):
+    package = tmp_path / "pdpo_jax"
+    for name, text in {
+        "__init__.py": "",
+        "stage_runner.py": "",
+        "stages/__init__.py": "",
+        "stages/sft.py": "from pdpo_jax.stage_runner import run_once\n",  # infrastructure: fine
+        "stages/dpo.py": "from pdpo_jax.stages.sft import run_sft\n",
+        "stages/rl.py": "from . import sft\n",
+        "stages/judge.py": "from pdpo_jax.stages import dpo\n",
+        "stages/pipeline.py": "from pdpo_jax.stages import PIPELINE_STEPS\n",  # the registry: fine
+    }.items():
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
+        (package / name).write_text(text)
+    problems = stage_to_stage_imports(package)
+    assert len(problems) == 3, problems
+    assert [p.split(":")[0] for p in problems] == [
+        "pdpo_jax/stages/dpo.py", "pdpo_jax/stages/judge.py", "pdpo_jax/stages/rl.py"]
 
 
 def test_imports_point_down_the_layers():

@@ -18,7 +18,7 @@ from pdpo_jax.annotation.items import study_items
 from pdpo_jax.config import JudgeSection, load_config
 from pdpo_jax.data import load_dialogues, read_dnli
 from pdpo_jax.data.corpus import pick_test_turns, prepare_corpus
-from pdpo_jax.evaluate.judge import common_ids, load_responses
+from pdpo_jax.evaluate.judge_pairs import common_ids, load_responses
 from pdpo_jax.stages.pipeline import STAGE_NAMES, run_pipeline
 
 TEST_TURNS = 4

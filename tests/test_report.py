@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pdpo_jax.evaluate import judge, judge_stats, report
+from pdpo_jax.evaluate import judge_pairs, judge_stats, report
 from pdpo_jax.metrics_log import read_metrics_jsonl
 
 
@@ -91,15 +91,15 @@ def test_dnli_plot_is_a_png(tmp_path):
     assert no_temp_files(tmp_path)
 
 
-def pair_judgment(example: str, a: str, b: str, outcomes: tuple[str, ...]) -> judge.PairJudgment:
-    item = judge.PairItem(example, ("p",), ("h",), a, "ra", b, "rb")
+def pair_judgment(example: str, a: str, b: str, outcomes: tuple[str, ...]) -> judge_pairs.PairJudgment:
+    item = judge_pairs.PairItem(example, ("p",), ("h",), a, "ra", b, "rb")
     to_verdict = {"win": 1, "lose": 2, "draw": 3}
     orders = []
     for k, outcome in enumerate(outcomes):
         a_first = k == 0
         v = to_verdict[outcome] if a_first or outcome == "draw" else 3 - to_verdict[outcome]
-        orders.append(judge.OrderJudgment(a_first=a_first, status="ok", verdict=v, outcome=outcome, texts=(f"[[{v}]]",)))
-    return judge.PairJudgment(item, tuple(orders))
+        orders.append(judge_pairs.OrderJudgment(a_first=a_first, status="ok", verdict=v, outcome=outcome, texts=(f"[[{v}]]",)))
+    return judge_pairs.PairJudgment(item, tuple(orders))
 
 
 def test_judge_pairwise_markdown_and_plots(tmp_path):

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from pdpo_jax.annotation.errors import StudyError
 from pdpo_jax.annotation.judge_output import judged_responses, read_judged_pairs
-from pdpo_jax.evaluate.judge import PairItem, ResponseSet, common_ids, load_responses, make_item
+from pdpo_jax.evaluate.judge_pairs import PairItem, ResponseSet, common_ids, load_responses, make_item
 
 SOURCES_HELP = "a judge output folder, or two responses files (NAME=FILE names a file's model)"
 

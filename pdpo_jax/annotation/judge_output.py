@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pdpo_jax.annotation.errors import StudyError
-from pdpo_jax.evaluate.judge import ResponseSet, load_responses
+from pdpo_jax.evaluate.judge_pairs import ResponseSet, load_responses
 from pdpo_jax.evaluate.judge_stats import OUTCOMES
 from pdpo_jax.files import jsonl_objects
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pdpo_jax.annotation.errors import StudyError
-from pdpo_jax.evaluate.judge import PairItem
+from pdpo_jax.evaluate.judge_pairs import PairItem
 from pdpo_jax.evaluate.judge_prompts import PROMPTS
 
 SCHEMA_VERSION = "1"

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from pdpo_jax.evaluate.judge import PairJudgment
+from pdpo_jax.evaluate.judge_pairs import PairJudgment
 from pdpo_jax.evaluate.judge_client import JudgeConfigError
 from pdpo_jax.evaluate.judge_prompts import Outcome
 

@@ -178,7 +178,7 @@ def plot_dnli(
 
 
 # --------------------------------------------------------------------------------------------
-# Judge results (from pdpo_jax.evaluate.judge)
+# Judge results (from pdpo_jax.evaluate.judge_pairs)
 
 
 def _status_line(results: Mapping[str, Any]) -> str:

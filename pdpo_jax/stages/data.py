@@ -13,7 +13,7 @@ from pdpo_jax.data.dnli import PROTOCOLS
 from pdpo_jax.data.download import DEFAULT_WHAT, SOURCES, configured_sources, fetch
 from pdpo_jax.data.inspect import inspect_files
 from pdpo_jax.errors import UsageError
-from pdpo_jax.stages.common import StageParser, stage_parser
+from pdpo_jax.stage_runner import StageParser, stage_parser
 
 
 def _pairs(values: Sequence[str], flag: str) -> dict[str, str]:

@@ -18,7 +18,7 @@ from pdpo_jax.model.default_model import (
     is_complete,
     materialize,
 )
-from pdpo_jax.stages.common import StageParser, stage_parser
+from pdpo_jax.stage_runner import StageParser, stage_parser
 
 
 def build_parser() -> StageParser:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pdpo_jax.files import atomic_write_json, mark_done
+from pdpo_jax.files import atomic_write_json
 from pdpo_jax.config import RunConfig
 from pdpo_jax.data import PromptEncoder
 from pdpo_jax.data.pairs import PairIds, dpo_batch
@@ -23,8 +23,8 @@ from pdpo_jax.metrics_log import read_metrics_jsonl
 from pdpo_jax.model import pad_id
 from pdpo_jax.parallel import host_rows, is_primary
 from pdpo_jax.prefs import PreferenceRecord, PrefsError, read_records
-from pdpo_jax.stages.common import claim_run_dir, load_for_run, parse_stage_args, stage_dir, start_training_stage
-from pdpo_jax.stages.make_prefs import resolve_model_paths
+from pdpo_jax.run_layout import RunLayout
+from pdpo_jax.stage_runner import load_for_run, run_command, run_once
 from pdpo_jax.train.batches import StepBatches
 from pdpo_jax.train.fit import fit
 from pdpo_jax.train.steps import DPOSettings, dpo_objective
@@ -69,14 +69,19 @@ def _tree_arrays(trees, length, *, pad_id, pairs_per_row):
 
 
 def run_dpo(config: RunConfig) -> dict[str, Any]:
-    started = start_training_stage(config, STAGE, config.dpo.batch_size)
-    if started is None:
-        return {"stage_dir": str(stage_dir(config, STAGE))}
-    out_dir, mesh = started
-    _, reference_path = resolve_model_paths(config)
+    layout = RunLayout.of(config)
+    return run_once(config, STAGE, layout.stage(STAGE), functools.partial(_train, config, layout),
+                    batch_sizes={"dpo.batch_size": config.dpo.batch_size},
+                    result_line=lambda s: f"dpo: best val reward accuracy {s['best_value']:.4f} at step "
+                                          f"{s['best_step']} -> {s['best_dir']}")
+
+
+def _train(config: RunConfig, layout: RunLayout, mesh: Any) -> dict[str, Any]:
+    out_dir = layout.stage(STAGE)
+    _, reference_path = layout.preference_models(config)
     model = load_for_run(reference_path, config, mesh)
     encoder = PromptEncoder(model.tokenizer, config.data.template)
-    prefs_dir = stage_dir(config, "prefs")
+    prefs_dir = layout.prefs
     train_pairs = tokenize_pairs(read_records(prefs_dir, "train"), encoder)
     val_pairs = tokenize_pairs(read_records(prefs_dir, "val"), encoder)
     if not train_pairs or not val_pairs:
@@ -88,7 +93,7 @@ def run_dpo(config: RunConfig) -> dict[str, Any]:
                    "train_pairs": len(train_pairs), "val_pairs": len(val_pairs)}
         if config.dpo.layout == "tree":
             summary |= {"train_trees": tree_summary(train.items), "val_trees": tree_summary(val.items)}
-        atomic_write_json(out_dir / "data_summary.json", summary)
+        atomic_write_json(layout.data_summary(STAGE), summary)
 
     settings = DPOSettings(beta=config.dpo.beta, loss_type=config.dpo.loss_type,
                            label_smoothing=config.dpo.label_smoothing, reference_free=config.dpo.reference_free)
@@ -96,11 +101,8 @@ def run_dpo(config: RunConfig) -> dict[str, Any]:
     summary = fit(model=model, objective=objective, section=config.dpo, train=train, val=val, out_dir=out_dir,
                   mesh=mesh, seed=config.seed, select_metric="rewards/accuracies", select_higher=True,
                   description="dpo")
-    summary["best_dir"] = str(out_dir / "best")
+    summary["best_dir"] = str(layout.best_model(STAGE))
     summary["start_check"] = check_start(out_dir, config.dpo.loss_type, config.dpo.reference_free)
-    if is_primary():
-        mark_done(out_dir, summary)
-    print(f"dpo: best val reward accuracy {summary['best_value']:.4f} at step {summary['best_step']} -> {summary['best_dir']}")
     return summary
 
 
@@ -126,7 +128,4 @@ DESCRIPTION = ("DPO from the SFT model on pseudo-preference pairs (needs <run_di
 
 
 def main(argv: list[str]) -> int:
-    config = parse_stage_args(argv, "pdpo dpo", DESCRIPTION)
-    with claim_run_dir(config):
-        run_dpo(config)
-    return 0
+    return run_command("pdpo dpo", DESCRIPTION, run_dpo, argv)

@@ -3,23 +3,59 @@ share of Hits / Entail / Rand / Contradict picks per data file and overall.
 
     pdpo eval-dnli --model PATH --data valid_havenot.jsonl valid_likedislike.jsonl --out dnli.json
 
-The scoring and the report are `pdpo_jax.evaluate.dnli`; this module reads the command line.
+The scoring and the report are `pdpo_jax.evaluate.dnli`; this module reads the command line. In a
+pipeline, the steps eval-sft, eval-rl and eval-dpo rank a training stage's best model into
+`<run_dir>/eval/<stage>/dnli.json` (`evaluate_run_model`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from typing import Any
 
 import jax
 
+from pdpo_jax.config import ConfigError, RunConfig
 from pdpo_jax.data.dnli import PROTOCOLS
 from pdpo_jax.data.templates import PRESETS
 from pdpo_jax.errors import UsageError
 from pdpo_jax.evaluate.dnli import DnliSettings, evaluate_dnli, read_subsets, write_outputs
 from pdpo_jax.evaluate.report import dnli_markdown
 from pdpo_jax.model import load_model
-from pdpo_jax.parallel import initialize_distributed, make_mesh
-from pdpo_jax.stages.common import StageParser, config_from_args, parse_mesh, stage_parser
+from pdpo_jax.parallel import initialize_distributed, is_primary, make_mesh, primary_decides
+from pdpo_jax.run_layout import RunLayout
+from pdpo_jax.stage_runner import StageParser, config_from_args, load_for_run, parse_mesh, run_once, stage_parser
+
+
+def model_label(config: RunConfig, which: str) -> str:
+    """The name a stage's model has in the reports: SFT, RL (the RL(DialogueNLI) baseline), DPO, or
+    RL+DPO when the pseudo-preferences came from the RL model."""
+    if which == "dpo" and config.prefs.from_stage == "rl":
+        return "RL+DPO"
+    return which.upper()
+
+
+def evaluate_run_model(config: RunConfig, model: str) -> dict[str, Any]:
+    """DNLI ranking of the training stage `model`'s best model, on the run's mesh (every host
+    scores its rows of each batch; process 0 writes the report into `<run_dir>/eval/<model>`)."""
+    layout = RunLayout.of(config)
+
+    def rank(mesh: Any) -> dict[str, Any]:
+        if not config.eval.dnli:
+            raise ConfigError("eval.dnli is empty: name the DNLI evaluation files to rank candidates on")
+        loaded = load_for_run(layout.best_model(model), config, mesh=mesh)
+        settings = DnliSettings(protocol=config.eval.protocol, template=config.data.template,
+                                scoring="mean" if config.eval.length_normalized else "sum",
+                                max_examples=config.eval.max_examples)
+        report, records = evaluate_dnli(loaded, config.eval.dnli, settings, mesh=mesh,
+                                        model_name=model_label(config, model), show_progress=is_primary())
+        if is_primary():
+            write_outputs(report, records, layout.dnli_report(model))
+        return report
+
+    return run_once(config, f"eval-{model}", layout.evaluation(model), rank, done_record=lambda _: {"model": model},
+                    when_finished=lambda _: primary_decides(lambda: json.loads(layout.dnli_report(model).read_text())))
 
 
 def build_parser() -> StageParser:

@@ -14,7 +14,7 @@ from pdpo_jax.evaluate.nli_accuracy import evaluate_nli
 from pdpo_jax.files import atomic_write_json
 from pdpo_jax.model.classifier import load_classifier
 from pdpo_jax.parallel import initialize_distributed, is_primary, make_mesh
-from pdpo_jax.stages.common import parse_mesh, stage_parser
+from pdpo_jax.stage_runner import parse_mesh, stage_parser
 
 DESCRIPTION = ("Accuracy of an NLI classifier (a `pdpo train-nli` classifier/ or best/ folder, or any Hugging Face "
                "*ForSequenceClassification directory with contradiction/neutral/entailment labels) on labelled "

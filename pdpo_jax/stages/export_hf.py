@@ -1,12 +1,32 @@
-"""`pdpo export-hf`: a trained model (or any model `load_model` opens) as a Hugging Face directory."""
+"""`pdpo export-hf`: a trained model (or any model `load_model` opens) as a Hugging Face directory.
+
+In a pipeline, the export-hf step writes the run's DPO model to `<run_dir>/export/hf`
+(`export_run_model`).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from pdpo_jax.config import RunConfig
 from pdpo_jax.errors import UsageError
 from pdpo_jax.model.export import export_hf, parse_size
-from pdpo_jax.stages.common import build_mesh, claim_run_dir, config_from_args, stage_parser
+from pdpo_jax.run_layout import RunLayout
+from pdpo_jax.stage_runner import build_mesh, claim_run_dir, config_from_args, run_once, stage_parser
+
+
+def export_run_model(config: RunConfig) -> dict[str, Any]:
+    """The run's DPO model as a Hugging Face directory: loaded onto the run's mesh, gathered onto
+    process 0 one tensor at a time, written by it alone."""
+    layout = RunLayout.of(config)
+    hf_dir = {"hf_dir": str(layout.exported_model)}
+
+    def export(mesh: Any) -> dict[str, Any]:
+        export_hf(layout.best_model("dpo"), layout.exported_model, mesh=mesh)
+        return hf_dir
+
+    return run_once(config, "export-hf", layout.export, export, when_finished=lambda _: hf_dir)
 
 
 def main(argv: list[str]) -> int:
@@ -25,8 +45,9 @@ def main(argv: list[str]) -> int:
     if (config is None) == (args.model is None):
         raise UsageError("give either --model or --config (see pdpo export-hf --help)")
     if config is not None:
-        model_path = Path(config.run_dir) / "dpo" / "best"
-        out_dir = Path(args.out) if args.out else Path(config.run_dir) / "export" / "hf"
+        layout = RunLayout.of(config)
+        model_path = layout.best_model("dpo")
+        out_dir = Path(args.out) if args.out else layout.exported_model
     else:
         if not args.out:
             raise UsageError("--out is required with --model")

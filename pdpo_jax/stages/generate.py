@@ -20,7 +20,7 @@ from pdpo_jax.files import atomic_write_jsonl, jsonl_objects
 from pdpo_jax.generation import respond_to_conversations, sampler_from_config
 from pdpo_jax.model import Model, load_model, require_tokenizer
 from pdpo_jax.parallel import initialize_distributed, is_primary, make_mesh
-from pdpo_jax.stages.common import StageParser, parse_mesh, stage_parser
+from pdpo_jax.stage_runner import StageParser, parse_mesh, stage_parser
 
 SAMPLERS = ("greedy", "temperature", "top_k", "top_p")
 

@@ -25,12 +25,12 @@ from pdpo_jax.config import ConfigError, JudgeSection, RunConfig, load_config
 from pdpo_jax.errors import RunFailed, UsageError
 from pdpo_jax.evaluate import report
 from pdpo_jax.evaluate.judge_prompts import PROMPTS
-from pdpo_jax.evaluate.judge_run import JudgeSettings, run_judge, settings_from_section
+from pdpo_jax.evaluate.judge_evaluation import JudgeSettings, run_judge, settings_from_section
 from pdpo_jax.evaluate.judge_stats import DEFAULT_GAMES
 from pdpo_jax.files import mark_done
 from pdpo_jax.parallel import primary_decides
-from pdpo_jax.stages.common import StageParser, claim_run_dir, finished, stage_parser
-from pdpo_jax.stages.test_responses import responses_path
+from pdpo_jax.run_layout import JUDGED_MODELS, RunLayout
+from pdpo_jax.stage_runner import StageParser, claim_run_dir, finished, stage_parser
 
 PROG = "pdpo judge"
 DESCRIPTION = (
@@ -69,8 +69,6 @@ outputs in --out: judge_results.json, judge_results.md, judgments.jsonl (every a
   The API key is never written anywhere."""
 
 DEFAULTS = JudgeSection()
-JUDGE_DIR = "judge"  # a run's judge folder
-JUDGED_STAGES = ("dpo", "sft")  # a run's judge compares the test responses of model A (PseudoDPO) and B (SFT)
 SETTINGS = frozenset(f.name for f in dataclasses.fields(JudgeSettings))
 # `--responses` takes every word up to the next option, overrides written after it included.
 _OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
@@ -142,16 +140,17 @@ def judge_test_responses(config: RunConfig, **flags: object) -> dict[str, object
     `<run_dir>/judge` with the config's `judge` section (`flags` replace its keys). Returns the
     results, or None after a one-line reason when no judge model is named. Raises RunFailed, and
     leaves the stage unfinished, when some judgments failed: a rerun asks for exactly those."""
-    out_dir = Path(config.run_dir) / JUDGE_DIR
+    layout = RunLayout.of(config)
+    out_dir = layout.judge
     if finished(out_dir):
         print(f"judge: already finished in {out_dir} (delete its DONE file to rerun)")
-        return primary_decides(lambda: json.loads((out_dir / "judge_results.json").read_text(encoding="utf-8")))
+        return primary_decides(lambda: json.loads(layout.judge_results.read_text(encoding="utf-8")))
     if not (flags.get("model") or config.judge.model):
         print("judge: skipped, the config names no judge model (set judge.model, and judge.base_url for an "
               "endpoint other than the OpenAI API)")
         return None
     settings = settings_from_section(config.judge, **flags)
-    files = [responses_path(config, stage) for stage in JUDGED_STAGES]
+    files = [layout.responses(stage) for stage in JUDGED_MODELS]
     for path in files:
         if not path.exists():
             raise ConfigError(f"judge: {path} not found; run the test-responses stage first")

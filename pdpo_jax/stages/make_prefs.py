@@ -9,7 +9,6 @@ whole story.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,22 +27,8 @@ from pdpo_jax.prefs import (SPLITS, PrefsError, Side, build_shard, check_setting
                             read_summary, run_settings, scorer_for_layout, settings_of, shard_count, shard_jobs,
                             shard_metrics, shard_path, write_shard, write_summary)
 from pdpo_jax.prefs.folder import METRICS_FILE
-from pdpo_jax.stages.common import (
-    build_mesh,
-    claim_run_dir,
-    config_from_args,
-    finished,
-    load_for_run,
-    stage_parser,
-    write_resolved_config,
-)
-
-
-def resolve_model_paths(config: RunConfig) -> tuple[str, str]:
-    """(generator, reference): as configured, else the best model of `prefs.from_stage` (SFT, or
-    the RL baseline for "+RL(DialogueNLI) +PseudoDPO")."""
-    start = os.fspath(Path(config.run_dir) / config.prefs.from_stage / "best")
-    return config.prefs.generator or start, config.prefs.reference or start
+from pdpo_jax.run_layout import RunLayout
+from pdpo_jax.stage_runner import build_mesh, finished, load_for_run, run_command, write_resolved_config
 
 
 def open_side(name: str, config: RunConfig, cache: dict[str, Side], mesh: Any) -> Side:
@@ -65,11 +50,11 @@ def make_prefs(config: RunConfig) -> dict[str, Any]:
 
     On a pod every host samples and scores every batch on the shared mesh; process 0 alone
     decides which shards are missing and writes them, so each file is written once."""
-    prefs, prefs_dir = config.prefs, Path(config.run_dir) / "prefs"
+    prefs, prefs_dir = config.prefs, RunLayout.of(config).prefs
     if prefs.batch_size < 1 or prefs.shard_size < 1 or prefs.max_new_tokens < 1:
         raise PrefsError("prefs.batch_size, prefs.shard_size and prefs.max_new_tokens must be positive")
     mesh = build_mesh(config)
-    paths = resolve_model_paths(config)
+    paths = RunLayout.of(config).preference_models(config)
     if finished(prefs_dir):
         # A finished folder is checked without loading the models: its digests stand for them.
         return primary_decides(_finished_summary, prefs_dir, settings_of(config, *paths, digests=None))
@@ -117,14 +102,14 @@ DESCRIPTION = (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = config_from_args(stage_parser("pdpo make-prefs", DESCRIPTION).parse_args(argv))
-    with claim_run_dir(config):
-        summary = make_prefs(config)
-    prefs_dir = Path(config.run_dir) / "prefs"
+def report(summary: dict[str, Any], config: RunConfig) -> None:
+    layout = RunLayout.of(config)
     for split in SPLITS:
         counts = summary["splits"][split]
         print(f"{split}: {counts['kept']} pairs kept of {counts['records']} "
               f"({counts['degenerate_records']} degenerate, {counts['dropped']} dropped, "
-              f"{len(counts['skipped_too_long'])} too long) -> {prefs_dir / split}")
-    return 0
+              f"{len(counts['skipped_too_long'])} too long) -> {layout.prefs_split(split)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("pdpo make-prefs", DESCRIPTION, make_prefs, argv, report)

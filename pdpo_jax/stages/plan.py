@@ -14,7 +14,7 @@ from pdpo_jax.files import atomic_write_json
 from pdpo_jax.planning.programs import PROGRAMS, Shapes
 from pdpo_jax.planning.report import DoesNotFit, plan_run, refusal_message, render_text
 from pdpo_jax.planning.slices import parse_slice, slice_of_config_comment
-from pdpo_jax.stages.common import config_from_args, stage_parser
+from pdpo_jax.stage_runner import config_from_args, stage_parser
 
 DESCRIPTION = (
     "Check that a run config fits its TPU slice, on any machine: the SFT and DPO train steps, the sampler's "

@@ -9,18 +9,24 @@ The DNLI part (`pdpo_jax.evaluate.results_table`) writes table.json, table.md, d
 score_shifts.json (and curves.png, ppo_curves.png); the examples part (`pdpo_jax.evaluate.response_examples`)
 writes examples.md. Either part, or both, in one call. Nothing is computed on a model: it reads
 the reports of `pdpo eval-dnli` and the outputs of `pdpo generate`.
+
+In a pipeline, the `summary` step writes a run's own summary (`write_run_summary`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from pdpo_jax.config import RunConfig
 from pdpo_jax.errors import UsageError
 from pdpo_jax.evaluate.dnli_stats import DEFAULT_SAMPLES
 from pdpo_jax.evaluate.response_examples import read_conversations, read_responses, response_examples_markdown
 from pdpo_jax.evaluate.results_table import read_dnli_result, results_table, write_results_table
+from pdpo_jax.evaluate.run_summary import write_summary
 from pdpo_jax.files import atomic_write_text
-from pdpo_jax.stages.common import StageParser, stage_parser
+from pdpo_jax.parallel import primary_decides
+from pdpo_jax.run_layout import RunLayout
+from pdpo_jax.stage_runner import StageParser, stage_parser
 
 
 def build_parser() -> StageParser:
@@ -92,3 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         written.append(atomic_write_text(args.out / "examples.md", text))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def write_run_summary(config: RunConfig) -> str:
+    """The pipeline's `summary` step: `<run_dir>/summary/summary.md`, written by process 0."""
+    return primary_decides(lambda: str(write_summary(RunLayout.of(config))))

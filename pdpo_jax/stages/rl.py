@@ -13,6 +13,7 @@ metric names, `tensorboard/`), `data_summary.json`, and `DONE`; a rerun resumes 
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from pdpo_jax.config import RunConfig
 from pdpo_jax.errors import ModelDirError
 from pdpo_jax.data import PromptEncoder, examples_from_dialogues
 from pdpo_jax.data.corpus import prepare_corpus
-from pdpo_jax.files import atomic_write_json, mark_done
+from pdpo_jax.files import atomic_write_json
 from pdpo_jax.generation import context_limit, sampler_description, sampler_from_config
 from pdpo_jax.metrics_log import read_metrics_jsonl
 from pdpo_jax.model.classifier import load_classifier
@@ -29,16 +30,8 @@ from pdpo_jax.model.hub import looks_like_hub_id
 from pdpo_jax.nli import NliReward
 from pdpo_jax.parallel import is_primary
 from pdpo_jax.rl import fit_ppo, rl_prompts
-from pdpo_jax.stages.common import (
-    check_batch_fits_mesh,
-    claim_run_dir,
-    load_for_run,
-    parse_stage_args,
-    stage_dir,
-    start_training_stage,
-)
-from pdpo_jax.stages.train_nli import CLASSIFIER_DIR
-from pdpo_jax.stages.train_nli import STAGE as NLI_STAGE
+from pdpo_jax.run_layout import RunLayout
+from pdpo_jax.stage_runner import load_for_run, run_command, run_once
 
 STAGE = "rl"
 
@@ -50,9 +43,8 @@ class RLInputError(ModelDirError):
 def resolve_inputs(config: RunConfig) -> tuple[str, Path]:
     """(policy, classifier): the policy a directory, `default` or a Hub id, the classifier a
     directory; checked before anything loads."""
-    run = Path(config.run_dir)
-    policy = Path(config.rl.policy) if config.rl.policy else run / "sft" / "best"
-    classifier = Path(config.rl.classifier) if config.rl.classifier else run / NLI_STAGE / CLASSIFIER_DIR
+    layout = RunLayout.of(config)
+    policy, classifier = layout.rl_policy(config), layout.rl_classifier(config)
     named = config.rl.policy == "default" or looks_like_hub_id(config.rl.policy or "")
     if not named and not policy.is_dir():
         hint = " (run `pdpo sft` first, or set rl.policy)" if not config.rl.policy else ""
@@ -64,12 +56,15 @@ def resolve_inputs(config: RunConfig) -> tuple[str, Path]:
 
 
 def run_rl(config: RunConfig) -> dict[str, Any]:
-    section = config.rl
-    started = start_training_stage(config, STAGE, section.mini_batch_size)
-    if started is None:
-        return {"stage_dir": str(stage_dir(config, STAGE))}
-    out_dir, mesh = started
-    check_batch_fits_mesh(section.batch_size, config, "rl.batch_size")
+    layout = RunLayout.of(config)
+    return run_once(config, STAGE, layout.stage(STAGE), functools.partial(_train, config, layout),
+                    batch_sizes={"rl.mini_batch_size": config.rl.mini_batch_size, "rl.batch_size": config.rl.batch_size},
+                    result_line=lambda s: f"rl: best mean val reward {s['best_value']:.4f} at step {s['best_step']} "
+                                          f"-> {s['best_dir']}")
+
+
+def _train(config: RunConfig, layout: RunLayout, mesh: Any) -> dict[str, Any]:
+    section, out_dir = config.rl, layout.stage(STAGE)
     policy_path, classifier_path = resolve_inputs(config)
     policy = load_for_run(policy_path, config, mesh)
     classifier = load_classifier(classifier_path, mesh=mesh, compute_dtype=config.model.dtype)
@@ -87,7 +82,7 @@ def run_rl(config: RunConfig) -> dict[str, Any]:
     sampler = sampler_from_config(section.sampler.kind, temperature=section.sampler.temperature,
                                   top_k=section.sampler.top_k, top_p=section.sampler.top_p)
     if is_primary():
-        atomic_write_json(out_dir / "data_summary.json", {
+        atomic_write_json(layout.data_summary(STAGE), {
             **corpus.summary(), "policy_init": str(policy.path), "classifier": str(classifier.path),
             "reward": section.reward, "sampler": sampler_description(sampler),
             "train_prompts": len(train_prompts), "val_prompts": len(val_prompts),
@@ -96,11 +91,8 @@ def run_rl(config: RunConfig) -> dict[str, Any]:
     summary = fit_ppo(policy=policy, reward=reward, encoder=encoder, train_prompts=train_prompts,
                       val_prompts=val_prompts, section=section, sampler=sampler,
                       length_bucket=config.data.length_bucket, out_dir=out_dir, mesh=mesh, seed=config.seed)
-    summary["best_dir"] = str(out_dir / "best")
+    summary["best_dir"] = str(layout.best_model(STAGE))
     summary["start_check"] = check_start(out_dir)
-    if is_primary():
-        mark_done(out_dir, summary)
-    print(f"rl: best mean val reward {summary['best_value']:.4f} at step {summary['best_step']} -> {summary['best_dir']}")
     return summary
 
 
@@ -128,7 +120,4 @@ DESCRIPTION = ("RL(DialogueNLI): PPO from the SFT model (rl.policy, default <run
 
 
 def main(argv: list[str]) -> int:
-    config = parse_stage_args(argv, "pdpo rl", DESCRIPTION)
-    with claim_run_dir(config):
-        run_rl(config)
-    return 0
+    return run_command("pdpo rl", DESCRIPTION, run_rl, argv)

@@ -10,14 +10,15 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from pdpo_jax.files import atomic_write_json, mark_done
+from pdpo_jax.files import atomic_write_json
 from pdpo_jax.config import RunConfig
 from pdpo_jax.data import PromptEncoder, examples_from_dialogues, per_turn_batch, tokenize_examples
 from pdpo_jax.data.corpus import prepare_corpus
 from pdpo_jax.data.packing import pack_dialogues, packed_batch, packing_summary
 from pdpo_jax.model import Model, pad_id
 from pdpo_jax.parallel import host_rows, is_primary
-from pdpo_jax.stages.common import claim_run_dir, load_for_run, parse_stage_args, stage_dir, start_training_stage
+from pdpo_jax.run_layout import RunLayout
+from pdpo_jax.stage_runner import load_for_run, run_command, run_once
 from pdpo_jax.train.batches import StepBatches
 from pdpo_jax.train.fit import fit
 from pdpo_jax.train.steps import sft_objective
@@ -64,25 +65,26 @@ def _per_turn_arrays(rows, length, *, pad_id):
 
 
 def run_sft(config: RunConfig) -> dict[str, Any]:
-    started = start_training_stage(config, STAGE, config.sft.batch_size)
-    if started is None:
-        return {"stage_dir": str(stage_dir(config, STAGE))}
-    out_dir, mesh = started
+    layout = RunLayout.of(config)
+    return run_once(config, STAGE, layout.stage(STAGE), functools.partial(_train, config, layout),
+                    batch_sizes={"sft.batch_size": config.sft.batch_size},
+                    result_line=lambda s: f"sft: best val loss {s['best_value']:.4f} at step {s['best_step']} -> "
+                                          f"{s['best_dir']}")
+
+
+def _train(config: RunConfig, layout: RunLayout, mesh: Any) -> dict[str, Any]:
     model = load_for_run(config.model.path, config, mesh)
     corpus = prepare_corpus(config.data, config.seed)
     train, train_stats = sft_batches(config, model, corpus.train, shuffle=True, mesh=mesh)
     val, val_stats = sft_batches(config, model, corpus.val, shuffle=False, mesh=mesh)
     if is_primary():
-        atomic_write_json(out_dir / "data_summary.json", {**corpus.summary(), "train": train_stats, "val": val_stats})
+        atomic_write_json(layout.data_summary(STAGE), {**corpus.summary(), "train": train_stats, "val": val_stats})
 
     objective = functools.partial(sft_objective, config=model.config)
-    summary = fit(model=model, objective=objective, section=config.sft, train=train, val=val, out_dir=out_dir,
-                  mesh=mesh, seed=config.seed, select_metric="loss", select_higher=False,
-                  description="sft")
-    summary["best_dir"] = str(out_dir / "best")
-    if is_primary():
-        mark_done(out_dir, summary)
-    print(f"sft: best val loss {summary['best_value']:.4f} at step {summary['best_step']} -> {summary['best_dir']}")
+    summary = fit(model=model, objective=objective, section=config.sft, train=train, val=val,
+                  out_dir=layout.stage(STAGE), mesh=mesh, seed=config.seed, select_metric="loss",
+                  select_higher=False, description="sft")
+    summary["best_dir"] = str(layout.best_model(STAGE))
     return summary
 
 
@@ -91,7 +93,4 @@ DESCRIPTION = ("Supervised fine-tuning of a causal LM on persona dialogues (pers
 
 
 def main(argv: list[str]) -> int:
-    config = parse_stage_args(argv, "pdpo sft", DESCRIPTION)
-    with claim_run_dir(config):
-        run_sft(config)
-    return 0
+    return run_command("pdpo sft", DESCRIPTION, run_sft, argv)

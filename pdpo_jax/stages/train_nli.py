@@ -21,19 +21,18 @@ from typing import Any
 from pdpo_jax.config import ConfigError, NliSection, RunConfig
 from pdpo_jax.data import NLI_LABELS, NliPair, read_nli_pairs
 from pdpo_jax.data.nli_batches import EncodedPair, encode_pairs, nli_batch, split_pairs
-from pdpo_jax.files import atomic_write_json, mark_done
+from pdpo_jax.files import atomic_write_json
 from pdpo_jax.model import pad_id
 from pdpo_jax.model.classifier import Classifier, load_classifier, save_classifier, with_classifier_head, write_classifier_files
 from pdpo_jax.parallel import barrier, host_rows, is_primary
-from pdpo_jax.stages.common import claim_run_dir, load_for_run, parse_stage_args, stage_dir, start_training_stage
+from pdpo_jax.run_layout import RunLayout
+from pdpo_jax.stage_runner import load_for_run, run_command, run_once
 from pdpo_jax.train.batches import StepBatches
 from pdpo_jax.train.checkpoints import read_best_info
 from pdpo_jax.train.fit import fit
 from pdpo_jax.train.steps import classifier_objective
 
 STAGE = "nli"
-CLASSIFIER_DIR = "classifier"
-FILES_DIR = "classifier_files"  # the config.json and tokenizer that best/ is written beside
 
 
 def nli_pair_splits(section: NliSection, seed: int) -> tuple[list[NliPair], list[NliPair]]:
@@ -65,14 +64,21 @@ def class_counts(pairs: list[NliPair]) -> dict[str, int]:
 
 
 def run_train_nli(config: RunConfig) -> dict[str, Any]:
-    started = start_training_stage(config, STAGE, config.nli.batch_size)
-    if started is None:
-        return {"stage_dir": str(stage_dir(config, STAGE))}
-    out_dir, mesh = started
-    section = config.nli
+    layout = RunLayout.of(config)
+    return run_once(config, STAGE, layout.nli, functools.partial(_train, config, layout),
+                    batch_sizes={"nli.batch_size": config.nli.batch_size}, result_line=_result_line)
+
+
+def _result_line(summary: dict[str, Any]) -> str:
+    accuracies = ", ".join(f"{k} {v:.3f}" for k, v in summary["val_accuracy"].items() if v is not None)
+    return f"train-nli: best val accuracy at step {summary['best_step']} ({accuracies}) -> {summary['classifier']}"
+
+
+def _train(config: RunConfig, layout: RunLayout, mesh: Any) -> dict[str, Any]:
+    out_dir, section = layout.nli, config.nli
     train_pairs, val_pairs = nli_pair_splits(section, config.seed)
     trunk = load_for_run(section.model, config, mesh)
-    files_dir = out_dir / FILES_DIR
+    files_dir = layout.nli_classifier_files
     if is_primary():
         write_classifier_files(files_dir, trunk, NLI_LABELS)
     barrier("nli-files")
@@ -82,7 +88,7 @@ def run_train_nli(config: RunConfig) -> dict[str, Any]:
     encode = functools.partial(encode_pairs, trunk.tokenizer, labels=NLI_LABELS, max_length=section.max_length, pad_id=pad)
     train, val = encode(train_pairs), encode(val_pairs)
     if is_primary():
-        atomic_write_json(out_dir / "data_summary.json", {
+        atomic_write_json(layout.data_summary(STAGE), {
             "trunk": str(trunk.path), "train_pairs": class_counts(train_pairs), "val_pairs": class_counts(val_pairs),
             "held_out": "nli.val_pairs" if section.val_pairs else f"{section.val_fraction} of nli.pairs (stable draw)",
             "truncated_pairs": sum(p.truncated for p in train + val), "max_length": section.max_length,
@@ -93,18 +99,14 @@ def run_train_nli(config: RunConfig) -> dict[str, Any]:
                   train=pair_batches(config, train, pad, shuffle=True, mesh=mesh),
                   val=pair_batches(config, val, pad, shuffle=False, mesh=mesh), out_dir=out_dir, mesh=mesh,
                   seed=config.seed, select_metric="accuracy", select_higher=True, description="train-nli")
-    save_classifier(out_dir / CLASSIFIER_DIR, load_classifier(out_dir / "best", mesh=mesh))
-    best_val = read_best_info(out_dir / "best").get("val", {})
+    save_classifier(layout.nli_classifier, load_classifier(layout.best_model(STAGE), mesh=mesh))
+    best_val = read_best_info(layout.best_model(STAGE)).get("val", {})
     summary |= {
-        "classifier": str(out_dir / CLASSIFIER_DIR),
+        "classifier": str(layout.nli_classifier),
         "val_accuracy": {"overall": best_val.get("accuracy"),
                          **{label: best_val.get(f"accuracy/{label}") for label in NLI_LABELS}},
         "val_pairs": class_counts(val_pairs),
     }
-    if is_primary():
-        mark_done(out_dir, summary)
-    accuracies = ", ".join(f"{k} {v:.3f}" for k, v in summary["val_accuracy"].items() if v is not None)
-    print(f"train-nli: best val accuracy at step {summary['best_step']} ({accuracies}) -> {summary['classifier']}")
     return summary
 
 
@@ -114,7 +116,4 @@ DESCRIPTION = ("Train the three-way NLI classifier of the RL(DialogueNLI) baseli
 
 
 def main(argv: list[str]) -> int:
-    config = parse_stage_args(argv, "pdpo train-nli", DESCRIPTION)
-    with claim_run_dir(config):
-        run_train_nli(config)
-    return 0
+    return run_command("pdpo train-nli", DESCRIPTION, run_train_nli, argv)

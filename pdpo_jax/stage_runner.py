@@ -1,14 +1,22 @@
-"""What every `pdpo <stage>` command shares: its argument parser, the run config, the run directory,
-the mesh, and loading a model with the run's compute settings.
+"""What every stage shares, so that a stage module is only the glue between its config section and
+the library it calls: the argument parser, the run config, the run directory's lock, the mesh,
+loading a model with the run's compute settings, and `run_once`, the sequence every stage that
+writes a folder of the run goes through:
 
-Stages raise errors instead of printing them; `pdpo_jax.cli` turns each into one line.
+    DONE check -> mesh -> resolved config -> the stage's work -> DONE -> one line of result
+
+`run_command` is `pdpo <stage>` for a stage declared with `arguments="config"`: it parses
+`--config FILE ... KEY=VALUE`, holds the run directory's lock and calls the stage's `run`.
+
+This module is not a stage; the stages' declarations are in `pdpo_jax.stages`. Stages raise
+errors instead of printing them; `pdpo_jax.cli` turns each into one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +24,10 @@ import jax
 
 from pdpo_jax.config import ConfigError, RunConfig, dump_config, load_config
 from pdpo_jax.errors import UsageError
-from pdpo_jax.files import atomic_write_text, is_done
+from pdpo_jax.files import atomic_write_text, is_done, mark_done
 from pdpo_jax.model import Model, load_model, require_tokenizer
-from pdpo_jax.parallel import agree, initialize_distributed, is_primary, make_mesh, primary_decides
+from pdpo_jax.parallel import agree, barrier, initialize_distributed, is_primary, make_mesh, primary_decides
+from pdpo_jax.run_layout import RunLayout
 from pdpo_jax.run_lock import run_dir_lock
 
 OVERRIDES_HELP = ("Overrides are dotted keys of the config with YAML values, e.g. sft.epochs=2 "
@@ -56,14 +65,10 @@ def parse_stage_args(argv: list[str], prog: str, description: str) -> RunConfig:
     return config_from_args(stage_parser(prog, description).parse_args(argv))
 
 
-def stage_dir(config: RunConfig, name: str) -> Path:
-    return Path(config.run_dir) / name
-
-
 def write_resolved_config(config: RunConfig) -> Path:
     """The run directory keeps the config it was run with (every stage rewrites the same text;
     on a pod, process 0 does)."""
-    path = Path(config.run_dir) / "config.yaml"
+    path = RunLayout.of(config).config
     if is_primary():
         atomic_write_text(path, dump_config(config))
     return path
@@ -128,14 +133,43 @@ def check_batch_fits_mesh(rows: int, config: RunConfig, what: str) -> None:
         )
 
 
-def start_training_stage(config: RunConfig, name: str, batch_size: int):
-    """The stage folder and the mesh of a training stage, or None when its DONE marker says it
-    already finished; a stage that runs writes the resolved config first."""
-    mesh = build_mesh(config)
-    out_dir = stage_dir(config, name)
-    if finished(out_dir):
-        print(f"{name}: already finished in {out_dir} (delete its DONE file to rerun)")
-        return None
+def run_once(config: RunConfig, name: str, folder: Path, work: Callable[[Any], dict[str, Any]], *,
+             batch_sizes: Mapping[str, int] | None = None,
+             when_finished: Callable[[Path], Any] | None = None,
+             done_record: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+             result_line: Callable[[dict[str, Any]], str] | None = None) -> Any:
+    """The sequence of a stage that writes `folder` of the run, under the run directory's lock:
+
+    if `folder` has its DONE marker, says so and returns `when_finished(folder)` (default:
+    {"stage_dir": folder}); else builds the mesh, writes the resolved config, checks that each of
+    `batch_sizes` ({"sft.batch_size": rows}) splits over the mesh, runs `work(mesh)`, writes its
+    summary (or `done_record(summary)`) as the DONE marker (process 0), waits for every host,
+    prints `result_line(summary)` and returns the summary.
+    """
+    mesh = build_mesh(config)  # joins a multi-host run before anything else touches JAX
+    if finished(folder):
+        print(f"{name}: already finished in {folder} (delete its DONE file to rerun)")
+        return when_finished(folder) if when_finished else {"stage_dir": str(folder)}
     write_resolved_config(config)
-    check_batch_fits_mesh(batch_size, config, f"{name}.batch_size")
-    return out_dir, mesh
+    for what, rows in (batch_sizes or {}).items():
+        check_batch_fits_mesh(rows, config, what)
+    summary = work(mesh)
+    if is_primary():
+        mark_done(folder, summary if done_record is None else done_record(summary))
+    barrier(name)
+    if result_line is not None:
+        print(result_line(summary))
+    return summary
+
+
+def run_command(prog: str, description: str, run: Callable[[RunConfig], Any], argv: list[str],
+                report: Callable[[Any, RunConfig], None] | None = None) -> int:
+    """`pdpo <stage> --config FILE ... KEY=VALUE`: the run config, the run directory held while
+    `run(config)` works, then `report(result, config)` if the stage prints more than its line."""
+    config = parse_stage_args(argv, prog, description)
+    with claim_run_dir(config):
+        result = run(config)
+    if report is not None:
+        report(result, config)
+    return 0
+

@@ -26,7 +26,7 @@ from typing import Any, Callable, Literal, Sequence
 from pdpo_jax.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from pdpo_jax.config import JudgeSection
 from pdpo_jax.evaluate import report
-from pdpo_jax.evaluate.judge import (
+from pdpo_jax.evaluate.judge_pairs import (
     PairItem,
     PairJudge,
     PairJudgment,

@@ -18,41 +18,29 @@ Each model's file is written atomically and skipped on a rerun; DONE is written 
 
 from __future__ import annotations
 
-from pathlib import Path
+import functools
 from typing import Any
 
 from pdpo_jax.config import ConfigError, RunConfig
 from pdpo_jax.data import PromptEncoder
 from pdpo_jax.data.corpus import pick_test_turns, prepare_corpus
 from pdpo_jax.errors import ModelDirError
-from pdpo_jax.files import atomic_write_jsonl, mark_done
+from pdpo_jax.files import atomic_write_jsonl
 from pdpo_jax.generation import respond_to_conversations, sampler_description, sampler_from_config
 from pdpo_jax.parallel import barrier, is_primary, primary_decides
-from pdpo_jax.stages.common import (
-    build_mesh,
-    claim_run_dir,
-    finished,
-    load_for_run,
-    parse_stage_args,
-    write_resolved_config,
-)
-
-# The trained models of a run: stage folder -> the model's name in its responses file.
-TRAINED_MODELS = {"sft": "SFT", "dpo": "PseudoDPO"}
-STAGE_DIR = "test_responses"
-
-
-def responses_path(config: RunConfig, stage: str) -> Path:
-    return Path(config.run_dir) / STAGE_DIR / f"{stage}.jsonl"
+from pdpo_jax.run_layout import RESPONDING_MODELS, RunLayout
+from pdpo_jax.stage_runner import load_for_run, run_command, run_once
 
 
 def write_test_responses(config: RunConfig) -> dict[str, Any]:
     """Writes (or completes) `<run_dir>/test_responses`; returns the summary kept in its DONE."""
-    out_dir = Path(config.run_dir) / STAGE_DIR
-    mesh = build_mesh(config)
-    if finished(out_dir):
-        print(f"test-responses: already finished in {out_dir} (delete its DONE file to rerun)")
-        return {"files": {stage: str(responses_path(config, stage)) for stage in TRAINED_MODELS}}
+    layout = RunLayout.of(config)
+    files = {"files": {stage: str(layout.responses(stage)) for stage in RESPONDING_MODELS}}
+    return run_once(config, "test-responses", layout.test_responses, functools.partial(_answer, config, layout),
+                    when_finished=lambda _: files)
+
+
+def _answer(config: RunConfig, layout: RunLayout, mesh: Any) -> dict[str, Any]:
     section = config.test_responses
     turns = pick_test_turns(prepare_corpus(config.data, config.seed), section.max_examples, section.seed)
     if not turns:
@@ -60,12 +48,11 @@ def write_test_responses(config: RunConfig) -> dict[str, Any]:
                           "(the third of data.split_fractions, or data.test_fraction with data.val files)")
     sampler = sampler_from_config(section.sampler.kind, temperature=section.sampler.temperature,
                                   top_k=section.sampler.top_k, top_p=section.sampler.top_p)
-    write_resolved_config(config)
-    for stage, name in TRAINED_MODELS.items():
-        path = responses_path(config, stage)
+    for stage, name in RESPONDING_MODELS.items():
+        path = layout.responses(stage)
         if primary_decides(path.exists):
             continue
-        best = Path(config.run_dir) / stage / "best"
+        best = layout.best_model(stage)
         if not best.is_dir():
             raise ModelDirError(f"{best}: not found; the {stage} stage must finish before test-responses")
         model = load_for_run(best, config, mesh=mesh)
@@ -80,13 +67,9 @@ def write_test_responses(config: RunConfig) -> dict[str, Any]:
                  "reference": turn.response, "stopped": response.stopped, "history_turns_dropped": dropped}
                 for turn, (response, dropped) in zip(turns, answered)])
         barrier(f"test-responses-{stage}")
-    summary = {"turns": len(turns), "sampler": sampler_description(sampler), "seed": section.seed,
-               "max_new_tokens": section.max_new_tokens,
-               "files": {stage: str(responses_path(config, stage)) for stage in TRAINED_MODELS}}
-    if is_primary():
-        mark_done(out_dir, summary)
-    barrier("test-responses")
-    return summary
+    return {"turns": len(turns), "sampler": sampler_description(sampler), "seed": section.seed,
+            "max_new_tokens": section.max_new_tokens,
+            "files": {stage: str(layout.responses(stage)) for stage in RESPONDING_MODELS}}
 
 
 DESCRIPTION = (
@@ -96,9 +79,9 @@ DESCRIPTION = (
 )
 
 
-def main(argv: list[str]) -> int:
-    config = parse_stage_args(argv, "pdpo test-responses", DESCRIPTION)
-    with claim_run_dir(config):
-        summary = write_test_responses(config)
+def report(summary: dict[str, Any], config: RunConfig) -> None:
     print("test responses: " + ", ".join(summary["files"].values()))
-    return 0
+
+
+def main(argv: list[str]) -> int:
+    return run_command("pdpo test-responses", DESCRIPTION, write_test_responses, argv, report)

@@ -20,7 +20,7 @@ format); if the second answer has none either, that order is "unparsable". A cal
 after the retries is "failed". A pair with any failed order is failed, else with any unparsable
 order it is unparsable. Failed calls are not cached, so a rerun asks for exactly those again.
 
-Counting the outcomes is `judge_stats`; the whole evaluation from files to outputs is `judge_run`.
+Counting the outcomes is `judge_stats`; the whole evaluation from files to outputs is `judge_evaluation`.
 """
 
 from __future__ import annotations

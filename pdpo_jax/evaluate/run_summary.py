@@ -1,0 +1,51 @@
+"""A run's `summary/summary.md`: the DNLI table of every evaluated model (SFT, RL, PseudoDPO),
+training figures, the LLM judge's results and what each stage chose, with `dnli.png`,
+`curves.png` and `rl_curves.png` beside it. It reads only what the stages wrote.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pdpo_jax.evaluate import report as plots
+from pdpo_jax.files import atomic_write_text
+from pdpo_jax.run_layout import RunLayout
+
+EVALUATED_MODELS = ("sft", "rl", "dpo")
+TRAINING_CURVES = ("sft", "dpo")  # stages whose loss curves share one figure
+STAGES_SHOWN = ("sft", "nli", "rl", "prefs", "dpo")  # whose DONE records the summary lists
+
+
+def write_summary(layout: RunLayout) -> Path:
+    """Writes the summary of the run at `layout` and returns the markdown file's path."""
+    run, out_dir = layout.root, layout.summary
+    reports = [json.loads(layout.dnli_report(m).read_text()) for m in EVALUATED_MODELS if layout.dnli_report(m).exists()]
+    lines = [f"# Results of {run}", ""]
+    if reports:
+        plots.plot_dnli(reports, out_dir / "dnli.png")
+        lines += ["## Dialogue NLI ranking", "", plots.dnli_comparison_markdown(reports), "", "![DNLI](dnli.png)", ""]
+    curves = {m: layout.metrics(m) for m in TRAINING_CURVES if layout.metrics(m).exists()}
+    rl_curves = layout.metrics("rl")
+    if curves or rl_curves.exists():
+        lines += ["## Training", ""]
+    if curves:
+        plots.plot_training_curves(curves, out_dir / "curves.png")
+        lines += ["![training curves](curves.png)", ""]
+    if rl_curves.exists():
+        plots.plot_training_curves({"rl": rl_curves}, out_dir / "rl_curves.png", metrics=plots.PPO_CURVE_METRICS)
+        lines += ["PPO (RL(DialogueNLI)): mean reward, KL to the SFT model, clip fraction, value loss.", "",
+                  "![PPO curves](rl_curves.png)", ""]
+    if layout.judge_results.exists():
+        lines += ["## LLM judge on the test turns", "", plots.judge_markdown(json.loads(layout.judge_results.read_text())), ""]
+    lines += ["## Stages", ""]
+    for stage in STAGES_SHOWN:
+        done = layout.done(stage)
+        if done.exists():
+            info = json.loads(done.read_text())
+            shown = {k: v for k, v in info.items() if not isinstance(v, (dict, list))}
+            lines.append(f"- **{stage}**: " + ", ".join(f"{k} = {v}" for k, v in shown.items()))
+    if layout.prefs_summary.exists():
+        lines += ["", "Pseudo-preference summary:", "", "```json", layout.prefs_summary.read_text().strip(), "```"]
+    lines += ["", f"Config: `{layout.config}`", ""]
+    return atomic_write_text(layout.summary_markdown, "\n".join(lines))

@@ -1,0 +1,172 @@
+"""Where every artifact of a run lives, known in one place.
+
+    layout = RunLayout(config.run_dir)       # or RunLayout.of(config)
+    layout.best_model("sft")                 # <run_dir>/sft/best
+    layout.dnli_report("dpo")                # <run_dir>/eval/dpo/dnli.json
+
+Every stage, the pipeline and the scripts ask this object for paths instead of joining names onto
+the run directory themselves, so the layout on disk is written down once (and a store other than
+the local disk needs only this seam). The layout is the one runs have always had:
+
+    config.yaml                      the resolved config the run was started with
+    pipeline.json                    which stages `pdpo pipeline` ran, and where its summary is
+    sft/ dpo/ rl/ nli/               a training stage: checkpoints/, best/, metrics.jsonl,
+                                     tensorboard/, data_summary.json, DONE
+    nli/classifier/                  the NLI classifier as a Hugging Face directory (the RL reward)
+    prefs/{train,val}/shard-*.jsonl  pseudo-preference shards; settings.json, summary.json, DONE
+    eval/<model>/dnli.json           a trained model's Dialogue NLI ranking (+ .md, .png, DONE)
+    test_responses/<model>.jsonl     a trained model's answers to the test turns; DONE
+    judge/                           the LLM judge on the test responses
+    export/hf/                       the DPO model as a Hugging Face directory
+    summary/summary.md               the run's results with its figures
+
+Which model a stage starts from is a question of the layout and the config together, answered
+here too (`preference_models`, `rl_policy`, `rl_classifier`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pdpo_jax.config import RunConfig
+
+# A run's training stages, by folder name: what `pdpo <stage>` writes its model and curves to.
+TRAINING_STAGES = ("sft", "nli", "rl", "dpo")
+# The trained models whose answers to the test turns a run keeps: folder -> name in the responses file.
+RESPONDING_MODELS = {"sft": "SFT", "dpo": "PseudoDPO"}
+# The run's judge compares the test responses of model A (PseudoDPO) against B (SFT).
+JUDGED_MODELS = ("dpo", "sft")
+DONE = "DONE"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The paths of one run directory; building one touches nothing on disk."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @classmethod
+    def of(cls, config: RunConfig) -> "RunLayout":
+        return cls(config.run_dir)
+
+    # ---------------------------------------------------------------- the run as a whole
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def pipeline_record(self) -> Path:
+        return self.root / "pipeline.json"
+
+    # ---------------------------------------------------------------- training stages
+
+    def stage(self, name: str) -> Path:
+        """A stage's folder (`sft`, `dpo`, `rl`, `nli`, `prefs`, ...)."""
+        return self.root / name
+
+    def best_model(self, stage: str) -> Path:
+        return self.stage(stage) / "best"
+
+    def metrics(self, stage: str) -> Path:
+        return self.stage(stage) / "metrics.jsonl"
+
+    def data_summary(self, stage: str) -> Path:
+        return self.stage(stage) / "data_summary.json"
+
+    def done(self, stage: str) -> Path:
+        """A stage's DONE marker, written last (`pdpo_jax.files.mark_done`)."""
+        return self.stage(stage) / DONE
+
+    # ---------------------------------------------------------------- pseudo-preferences
+
+    @property
+    def prefs(self) -> Path:
+        return self.stage("prefs")
+
+    def prefs_split(self, split: str) -> Path:
+        """The folder of a split's shards (`train` or `val`)."""
+        return self.prefs / split
+
+    @property
+    def prefs_summary(self) -> Path:
+        return self.prefs / "summary.json"
+
+    # ---------------------------------------------------------------- the RL(DialogueNLI) baseline
+
+    @property
+    def nli(self) -> Path:
+        return self.stage("nli")
+
+    @property
+    def nli_classifier(self) -> Path:
+        """The classifier as a Hugging Face directory: what `pdpo rl` and `pdpo eval-nli` read."""
+        return self.nli / "classifier"
+
+    @property
+    def nli_classifier_files(self) -> Path:
+        """The classifier's config.json and tokenizer, which `nli/best` is written beside."""
+        return self.nli / "classifier_files"
+
+    # ---------------------------------------------------------------- evaluation
+
+    def evaluation(self, model: str) -> Path:
+        """The DNLI evaluation folder of a training stage's best model."""
+        return self.root / "eval" / model
+
+    def dnli_report(self, model: str) -> Path:
+        return self.evaluation(model) / "dnli.json"
+
+    @property
+    def test_responses(self) -> Path:
+        return self.root / "test_responses"
+
+    def responses(self, model: str) -> Path:
+        """A trained model's answers to the test turns (`sft.jsonl`, `dpo.jsonl`)."""
+        return self.test_responses / f"{model}.jsonl"
+
+    @property
+    def judge(self) -> Path:
+        return self.root / "judge"
+
+    @property
+    def judge_results(self) -> Path:
+        return self.judge / "judge_results.json"
+
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def exported_model(self) -> Path:
+        return self.export / "hf"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary"
+
+    @property
+    def summary_markdown(self) -> Path:
+        return self.summary / "summary.md"
+
+    # ---------------------------------------------------------------- which model a stage starts from
+
+    def preference_models(self, config: RunConfig) -> tuple[str, str]:
+        """(generator, reference) of make-prefs, which is also DPO's start and reference: as
+        configured, else the best model of `prefs.from_stage` (SFT, or the RL baseline for
+        "+RL(DialogueNLI) +PseudoDPO")."""
+        start = os.fspath(self.best_model(config.prefs.from_stage))
+        return config.prefs.generator or start, config.prefs.reference or start
+
+    def rl_policy(self, config: RunConfig) -> Path:
+        """PPO's start and KL reference: `rl.policy`, else the SFT model."""
+        return Path(config.rl.policy) if config.rl.policy else self.best_model("sft")
+
+    def rl_classifier(self, config: RunConfig) -> Path:
+        """PPO's reward model: `rl.classifier`, else the run's NLI classifier."""
+        return Path(config.rl.classifier) if config.rl.classifier else self.nli_classifier
