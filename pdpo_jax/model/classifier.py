@@ -2,8 +2,8 @@
 
 The head is one bias-free linear map, `score`, from the final-norm hidden state of a row's last
 token to the class logits (GPT2ForSequenceClassification, LlamaForSequenceClassification and the
-Mistral and Qwen2 ones all do this; each family names its class). The parameters are the decoder's without `lm_head`, plus
-`score/kernel` `[hidden, num_labels]`. On disk a classifier is a Hugging Face directory whose
+Mistral and Qwen2 ones all do this; each model family names its class). The parameters are the
+decoder's without `lm_head`, plus `score/kernel` `[hidden, num_labels]`. On disk a classifier is a Hugging Face directory whose
 config.json names the *ForSequenceClassification architecture, `id2label`, `label2id` and a
 `pad_token_id`, with `score.weight` beside the trunk's tensors, so
 `AutoModelForSequenceClassification.from_pretrained` loads it; while training it is the orbax

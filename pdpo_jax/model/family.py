@@ -81,7 +81,7 @@ class GgufNames:
     holding their head count."""
 
     architecture: str  # general.architecture
-    tensors: Mapping[str, str]  # "token_embd" -> "model.embed_tokens", "blk.{i}.attn_q" -> "model.layers.{i}.self_attn.q_proj"
+    tensors: Mapping[str, str]  # "token_embd" -> "model.embed_tokens", "blk.{i}.attn_q" -> "model.layers.{i}...."
     rotary_rows: Mapping[str, str] = field(default_factory=dict)  # "blk.{i}.attn_q" -> "num_heads"
 
 

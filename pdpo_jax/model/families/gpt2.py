@@ -12,7 +12,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from pdpo_jax.model.config import HfConfigReader, ModelConfig, read_activation
-from pdpo_jax.model.decoder import ACTIVATION_FNS, Conv1D, compute_dtype, grouped_attention, heads_first, update_kv_cache
+from pdpo_jax.model.decoder import (ACTIVATION_FNS, Conv1D, compute_dtype, grouped_attention, heads_first,
+                                    update_kv_cache)
 from pdpo_jax.model.family import REPLICATED, HfArchitectures, KeyMapping, ModelFamily, ModuleNames, register_family
 
 
