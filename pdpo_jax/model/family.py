@@ -77,8 +77,8 @@ class ModuleNames:
 @dataclass(frozen=True)
 class GgufNames:
     """How llama.cpp names a family's tensors: GGUF stem -> state-dict stem (`{i}` the layer), and
-    the GGUF stems whose rows llama.cpp permuted for its rotary order, with the ModelConfig field
-    holding their head count."""
+    the GGUF stems whose rows llama.cpp permuted for its rotary order, with the name of their head
+    count (`num_heads`, `num_kv_heads`)."""
 
     architecture: str  # general.architecture
     tensors: Mapping[str, str]  # "token_embd" -> "model.embed_tokens", "blk.{i}.attn_q" -> "model.layers.{i}...."
