@@ -1,16 +1,18 @@
 """Device mesh, parameter partition rules and multi-host helpers.
 
-The mesh has axes ("data", "fsdp", "tensor"). Parameters are sharded by one rules table: the
-first regex that matches a parameter's "/"-joined path gives its PartitionSpec. A batch is split
-over data and fsdp together.
+The mesh has axes ("data", "fsdp", "tensor"). Parameters are sharded as data: each model family
+names the axes of its parameters by what they hold (`embed`, `heads`, `mlp`, `vocab`, ...; see
+`pdpo_jax.model.family`) and declares them here, and one rules table, `SHARDING_RULES`, says which
+mesh axis splits each logical axis. A batch is split over data and fsdp together.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
-import re
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -23,22 +25,63 @@ from pdpo_jax.errors import RunFailed
 
 AXES = ("data", "fsdp", "tensor")
 # The module name of a scanned layer stack (model.scan_layers): its parameters have a leading
-# [num_layers] axis that the rules leave unsplit. The decoder names its module by this.
+# [num_layers] axis, the logical axis `layers`. The decoder names its module by this.
 STACKED_LAYERS = "stacked"
+# Where a parameter path template has the layer index: "model/layers/{i}/mlp/up_proj/kernel".
+LAYER_INDEX = "{i}"
 BATCH_AXES = ("data", "fsdp")
 
-# (regex on the param path, spec). Kernels of Dense layers are [in, out]; GPT-2 Conv1D kernels
-# (as HF Flax stores them) are [out, in], hence their mirrored specs.
-DEFAULT_RULES: tuple[tuple[str, P], ...] = (
-    (r"(embed_tokens|wte)/embedding$", P("tensor", "fsdp")),
-    (r"wpe/embedding$", P(None, "fsdp")),
-    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", P("fsdp", "tensor")),
-    (r"(o_proj|down_proj)/kernel$", P("tensor", "fsdp")),
-    (r"(attn/c_attn|mlp/c_fc)/kernel$", P("tensor", "fsdp")),
-    (r"(attn/c_proj|mlp/c_proj)/kernel$", P("fsdp", "tensor")),
-    (r"lm_head/kernel$", P("fsdp", "tensor")),
-    (r".*", P()),  # norms, biases: small, replicated
-)
+
+@dataclass(frozen=True)
+class ShardingRules:
+    """The mesh axis that splits each logical axis of a parameter; None: never split."""
+
+    layers: str | None = None  # the leading axis of a scanned layer stack
+    vocab: str | None = "tensor"  # token embedding rows, lm_head columns
+    embed: str | None = "fsdp"  # the hidden size
+    positions: str | None = None  # rows of a learned position table (GPT-2's wpe)
+    heads: str | None = "tensor"  # query heads x head_dim
+    kv_heads: str | None = "tensor"  # key/value heads x head_dim
+    qkv: str | None = "tensor"  # q, k and v of all heads side by side (GPT-2's fused c_attn)
+    mlp: str | None = "tensor"  # the MLP's inner size
+
+    def spec(self, axes: Sequence[str | None]) -> P:
+        return P(*(None if axis is None else getattr(self, axis) for axis in axes))
+
+
+SHARDING_RULES = ShardingRules()
+LOGICAL_AXES = tuple(field.name for field in dataclasses.fields(ShardingRules))
+
+# Parameter path template -> logical axes, one entry per parameter a model family declares
+# (`declare_param_axes`). () is a parameter that is never split: norms and biases, small.
+_PARAM_AXES: dict[str, tuple[str | None, ...]] = {}
+
+
+def declare_param_axes(template: str, axes: Sequence[str | None]) -> None:
+    """Names the axes of the parameter at `template` ("/"-joined, `{i}` for the layer index)."""
+    axes = tuple(axes)
+    unknown = [axis for axis in axes if axis is not None and axis not in LOGICAL_AXES]
+    if unknown:
+        raise ValueError(f"parameter {template!r}: logical axis {unknown[0]!r} is not one of {LOGICAL_AXES}")
+    if _PARAM_AXES.get(template, axes) != axes:
+        raise ValueError(f"parameter {template!r} is declared with axes {_PARAM_AXES[template]} and {axes}")
+    _PARAM_AXES[template] = axes
+
+
+def param_axes(path: str) -> tuple[str | None, ...]:
+    """The logical axes of the parameter at `path`, found by its longest declared suffix, so a
+    model held under a prefix (PPO's `policy/...`) is split like the model; a scanned stack's
+    parameters get the leading `layers` axis. A parameter no family declares is replicated."""
+    parts = path.split("/")
+    stacked = STACKED_LAYERS in parts
+    parts = [LAYER_INDEX if part.isdigit() or part == STACKED_LAYERS else part for part in parts]
+    axes: tuple[str | None, ...] = ()
+    for start in range(len(parts)):
+        suffix = "/".join(parts[start:])
+        if suffix in _PARAM_AXES:
+            axes = _PARAM_AXES[suffix]
+            break
+    return ("layers", *axes) if stacked else axes
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
@@ -77,21 +120,17 @@ def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh | None) -> P:
     return P(*entries)
 
 
-def spec_for_path(path: str, shape: tuple[int, ...], rules: Sequence[tuple[str, P]], mesh: Mesh | None = None) -> P:
-    if f"/{STACKED_LAYERS}/" in path:  # a scanned layer stack: the layer axis unsplit, each layer by the rules
-        layer_path = path.replace(f"/{STACKED_LAYERS}/", "/")
-        return P(None, *spec_for_path(layer_path, tuple(shape)[1:], rules, mesh))
-    for pattern, spec in rules:
-        if re.search(pattern, path):
-            return fit_spec(spec, shape, mesh)
-    raise ValueError(f"no partition rule matches parameter {path!r}")
+def spec_for_path(path: str, shape: tuple[int, ...], rules: ShardingRules = SHARDING_RULES,
+                  mesh: Mesh | None = None) -> P:
+    return fit_spec(rules.spec(param_axes(path)), shape, mesh)
 
 
-def partition_specs_for_shapes(shapes: Mapping[str, tuple[int, ...]], rules=DEFAULT_RULES, mesh: Mesh | None = None) -> dict[str, P]:
+def partition_specs_for_shapes(shapes: Mapping[str, tuple[int, ...]], rules: ShardingRules = SHARDING_RULES,
+                               mesh: Mesh | None = None) -> dict[str, P]:
     return {path: spec_for_path(path, tuple(shape), rules, mesh) for path, shape in shapes.items()}
 
 
-def param_partition_specs(params: Any, rules: Sequence[tuple[str, P]] = DEFAULT_RULES, mesh: Mesh | None = None) -> Any:
+def param_partition_specs(params: Any, rules: ShardingRules = SHARDING_RULES, mesh: Mesh | None = None) -> Any:
     """A tree of PartitionSpecs like `params` (arrays or ShapeDtypeStructs). With `mesh`, a dimension
     not divisible by its mesh axis size falls back to replication on that dimension."""
     flat = traverse_util.flatten_dict(params, sep="/")
@@ -99,12 +138,12 @@ def param_partition_specs(params: Any, rules: Sequence[tuple[str, P]] = DEFAULT_
     return traverse_util.unflatten_dict(specs, sep="/")
 
 
-def param_shardings(params: Any, mesh: Mesh, rules: Sequence[tuple[str, P]] = DEFAULT_RULES) -> Any:
+def param_shardings(params: Any, mesh: Mesh, rules: ShardingRules = SHARDING_RULES) -> Any:
     specs = param_partition_specs(params, rules, mesh)
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P))
 
 
-def shard_params(params: Any, mesh: Mesh, rules: Sequence[tuple[str, P]] = DEFAULT_RULES) -> Any:
+def shard_params(params: Any, mesh: Mesh, rules: ShardingRules = SHARDING_RULES) -> Any:
     return jax.device_put(params, param_shardings(params, mesh, rules))
 
 

@@ -32,13 +32,7 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 def hf_config(family: str, **overrides: Any):
     import transformers
 
-    classes = {
-        "gpt2": transformers.GPT2Config,
-        "llama": transformers.LlamaConfig,
-        "mistral": transformers.MistralConfig,
-        "qwen2": transformers.Qwen2Config,
-    }
-    config = classes[family](**(FAMILY_DEFAULTS[family] | overrides))
+    config = transformers.AutoConfig.for_model(family, **(FAMILY_DEFAULTS[family] | overrides))
     config._attn_implementation = "eager"  # the sliding window is applied by every implementation, eager is simplest
     return config
 

@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from pdpo_jax.generation.sampling import Greedy, Sampler
 from pdpo_jax.model import Decoder, Model, ModelConfig, eos_ids, init_cache, pad_id, unembedding
 from pdpo_jax.model.decoder import compute_dtype
+from pdpo_jax.model.family import family_for
 from pdpo_jax.parallel import BATCH_AXES, fit_spec, on_mesh, place_batch, rows_for_mesh, shard_params
 
 MIN_PROMPT_BUCKET = 16
@@ -172,7 +173,7 @@ def check_new_tokens(model: Model, longest_prompt: int, max_new_tokens: int) -> 
     if int(max_new_tokens) < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
     longest = int(longest_prompt) + int(max_new_tokens)
-    if model.config.family == "gpt2" and longest > model.config.max_position_embeddings:
+    if family_for(model.config).learned_positions and longest > model.config.max_position_embeddings:
         raise ValueError(f"{model.path}: prompt + max_new_tokens = {longest} tokens exceeds the model's "
                          f"{model.config.max_position_embeddings} learned positions")
 

@@ -1,8 +1,8 @@
 """Hugging Face checkpoints in and out: config.json + safetensors (single or sharded), flax_model.msgpack,
 and (only when asked) pickled pytorch_model.bin.
 
-One declarative key map per family names every tensor: the PyTorch name with `{i}` for the
-layer, our Flax path, and the transform between them. Both directions read the same table, so
+Each model family's declarative key map (`pdpo_jax.model.families`) names every tensor: the PyTorch
+name with `{i}` for the layer, our Flax path, and the transform between them. Both directions read the same table, so
 import and export cannot drift apart. A sequence classifier (`num_labels` given) has the same
 trunk and, instead of `lm_head`, the bias-free `score` head of transformers'
 *ForSequenceClassification.
@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -27,6 +26,7 @@ from jax.sharding import Mesh
 from pdpo_jax import parallel
 from pdpo_jax.model.config import ModelConfig
 from pdpo_jax.model.decoder import param_shapes
+from pdpo_jax.model.family import CLASSIFIER_HEAD, LM_HEAD, TRANSFORMS, family_for
 from pdpo_jax.model.layer_stack import per_layer_leaves
 
 CONFIG_FILE = "config.json"
@@ -41,73 +41,11 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 IGNORED_TENSORS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|\.rotary_emb\.inv_freq)$")
 
 
-@dataclass(frozen=True)
-class KeyMapping:
-    """`hf` is the PyTorch state-dict name, `flax` our "/"-joined path; `{i}` stands for the layer.
-
-    transform "transpose": the 2-D weight is stored transposed on our side (torch Linear is
-    [out, in], Flax Dense [in, out]; GPT-2's Conv1D is [in, out] in torch, [out, in] in HF Flax).
-    """
-
-    hf: str
-    flax: str
-    transform: str = "none"
-    when: Callable[[ModelConfig], bool] = lambda config: True
-
-
-def _transpose_both_ways(x: np.ndarray) -> np.ndarray:
-    return x.T
-
-
-TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"none": lambda x: x, "transpose": _transpose_both_ways}
-
-
-def _untied(c: ModelConfig) -> bool:
-    return not c.tie_word_embeddings
-
-
-LLAMA_KEY_MAP: tuple[KeyMapping, ...] = (
-    KeyMapping("model.embed_tokens.weight", "model/embed_tokens/embedding"),
-    *(KeyMapping(f"model.layers.{{i}}.self_attn.{p}_proj.weight", f"model/layers/{{i}}/self_attn/{p}_proj/kernel", "transpose") for p in "qkvo"),
-    *(KeyMapping(f"model.layers.{{i}}.self_attn.{p}_proj.bias", f"model/layers/{{i}}/self_attn/{p}_proj/bias",
-                 when=lambda c: c.attention_bias) for p in "qkv"),
-    KeyMapping("model.layers.{i}.self_attn.o_proj.bias", "model/layers/{i}/self_attn/o_proj/bias", when=lambda c: c.attention_out_bias),
-    *(KeyMapping(f"model.layers.{{i}}.mlp.{p}_proj.weight", f"model/layers/{{i}}/mlp/{p}_proj/kernel", "transpose") for p in ("gate", "up", "down")),
-    *(KeyMapping(f"model.layers.{{i}}.mlp.{p}_proj.bias", f"model/layers/{{i}}/mlp/{p}_proj/bias",
-                 when=lambda c: c.mlp_bias) for p in ("gate", "up", "down")),
-    KeyMapping("model.layers.{i}.input_layernorm.weight", "model/layers/{i}/input_layernorm/weight"),
-    KeyMapping("model.layers.{i}.post_attention_layernorm.weight", "model/layers/{i}/post_attention_layernorm/weight"),
-    KeyMapping("model.norm.weight", "model/norm/weight"),
-    KeyMapping("lm_head.weight", "lm_head/kernel", "transpose", when=_untied),
-)
-
-GPT2_KEY_MAP: tuple[KeyMapping, ...] = (
-    KeyMapping("transformer.wte.weight", "transformer/wte/embedding"),
-    KeyMapping("transformer.wpe.weight", "transformer/wpe/embedding"),
-    *(KeyMapping(f"transformer.h.{{i}}.{ln}.weight", f"transformer/h/{{i}}/{ln}/scale") for ln in ("ln_1", "ln_2")),
-    *(KeyMapping(f"transformer.h.{{i}}.{ln}.bias", f"transformer/h/{{i}}/{ln}/bias") for ln in ("ln_1", "ln_2")),
-    *(KeyMapping(f"transformer.h.{{i}}.{m}.weight", f"transformer/h/{{i}}/{m.replace('.', '/')}/kernel", "transpose")
-      for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")),
-    *(KeyMapping(f"transformer.h.{{i}}.{m}.bias", f"transformer/h/{{i}}/{m.replace('.', '/')}/bias")
-      for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")),
-    KeyMapping("transformer.ln_f.weight", "transformer/ln_f/scale"),
-    KeyMapping("transformer.ln_f.bias", "transformer/ln_f/bias"),
-    KeyMapping("lm_head.weight", "lm_head/kernel", "transpose", when=_untied),
-)
-
-KEY_MAPS = {"llama": LLAMA_KEY_MAP, "gpt2": GPT2_KEY_MAP}
-# checkpoints saved from the bare backbone (e.g. openai-community/gpt2) lack this prefix
-BACKBONE_PREFIX = {"llama": "model.", "gpt2": "transformer."}
-LM_HEAD = "lm_head/kernel"
-# *ForSequenceClassification's head: torch Linear [num_labels, hidden], no bias
-CLASSIFIER_HEAD = KeyMapping("score.weight", "score/kernel", "transpose")
-
-
 def expand_key_map(config: ModelConfig, num_labels: int | None = None) -> list[tuple[str, str, str]]:
     """(hf name, flax path, transform) for every tensor of this config, layers expanded; with
     `num_labels`, those of a sequence classifier (the trunk, then `score`)."""
     rows = []
-    for mapping in KEY_MAPS[config.family]:
+    for mapping in family_for(config).key_map:
         if not mapping.when(config) or (num_labels is not None and mapping.flax == LM_HEAD):
             continue
         layers = range(config.num_layers) if "{i}" in mapping.hf else [None]
@@ -224,7 +162,7 @@ def make_placer(shardings: Any, shapes: Mapping[str, tuple[int, ...]], dtype: An
         return to_default_device
     if isinstance(shardings, Mesh):
         mesh = shardings
-        specs = parallel.partition_specs_for_shapes(shapes, parallel.DEFAULT_RULES, mesh)
+        specs = parallel.partition_specs_for_shapes(shapes, mesh=mesh)
         shardings = {path: jax.sharding.NamedSharding(mesh, spec) for path, spec in specs.items()}
 
     def to_sharding(path: str, array: np.ndarray) -> Any:
@@ -282,7 +220,7 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = None, shardings: Any = None
 def _load_torch_layout(source: TensorSource, config: ModelConfig, shapes: Mapping[str, tuple[int, ...]], place: Placer,
                        num_labels: int | None = None) -> dict[str, Any]:
     available = set(source.names())
-    prefix = BACKBONE_PREFIX[config.family]
+    prefix = family_for(config).names.backbone + "."  # checkpoints saved from the bare backbone lack it
     used: set[str] = set()
     flat = {}
     for hf_name, flax_path, transform in expand_key_map(config, num_labels):

@@ -2,8 +2,8 @@
 
 The head is one bias-free linear map, `score`, from the final-norm hidden state of a row's last
 token to the class logits (GPT2ForSequenceClassification, LlamaForSequenceClassification and the
-Mistral and Qwen2 ones all do this). The parameters are the decoder's without `lm_head`, plus
-`score/kernel` `[hidden, num_labels]`. On disk a classifier is a Hugging Face directory whose
+Mistral and Qwen2 ones all do this; each model family names its class). The parameters are the
+decoder's without `lm_head`, plus `score/kernel` `[hidden, num_labels]`. On disk a classifier is a Hugging Face directory whose
 config.json names the *ForSequenceClassification architecture, `id2label`, `label2id` and a
 `pad_token_id`, with `score.weight` beside the trunk's tensors, so
 `AutoModelForSequenceClassification.from_pretrained` loads it; while training it is the orbax
@@ -28,18 +28,13 @@ import jax.numpy as jnp
 from pdpo_jax.errors import ModelDirError
 from pdpo_jax.files import atomic_write_json
 from pdpo_jax.matmul import matmul_last_axis
-from pdpo_jax.model.checkpoint import CLASSIFIER_HEAD, CONFIG_FILE, LM_HEAD, save_hf
+from pdpo_jax.model.checkpoint import CONFIG_FILE, save_hf
 from pdpo_jax.model.config import ModelConfig
 from pdpo_jax.model.decoder import Decoder
+from pdpo_jax.model.family import CLASSIFIER_HEAD, LM_HEAD, family_for
 from pdpo_jax.model.loader import Model, load_model, pad_id, resolve_model_dir
 from pdpo_jax.model.model_dir import copy_model_files
 
-ARCHITECTURE_OF_MODEL_TYPE = {
-    "gpt2": "GPT2ForSequenceClassification",
-    "llama": "LlamaForSequenceClassification",
-    "mistral": "MistralForSequenceClassification",
-    "qwen2": "Qwen2ForSequenceClassification",
-}
 HEAD_INIT_STD = 0.02  # transformers' initializer_range, which initialises `score` in PyTorch too
 
 
@@ -76,10 +71,11 @@ def with_classifier_head(lm_params: Any, config: ModelConfig, num_labels: int, s
 
 def classifier_hf_config(config: ModelConfig, labels: tuple[str, ...], pad_token_id: int) -> dict[str, Any]:
     """The config.json of a classifier on `config`'s trunk, in the layout transformers reads."""
-    if config.model_type not in ARCHITECTURE_OF_MODEL_TYPE:
+    architecture = family_for(config).architectures[config.model_type].sequence_classifier
+    if architecture is None:
         raise ModelDirError(f"model type {config.model_type!r} has no sequence-classification architecture here")
     return config.to_hf() | {
-        "architectures": [ARCHITECTURE_OF_MODEL_TYPE[config.model_type]],
+        "architectures": [architecture],
         "id2label": {str(i): label for i, label in enumerate(labels)},
         "label2id": {label: i for i, label in enumerate(labels)},
         "pad_token_id": int(pad_token_id),

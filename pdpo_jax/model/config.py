@@ -1,7 +1,9 @@
 """ModelConfig: the few numbers the decoder needs, read from (and written back to) HF config.json.
 
-Every option of a supported model type either maps onto a field here or is refused with a
-ValueError naming the file and key; an option we do not implement must never be dropped silently.
+Each model family (`pdpo_jax.model.families`) reads and writes the keys of its own model types;
+this module holds what they share. Every option of a supported model type either maps onto a field
+here or is refused with a ValueError naming the file and key; an option we do not implement must
+never be dropped silently.
 """
 
 from __future__ import annotations
@@ -12,13 +14,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-FAMILY_OF_MODEL_TYPE = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
-ARCHITECTURE_OF_MODEL_TYPE = {
-    "gpt2": "GPT2LMHeadModel",
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-}
+from pdpo_jax.model.family import family_for, family_names, family_of_model_type, supported_model_types
+
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "silu", "swish", "relu")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # keys each rope type needs, besides rope_type / rope_theta
@@ -57,8 +54,8 @@ class ModelConfig:
     scan_layers: bool = False  # run-time layout: the blocks as one scanned layer (docs/design.md)
 
     def __post_init__(self) -> None:
-        if self.family not in ("gpt2", "llama"):
-            raise ValueError(f"ModelConfig.family must be 'gpt2' or 'llama', got {self.family!r}")
+        if self.family not in family_names():
+            raise ValueError(f"ModelConfig.family must be one of {family_names()}, got {self.family!r}")
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"ModelConfig.dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
         if self.activation not in ACTIVATIONS:
@@ -87,16 +84,17 @@ class ModelConfig:
     def from_hf(cls, config: Mapping[str, Any], *, source: str = "config.json", **overrides: Any) -> "ModelConfig":
         """Reads a transformers config dict (transformers 4 or 5 layout); `overrides` set dtype/remat."""
         model_type = config.get("model_type")
-        if model_type not in FAMILY_OF_MODEL_TYPE:
+        family = family_of_model_type(model_type)
+        if family is None:
             raise ValueError(
                 f"{source}: key 'model_type' = {model_type!r} is not supported "
-                f"(supported: {sorted(FAMILY_OF_MODEL_TYPE)})"
+                f"(supported: {supported_model_types()})"
             )
-        reader = _Reader(config, source)
-        fields = _gpt2_fields(reader) if model_type == "gpt2" else _llama_fields(reader, model_type)
+        reader = HfConfigReader(config, source)
+        fields = family.read_hf(reader, model_type)
         fields.update(
             model_type=model_type,
-            family=FAMILY_OF_MODEL_TYPE[model_type],
+            family=family.name,
             bos_token_id=reader.optional("bos_token_id"),
             eos_token_id=_eos(reader.optional("eos_token_id")),
             pad_token_id=reader.optional("pad_token_id"),
@@ -120,8 +118,9 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """A config.json dict that transformers loads into the matching *ForCausalLM."""
+        family = family_for(self)
         common = {
-            "architectures": [ARCHITECTURE_OF_MODEL_TYPE[self.model_type]],
+            "architectures": [family.architectures[self.model_type].causal_lm],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "bos_token_id": self.bos_token_id,
@@ -130,49 +129,10 @@ class ModelConfig:
             "tie_word_embeddings": self.tie_word_embeddings,
             "dtype": "float32",
         }
-        if self.family == "gpt2":
-            return common | {
-                "n_embd": self.hidden_size,
-                "n_layer": self.num_layers,
-                "n_head": self.num_heads,
-                "n_inner": self.intermediate_size,
-                "n_positions": self.max_position_embeddings,
-                "layer_norm_epsilon": self.norm_eps,
-                "activation_function": self.activation,
-                "scale_attn_weights": True,
-                "scale_attn_by_inverse_layer_idx": False,
-            }
-        rope_parameters = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.rope_scaling is not None:
-            rope_parameters = dict(self.rope_scaling) | {"rope_theta": self.rope_theta}
-        out = common | {
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "intermediate_size": self.intermediate_size,
-            "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.norm_eps,
-            "hidden_act": self.activation,
-            "rope_parameters": rope_parameters,
-        }
-        if self.model_type == "llama":
-            out |= {"attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias}
-        elif self.model_type == "mistral":
-            out |= {"sliding_window": self.sliding_window}
-        elif self.model_type == "qwen2":
-            window = self.sliding_window is not None
-            out |= {
-                "use_sliding_window": window,
-                "sliding_window": self.sliding_window,
-                "max_window_layers": 0 if window else self.num_layers,
-                "layer_types": [("sliding_attention" if window else "full_attention")] * self.num_layers,
-            }
-        return out
+        return common | family.write_hf(self)
 
 
-class _Reader:
+class HfConfigReader:
     """Reads keys of one config dict; errors name the file and the key."""
 
     def __init__(self, config: Mapping[str, Any], source: str):
@@ -201,100 +161,14 @@ class _Reader:
             raise ValueError(f"{self.source}: key {key!r} = {self.config[key]!r} is not supported ({why})")
 
 
-def _activation(reader: _Reader, key: str, default: str) -> str:
+def read_activation(reader: HfConfigReader, key: str, default: str) -> str:
     act = reader.optional(key, default)
     if act not in ACTIVATIONS:
         raise ValueError(f"{reader.source}: key {key!r} = {act!r} is not a supported activation {ACTIVATIONS}")
     return act
 
 
-def _gpt2_fields(r: _Reader) -> dict[str, Any]:
-    r.refuse("scale_attn_by_inverse_layer_idx", False, "per-layer attention scaling is not implemented")
-    r.refuse("scale_attn_weights", True, "unscaled attention is not implemented")
-    r.refuse("add_cross_attention", False, "cross-attention is not part of a causal decoder")
-    hidden = r.required("n_embd")
-    heads = r.required("n_head")
-    if hidden % heads:
-        raise ValueError(f"{r.source}: key 'n_embd' = {hidden} is not divisible by 'n_head' = {heads}")
-    return dict(
-        vocab_size=r.required("vocab_size"),
-        hidden_size=hidden,
-        num_layers=r.required("n_layer"),
-        num_heads=heads,
-        num_kv_heads=heads,
-        head_dim=hidden // heads,
-        intermediate_size=r.optional("n_inner", 4 * hidden, int),
-        max_position_embeddings=r.required("n_positions"),
-        norm_eps=r.optional("layer_norm_epsilon", 1e-5, float),
-        activation=_activation(r, "activation_function", "gelu_new"),
-        attention_bias=True,
-        attention_out_bias=True,
-        mlp_bias=True,
-        tie_word_embeddings=bool(r.optional("tie_word_embeddings", True)),
-    )
-
-
-def _llama_fields(r: _Reader, model_type: str) -> dict[str, Any]:
-    hidden = r.required("hidden_size")
-    heads = r.required("num_attention_heads")
-    head_dim = r.optional("head_dim", None, int)
-    if head_dim is None:
-        if hidden % heads:
-            raise ValueError(f"{r.source}: key 'hidden_size' = {hidden} is not divisible by 'num_attention_heads'")
-        head_dim = hidden // heads
-    num_layers = r.required("num_hidden_layers")
-    rope_theta, rope_scaling = _rope(r)
-    if model_type == "qwen2":
-        sliding_window = _qwen2_window(r, num_layers)
-        attention_bias, attention_out_bias, mlp_bias = True, False, False
-    else:
-        sliding_window = r.optional("sliding_window", None, int) if model_type == "mistral" else None
-        attention_bias = bool(r.optional("attention_bias", False))
-        attention_out_bias = attention_bias
-        mlp_bias = bool(r.optional("mlp_bias", False))
-    layer_types = r.optional("layer_types")
-    if layer_types is not None and model_type != "qwen2":
-        wanted = "sliding_attention" if sliding_window else "full_attention"
-        if any(t != wanted for t in layer_types):
-            raise ValueError(f"{r.source}: key 'layer_types' = {layer_types!r}: per-layer attention types are not supported")
-    return dict(
-        vocab_size=r.required("vocab_size"),
-        hidden_size=hidden,
-        num_layers=num_layers,
-        num_heads=heads,
-        num_kv_heads=r.optional("num_key_value_heads", heads, int),
-        head_dim=head_dim,
-        intermediate_size=r.required("intermediate_size"),
-        max_position_embeddings=r.optional("max_position_embeddings", 2048, int),
-        norm_eps=r.optional("rms_norm_eps", 1e-6, float),
-        rope_theta=rope_theta,
-        rope_scaling=rope_scaling,
-        sliding_window=sliding_window,
-        attention_bias=attention_bias,
-        attention_out_bias=attention_out_bias,
-        mlp_bias=mlp_bias,
-        tie_word_embeddings=bool(r.optional("tie_word_embeddings", False)),
-        activation=_activation(r, "hidden_act", "silu"),
-    )
-
-
-def _qwen2_window(r: _Reader, num_layers: int) -> int | None:
-    """Qwen2 slides only layers >= max_window_layers, and only when use_sliding_window is set."""
-    if not r.optional("use_sliding_window", False):
-        return None
-    window = r.required("sliding_window")
-    first_sliding = r.optional("max_window_layers", 0, int)
-    if first_sliding >= num_layers:
-        return None
-    if first_sliding > 0:
-        raise ValueError(
-            f"{r.source}: key 'max_window_layers' = {first_sliding} with use_sliding_window=true mixes "
-            f"full and sliding-window layers, which is not supported"
-        )
-    return window
-
-
-def _rope(r: _Reader) -> tuple[float, dict | None]:
+def read_rope(r: HfConfigReader) -> tuple[float, dict | None]:
     """rope_theta + scaling from either `rope_parameters` (transformers 5) or the 4.x top-level keys."""
     key = "rope_parameters" if isinstance(r.config.get("rope_parameters"), dict) else "rope_scaling"
     params = dict(r.config.get(key) or {})

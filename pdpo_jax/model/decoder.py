@@ -1,9 +1,11 @@
-"""One Flax Linen decoder for the GPT-2 and Llama families (Llama, Mistral, Qwen2, ...).
+"""One Flax Linen decoder for every registered model family, and the layers the families build on.
 
-Parameter names mirror the Hugging Face Flax models (FlaxGPT2LMHeadModel, FlaxLlamaForCausalLM),
-so a Hub `flax_model.msgpack` loads as is. The attention mask is built once per call from
-segment, branch and position ids (docs/design.md, "The model call"); the KV cache is a plain
-pytree passed in and returned.
+The decoder is the same for all: embeddings, the family's block repeated (or scanned), the
+family's final norm, the LM head; each family (`pdpo_jax.model.families`) supplies its block and
+the names of its modules. Parameter names mirror the Hugging Face Flax models
+(FlaxGPT2LMHeadModel, FlaxLlamaForCausalLM), so a Hub `flax_model.msgpack` loads as is. The
+attention mask is built once per call from segment, branch and position ids (docs/design.md, "The
+model call"); the KV cache is a plain pytree passed in and returned.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 
 from pdpo_jax.backend_forms import by_backend
 from pdpo_jax.model.config import ModelConfig
+from pdpo_jax.model.family import family_for
 from pdpo_jax.matmul import matmul_last_axis
 from pdpo_jax.parallel import STACKED_LAYERS
 
@@ -204,96 +207,6 @@ def update_kv_cache(layer_cache: tuple[Array, Array], k: Array, v: Array, index:
     )
 
 
-class LlamaAttention(nn.Module):
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x, rope, mask, layer_cache, index):
-        c, dt = self.config, compute_dtype(self.config)
-        b, t, _ = x.shape
-        q = dense(c.num_heads * c.head_dim, c.attention_bias, dt, "q_proj")(x)
-        k = dense(c.num_kv_heads * c.head_dim, c.attention_bias, dt, "k_proj")(x)
-        v = dense(c.num_kv_heads * c.head_dim, c.attention_bias, dt, "v_proj")(x)
-        q = apply_rope(q.reshape(b, t, c.num_heads, c.head_dim), *rope)
-        k = heads_first(apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), *rope))
-        v = heads_first(v.reshape(b, t, c.num_kv_heads, c.head_dim))
-        if layer_cache is not None:
-            layer_cache = update_kv_cache(layer_cache, k, v, index)
-            k, v = (a.astype(dt) for a in layer_cache)
-        out = grouped_attention(q, k, v, mask).reshape(b, t, c.num_heads * c.head_dim)
-        return dense(c.hidden_size, c.attention_out_bias, dt, "o_proj")(out), layer_cache
-
-
-class LlamaMLP(nn.Module):
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x):
-        c, dt = self.config, compute_dtype(self.config)
-        act = ACTIVATION_FNS[c.activation]
-        gate = dense(c.intermediate_size, c.mlp_bias, dt, "gate_proj")(x)
-        up = dense(c.intermediate_size, c.mlp_bias, dt, "up_proj")(x)
-        return dense(c.hidden_size, c.mlp_bias, dt, "down_proj")(act(gate) * up)
-
-
-class LlamaBlock(nn.Module):
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x, rope, mask, layer_cache, index):
-        c, dt = self.config, compute_dtype(self.config)
-        h = RMSNorm(c.norm_eps, dt, name="input_layernorm")(x)
-        h, layer_cache = LlamaAttention(c, name="self_attn")(h, rope, mask, layer_cache, index)
-        x = x + h
-        h = RMSNorm(c.norm_eps, dt, name="post_attention_layernorm")(x)
-        return x + LlamaMLP(c, name="mlp")(h), layer_cache
-
-
-class GPT2Attention(nn.Module):
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x, rope, mask, layer_cache, index):
-        c, dt = self.config, compute_dtype(self.config)
-        b, t, _ = x.shape
-        qkv = Conv1D(3 * c.hidden_size, dt, name="c_attn")(x)
-        q, k, v = (a.reshape(b, t, c.num_heads, c.head_dim) for a in jnp.split(qkv, 3, axis=-1))
-        k, v = heads_first(k), heads_first(v)
-        if layer_cache is not None:
-            layer_cache = update_kv_cache(layer_cache, k, v, index)
-            k, v = (a.astype(dt) for a in layer_cache)
-        out = grouped_attention(q, k, v, mask).reshape(b, t, c.hidden_size)
-        return Conv1D(c.hidden_size, dt, name="c_proj")(out), layer_cache
-
-
-class GPT2MLP(nn.Module):
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x):
-        c, dt = self.config, compute_dtype(self.config)
-        h = ACTIVATION_FNS[c.activation](Conv1D(c.intermediate_size, dt, name="c_fc")(x))
-        return Conv1D(c.hidden_size, dt, name="c_proj")(h)
-
-
-def layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(
-        epsilon=config.norm_eps, dtype=compute_dtype(config), param_dtype=jnp.float32,
-        use_fast_variance=False, name=name,
-    )
-
-
-class GPT2Block(nn.Module):
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x, rope, mask, layer_cache, index):
-        c = self.config
-        h, layer_cache = GPT2Attention(c, name="attn")(layer_norm(c, "ln_1")(x), rope, mask, layer_cache, index)
-        x = x + h
-        return x + GPT2MLP(c, name="mlp")(layer_norm(c, "ln_2")(x)), layer_cache
-
-
 STACKED = STACKED_LAYERS
 
 
@@ -306,7 +219,7 @@ class BlockStack(nn.Module):
 
     @nn.compact
     def __call__(self, x, rope, mask, layer_caches, index):
-        block_cls = GPT2Block if self.config.family == "gpt2" else LlamaBlock
+        block_cls = family_for(self.config).block
         if self.config.scan_layers:
             if self.config.remat:
                 block_cls = nn.remat(block_cls, prevent_cse=False)  # scan already keeps the recompute apart
@@ -331,35 +244,32 @@ class Backbone(nn.Module):
     @nn.compact
     def __call__(self, input_ids, positions, mask, layer_caches, index):
         c, dt = self.config, compute_dtype(self.config)
-        embed_name = "wte" if c.family == "gpt2" else "embed_tokens"
+        family = family_for(c)
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=dt, param_dtype=jnp.float32,
-                         embedding_init=nn.initializers.normal(0.02), name=embed_name)
+                         embedding_init=nn.initializers.normal(0.02), name=family.names.embedding)
         x = embed(input_ids)
         rope = None
-        if c.family == "gpt2":
+        if family.learned_positions:
             x = x + nn.Embed(c.max_position_embeddings, c.hidden_size, dtype=dt, param_dtype=jnp.float32,
-                             embedding_init=nn.initializers.normal(0.01), name="wpe")(positions)
+                             embedding_init=nn.initializers.normal(0.01), name=family.names.positions)(positions)
         else:
             rope = rope_tables(positions, c)
         x, layer_caches = BlockStack(c, name=block_stack_name(c))(x, rope, mask, layer_caches, index)
-        if c.family == "gpt2":
-            x = layer_norm(c, "ln_f")(x)
-        else:
-            x = RMSNorm(c.norm_eps, dt, name="norm")(x)
+        x = family.final_norm(c, family.names.final_norm)(x)
         return x, layer_caches, embed.embedding
 
 
 def backbone_name(config: ModelConfig) -> str:
-    return "transformer" if config.family == "gpt2" else "model"
+    return family_for(config).names.backbone
 
 
 def block_stack_name(config: ModelConfig) -> str:
     """The block collection inside the backbone: GPT-2's `h`, Llama's `layers`."""
-    return "h" if config.family == "gpt2" else "layers"
+    return family_for(config).names.blocks
 
 
 def embedding_path(config: ModelConfig) -> tuple[str, str, str]:
-    return (backbone_name(config), "wte" if config.family == "gpt2" else "embed_tokens", "embedding")
+    return (backbone_name(config), family_for(config).names.embedding, "embedding")
 
 
 class Decoder(nn.Module):

@@ -27,13 +27,12 @@ from typing import Any
 import numpy as np
 
 from pdpo_jax.errors import PdpoError
+from pdpo_jax.model.family import GgufNames, family_of_gguf_architecture, gguf_architectures
 
 # Written last into a converted directory; its presence means the directory is complete.
 COMPLETE_MARKER = "gguf_source.json"
 # Bumped whenever the conversion changes what it writes, so stale caches are rebuilt.
 CONVERSION_VERSION = 1
-
-SUPPORTED_ARCHITECTURES = ("llama",)
 
 # llama.cpp token types (llama_token_type).
 _CONTROL_TOKEN = 3
@@ -49,24 +48,6 @@ _BYTE_LEVEL_PRE_TOKENIZERS = {
     "starcoder": True,
     "refact": True,
 }
-
-_LAYER_TENSORS = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_GLOBAL_TENSORS = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-
 
 class GGUFImportError(PdpoError):
     """A GGUF file that cannot be turned into a Hugging Face directory; the message names it."""
@@ -114,13 +95,14 @@ def write_hf_files(reader: Any, gguf_path: Path, out_dir: Path) -> None:
 
     metadata = read_metadata(reader)
     architecture = metadata.get("general.architecture")
-    if architecture not in SUPPORTED_ARCHITECTURES:
+    family = family_of_gguf_architecture(architecture)
+    if family is None:
         raise GGUFImportError(
             f"{gguf_path}: unsupported architecture {architecture!r} in general.architecture "
-            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            f"(supported: {', '.join(gguf_architectures())})"
         )
     shape = llama_shape(metadata, gguf_path)
-    weights = hf_weights(reader, shape, gguf_path)
+    weights = hf_weights(reader, shape, family.gguf, gguf_path)
     tied = "lm_head.weight" not in weights
     save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     write_config(metadata, shape, tied, out_dir)
@@ -193,17 +175,24 @@ def float32_as_written(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """The Hugging Face parameter name of a GGUF tensor, or None when there is none."""
+def _gguf_stem(gguf_name: str) -> tuple[str, int | None] | None:
+    """("blk.{i}.attn_q", 3) for "blk.3.attn_q.weight", ("token_embd", None) for "token_embd.weight"."""
     stem, _, suffix = gguf_name.rpartition(".")
     if suffix != "weight":
         return None
-    if stem in _GLOBAL_TENSORS:
-        return f"{_GLOBAL_TENSORS[stem]}.weight"
     parts = stem.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_TENSORS:
-        return f"model.layers.{int(parts[1])}.{_LAYER_TENSORS[parts[2]]}.weight"
-    return None
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit():
+        return f"blk.{{i}}.{parts[2]}", int(parts[1])
+    return stem, None
+
+
+def hf_name(gguf_name: str, names: GgufNames) -> str | None:
+    """The Hugging Face parameter name of a GGUF tensor, or None when there is none."""
+    stem = _gguf_stem(gguf_name)
+    if stem is None or stem[0] not in names.tensors:
+        return None
+    template, layer = stem
+    return names.tensors[template].format(i=layer) + ".weight"
 
 
 def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -216,13 +205,13 @@ def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return weight.reshape(num_heads, rows // num_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def hf_weights(reader: Any, shape: LlamaShape, gguf_path: Path) -> dict[str, np.ndarray]:
+def hf_weights(reader: Any, shape: LlamaShape, names: GgufNames, gguf_path: Path) -> dict[str, np.ndarray]:
     """Every tensor dequantized to fp32, renamed and un-permuted into Hugging Face Llama layout."""
     from gguf.quants import dequantize
 
     weights: dict[str, np.ndarray] = {}
     for tensor in reader.tensors:
-        name = hf_name(tensor.name)
+        name = hf_name(tensor.name, names)
         if name is None:
             raise GGUFImportError(f"{gguf_path}: tensor {tensor.name!r} has no Hugging Face Llama counterpart")
         expected = tuple(int(d) for d in reversed(tensor.shape))
@@ -233,10 +222,9 @@ def hf_weights(reader: Any, shape: LlamaShape, gguf_path: Path) -> dict[str, np.
                 f"{gguf_path}: tensor {tensor.name!r} ({tensor.tensor_type.name}, shape {expected}) "
                 f"cannot be dequantized ({type(err).__name__}: {err})"
             ) from err
-        if tensor.name.endswith(".attn_q.weight"):
-            array = unpermute_rotary_rows(array, shape.num_heads)
-        elif tensor.name.endswith(".attn_k.weight"):
-            array = unpermute_rotary_rows(array, shape.num_kv_heads)
+        heads_field = names.rotary_rows.get(_gguf_stem(tensor.name)[0])
+        if heads_field is not None:
+            array = unpermute_rotary_rows(array, getattr(shape, heads_field))
         weights[name] = np.ascontiguousarray(array)
     check_complete(weights, shape, gguf_path)
     return weights
