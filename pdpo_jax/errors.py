@@ -7,6 +7,8 @@ such input errors have in the rest of Python.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class PdpoError(ValueError):
     """Input the user has to change; the message says where and what."""
@@ -14,6 +16,17 @@ class PdpoError(ValueError):
 
 class UsageError(PdpoError):
     """A command line that cannot be parsed (unknown flag, missing argument)."""
+
+
+class DataError(PdpoError):
+    """Input data that cannot be read as documented; `path` and `line` say where (line may be None)."""
+
+    def __init__(self, path: str | Path, line: int | None, message: str):
+        self.path = str(path)
+        self.line = line
+        self.message = message
+        where = self.path if line is None else f"{self.path}:{line}"
+        super().__init__(f"{where}: {message}")
 
 
 class ModelDirError(PdpoError):

@@ -20,7 +20,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "pdpo_jax"
 # Bottom to top. Each entry of a layer is a component: a module or a subpackage of pdpo_jax.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),  # the base of every user-facing error
-    ("files", "config", "run_lock"),  # atomic files and JSON lines | run configuration | one run per run dir
+    ("storage", "config", "run_lock"),  # writing, reading and committing files | run configuration | one run per run dir
     # the projection | which form a hot operation takes per backend | mesh and partition rules | metrics.jsonl
     ("projection", "backend_forms", "parallel", "metrics_log"),
     ("objectives",),  # pure loss math: SFT, the preference objectives, NLI classification, PPO

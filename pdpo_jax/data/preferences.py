@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pdpo_jax.errors import PdpoError
-from pdpo_jax.files import is_done
+from pdpo_jax.storage import is_done
 
 SPLITS = ("train", "val")
 DEGENERATE_REASONS = ("empty", "same_as_chosen", "truncated")

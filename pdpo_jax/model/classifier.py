@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from pdpo_jax.errors import ModelDirError
-from pdpo_jax.files import atomic_write_json
+from pdpo_jax.storage import atomic_write_json
 from pdpo_jax.projection import matmul_last_axis
 from pdpo_jax.model.checkpoint import CLASSIFIER_HEAD, CONFIG_FILE, LM_HEAD, save_hf
 from pdpo_jax.model.config import ModelConfig

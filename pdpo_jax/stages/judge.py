@@ -27,7 +27,7 @@ from pdpo_jax.evaluate import report
 from pdpo_jax.evaluate.judge_prompts import PROMPTS
 from pdpo_jax.evaluate.judge_run import JudgeSettings, run_judge, settings_from_section
 from pdpo_jax.evaluate.judge_stats import DEFAULT_GAMES
-from pdpo_jax.files import mark_done
+from pdpo_jax.storage import mark_done
 from pdpo_jax.parallel import primary_decides
 from pdpo_jax.stages.common import StageParser, claim_run_dir, finished, stage_parser
 from pdpo_jax.stages.test_responses import responses_path

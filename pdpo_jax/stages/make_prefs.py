@@ -82,7 +82,7 @@ from pdpo_jax.data.preferences import (
 from pdpo_jax.data.pairs import PairIds
 from pdpo_jax.data.shuffle import persona_derangement
 from pdpo_jax.data.trees import dialogue_runs, nested_history_cuts, pair_trees, tree_batch
-from pdpo_jax.files import append_jsonl, atomic_write_json, atomic_write_jsonl, is_done, mark_done
+from pdpo_jax.storage import append_jsonl, atomic_write_json, atomic_write_jsonl, is_done, mark_done
 from pdpo_jax.generation import context_limit, respond, sampler_description, sampler_from_config
 from pdpo_jax.generation.tree_decode import next_power_of_two
 from pdpo_jax.model import Model

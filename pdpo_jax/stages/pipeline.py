@@ -18,7 +18,7 @@ from pdpo_jax.config import ConfigError, RunConfig
 from pdpo_jax.errors import UsageError
 from pdpo_jax.evaluate import report as plots
 from pdpo_jax.evaluate.dnli import DnliSettings, evaluate_dnli, write_outputs
-from pdpo_jax.files import atomic_write_json, atomic_write_text, mark_done
+from pdpo_jax.storage import atomic_write_json, atomic_write_text, mark_done
 from pdpo_jax.model.export import export_hf
 from pdpo_jax.parallel import barrier, is_primary, primary_decides
 from pdpo_jax.stages.common import (
