@@ -32,6 +32,12 @@ class ConfigError(PdpoError):
 # be checked in `load_config`, after every section is built.)
 
 
+def _require_positive(section: Any, *keys: str) -> None:
+    for key in keys:
+        value = getattr(section, key)
+        require(value > 0, f"{{{key}}} must be positive", section.label, got=value)
+
+
 Schedule = Literal["cosine", "linear", "constant"]
 SCHEDULES: tuple[str, ...] = ("cosine", "linear", "constant")
 
@@ -126,8 +132,7 @@ class TrainingSection:
     checkpoint_every: int = 100
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "grad_accum", "epochs", "eval_every", "checkpoint_every"):
-            require(getattr(self, key) > 0, f"{{{key}}} must be positive", self.label, got=getattr(self, key))
+        _require_positive(self, "batch_size", "grad_accum", "epochs", "eval_every", "checkpoint_every")
         require(self.max_steps is None or self.max_steps > 0, "{max_steps} must be positive or null", self.label,
                 got=self.max_steps)
 
@@ -184,8 +189,7 @@ class PrefsSection:
     layout: Literal["tree", "per_turn"] = "tree"
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "shard_size", "max_new_tokens"):
-            require(getattr(self, key) > 0, f"{{{key}}} must be positive", self.label, got=getattr(self, key))
+        _require_positive(self, "batch_size", "shard_size", "max_new_tokens")
 
 
 @dataclass
@@ -279,8 +283,7 @@ class RLSection(TrainingSection):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("mini_batch_size", "ppo_epochs", "max_new_tokens"):
-            require(getattr(self, key) > 0, f"{{{key}}} must be positive", self.label, got=getattr(self, key))
+        _require_positive(self, "mini_batch_size", "ppo_epochs", "max_new_tokens")
         require(self.batch_size % (self.mini_batch_size * self.grad_accum) == 0,
                 "{batch_size} must be a multiple of {mini_batch_size} * {grad_accum} (the rows of one PPO update)",
                 self.label)
@@ -318,8 +321,7 @@ class TestResponsesSection:
     max_examples: int | None = None  # a seeded sample of N turns; None = every turn answering a partner line
 
     def __post_init__(self) -> None:
-        for key in ("max_new_tokens", "batch_size"):
-            require(getattr(self, key) > 0, f"{{{key}}} must be positive", self.label, got=getattr(self, key))
+        _require_positive(self, "max_new_tokens", "batch_size")
         require(self.max_examples is None or self.max_examples > 0, "{max_examples} must be positive or null",
                 self.label, got=self.max_examples)
 
