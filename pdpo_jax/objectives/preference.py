@@ -18,8 +18,9 @@ DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge")
 
 @dataclass(frozen=True)
 class DPOSettings:
-    """The settings of `dpo_loss`, checked when they are built (the `dpo` config section builds
-    them too, so a bad value is reported as `dpo.<key>` before any work starts)."""
+    """The settings of `dpo_loss`, checked when they are built. (The `dpo` config section holds the
+    same keys and checks them when a config is loaded, so a run stops on a bad value before any
+    work; this check is for code that calls the loss directly.)"""
 
     beta: float = 0.5
     loss_type: DpoLossType = "sigmoid"
