@@ -14,15 +14,28 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
-from pdpo_jax.errors import PdpoError
+from pdpo_jax.errors import InvalidSetting, PdpoError, require
 
 
 class ConfigError(PdpoError):
     """A config file or override that cannot be used; the message names where and which key."""
+
+
+# Every section checks its own fields in `__post_init__`, so a section is valid wherever it was
+# built: from a file, an override or code. A check names keys in braces (`"{beta} must be
+# positive"`); `load_config` writes them under the section's dotted path (`dpo.beta`), and a
+# section built in code under its `label`. (No rule couples two sections today; one that did would
+# be checked in `load_config`, after every section is built.)
+
+
+def _require_positive(section: Any, *keys: str) -> None:
+    for key in keys:
+        value = getattr(section, key)
+        require(value > 0, f"{{{key}}} must be positive", section.label, got=value)
 
 
 Schedule = Literal["cosine", "linear", "constant"]
@@ -40,17 +53,15 @@ class OptimizerConfig:
     weight_decay: float = 0.1
     max_grad_norm: float | None = 1.0  # None: no clipping
 
+    label: ClassVar[str] = "optimizer"
+
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"optimizer.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"optimizer.learning_rate must be positive, got {self.learning_rate}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"optimizer.warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
-        if self.weight_decay < 0:
-            raise ValueError(f"optimizer.weight_decay must be non-negative, got {self.weight_decay}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"optimizer.max_grad_norm must be positive or None, got {self.max_grad_norm}")
+        require(self.schedule in SCHEDULES, f"{{schedule}} must be one of {SCHEDULES}", self.label, got=self.schedule)
+        require(self.learning_rate > 0, "{learning_rate} must be positive", self.label, got=self.learning_rate)
+        require(0.0 <= self.warmup_ratio < 1.0, "{warmup_ratio} must lie in [0, 1)", self.label, got=self.warmup_ratio)
+        require(self.weight_decay >= 0, "{weight_decay} must be non-negative", self.label, got=self.weight_decay)
+        require(self.max_grad_norm is None or self.max_grad_norm > 0, "{max_grad_norm} must be positive or None",
+                self.label, got=self.max_grad_norm)
 
 
 SFT_DEFAULTS = OptimizerConfig(learning_rate=1e-5, schedule="cosine")
@@ -81,6 +92,8 @@ class MeshSection:
 
 @dataclass
 class DataSection:
+    label: ClassVar[str] = "data"
+
     train: list[str] = field(default_factory=list)  # dialogue files; split into train/val/test by dialogue
     format: str = "auto"
     val: list[str] = field(default_factory=list)  # optional explicit validation files
@@ -98,29 +111,62 @@ class DataSection:
     test_fraction: float = 0.0
     max_val_dialogues: int | None = None
 
+    def __post_init__(self) -> None:
+        require(self.max_length > 8, "{max_length} is too small", self.label, got=self.max_length)
+        require(len(self.split_fractions) == 3 and abs(sum(self.split_fractions) - 1) < 1e-6,
+                "{split_fractions} must be three numbers summing to 1", self.label, got=self.split_fractions)
+
 
 @dataclass
-class SFTSection:
+class TrainingSection:
+    """What every training stage (sft, dpo, nli, rl) sets: its optimizer, batch, length and rhythm.
+    Each stage's section extends this one with its own defaults and fields."""
+
+    label: ClassVar[str] = "training"
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    batch_size: int = 4  # rows (sft, nli), pairs or trees (dpo), prompts per rollout (rl) of one optimizer step
+    grad_accum: int = 1  # micro-batches per optimizer step
+    epochs: int = 1
+    max_steps: int | None = None  # stop early (budgeted runs); None = all epochs
+    eval_every: int = 100  # optimizer steps between validations (and at every epoch end)
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "batch_size", "grad_accum", "epochs", "eval_every", "checkpoint_every")
+        require(self.max_steps is None or self.max_steps > 0, "{max_steps} must be positive or null", self.label,
+                got=self.max_steps)
+
+
+@dataclass
+class SFTSection(TrainingSection):
+    label: ClassVar[str] = "sft"
     optimizer: OptimizerConfig = SFT_DEFAULTS
     batch_size: int = 4
     grad_accum: int = 4
     epochs: int = 5
-    max_steps: int | None = None  # stop early (budgeted runs); None = all epochs
-    eval_every: int = 100  # optimizer steps between validations (and at every epoch end)
     packing: Literal["dialogue", "turn"] = "dialogue"
-    checkpoint_every: int = 100
 
 
 @dataclass
 class SamplerSection:
+    """How responses are drawn (`pdpo_jax.generation.sampler_from_config`): the negatives of
+    make-prefs, the test responses and the RL rollouts each have one."""
+
+    label: ClassVar[str] = "sampler"
     kind: Literal["greedy", "temperature", "top_k", "top_p"] = "top_p"
     temperature: float = 1.0
     top_k: int = 50
     top_p: float = 0.9
 
+    def __post_init__(self) -> None:
+        require(self.temperature > 0, "{temperature} must be positive", self.label, got=self.temperature)
+        require(self.top_k >= 1, "{top_k} must be at least 1", self.label, got=self.top_k)
+        require(0 < self.top_p <= 1, "{top_p} must be in (0, 1]", self.label, got=self.top_p)
+
 
 @dataclass
 class PrefsSection:
+    label: ClassVar[str] = "prefs"
     shuffle: bool = True  # False = the paper's "w/o shuffle" ablation
     # The stage whose best model samples the negatives, scores them as the reference and starts
     # the DPO policy, where generator / reference are not set: "rl" is "+RL(DialogueNLI) +PseudoDPO".
@@ -142,19 +188,22 @@ class PrefsSection:
     # folder keeps the layout it began with.
     layout: Literal["tree", "per_turn"] = "tree"
 
+    def __post_init__(self) -> None:
+        _require_positive(self, "batch_size", "shard_size", "max_new_tokens")
+
 
 @dataclass
-class DPOSection:
+class DPOSection(TrainingSection):
+    label: ClassVar[str] = "dpo"
     optimizer: OptimizerConfig = DPO_DEFAULTS
+    # The settings of `pdpo_jax.objectives.DPOSettings`, which checks them again for code that calls
+    # the loss directly (this module stays free of jax, so `pdpo --help` starts fast).
     beta: float = 0.5
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     label_smoothing: float = 0.0
     reference_free: bool = False
     batch_size: int = 4
-    grad_accum: int = 1
     epochs: int = 3
-    max_steps: int | None = None
-    eval_every: int = 100
     # How pairs are laid out in rows (the same log-probs, loss and gradients in each):
     #   shared:   one row [prompt | chosen | rejected] per pair; batch_size counts pairs (the paper's 4)
     #   unshared: a row [prompt | chosen] and a row [prompt | rejected] per pair (TRL's layout)
@@ -166,12 +215,24 @@ class DPOSection:
     layout: Literal["shared", "unshared", "tree"] = "shared"
     tree_max_length: int = 1024  # tree rows longer than this are cut at turn boundaries
     tree_max_pairs: int = 16  # pairs per tree row (fixed, so every step has one shape of per-pair arrays)
-    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.beta > 0, "{beta} must be positive", self.label, got=self.beta)
+        require(0.0 <= self.label_smoothing < 0.5, "{label_smoothing} must be in [0, 0.5)", self.label,
+                got=self.label_smoothing)
+        require(self.loss_type == "sigmoid" or self.label_smoothing == 0.0,
+                f"{{label_smoothing}} applies to the 'sigmoid' loss only, not to {{loss_type}} {self.loss_type!r}",
+                self.label)
+        require(self.tree_max_length > 0 and self.tree_max_pairs > 0,
+                "{tree_max_length} and {tree_max_pairs} must be positive", self.label)
 
 
 @dataclass
-class NliSection:
+class NliSection(TrainingSection):
     """`pdpo train-nli`: the three-way NLI classifier behind the RL(DialogueNLI) reward."""
+
+    label: ClassVar[str] = "nli"
 
     pairs: list[str] = field(default_factory=list)  # NLI pair files: `s1</s>s2</s>label` lines or the official jsonl
     val_pairs: list[str] = field(default_factory=list)  # held-out pair files; none: val_fraction of `pairs`
@@ -180,17 +241,20 @@ class NliSection:
     max_length: int = 128  # tokens of a pair; longer pairs keep their end
     optimizer: OptimizerConfig = NLI_DEFAULTS
     batch_size: int = 16
-    grad_accum: int = 1
     epochs: int = 2
-    max_steps: int | None = None
-    eval_every: int = 100
-    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(0.0 < self.val_fraction < 1.0, "{val_fraction} must lie in (0, 1)", self.label, got=self.val_fraction)
+        require(self.max_length > 2, "{max_length} is too small", self.label, got=self.max_length)
 
 
 @dataclass
-class RLSection:
+class RLSection(TrainingSection):
     """`pdpo rl`: PPO against the NLI reward with a KL penalty to the starting model (TRL's classic
-    PPOTrainer defaults)."""
+    PPOTrainer defaults). `batch_size` counts the prompts of one rollout (one loop step)."""
+
+    label: ClassVar[str] = "rl"
 
     policy: str | None = None  # start and frozen reference; None = <run_dir>/sft/best
     classifier: str | None = None  # the NLI classifier; None = <run_dir>/nli/classifier
@@ -198,10 +262,9 @@ class RLSection:
     optimizer: OptimizerConfig = RL_DEFAULTS
     batch_size: int = 16  # prompts per rollout (one loop step)
     mini_batch_size: int = 4  # rows per micro-batch of a PPO update
-    grad_accum: int = 1  # micro-batches per update: an update sees mini_batch_size * grad_accum rows
+    # grad_accum: micro-batches per update, so an update sees mini_batch_size * grad_accum rows
     ppo_epochs: int = 4  # passes over each rollout
-    epochs: int = 2  # passes over the training prompts (the paper: at most 2)
-    max_steps: int | None = None  # rollouts at most
+    epochs: int = 2  # passes over the training prompts (the paper: at most 2); max_steps counts rollouts
     eval_every: int = 20
     checkpoint_every: int = 20
     max_new_tokens: int = 32
@@ -217,6 +280,19 @@ class RLSection:
     kl_target: float = 6.0
     kl_horizon: float = 10000.0
     max_val_examples: int | None = None  # validation prompts (greedy responses) per validation; None = all
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require_positive(self, "mini_batch_size", "ppo_epochs", "max_new_tokens")
+        require(self.batch_size % (self.mini_batch_size * self.grad_accum) == 0,
+                "{batch_size} must be a multiple of {mini_batch_size} * {grad_accum} (the rows of one PPO update)",
+                self.label)
+        require(0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0, "{gamma} and {lam} must lie in [0, 1]",
+                self.label)
+        require(self.cliprange > 0 and self.cliprange_value > 0, "{cliprange} and {cliprange_value} must be positive",
+                self.label)
+        require(self.kl_coef >= 0 and self.kl_target > 0 and self.kl_horizon > 0,
+                "{kl_coef} must be non-negative, {kl_target} and {kl_horizon} positive", self.label)
 
 
 @dataclass
@@ -237,11 +313,17 @@ class TestResponsesSection:
     """The responses every trained model gives to the test dialogues' turns: what the judge and the
     annotators compare."""
 
+    label: ClassVar[str] = "test_responses"
     sampler: SamplerSection = field(default_factory=lambda: SamplerSection(kind="greedy"))
     max_new_tokens: int = 48
     batch_size: int = 16  # conversations sampled together
     seed: int = 0  # batch b samples with seed + b; also picks the turns when max_examples is set
     max_examples: int | None = None  # a seeded sample of N turns; None = every turn answering a partner line
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "max_new_tokens", "batch_size")
+        require(self.max_examples is None or self.max_examples > 0, "{max_examples} must be positive or null",
+                self.label, got=self.max_examples)
 
 
 @dataclass
@@ -312,7 +394,6 @@ def load_config(paths: str | Path | list[str | Path] | None, overrides: list[str
     config = _build(RunConfig(), raw, where=where, prefix="")
     if suffix:
         config = dataclasses.replace(config, run_dir=config.run_dir + suffix)
-    _validate(config, where)
     return config
 
 
@@ -381,15 +462,13 @@ def _build(default: Any, raw: Any, where: str, prefix: str) -> Any:
     for name, value in raw.items():
         current = getattr(default, name)
         if dataclasses.is_dataclass(current):
-            try:
-                kwargs[name] = _build(current, value, where, f"{prefix}{name}.")
-            except (TypeError, ValueError) as err:
-                if isinstance(err, ConfigError):
-                    raise
-                raise ConfigError(f"{where}: {prefix}{name}: {err}") from None
+            kwargs[name] = _build(current, value, where, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(hints[name], value, where, f"{prefix}{name}")
-    return dataclasses.replace(default, **kwargs)
+    try:
+        return dataclasses.replace(default, **kwargs)
+    except InvalidSetting as err:  # the section's own check, written under its dotted path
+        raise ConfigError(f"{where}: {err.at(prefix)}") from None
 
 
 def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
@@ -422,43 +501,3 @@ def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
     if hint in (int, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         raise ConfigError(f"{where}: {key} must be {hint.__name__}, got {value!r}")
     return value
-
-
-def _validate(config: RunConfig, where: str) -> None:
-    checks = [
-        (config.sft.batch_size > 0, "sft.batch_size must be positive"),
-        (config.sft.grad_accum > 0, "sft.grad_accum must be positive"),
-        (config.dpo.batch_size > 0, "dpo.batch_size must be positive"),
-        (config.dpo.beta > 0, "dpo.beta must be positive"),
-        (config.dpo.tree_max_length > 0 and config.dpo.tree_max_pairs > 0,
-         "dpo.tree_max_length and dpo.tree_max_pairs must be positive"),
-        (0.0 <= config.dpo.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)"),
-        (config.data.max_length > 8, "data.max_length is too small"),
-        (len(config.data.split_fractions) == 3 and abs(sum(config.data.split_fractions) - 1) < 1e-6,
-         "data.split_fractions must be three numbers summing to 1"),
-        (0 < config.prefs.sampler.top_p <= 1, "prefs.sampler.top_p must be in (0, 1]"),
-        (config.prefs.sampler.temperature > 0, "prefs.sampler.temperature must be positive"),
-        (config.test_responses.max_new_tokens > 0, "test_responses.max_new_tokens must be positive"),
-        (config.test_responses.batch_size > 0, "test_responses.batch_size must be positive"),
-        (config.test_responses.max_examples is None or config.test_responses.max_examples > 0,
-         "test_responses.max_examples must be positive or null"),
-        (0 < config.test_responses.sampler.top_p <= 1, "test_responses.sampler.top_p must be in (0, 1]"),
-        (config.test_responses.sampler.temperature > 0, "test_responses.sampler.temperature must be positive"),
-        (config.nli.batch_size > 0 and config.nli.grad_accum > 0, "nli.batch_size and nli.grad_accum must be positive"),
-        (0.0 < config.nli.val_fraction < 1.0, "nli.val_fraction must lie in (0, 1)"),
-        (config.nli.max_length > 2, "nli.max_length is too small"),
-        (min(config.rl.batch_size, config.rl.mini_batch_size, config.rl.grad_accum, config.rl.ppo_epochs,
-             config.rl.max_new_tokens) > 0,
-         "rl.batch_size, rl.mini_batch_size, rl.grad_accum, rl.ppo_epochs and rl.max_new_tokens must be positive"),
-        (config.rl.batch_size % (config.rl.mini_batch_size * config.rl.grad_accum) == 0,
-         "rl.batch_size must be a multiple of rl.mini_batch_size * rl.grad_accum (the rows of one PPO update)"),
-        (0.0 <= config.rl.gamma <= 1.0 and 0.0 <= config.rl.lam <= 1.0, "rl.gamma and rl.lam must lie in [0, 1]"),
-        (config.rl.cliprange > 0 and config.rl.cliprange_value > 0, "rl.cliprange and rl.cliprange_value must be positive"),
-        (config.rl.kl_coef >= 0 and config.rl.kl_target > 0 and config.rl.kl_horizon > 0,
-         "rl.kl_coef must be non-negative, rl.kl_target and rl.kl_horizon positive"),
-        (config.rl.sampler.temperature > 0 and 0 < config.rl.sampler.top_p <= 1,
-         "rl.sampler.temperature must be positive and rl.sampler.top_p in (0, 1]"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(f"{where}: {message}")

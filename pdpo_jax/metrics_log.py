@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pdpo_jax.files import atomic_write_text, jsonl_objects
+from pdpo_jax.storage import atomic_write_text, jsonl_objects
 
 
 class MetricsLog:

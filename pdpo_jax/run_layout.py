@@ -80,7 +80,7 @@ class RunLayout:
         return self.stage(stage) / "data_summary.json"
 
     def done(self, stage: str) -> Path:
-        """A stage's DONE marker, written last (`pdpo_jax.files.mark_done`)."""
+        """A stage's DONE marker, written last (`pdpo_jax.storage.mark_done`)."""
         return self.stage(stage) / DONE
 
     # ---------------------------------------------------------------- pseudo-preferences

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from pdpo_jax.data.batching import SCORED_POSITIONS
-from pdpo_jax.losses import sequence_logprobs, token_logprobs_at, token_logprobs_from_hidden
+from pdpo_jax.objectives import sequence_logprobs, token_logprobs_at, token_logprobs_from_hidden
 from pdpo_jax.model import Decoder, Model, ModelConfig, unembedding
 from pdpo_jax.parallel import place_batch, replicated
 

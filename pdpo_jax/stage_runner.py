@@ -24,7 +24,7 @@ import jax
 
 from pdpo_jax.config import ConfigError, RunConfig, dump_config, load_config
 from pdpo_jax.errors import UsageError
-from pdpo_jax.files import atomic_write_text, is_done, mark_done
+from pdpo_jax.storage import atomic_write_text, is_done, mark_done
 from pdpo_jax.model import Model, load_model, require_tokenizer
 from pdpo_jax.parallel import agree, barrier, initialize_distributed, is_primary, make_mesh, primary_decides
 from pdpo_jax.run_layout import RunLayout

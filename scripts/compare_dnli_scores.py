@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 
 from pdpo_jax.evaluate.dnli_shifts import ScoreShiftError, score_shifts, score_shifts_markdown
-from pdpo_jax.files import read_jsonl
+from pdpo_jax.storage import read_jsonl
 
 
 def main(argv: list[str]) -> int:

@@ -115,7 +115,7 @@ def keep_dnli_records(reports: dict[str, Path], out: Path) -> None:
     """Every model's DNLI report and its per-example records, gzipped, in out/<model>/ (gunzip
     them, and `pdpo results` recomputes the table from the repository)."""
     from pdpo_jax.evaluate.dnli import output_paths
-    from pdpo_jax.files import atomic_write_bytes
+    from pdpo_jax.storage import atomic_write_bytes
 
     for name, report in reports.items():
         kept = out / name

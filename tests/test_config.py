@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,54 @@ def test_an_unknown_pipeline_stage_in_the_config_names_the_key():
 
     with pytest.raises(ConfigError, match=r"pipeline.stages: unknown stage\(s\) \['rll'\]"):
         stages_to_run(load_config(None, ["pipeline.stages=[sft,rll]"]))
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("prefs.sampler.top_p=0", r"prefs\.sampler\.top_p must be in \(0, 1\], got 0"),
+        ("test_responses.sampler.temperature=0", r"test_responses\.sampler\.temperature must be positive"),
+        ("rl.sampler.top_k=0", r"rl\.sampler\.top_k must be at least 1"),
+        ("prefs.shard_size=0", r"prefs\.shard_size must be positive"),
+        ("nli.grad_accum=0", r"nli\.grad_accum must be positive"),
+        ("dpo.eval_every=0", r"dpo\.eval_every must be positive"),
+        ("sft.max_steps=0", r"sft\.max_steps must be positive or null"),
+        ("dpo.optimizer.warmup_ratio=1", r"dpo\.optimizer\.warmup_ratio must lie in \[0, 1\)"),
+        ("dpo.label_smoothing=0.2", None),  # fine with the sigmoid loss ...
+        ("dpo.loss_type=ipo", None),
+    ],
+)
+def test_each_section_checks_its_own_keys_under_their_dotted_path(override, fragment):
+    if fragment is None:
+        load_config(None, [override])
+        return
+    with pytest.raises(ConfigError, match=rf"^defaults: {fragment}"):
+        load_config(None, [override])
+
+
+def test_label_smoothing_needs_the_sigmoid_loss():
+    with pytest.raises(ConfigError, match=r"dpo\.label_smoothing applies to the 'sigmoid' loss only, not to "
+                                          r"dpo\.loss_type 'hinge'"):
+        load_config(None, ["dpo.loss_type=hinge", "dpo.label_smoothing=0.1"])
+
+
+def test_a_section_built_in_code_checks_itself_too():
+    from pdpo_jax.config import DPOSection, RLSection, SamplerSection
+
+    with pytest.raises(ValueError, match=r"^dpo\.beta must be positive, got 0"):
+        DPOSection(beta=0)
+    with pytest.raises(ValueError, match=r"^rl\.batch_size must be a multiple of rl\.mini_batch_size \* rl\.grad_accum"):
+        RLSection(batch_size=6)
+    with pytest.raises(ValueError, match=r"^sampler\.top_p must be in \(0, 1\]"):
+        SamplerSection(top_p=1.5)
+
+
+def test_the_training_sections_share_one_base_with_their_own_defaults():
+    from pdpo_jax.config import TrainingSection
+
+    config = load_config(None)
+    shared = {field.name for field in dataclasses.fields(TrainingSection)}
+    assert shared >= {"optimizer", "batch_size", "grad_accum", "epochs", "max_steps", "eval_every", "checkpoint_every"}
+    for section in (config.sft, config.dpo, config.nli, config.rl):
+        assert isinstance(section, TrainingSection)
+    assert (config.sft.grad_accum, config.dpo.epochs, config.nli.batch_size, config.rl.eval_every) == (4, 3, 16, 20)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pdpo_jax import cli
+from pdpo_jax import cli, storage
 from pdpo_jax.data import download as dl
 
 
@@ -158,8 +158,9 @@ def cli_args(server, out: Path, tgz: bytes, *extra: str) -> list[str]:
 
 
 def leftovers(folder: Path) -> list[str]:
-    """Temporary or staging files anywhere under `folder`."""
-    return sorted(str(p) for p in folder.rglob("*") if p.name.endswith((".part", ".staging")))
+    """Temporary files, or folders being built or set aside, anywhere under `folder`."""
+    return sorted(str(p) for p in folder.rglob("*")
+                  if p.name.endswith((".part", ".staging", storage.OLD_SUFFIX)) or storage.BUILDING_INFIX in p.name)
 
 
 # ----------------------------------------------------------------------------- tests

@@ -20,11 +20,11 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "pdpo_jax"
 # Bottom to top. Each entry of a layer is a component: a module or a subpackage of pdpo_jax.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),  # the base of every user-facing error
-    ("files", "config", "run_lock"),  # atomic files and JSON lines | run configuration | one run per run dir
+    ("storage", "config", "run_lock"),  # writing, reading and committing files | run configuration | one run per run dir
     # the projection | which form a hot operation takes per backend | mesh and partition rules | metrics.jsonl
     # | where every artifact of a run lives
-    ("matmul", "backend_forms", "parallel", "metrics_log", "run_layout"),
-    ("losses",),  # pure loss math
+    ("projection", "backend_forms", "parallel", "metrics_log", "run_layout"),
+    ("objectives",),  # pure loss math: SFT, the preference objectives, NLI classification, PPO
     ("data", "model"),  # readers, templates, batching | the decoder, loading, export
     ("scoring", "generation", "nli"),  # scoring sequences | sampling and decoding | NLI probabilities and reward
     # training loop | DNLI, judge, reports | the root API's one-call helpers | building, scoring and
@@ -177,7 +177,7 @@ def test_an_upward_import_is_caught(tmp_path):
     package = tmp_path / "pdpo_jax"
     for name, text in {
         "__init__.py": "",
-        "losses.py": "from pdpo_jax.train.steps import train_step\n",  # math importing training: upward
+        "objectives.py": "from pdpo_jax.train.steps import train_step\n",  # math importing training: upward
         "data/__init__.py": "",
         "data/batching.py": "def f():\n    from pdpo_jax.data import templates\n",  # function-level
         "train/__init__.py": "",
@@ -191,7 +191,7 @@ def test_an_upward_import_is_caught(tmp_path):
     problems = layer_violations(package)
     assert len(problems) == 3, problems
     upward, function_level, sibling = (next(p for p in problems if p.startswith(f"pdpo_jax/{name}"))
-                                       for name in ("losses.py:1", "data/batching.py:2", "train/steps.py:1"))
+                                       for name in ("objectives.py:1", "data/batching.py:2", "train/steps.py:1"))
     assert "a higher layer" in upward
     assert "inside a function" in function_level
     assert "its own layer" in sibling

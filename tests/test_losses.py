@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pdpo_jax.losses import (
+from pdpo_jax.objectives import (
     dpo_loss,
     finalize_metrics,
     merge_metrics,
@@ -386,7 +386,7 @@ def test_padding_pairs_are_left_out():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"loss_type": "kto"}, "unknown DPO loss_type"),
+        ({"loss_type": "kto"}, r"dpo.loss_type must be one of \['sigmoid', 'ipo', 'hinge'\], got 'kto'"),
         ({"beta": 0.0}, "beta must be positive"),
         ({"loss_type": "ipo", "label_smoothing": 0.1}, "label_smoothing applies to the 'sigmoid' loss only"),
         ({"label_smoothing": 0.5}, r"label_smoothing must lie in \[0, 0.5\)"),

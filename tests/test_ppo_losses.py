@@ -1,4 +1,4 @@
-"""The PPO and classification math of `pdpo_jax.losses`: golden values worked out by hand (in the
+"""The PPO and classification math of `pdpo_jax.objectives`: golden values worked out by hand (in the
 comments), and numpy references written from TRL's classic PPOTrainer formulas, on random arrays
 with prompt columns before and padding after each response."""
 
@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from pdpo_jax.losses import (
+from pdpo_jax.objectives import (
     adaptive_kl_coef,
     classification_loss,
     finalize_metrics,

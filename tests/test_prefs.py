@@ -24,7 +24,7 @@ from pdpo_jax.data import PromptEncoder
 from pdpo_jax.model import load_model
 from pdpo_jax.model.digest import model_digest
 from pdpo_jax.stages import make_prefs
-from pdpo_jax.files import DONE_MARKER
+from pdpo_jax.storage import DONE_MARKER
 from pdpo_jax.data.pairs import PairIds
 from pdpo_jax.data.tokenization import history_drop_choices
 from pdpo_jax.data.trees import pair_trees

@@ -14,7 +14,7 @@ from pdpo_jax import cli
 from pdpo_jax.evaluate.dnli import build_report, output_paths
 from pdpo_jax.evaluate.dnli_shifts import score_shifts
 from pdpo_jax.evaluate.response_examples import persona_copy
-from pdpo_jax.files import atomic_write_json, atomic_write_jsonl
+from pdpo_jax.storage import atomic_write_json, atomic_write_jsonl
 
 SUBSETS = {"valid_havenot": 12, "valid_likedislike": 8}
 CANDIDATES = ["hits", "entail", "rand", "contradict"]

@@ -21,7 +21,7 @@ from pdpo_jax.data import SCORED_POSITIONS, with_scored_positions
 from pdpo_jax.model.decoder import param_shapes
 from pdpo_jax.model.model_dir import abstract_like
 from pdpo_jax import scoring
-from pdpo_jax.losses import dpo_loss, split_chosen_rejected
+from pdpo_jax.objectives import dpo_loss, split_chosen_rejected
 from pdpo_jax.train import steps
 from pdpo_jax.train.checkpoints import TrainCheckpointer
 from pdpo_jax.config import OptimizerConfig

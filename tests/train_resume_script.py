@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
 from pdpo_jax import parallel  # noqa: E402
-from pdpo_jax.files import atomic_write_bytes  # noqa: E402
+from pdpo_jax.storage import atomic_write_bytes  # noqa: E402
 from pdpo_jax.model.decoder import param_shapes  # noqa: E402
 from pdpo_jax.train import steps  # noqa: E402
 from pdpo_jax.train.loop import LoopPlan, run_loop  # noqa: E402

@@ -19,7 +19,7 @@ from pathlib import Path
 from pdpo_jax.annotation.errors import StudyError
 from pdpo_jax.evaluate.judge_pairs import ResponseSet, load_responses
 from pdpo_jax.evaluate.judge_stats import OUTCOMES
-from pdpo_jax.files import jsonl_objects
+from pdpo_jax.storage import jsonl_objects
 
 RESULTS_FILE = "judge_results.json"
 JUDGMENTS_FILE = "judgments.jsonl"

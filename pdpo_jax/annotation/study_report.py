@@ -33,7 +33,7 @@ from pdpo_jax.annotation.judge_output import read_judged_pairs
 from pdpo_jax.annotation.store import Study
 from pdpo_jax.evaluate.judge_stats import OUTCOMES, outcome_counts, outcome_percentages
 from pdpo_jax.evaluate.report import plot_outcome_shares
-from pdpo_jax.files import atomic_write_json, atomic_write_text
+from pdpo_jax.storage import atomic_write_json, atomic_write_text
 
 FLIPPED = {"win": "lose", "draw": "draw", "lose": "win"}
 

@@ -21,7 +21,6 @@ from pdpo_jax.data.batching import (
 )
 from pdpo_jax.data.dialogue import MODEL, PARTNER, Dialogue, ModelTurn, Turn, history_speakers
 from pdpo_jax.data.dnli import CATEGORIES, CATEGORY_OF_GROUP, DnliExample, read_dnli
-from pdpo_jax.data.errors import DataError
 from pdpo_jax.data.examples import Example, examples_from_dialogues, split_dialogues
 from pdpo_jax.data.fbdialog import read_fbdialog
 from pdpo_jax.data.hf_personachat import read_hf_personachat
@@ -32,6 +31,7 @@ from pdpo_jax.data.jsonl import read_dialogue_jsonl, write_dialogue_jsonl
 from pdpo_jax.data.loading import detect_format, load_dialogues
 from pdpo_jax.data.nli_pairs import NLI_LABELS, NliPair, read_nli_pairs
 from pdpo_jax.data.overlap import OverlapReport, drop_overlapping, normalize_utterance
+from pdpo_jax.errors import DataError
 from pdpo_jax.data.packing import (
     DialogueChunk,
     PackedRow,

@@ -15,8 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pdpo_jax.data._files import json_lines, string_list
-from pdpo_jax.data.errors import DataError
+from pdpo_jax.data.fields import string_list
+from pdpo_jax.errors import DataError
+from pdpo_jax.storage import json_lines
 
 CATEGORY_OF_GROUP = {"label": "hits", "neg": "contradict", "similar": "entail", "rand": "rand"}
 CATEGORIES = tuple(CATEGORY_OF_GROUP.values())

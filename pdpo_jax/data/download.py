@@ -16,9 +16,9 @@ Layout written under --out (the paths the configs in configs/paper/ read):
 Files are taken out of an archive by their base name, whatever folder they sit in inside it, so
 the layout does not depend on how an archive was packed. A download is streamed to a temporary
 file and renamed into place only once complete (and, where its digest is known, verified); an
-interrupted download leaves nothing behind. Extracted files go to a staging folder, are checked
-against the digests we know, and only then move into place, with a MANIFEST.json of what came
-from where.
+interrupted download leaves nothing behind. Extracted files go to a folder built beside the
+target, are checked against the digests we know, and only then replace the target whole, with a
+MANIFEST.json of what came from where.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from http.cookiejar import CookieJar
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterator, Sequence
 
-from pdpo_jax.files import atomic_write_json, umask_file_mode
 from pdpo_jax.errors import RunFailed, UsageError
+from pdpo_jax.storage import atomic_write_json, commit_directory, umask_file_mode
 
 CHUNK = 1 << 16
 DOWNLOADS_DIR = ".downloads"
@@ -374,33 +374,26 @@ def _verify_staged(archive: Path, source: Source, staging: Path, entries: dict[s
 def install_from_archive(archive: str | Path, source: Source, out_dir: str | Path) -> Path:
     """Unpacks (or for a plain file, copies) `archive` into `out_dir/<source.name>/`.
 
-    Everything is staged next to the target first: the target only changes once every file is in
-    hand and matches the digests we know.
+    The folder is built beside the target and swapped in whole (`pdpo_jax.storage.commit_directory`)
+    once every file is in hand and matches the digests we know; until then the target is as it was.
     """
     archive, out_dir = Path(archive), Path(out_dir)
     if not archive.is_file():
         raise DownloadError(f"{archive}: no such file")
     target = out_dir / source.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{source.name}.", suffix=".staging", dir=out_dir))
-    try:
+    if source.kind != "file":
+        _check_names(archive, source.kind)
+    with commit_directory(target) as staging:
         if source.kind == "file":
             shutil.copyfile(archive, staging / source.archive_name)
             entries = {source.archive_name: {"member": archive.name, "sha256": file_digest(archive)}}
         else:
-            _check_names(archive, source.kind)
             entries = _stage_members(archive, source, staging)
             _verify_staged(archive, source, staging, entries)
-        target.mkdir(parents=True, exist_ok=True)
-        (target / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until the new manifest lands
-        for name in entries:
-            os.replace(staging / name, target / name)
-        atomic_write_json(target / MANIFEST, {
+        atomic_write_json(staging / MANIFEST, {
             "source": source.name, "url": source.url, "archive": archive.name,
             "archive_sha256": file_digest(archive), "files": entries,
         })
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

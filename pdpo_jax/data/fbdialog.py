@@ -14,9 +14,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pdpo_jax.data._files import text_lines
 from pdpo_jax.data.dialogue import MODEL, PARTNER, Dialogue, Turn, with_swapped
-from pdpo_jax.data.errors import DataError
+from pdpo_jax.errors import DataError
+from pdpo_jax.storage import text_lines
 
 SELF_PERSONA = "your persona:"
 PARTNER_PERSONA = "partner's persona:"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pdpo_jax.data.dialogue import MODEL, PARTNER, Dialogue, Turn, with_swapped
-from pdpo_jax.data.errors import DataError
+from pdpo_jax.errors import DataError
 
 _SILENCE_FORMS = {"__silence__", "__ silence __"}
 

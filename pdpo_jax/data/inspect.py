@@ -17,13 +17,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pdpo_jax.data._files import json_records, text_lines
 from pdpo_jax.data.dnli import CATEGORIES, PROTOCOLS, read_dnli
-from pdpo_jax.data.errors import DataError
 from pdpo_jax.data.examples import examples_from_dialogues
 from pdpo_jax.data.loading import detect_format, load_dialogues
 from pdpo_jax.data.nli_pairs import NLI_LABELS, nli_pairs_layout, read_nli_pairs
 from pdpo_jax.data.parallel_text import is_parallel_file
+from pdpo_jax.errors import DataError
+from pdpo_jax.storage import json_records, text_lines
 
 DNLI = "dnli"
 NLI_PAIRS = "nli-pairs"

@@ -32,9 +32,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pdpo_jax.data._files import json_lines, string_list, text_lines
 from pdpo_jax.data.dialogue import MODEL, PARTNER, Dialogue, alternating_turns, with_swapped
-from pdpo_jax.data.errors import DataError
+from pdpo_jax.data.fields import string_list
+from pdpo_jax.errors import DataError
+from pdpo_jax.storage import json_lines, text_lines
 
 PERSONA_SHEET = "ペルソナリスト"
 DIALOGUE_SHEET = "対話"

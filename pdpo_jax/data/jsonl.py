@@ -15,10 +15,10 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from pdpo_jax.data._files import json_lines, string_list
-from pdpo_jax.files import atomic_write_text
 from pdpo_jax.data.dialogue import SPEAKERS, Dialogue, Turn, with_swapped
-from pdpo_jax.data.errors import DataError
+from pdpo_jax.data.fields import string_list
+from pdpo_jax.errors import DataError
+from pdpo_jax.storage import atomic_write_text, json_lines
 
 
 def read_dialogue_jsonl(path: str | Path, both_speakers: bool = False) -> list[Dialogue]:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pdpo_jax.data._files import json_lines
 from pdpo_jax.data.dialogue import Dialogue
-from pdpo_jax.data.errors import DataError
 from pdpo_jax.data.fbdialog import read_fbdialog
 from pdpo_jax.data.hf_personachat import read_hf_personachat
 from pdpo_jax.data.jpersonachat import read_jpersonachat
 from pdpo_jax.data.jsonl import read_dialogue_jsonl
 from pdpo_jax.data.parallel_text import is_parallel_file, read_parallel_personachat
+from pdpo_jax.errors import DataError
+from pdpo_jax.storage import json_lines
 
 FORMATS = ("auto", "fbdialog", "hf", "jpersonachat", "jsonl", "parallel")
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pdpo_jax.data._files import json_records, text_lines
-from pdpo_jax.data.errors import DataError
+from pdpo_jax.errors import DataError
+from pdpo_jax.storage import json_records, text_lines
 
 NLI_LABELS = ("contradiction", "neutral", "entailment")  # the classifier's class order
 LABEL_OF_NAME = {

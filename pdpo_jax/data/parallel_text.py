@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from itertools import zip_longest
 from pathlib import Path
 
-from pdpo_jax.data._files import text_lines
 from pdpo_jax.data.dialogue import MODEL, PARTNER, Dialogue, Turn, with_swapped
-from pdpo_jax.data.errors import DataError
+from pdpo_jax.errors import DataError
+from pdpo_jax.storage import text_lines
 
 ROLES = ("per", "src", "tgt")
 PERSONA_SEPARATOR = "</s>"

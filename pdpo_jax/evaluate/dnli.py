@@ -36,17 +36,17 @@ from typing import Any, Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from pdpo_jax.errors import PdpoError
 from pdpo_jax.data.batching import bucketed_length, empty_batch, shared_prompt_batch, with_scored_positions
 from pdpo_jax.data.dnli import CATEGORIES, PROTOCOLS, DnliExample, read_dnli
 from pdpo_jax.data.examples import Example
 from pdpo_jax.data.templates import PromptTemplate, load_template
 from pdpo_jax.data.tokenization import PromptEncoder
+from pdpo_jax.errors import PdpoError
 from pdpo_jax.evaluate.report import dnli_markdown, plot_dnli
-from pdpo_jax.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from pdpo_jax.model import Model, pad_id, require_tokenizer
 from pdpo_jax.parallel import rows_for_mesh
 from pdpo_jax.scoring import Scorer, make_scorer
+from pdpo_jax.storage import atomic_write_json, atomic_write_jsonl, atomic_write_text
 
 SCORINGS = ("sum", "mean")  # summed log-likelihood (the paper), or per-token mean
 DNLI_SUFFIXES = (".jsonl", ".json")

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
-from pdpo_jax.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from pdpo_jax.config import JudgeSection
 from pdpo_jax.evaluate import report
+from pdpo_jax.storage import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from pdpo_jax.evaluate.judge_pairs import (
     PairItem,
     PairJudge,

@@ -35,7 +35,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import numpy as np
 
 from pdpo_jax.evaluate.judge_client import JudgeCallFailed, JudgeConfigError, JudgmentCache, cache_key
-from pdpo_jax.files import jsonl_objects
+from pdpo_jax.storage import jsonl_objects
 from pdpo_jax.evaluate.judge_prompts import (
     JudgePrompt,
     Message,

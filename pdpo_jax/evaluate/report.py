@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from pdpo_jax.files import atomic_write_bytes, atomic_write_text
 from pdpo_jax.metrics_log import read_metrics_jsonl
+from pdpo_jax.storage import atomic_write_bytes, atomic_write_text
 
 # DNLI: (key in the report, column title). Hits/Entail: higher is better; Rand/Contradict: lower.
 DNLI_METRICS: tuple[tuple[str, str, bool], ...] = (

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from pdpo_jax.errors import PdpoError
-from pdpo_jax.files import jsonl_objects
+from pdpo_jax.storage import jsonl_objects
 
 __all__ = ["ResponseExamplesError", "persona_copy", "read_conversations", "read_responses", "response_examples_markdown"]
 

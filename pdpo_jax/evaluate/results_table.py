@@ -27,7 +27,7 @@ from pdpo_jax.evaluate.dnli_stats import (
     DEFAULT_SAMPLES, OVERALL, PAIRED_CATEGORIES, ModelPredictions, dnli_statistics, predictions_from_records,
 )
 from pdpo_jax.evaluate.report import DNLI_METRICS, PPO_CURVE_METRICS, _table, plot_dnli, plot_training_curves
-from pdpo_jax.files import atomic_write_json, atomic_write_text, jsonl_objects
+from pdpo_jax.storage import atomic_write_json, atomic_write_text, jsonl_objects
 
 INTERVALS_NOTE = ("{confidence:.0f}% percentile-bootstrap intervals over examples ({samples} resamples, seed {seed}); "
                   "a subset resamples within itself, overall within each subset (stratified: subset sizes fixed).")

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from pdpo_jax.evaluate import report as plots
-from pdpo_jax.files import atomic_write_text
+from pdpo_jax.storage import atomic_write_text
 from pdpo_jax.run_layout import RunLayout
 
 EVALUATED_MODELS = ("sft", "rl", "dpo")

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -28,6 +26,7 @@ from pdpo_jax.model.config import ModelConfig
 from pdpo_jax.model.decoder import param_shapes
 from pdpo_jax.model.family import CLASSIFIER_HEAD, LM_HEAD, TRANSFORMS, family_for
 from pdpo_jax.model.layer_stack import per_layer_leaves
+from pdpo_jax.storage import commit_directory
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -347,8 +346,8 @@ def save_hf(out_dir: str | os.PathLike, config: ModelConfig, params: Any, *, tok
             max_shard_bytes: int = 2 * 1024**3, generation_config: Any = None,
             hf_config: Mapping[str, Any] | None = None, num_labels: int | None = None) -> Path:
     """Writes a directory transformers loads: config.json, safetensors (sharded with an index above
-    `max_shard_bytes`), tokenizer files, generation_config.json. Written to a temporary sibling and
-    renamed into place, so a crash never leaves a half-written model at `out_dir`.
+    `max_shard_bytes`), tokenizer files, generation_config.json. Built beside `out_dir` and swapped in
+    whole (`pdpo_jax.storage.commit_directory`), so a crash never leaves a half-written model there.
 
     A sequence classifier passes `num_labels` and its config.json dict as `hf_config` (default:
     `config.to_hf()`, a causal LM)."""
@@ -358,30 +357,15 @@ def save_hf(out_dir: str | os.PathLike, config: ModelConfig, params: Any, *, tok
         for _ in to_hf_tensors(config, params, num_labels):  # join the gathers of sharded arrays, keep nothing
             pass
         return out_dir
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with commit_directory(out_dir) as building:
         hf_config = config.to_hf() if hf_config is None else dict(hf_config)
-        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
-        write_safetensors(tmp, to_hf_tensors(config, params, num_labels), hf_tensor_sizes(config, params, num_labels),
-                          max_shard_bytes)
+        (building / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+        write_safetensors(building, to_hf_tensors(config, params, num_labels),
+                          hf_tensor_sizes(config, params, num_labels), max_shard_bytes)
         if tokenizer is not None:
-            tokenizer.save_pretrained(os.fspath(tmp))
+            tokenizer.save_pretrained(os.fspath(building))
         gen = generation_config if generation_config is not None else default_generation_config(config)
         if hasattr(gen, "to_dict"):
             gen = gen.to_dict()
-        (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (building / GENERATION_CONFIG_FILE).write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
     return out_dir
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-    os.replace(target, old / "previous")
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from pdpo_jax.errors import ModelDirError
-from pdpo_jax.files import atomic_write_json
-from pdpo_jax.matmul import matmul_last_axis
+from pdpo_jax.storage import atomic_write_json
+from pdpo_jax.projection import matmul_last_axis
 from pdpo_jax.model.checkpoint import CONFIG_FILE, save_hf
 from pdpo_jax.model.config import ModelConfig
 from pdpo_jax.model.decoder import Decoder

@@ -20,7 +20,7 @@ import numpy as np
 from pdpo_jax.backend_forms import by_backend
 from pdpo_jax.model.config import ModelConfig
 from pdpo_jax.model.family import family_for
-from pdpo_jax.matmul import matmul_last_axis
+from pdpo_jax.projection import matmul_last_axis
 from pdpo_jax.parallel import STACKED_LAYERS
 
 Array = jax.Array

@@ -28,6 +28,7 @@ import numpy as np
 
 from pdpo_jax.errors import PdpoError
 from pdpo_jax.model.family import GgufNames, family_of_gguf_architecture, gguf_architectures
+from pdpo_jax.storage import commit_directory
 
 # Written last into a converted directory; its presence means the directory is complete.
 COMPLETE_MARKER = "gguf_source.json"
@@ -70,22 +71,16 @@ class LlamaShape:
 def gguf_to_hf_dir(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Convert `gguf_path` into a new Hugging Face directory at `out_dir` and return its path.
 
-    The directory is built under a temporary sibling name and renamed into place, so `out_dir`
-    is either absent or complete. An existing `out_dir` raises `FileExistsError` (so does
+    The directory is built beside `out_dir` and renamed into place
+    (`pdpo_jax.storage.commit_directory`), so `out_dir` is either absent or complete. An existing `out_dir` raises `FileExistsError` (so does
     another writer renaming its directory into place first, as an `OSError`).
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists")
     reader = open_gguf(gguf_path)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = make_sibling_dir(out_dir, "tmp")
-    try:
-        write_hf_files(reader, gguf_path, staging)
-        os.rename(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with commit_directory(out_dir, replace=False) as building:
+        write_hf_files(reader, gguf_path, building)
     return out_dir
 
 

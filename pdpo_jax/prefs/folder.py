@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pdpo_jax.config import RunConfig, config_to_dict
-from pdpo_jax.files import atomic_write_json, atomic_write_text, is_done
+from pdpo_jax.storage import atomic_write_json, atomic_write_text, is_done
 from pdpo_jax.prefs.record import SPLITS, PreferenceRecord, PrefsError
 
 SHARD_PATTERN = "shard-{:05d}.jsonl"

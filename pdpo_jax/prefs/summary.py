@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pdpo_jax.config import RunConfig
-from pdpo_jax.files import atomic_write_json, mark_done
+from pdpo_jax.storage import atomic_write_json, mark_done
 from pdpo_jax.generation import sampler_description
 from pdpo_jax.prefs.build import PairJob, shard_count
 from pdpo_jax.prefs.folder import SUMMARY_FILE, read_shard, shard_path

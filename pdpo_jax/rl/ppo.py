@@ -47,7 +47,7 @@ from jax.sharding import Mesh
 from pdpo_jax.config import RLSection
 from pdpo_jax.data import PromptEncoder
 from pdpo_jax.generation import Greedy, Sampler
-from pdpo_jax.losses import (
+from pdpo_jax.objectives import (
     Metrics,
     adaptive_kl_coef,
     gae_advantages,

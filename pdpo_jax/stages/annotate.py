@@ -19,7 +19,7 @@ from pdpo_jax.annotation.items import SOURCES_HELP, sample_items, study_items
 from pdpo_jax.annotation.server import DEFAULT_HOST, DEFAULT_PORT, serve
 from pdpo_jax.annotation.store import LANGUAGES, Study
 from pdpo_jax.annotation.study_report import report_markdown, study_report, write_report
-from pdpo_jax.files import atomic_write_jsonl
+from pdpo_jax.storage import atomic_write_jsonl
 from pdpo_jax.stage_runner import StageParser, stage_parser
 
 PROG = "pdpo annotate"

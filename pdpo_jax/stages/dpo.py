@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pdpo_jax.files import atomic_write_json
+from pdpo_jax.storage import atomic_write_json
 from pdpo_jax.config import RunConfig
 from pdpo_jax.data import PromptEncoder
 from pdpo_jax.data.pairs import PairIds, dpo_batch

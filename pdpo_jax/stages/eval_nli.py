@@ -11,7 +11,7 @@ import json
 
 from pdpo_jax.data import read_nli_pairs
 from pdpo_jax.evaluate.nli_accuracy import evaluate_nli
-from pdpo_jax.files import atomic_write_json
+from pdpo_jax.storage import atomic_write_json
 from pdpo_jax.model.classifier import load_classifier
 from pdpo_jax.parallel import initialize_distributed, is_primary, make_mesh
 from pdpo_jax.stage_runner import parse_mesh, stage_parser

@@ -16,7 +16,7 @@ from typing import Any
 
 from pdpo_jax.data import PromptEncoder
 from pdpo_jax.errors import PdpoError, UsageError
-from pdpo_jax.files import atomic_write_jsonl, jsonl_objects
+from pdpo_jax.storage import atomic_write_jsonl, jsonl_objects
 from pdpo_jax.generation import respond_to_conversations, sampler_from_config
 from pdpo_jax.model import Model, load_model, require_tokenizer
 from pdpo_jax.parallel import initialize_distributed, is_primary, make_mesh

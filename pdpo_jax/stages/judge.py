@@ -27,7 +27,7 @@ from pdpo_jax.evaluate import report
 from pdpo_jax.evaluate.judge_prompts import PROMPTS
 from pdpo_jax.evaluate.judge_evaluation import JudgeSettings, run_judge, settings_from_section
 from pdpo_jax.evaluate.judge_stats import DEFAULT_GAMES
-from pdpo_jax.files import mark_done
+from pdpo_jax.storage import mark_done
 from pdpo_jax.parallel import primary_decides
 from pdpo_jax.run_layout import JUDGED_MODELS, RunLayout
 from pdpo_jax.stage_runner import StageParser, claim_run_dir, finished, stage_parser

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from pdpo_jax.config import RunConfig
 from pdpo_jax.data import PromptEncoder
 from pdpo_jax.data.corpus import prepare_corpus
-from pdpo_jax.files import append_jsonl
+from pdpo_jax.storage import append_jsonl
 from pdpo_jax.generation import sampler_from_config
 from pdpo_jax.model.digest import model_digest
 from pdpo_jax.model.hub import looks_like_hub_id
@@ -51,8 +51,6 @@ def make_prefs(config: RunConfig) -> dict[str, Any]:
     On a pod every host samples and scores every batch on the shared mesh; process 0 alone
     decides which shards are missing and writes them, so each file is written once."""
     prefs, prefs_dir = config.prefs, RunLayout.of(config).prefs
-    if prefs.batch_size < 1 or prefs.shard_size < 1 or prefs.max_new_tokens < 1:
-        raise PrefsError("prefs.batch_size, prefs.shard_size and prefs.max_new_tokens must be positive")
     mesh = build_mesh(config)
     paths = RunLayout.of(config).preference_models(config)
     if finished(prefs_dir):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pdpo_jax.config import ConfigError, RunConfig
 from pdpo_jax.errors import UsageError
-from pdpo_jax.files import atomic_write_json
+from pdpo_jax.storage import atomic_write_json
 from pdpo_jax.parallel import is_primary
 from pdpo_jax.run_layout import RunLayout
 from pdpo_jax.stage_runner import build_mesh, claim_run_dir, config_from_args, stage_parser, write_resolved_config

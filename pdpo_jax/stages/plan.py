@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from pdpo_jax.errors import UsageError
-from pdpo_jax.files import atomic_write_json
+from pdpo_jax.storage import atomic_write_json
 from pdpo_jax.planning.programs import PROGRAMS, Shapes
 from pdpo_jax.planning.report import DoesNotFit, plan_run, refusal_message, render_text
 from pdpo_jax.planning.slices import parse_slice, slice_of_config_comment

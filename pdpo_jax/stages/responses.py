@@ -25,7 +25,7 @@ from pdpo_jax.config import ConfigError, RunConfig
 from pdpo_jax.data import PromptEncoder
 from pdpo_jax.data.corpus import pick_test_turns, prepare_corpus
 from pdpo_jax.errors import ModelDirError
-from pdpo_jax.files import atomic_write_jsonl
+from pdpo_jax.storage import atomic_write_jsonl
 from pdpo_jax.generation import respond_to_conversations, sampler_description, sampler_from_config
 from pdpo_jax.parallel import barrier, is_primary, primary_decides
 from pdpo_jax.run_layout import RESPONDING_MODELS, RunLayout

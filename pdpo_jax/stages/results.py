@@ -23,7 +23,7 @@ from pdpo_jax.evaluate.dnli_stats import DEFAULT_SAMPLES
 from pdpo_jax.evaluate.response_examples import read_conversations, read_responses, response_examples_markdown
 from pdpo_jax.evaluate.results_table import read_dnli_result, results_table, write_results_table
 from pdpo_jax.evaluate.run_summary import write_summary
-from pdpo_jax.files import atomic_write_text
+from pdpo_jax.storage import atomic_write_text
 from pdpo_jax.parallel import primary_decides
 from pdpo_jax.run_layout import RunLayout
 from pdpo_jax.stage_runner import StageParser, stage_parser

@@ -22,7 +22,7 @@ from pdpo_jax.config import RunConfig
 from pdpo_jax.errors import ModelDirError
 from pdpo_jax.data import PromptEncoder, examples_from_dialogues
 from pdpo_jax.data.corpus import prepare_corpus
-from pdpo_jax.files import atomic_write_json
+from pdpo_jax.storage import atomic_write_json
 from pdpo_jax.generation import context_limit, sampler_description, sampler_from_config
 from pdpo_jax.metrics_log import read_metrics_jsonl
 from pdpo_jax.model.classifier import load_classifier

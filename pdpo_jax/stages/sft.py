@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from pdpo_jax.files import atomic_write_json
+from pdpo_jax.storage import atomic_write_json
 from pdpo_jax.config import RunConfig
 from pdpo_jax.data import PromptEncoder, examples_from_dialogues, per_turn_batch, tokenize_examples
 from pdpo_jax.data.corpus import prepare_corpus

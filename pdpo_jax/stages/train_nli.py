@@ -21,7 +21,7 @@ from typing import Any
 from pdpo_jax.config import ConfigError, NliSection, RunConfig
 from pdpo_jax.data import NLI_LABELS, NliPair, read_nli_pairs
 from pdpo_jax.data.nli_batches import EncodedPair, encode_pairs, nli_batch, split_pairs
-from pdpo_jax.files import atomic_write_json
+from pdpo_jax.storage import atomic_write_json
 from pdpo_jax.model import pad_id
 from pdpo_jax.model.classifier import Classifier, load_classifier, save_classifier, with_classifier_head, write_classifier_files
 from pdpo_jax.parallel import barrier, host_rows, is_primary

@@ -11,15 +11,14 @@ like a Hugging Face directory.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from pdpo_jax.files import atomic_write_json
 from pdpo_jax.model.model_dir import copy_model_files, write_params
+from pdpo_jax.storage import atomic_write_json, commit_directory, recover_directory
 
 BEST_INFO = "best.json"
 
@@ -61,37 +60,24 @@ class TrainCheckpointer:
 def save_best_params(best_dir: str | Path, params: Any, model_dir: str | Path, info: dict[str, Any]) -> None:
     """Writes the best parameters next to the base model's config and tokenizer files.
 
-    Written into a sibling temporary folder and renamed, so `best/` is always one complete model
-    (a kill between the two renames leaves the previous one as `best.old`, see `recover_best_dir`).
-    Every process takes part in the orbax save; the first one alone touches files.
+    Built beside `best/` and swapped in whole (`pdpo_jax.storage.commit_directory`), so `best/` is
+    always one complete model. Every process takes part in the orbax save; the first one alone
+    touches files.
     """
     best_dir = Path(best_dir).absolute()
-    tmp_dir = best_dir.with_name(best_dir.name + ".tmp")
-    old_dir = best_dir.with_name(best_dir.name + ".old")
     primary = jax.process_index() == 0
-    if primary:
-        recover_best_dir(best_dir)
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        tmp_dir.mkdir(parents=True)
-    _sync("pdpo_best_params_start")
-    write_params(tmp_dir, params)
-    if primary:
-        copy_model_files(model_dir, tmp_dir, skip=(BEST_INFO,))
-        atomic_write_json(tmp_dir / BEST_INFO, info)
-        shutil.rmtree(old_dir, ignore_errors=True)
-        if best_dir.exists():
-            best_dir.rename(old_dir)
-        tmp_dir.rename(best_dir)
-        shutil.rmtree(old_dir, ignore_errors=True)
+    with commit_directory(best_dir, tag="all-processes", commit=primary) as building:
+        _sync("pdpo_best_params_start")
+        write_params(building, params)
+        if primary:
+            copy_model_files(model_dir, building, skip=(BEST_INFO,))
+            atomic_write_json(building / BEST_INFO, info)
     _sync("pdpo_best_params_done")
 
 
 def recover_best_dir(best_dir: str | Path) -> None:
-    """Puts `best.old` back as `best` when a save was killed between its two renames."""
-    best_dir = Path(best_dir).absolute()
-    old_dir = best_dir.with_name(best_dir.name + ".old")
-    if old_dir.is_dir() and not best_dir.exists():
-        old_dir.rename(best_dir)
+    """Puts the previous `best/` back when a save was killed between its two renames."""
+    recover_directory(Path(best_dir).absolute())
 
 
 def _sync(name: str) -> None:

@@ -11,16 +11,18 @@ from typing import Any, Callable
 import jax
 from jax.sharding import Mesh
 
+from pdpo_jax.config import TrainingSection
 from pdpo_jax.train.batches import StepBatches
 from pdpo_jax.train.loop import LoopPlan, run_loop, total_steps
 from pdpo_jax.train.optim import make_optimizer
 from pdpo_jax.train.steps import create_train_state, jit_eval_step, jit_train_step, put_micro_batches, state_shardings
 
 
-def fit(*, model: Any, objective: Callable, section: Any, train: StepBatches, val: StepBatches, out_dir: Path,
+def fit(*, model: Any, objective: Callable, section: TrainingSection, train: StepBatches, val: StepBatches, out_dir: Path,
         mesh: Mesh, seed: int, select_metric: str, select_higher: bool, description: str) -> dict[str, Any]:
-    """Trains `model.params` with `objective` under the stage `section` (optimizer, epochs, max_steps,
-    eval_every, checkpoint_every) and returns the loop's summary (without the final state)."""
+    """Trains `model.params` with `objective` under a training stage's `section` (its optimizer,
+    epochs, max_steps, eval_every, checkpoint_every) and returns the loop's summary (without the
+    final state)."""
     steps = total_steps(section.epochs, train.steps_per_epoch(), section.max_steps)
     optimizer, schedule = make_optimizer(section.optimizer, steps)
     shardings = state_shardings(model.params, optimizer, mesh)

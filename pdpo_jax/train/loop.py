@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 from pdpo_jax.errors import RunFailed
 from pdpo_jax.metrics_log import MetricsLog, json_float
-from pdpo_jax.losses import Metrics, finalize_metrics, merge_metrics
 from pdpo_jax.model.model_dir import abstract_like
+from pdpo_jax.objectives import Metrics, finalize_metrics, merge_metrics
 from pdpo_jax.train.checkpoints import TrainCheckpointer, recover_best_dir, save_best_params
 
 

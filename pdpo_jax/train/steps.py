@@ -12,7 +12,6 @@ accumulated batch, however the items fall into micro-batches.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
 
@@ -23,7 +22,8 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from pdpo_jax.losses import Metrics, classification_loss, dpo_loss, merge_metrics, sft_loss, split_chosen_rejected
+from pdpo_jax.objectives import (DPOSettings, Metrics, classification_loss, dpo_loss, merge_metrics, sft_loss,
+                                 split_chosen_rejected)
 from pdpo_jax.model import ModelConfig
 from pdpo_jax.model.classifier import classifier_logits
 from pdpo_jax.parallel import BATCH_AXES, param_shardings, place_batch, replicated
@@ -51,14 +51,6 @@ def sft_objective(params: Any, batch: dict[str, jax.Array], *, config: ModelConf
     loss, metrics = sft_loss(token_logps(params, config, batch), batch["loss_mask"])
     # The metric sums are detached, so the differentiable sum is the mean times its (constant) count.
     return loss * metrics["loss"][1], metrics
-
-
-@dataclass(frozen=True)
-class DPOSettings:
-    beta: float = 0.5
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-    reference_free: bool = False
 
 
 def pairs_in(batch: dict[str, jax.Array]) -> int:

@@ -1,0 +1,281 @@
+"""Writing files and committing directories so that a reader never sees a half-written one.
+
+    atomic_write_bytes/text/json/jsonl   a file written to a temporary name and renamed into place
+    append_jsonl, read_jsonl, jsonl_objects   JSON lines, appended durably and read back
+    text_lines, json_lines, json_records      input files line by line, errors naming the line
+    mark_done, is_done                   a stage's DONE marker, written last
+    commit_directory                     a directory built beside its target and swapped in whole
+    recover_directory                    what the next writer or reader does after a crash mid-swap
+
+Everything a stage writes goes to a temporary name in the same folder and is renamed into place;
+a stage's `DONE` marker is written last, so a stage without one is unfinished and is rerun.
+Paths are `str | Path` throughout and every operation names the file or directory it produces,
+so that another store can stand behind the same few calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+from pdpo_jax.errors import DataError
+
+
+def umask_file_mode() -> int:
+    """The mode `open()` would give a new file (0o666 less the umask). `mkstemp` creates its files
+    0o600, so a file renamed into place from it gets this mode first: run directories stay
+    readable by whoever may read the others' files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, umask_file_mode())
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    # allow_nan=False: NaN/inf are not JSON; callers turn "undefined" into None first.
+    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def atomic_write_jsonl(path: str | Path, rows: list[Any]) -> Path:
+    text = "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
+    return atomic_write_text(path, text)
+
+
+def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
+    """Appends one JSON line and flushes it to disk (a crash loses at most the line being written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Reads a JSON-lines file, tolerating a torn last line left by a crash mid-write."""
+    records = []
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not valid JSON") from None
+    return records
+
+
+def jsonl_objects(path: str | Path, error: type[Exception] = ValueError) -> Iterator[tuple[str, dict[str, Any]]]:
+    """`("file:line", object)` for every non-blank line of a JSON-lines file of objects; anything
+    else raises `error` naming the file and line."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise error(f"{where}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise error(f"{where}: expected a JSON object")
+            yield where, row
+
+
+# --- input files, line by line -------------------------------------------------------------------
+
+
+def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line without its end-of-line characters), decoding UTF-8 strictly."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(path, number, f"invalid UTF-8 (byte {err.start} of the line)") from None
+            if number == 1:
+                line = line.removeprefix("\ufeff")
+            yield number, line.rstrip("\r\n")
+
+
+def json_lines(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a JSON Lines file."""
+    for number, record in _json_values(path):
+        if not isinstance(record, dict):
+            raise DataError(path, number, f"expected a JSON object, found {type(record).__name__}")
+        yield number, record
+
+
+def json_records(path: str | Path) -> Iterator[tuple[int, int | None, dict[str, Any]]]:
+    """(line number, position in that line's array or None, object) for a file whose lines hold JSON
+    objects or JSON arrays of objects (a whole data set may be one array on one line)."""
+    for number, value in _json_values(path):
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for position, record in items:
+            if not isinstance(record, dict):
+                where = "" if position is None else f"item {position} of the array: "
+                raise DataError(path, number, f"{where}expected a JSON object, found {type(record).__name__}")
+            yield number, position, record
+
+
+def _json_values(path: str | Path) -> Iterator[tuple[int, Any]]:
+    for number, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(path, number, f"not valid JSON ({err.msg} at column {err.colno})") from None
+        yield number, value
+
+
+# --- stage markers ----------------------------------------------------------------------------------
+
+DONE_MARKER = "DONE"
+
+
+def mark_done(stage_dir: str | Path, summary: dict[str, Any] | None = None) -> None:
+    atomic_write_json(Path(stage_dir) / DONE_MARKER, summary or {})
+
+
+def is_done(stage_dir: str | Path) -> bool:
+    return (Path(stage_dir) / DONE_MARKER).exists()
+
+
+# --- directories ------------------------------------------------------------------------------------
+
+OLD_SUFFIX = ".old"  # `<name>.old`: the previous copy, set aside for the moment of a swap
+BUILDING_INFIX = ".tmp-"  # `<name>.tmp-<tag>`: a copy being built
+
+
+@contextlib.contextmanager
+def commit_directory(target: str | Path, *, replace: bool = True, tag: str | None = None,
+                     commit: bool = True) -> Iterator[Path]:
+    """Yields an empty directory beside `target` to build it in; when the block ends without an
+    error the directory becomes `target` whole, and when it raises, `target` is left as it was.
+
+        with commit_directory(stage_dir / "best") as building:
+            write_params(building, params)
+
+    The steps, and what a crash after each leaves for the next call (or `recover_directory`):
+
+      1. build in `<name>.tmp-<tag>`: `target` is untouched; the next call deletes the half-built
+         copy.
+      2. rename `target` to `<name>.old` (when it exists): `target` is missing and `<name>.old`
+         holds the previous copy; the next call puts it back, so the previous copy is never lost.
+      3. rename the new copy to `target`: done; the next call deletes a leftover `<name>.old`.
+      4. delete `<name>.old`.
+
+    `replace=True`: the caller is the only writer of `target` (a run directory's lock sees to
+    that), so every leftover copy is a crash's and is deleted. `replace=False`: writers may race
+    to create `target` and the first one wins: `target` existing raises `FileExistsError`, another
+    writer committing first makes step 3 fail (`OSError`), and of the leftover copies only those
+    of this host's finished processes are deleted.
+
+    The processes of one multi-process save all enter with the same `tag`; the one with
+    `commit=True` prepares, commits or cleans up, and the others only write into the directory
+    it made (the caller synchronises them before and after the block).
+    """
+    target = Path(target)
+    building = target.with_name(f"{target.name}{BUILDING_INFIX}{tag or _writer_tag()}")
+    if not commit:
+        yield building
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    recover_directory(target, only_dead_writers=not replace)
+    if not replace and target.exists():
+        raise FileExistsError(f"{target} already exists")
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir()
+    try:
+        yield building
+        if replace and target.exists():
+            os.replace(target, _old_copy(target))
+        os.rename(building, target)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        recover_directory(target, only_dead_writers=True)  # the previous copy back, had step 3 failed
+        raise
+    _sync_directory(target.parent)
+    shutil.rmtree(_old_copy(target), ignore_errors=True)
+
+
+def recover_directory(target: str | Path, *, only_dead_writers: bool = False) -> None:
+    """Undoes what a crash inside `commit_directory` left beside `target`: the previous copy goes
+    back when `target` is missing (and is deleted when it is not), and half-built copies are
+    deleted: all of them, or with `only_dead_writers` those of this host's finished processes."""
+    target = Path(target)
+    old = _old_copy(target)
+    if old.is_dir():
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, target)
+    for building in target.parent.glob(f"{target.name}{BUILDING_INFIX}*"):
+        if not only_dead_writers or _built_by_finished_process(building.name[len(target.name) + len(BUILDING_INFIX):]):
+            shutil.rmtree(building, ignore_errors=True)
+
+
+def _old_copy(target: Path) -> Path:
+    return target.with_name(target.name + OLD_SUFFIX)
+
+
+def _writer_tag() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _built_by_finished_process(tag: str) -> bool:
+    """True for a `_writer_tag()` of this host whose process has ended."""
+    host, _, pid = tag.rpartition("-")[0].rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _sync_directory(path: Path) -> None:
+    """Flushes a directory's entries (the renames in it) to disk, where the platform allows."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
