@@ -96,7 +96,7 @@ def test_bad_input_names_file_and_line(tiny_model, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_the_bundled_default_model_answers(capsys):
+def test_the_bundled_default_model_answers(capsys, bundled_gguf):
     if importlib.util.find_spec("pdpo_jax.model.default_model") is None:
         pytest.skip("pdpo_jax.model.default_model is not part of this checkout")
     from pdpo_jax.model.default_model import bundled_gguf_path

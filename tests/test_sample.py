@@ -258,7 +258,7 @@ CHAT_PROMPTS = [
 ]
 
 
-def test_bundled_model_greedy_chat_equals_transformers():
+def test_bundled_model_greedy_chat_equals_transformers(bundled_gguf):
     default_model = pytest.importorskip("pdpo_jax.model.default_model", reason="the bundled model module is absent")
     try:
         model_dir = default_model.default_model_dir()

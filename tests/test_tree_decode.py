@@ -128,7 +128,7 @@ def test_batches_with_a_similar_shape_share_one_compilation(tiny_dirs):
     assert _tree_decode._cache_size() == compiled
 
 
-def test_bundled_model_samples_staged_dialogues_as_per_turn(shared_data):
+def test_bundled_model_samples_staged_dialogues_as_per_turn(shared_data, bundled_gguf):
     """A sampling batch of make-prefs on staged train dialogues (donor personas, chat template)."""
     default_model = pytest.importorskip("pdpo_jax.model.default_model", reason="the bundled model module is absent")
     try:
