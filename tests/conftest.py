@@ -13,6 +13,7 @@ does one of those things without its fixture fails (`HeavyWorkGuard`), so the fa
 
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -94,6 +95,9 @@ class HeavyWorkGuard:
     without the marker its fixture gives (an audit hook: it sees every such call, from any code)."""
 
     PROCESS_EVENTS = ("subprocess.Popen", "os.system", "os.posix_spawn", "os.spawn", "os.exec")
+    # Python (the package, a worker, a script), a shell script, a browser. Libraries' own helpers
+    # (matplotlib's fc-list, platform's uname) are not what the marker is about.
+    GUARDED_PROGRAM = re.compile(r"(python[\d.]*|bash|sh|chromedriver|chrom(e|ium)[\w-]*)")
 
     def __init__(self) -> None:
         self.item: pytest.Item | None = None
@@ -112,7 +116,7 @@ class HeavyWorkGuard:
 
     def needed_marker(self, event: str, args: tuple) -> str | None:
         if event in self.PROCESS_EVENTS:
-            return "subprocess"
+            return "subprocess" if self.GUARDED_PROGRAM.fullmatch(self.program(event, args)) else None
         if event == "import":
             return "tpu_compiler" if args[0] == "libtpu" else None
         if isinstance(args[0], (str, os.PathLike)):  # open
@@ -120,6 +124,18 @@ class HeavyWorkGuard:
             if isinstance(path, str) and (self.bundled_dir_part in path or path in self.bundled_gguf_files):
                 return "bundled_model"
         return None
+
+    @staticmethod
+    def program(event: str, args: tuple) -> str:
+        """The name of the program a process event starts (a shell for os.system)."""
+        if event == "os.system":
+            return "sh"
+        executable, argv = args[0], args[1]
+        if executable is None:
+            argv = [argv] if isinstance(argv, (str, bytes, os.PathLike)) else list(argv)
+            executable = argv[0] if argv else ""
+        name = os.path.basename(os.fsdecode(executable))
+        return name.split()[0] if name.strip() else ""
 
     def audit(self, event: str, args: tuple) -> None:
         item = self.item
