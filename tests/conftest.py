@@ -29,12 +29,18 @@ def jax_cache_dir() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "pdpo_jax" / "jax-cache"
 
 
-# Set as variables, not only in jax.config, so the processes tests start share the cache. Programs
-# compiled in under a tenth of a second are not worth a file.
+# Also set as variables, so the processes tests start share the cache. Programs compiled in under a
+# tenth of a second are not worth a file.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(jax_cache_dir()))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# In case a plugin imported JAX before this file set the variables.
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PDPO_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
