@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from default_model_fixtures import bundled_gguf  # noqa: F401  (pytest fixture)
 from model_fixtures import RecordingSampler, early_stopping_eos, make_tiny_hf_model
 from pdpo_jax.generation import Greedy, TopP, generate, right_padded
 from pdpo_jax.generation.tree_decode import _tree_decode, generate_tree, nested_groups, next_power_of_two, tree_layout
