@@ -151,7 +151,8 @@ class HeavyWorkGuard:
         allowed = (needed, "browser") if needed == "subprocess" else (needed,)
         if needed and not any(item.get_closest_marker(name) for name in allowed):
             fixture = next(f for f, markers in FIXTURE_MARKERS.items() if needed in markers)
-            message = (f"{item.nodeid} does {event} {str(args[0])[:120]!r} without the `{needed}` marker: "
+            what = self.program(event, args) if event in self.PROCESS_EVENTS else str(args[0])[:120]
+            message = (f"{item.nodeid} does {event} {what!r} without the `{needed}` marker: "
                        f"use the `{fixture}` fixture (see tests/conftest.py)")
             self.violations.append(message)
             raise RuntimeError(message)
