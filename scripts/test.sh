@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Runs the whole test suite on CPU. Extra arguments go to pytest (e.g. scripts/test.sh -k losses).
+# Runs the whole test suite on CPU (what CI runs), with the 25 slowest tests listed at the end.
+# `--fast` leaves out the tests that need the bundled model, start processes, compile for TPU or
+# drive a browser (markers given in tests/conftest.py). Other arguments go to pytest
+# (e.g. scripts/test.sh -k losses, scripts/test.sh --fast -x).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
 export JAX_PLATFORMS=cpu
-exec python -m pytest -q "$@"
+exec python -m pytest -q --durations=25 "$@"

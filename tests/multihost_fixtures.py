@@ -1,6 +1,6 @@
 """Starting a multi-process JAX run on 127.0.0.1 for a test: every process on CPU with its own fake
 devices, joined by PDPO_DISTRIBUTED=1 and the standard JAX_* variables, as tpu/launch.sh starts the
-workers of a pod slice."""
+workers of a pod slice. Tests pass the `subprocess_env` fixture as the base environment."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import pytest
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 NUM_PROCESSES = 2
+# The persistent compilation cache of tests/conftest.py, kept where every other JAX_* variable goes.
+JAX_CACHE_VARIABLES = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
 
 
 def free_port() -> int:
@@ -23,8 +25,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def worker_env(port: int, process_id: int, devices_per_process: int, extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("JAX_", "TPU_", "SLURM_", "OMPI_"))}
+def worker_env(base_env: dict[str, str], port: int, process_id: int, devices_per_process: int,
+               extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {key: value for key, value in base_env.items()
+           if key in JAX_CACHE_VARIABLES or not key.startswith(("JAX_", "TPU_", "SLURM_", "OMPI_"))}
     env.update(
         JAX_PLATFORMS="cpu",
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
@@ -40,8 +44,8 @@ def worker_env(port: int, process_id: int, devices_per_process: int, extra: dict
     return env
 
 
-def run_workers(command: list[str], log_dir: Path, *, devices_per_process: int, stall_s: float = 60,
-                deadline_s: float = 300, env: dict[str, str] | None = None) -> None:
+def run_workers(command: list[str], log_dir: Path, *, base_env: dict[str, str], devices_per_process: int,
+                stall_s: float = 60, deadline_s: float = 300, env: dict[str, str] | None = None) -> None:
     """Starts `command` as every process (`{process}` in `env` values becomes its index), and fails
     as soon as one fails, all go quiet for `stall_s` (a hung collective) or `deadline_s` passes,
     killing the rest, which would otherwise wait on a collective that never completes."""
@@ -51,7 +55,7 @@ def run_workers(command: list[str], log_dir: Path, *, devices_per_process: int, 
         log = open(log_dir / f"worker_{process_id}.log", "w+")
         logs.append(log)
         extra = {key: value.format(process=process_id) for key, value in (env or {}).items()}
-        procs.append(subprocess.Popen(command, env=worker_env(port, process_id, devices_per_process, extra),
+        procs.append(subprocess.Popen(command, env=worker_env(base_env, port, process_id, devices_per_process, extra),
                                       cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT))
     start = last_progress = time.monotonic()
     sizes = [0] * NUM_PROCESSES

@@ -47,15 +47,20 @@ def browser_or_skip():
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory):
-    study = Study.create(tmp_path_factory.mktemp("browser") / "study.db", ITEMS)
-    tokens = {name: study.add_annotator(name) for name in ("alice", "bob", "carol")}
+def browser():
     browser = browser_or_skip()
     try:
-        with server_in_thread(study) as base:
-            yield browser, study, {name: link_of(base, token) for name, token in tokens.items()}, tokens
+        yield browser
     finally:
         browser.quit()
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory, browser):
+    study = Study.create(tmp_path_factory.mktemp("browser") / "study.db", ITEMS)
+    tokens = {name: study.add_annotator(name) for name in ("alice", "bob", "carol")}
+    with server_in_thread(study) as base:
+        yield browser, study, {name: link_of(base, token) for name, token in tokens.items()}, tokens
 
 
 def shown_at(browser, position: int | None) -> None:

@@ -136,6 +136,7 @@ def test_twenty_annotators_voting_at_once_store_every_vote_exactly_once(tmp_path
             assert stored[(annotator.name, shown.number)] == shown.winner(choice(k, position))
 
 
+@pytest.mark.usefixtures("subprocess_env")
 def test_votes_the_server_acknowledged_survive_sigkill(tmp_path):
     study = Study.create(tmp_path / "study.db", pair_items(5))
     token = study.add_annotator("alice")

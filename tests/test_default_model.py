@@ -239,7 +239,7 @@ def test_chat_template_renders_identically(our_tokenizer, gguf_reference_tokeniz
 
 
 @pytest.mark.slow
-def test_cli_conversion_is_deterministic_and_imports_no_torch(default_model_path: Path, tmp_path: Path):
+def test_cli_conversion_is_deterministic_and_imports_no_torch(default_model_path: Path, tmp_path: Path, subprocess_env):
     out = tmp_path / "cli_model"
     script = (
         "import sys\n"
@@ -248,7 +248,8 @@ def test_cli_conversion_is_deterministic_and_imports_no_torch(default_model_path
         "assert 'torch' not in sys.modules, 'the conversion imported torch'\n"
         "sys.exit(rc)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=subprocess_env, capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(out)
     for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", COMPLETE_MARKER):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from data_fixtures import byte_bpe_tokenizer
+from default_model_fixtures import bundled_gguf  # noqa: F401  (pytest fixture)
 from model_fixtures import load_torch_model, make_tiny_hf_model
 from pdpo_jax.data import PromptEncoder, read_dnli
 from pdpo_jax import cli
@@ -117,7 +118,7 @@ def test_scores_match_naive_full_sequence_scoring(request, family, template, end
 
 @pytest.mark.slow
 @needs_bundled_model
-def test_bundled_model_matches_naive_full_sequence_scoring():
+def test_bundled_model_matches_naive_full_sequence_scoring(bundled_gguf):
     # The demo file keeps the naive reference (one full forward per candidate) quick on a laptop.
     model = load_model("default")
     _, records = _evaluate(model, [DEMO_DNLI], protocol="all", template="chat-en", max_examples=1, batch_examples=1)
@@ -187,7 +188,7 @@ def test_report_on_staged_files_tiny_model(shared_data, tiny_llama, tmp_path):
 
 @pytest.mark.slow
 @needs_bundled_model
-def test_report_on_staged_files_bundled_model(shared_data, tmp_path):
+def test_report_on_staged_files_bundled_model(shared_data, tmp_path, bundled_gguf):
     files = [shared_data / "dnli" / "valid_havenot.jsonl", shared_data / "dnli" / "valid_likedislike.jsonl"]
     out = tmp_path / "bundled.json"
     assert eval_dnli.main(["--model", "default", "--data", *map(str, files), "--out", str(out), "--max-examples", "2", "--quiet"]) == 0

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from default_model_fixtures import bundled_gguf  # noqa: F401  (pytest fixture)
 from prefs_fixtures import tiny_llama_with_words
 
 from pdpo_jax import cli
@@ -96,7 +97,7 @@ def test_bad_input_names_file_and_line(tiny_model, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_the_bundled_default_model_answers(capsys):
+def test_the_bundled_default_model_answers(capsys, bundled_gguf):
     if importlib.util.find_spec("pdpo_jax.model.default_model") is None:
         pytest.skip("pdpo_jax.model.default_model is not part of this checkout")
     from pdpo_jax.model.default_model import bundled_gguf_path

@@ -197,8 +197,8 @@ def test_an_upward_import_is_caught(tmp_path):
     assert "its own layer" in sibling
 
 
-def test_the_package_root_and_the_command_import_no_jax():
+def test_the_package_root_and_the_command_import_no_jax(subprocess_env):
     """`import pdpo_jax` and `pdpo --help` stay fast: the public names load on first use."""
     code = "import sys, pdpo_jax, pdpo_jax.cli; print('jax' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", code], env=subprocess_env, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

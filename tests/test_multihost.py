@@ -86,7 +86,7 @@ def single_process_params(model_dir: Path, batches: dict[str, np.ndarray]) -> di
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory):
+def two_process_run(tmp_path_factory, subprocess_env):
     root = tmp_path_factory.mktemp("multihost")
     model_dir = make_tiny_hf_model(root, "llama", seed=3)
     batches = global_batches(seed=1)
@@ -95,7 +95,7 @@ def two_process_run(tmp_path_factory):
     run_workers([sys.executable, str(WORKER), "--model", str(model_dir), "--batches", str(root / "batches.npz"),
                  "--checkpoints", str(root / "shared_checkpoints"), "--out", str(out),
                  "--learning-rate", str(LEARNING_RATE), "--adam-eps", str(ADAM_EPS)], log_dir=root,
-                devices_per_process=2)
+                base_env=subprocess_env, devices_per_process=2)
     results = [dict(np.load(out / f"process_{i}.npz")) for i in range(NUM_PROCESSES)]
     return model_dir, batches, results
 

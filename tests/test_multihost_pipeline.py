@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from multihost_fixtures import REPO_ROOT, TESTS_DIR, run_workers
+from multihost_fixtures import JAX_CACHE_VARIABLES, REPO_ROOT, TESTS_DIR, run_workers
 from prefs_fixtures import tiny_llama_with_words
 
 from pdpo_jax.data import load_dialogues, read_dnli
@@ -52,11 +52,12 @@ def pipeline_args(tmp: Path, run_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, subprocess_env):
     tmp = tmp_path_factory.mktemp("pipeline_two_hosts")
     run_dir = tmp / "run"
     args = pipeline_args(tmp, run_dir)
-    run_workers([sys.executable, str(WORKER), *args], log_dir=tmp, devices_per_process=4, stall_s=180, deadline_s=900,
+    run_workers([sys.executable, str(WORKER), *args], log_dir=tmp, base_env=subprocess_env, devices_per_process=4,
+                stall_s=180, deadline_s=900,
                 env={"PDPO_TEST_WATCH": str(run_dir), "PDPO_TEST_WRITES": str(tmp / "writes_{process}.tsv")})
     # A crash after the first shard of each split: both processes resume, and must write what one run did.
     prefs = run_dir / "prefs"
@@ -64,8 +65,8 @@ def runs(tmp_path_factory):
     assert lost
     for path in [*lost, prefs / "DONE", prefs / "summary.json"]:
         path.unlink()
-    run_workers([sys.executable, str(WORKER), "make-prefs", *args[1:]], log_dir=tmp, devices_per_process=4,
-                stall_s=180, deadline_s=600,
+    run_workers([sys.executable, str(WORKER), "make-prefs", *args[1:]], log_dir=tmp, base_env=subprocess_env,
+                devices_per_process=4, stall_s=180, deadline_s=600,
                 env={"PDPO_TEST_WATCH": str(run_dir), "PDPO_TEST_WRITES": str(tmp / "resume_writes_{process}.tsv")})
     resumed = sorted(line.split("\t")[1] for line in (tmp / "resume_writes_0.tsv").read_text().splitlines()
                      if "/shard-" in line)
@@ -73,7 +74,8 @@ def runs(tmp_path_factory):
     assert "shard-" not in (tmp / "resume_writes_1.tsv").read_text()
     run_dir.rename(tmp / "two")
     shutil.copytree(tmp / "two" / "sft", run_dir / "sft")  # the same SFT model: see the module docstring
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("JAX_", "PDPO_"))}
+    env = {key: value for key, value in subprocess_env.items()
+           if key in JAX_CACHE_VARIABLES or not key.startswith(("JAX_", "PDPO_"))}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8", OMP_NUM_THREADS="1",
                PDPO_TEST_WATCH=str(run_dir), PDPO_TEST_WRITES=str(tmp / "writes_single.tsv"),
                PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(TESTS_DIR)]))

@@ -31,10 +31,6 @@ PAPER = REPO / "configs" / "paper"
 PAPER_CONFIGS = sorted(p for p in PAPER.glob("*.yaml") if not p.name.startswith("_"))
 GiB = 1024**3
 
-needs_libtpu = pytest.mark.skipif(__import__("importlib").util.find_spec("libtpu") is None,
-                                  reason="libtpu is not installed (scripts/setup.sh installs it)")
-
-
 def parameter_count(config) -> int:
     return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(param_shapes(config))))
 
@@ -101,8 +97,7 @@ def test_every_paper_config_names_a_slice_its_mesh_fills(config):
     assert run.mesh.data * run.mesh.fsdp * run.mesh.tensor == tpu.chips, (config.name, name)
 
 
-@needs_libtpu
-def test_a_v4_slice_is_planned_with_one_device_per_chip():
+def test_a_v4_slice_is_planned_with_one_device_per_chip(tpu_compiler):
     from pdpo_jax.planning.slices import topology_devices
 
     devices = topology_devices(parse_slice("v4-32"))
@@ -187,8 +182,7 @@ def local_model(tmp_path_factory) -> Path:
     return tiny_model(tmp_path_factory.mktemp("plan-model"), layers=5)
 
 
-@needs_libtpu
-def test_every_program_of_a_local_model_compiles_on_a_two_axis_mesh(local_model, capsys):
+def test_every_program_of_a_local_model_compiles_on_a_two_axis_mesh(local_model, capsys, tpu_compiler):
     status, plan, err = run_plan([*LOCAL_PLAN_ARGS, f"model.path={local_model}"], capsys)
     assert status == 0, err
     assert plan["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1} and plan["fits"]
@@ -213,7 +207,7 @@ def test_every_program_of_a_local_model_compiles_on_a_two_axis_mesh(local_model,
 
 
 @pytest.fixture(scope="module")
-def gpt2_medium_plan():
+def gpt2_medium_plan(tpu_compiler):
     from pdpo_jax.planning.report import plan_run
 
     # The train step and the sampler's step; the others (a minute or two more) are compiled by the
@@ -222,7 +216,6 @@ def gpt2_medium_plan():
                     programs=("sft-step", "decode-step"))
 
 
-@needs_libtpu
 @pytest.mark.slow
 def test_gpt2_medium_fits_its_v4_8(gpt2_medium_plan):
     plan = gpt2_medium_plan
@@ -239,9 +232,8 @@ def test_gpt2_medium_fits_its_v4_8(gpt2_medium_plan):
     assert programs["sft-step"]["flops"] == pytest.approx(8 * params * tokens, rel=0.35)
 
 
-@needs_libtpu
 @pytest.mark.slow
-def test_llama_2_13b_sft_step_fits_its_v4_32(capsys):
+def test_llama_2_13b_sft_step_fits_its_v4_32(capsys, tpu_compiler):
     status, plan, err = run_plan(["--config", str(PAPER / "llama-2-13b.yaml"), "--programs", "sft-step"], capsys)
     assert status == 0, err
     assert plan["slice"]["name"] == "v4-32" and plan["slice"]["chips"] == 16
@@ -257,8 +249,7 @@ def test_llama_2_13b_sft_step_fits_its_v4_32(capsys):
     assert sft["flops"] == pytest.approx(8 * plan["model"]["parameters"] * 4 * 512 / 4, rel=0.35)
 
 
-@needs_libtpu
-def test_an_undersized_mesh_is_refused_with_its_figures(capsys):
+def test_an_undersized_mesh_is_refused_with_its_figures(capsys, tpu_compiler):
     status, plan, err = run_plan(["--config", str(PAPER / "llama-2-13b.yaml"), "--topology", "v4-8",
                                   "--programs", "sft-step", "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=1"], capsys)
     assert status == 2

@@ -5,7 +5,6 @@ a generator other than the reference, degenerate negatives, and the reader's val
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -135,10 +134,9 @@ sys.exit(make_prefs.main(sys.argv[2:]))
 """
 
 
-def test_a_run_killed_midway_and_rerun_writes_exactly_the_uninterrupted_records(setup, shuffled_run):
+def test_a_run_killed_midway_and_rerun_writes_exactly_the_uninterrupted_records(setup, shuffled_run, subprocess_env):
     config = config_file(setup, "killed")
-    env = dict(os.environ, PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    killed = subprocess.run([sys.executable, "-c", KILLER, "1", "--config", str(config)], cwd=REPO_ROOT, env=env,
+    killed = subprocess.run([sys.executable, "-c", KILLER, "1", "--config", str(config)], cwd=REPO_ROOT, env=subprocess_env,
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     prefs_dir = setup["root"] / "killed" / "prefs"

@@ -12,7 +12,6 @@ contradicted by its negation): they exercise the machinery, not the classifier's
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -203,7 +202,7 @@ def saved_state(checkpoints: Path, step: int) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
-def test_a_killed_rl_run_rerun_ends_with_the_uninterrupted_parameters(finished_run):
+def test_a_killed_rl_run_rerun_ends_with_the_uninterrupted_parameters(finished_run, subprocess_env):
     straight = Path(finished_run["config"].run_dir)
     resumed = finished_run["tmp"] / "killed"
     resumed.mkdir()
@@ -211,8 +210,7 @@ def test_a_killed_rl_run_rerun_ends_with_the_uninterrupted_parameters(finished_r
         (resumed / stage).symlink_to(straight / stage, target_is_directory=True)
     args = ["--config", *" --config ".join(finished_run["files"]).split(" "), *finished_run["overrides"],
             f"run_dir={resumed}"]
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(subprocess_env, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
     killed = subprocess.run([sys.executable, "-c", KILLER, str(CHECKPOINT_EVERY + 1), *args], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]

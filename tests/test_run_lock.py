@@ -3,7 +3,6 @@ at once with the holder's pid, host and command, and the lock goes when the hold
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -25,11 +24,11 @@ with run_dir_lock(sys.argv[1], command="pdpo sft --config first.yaml"):
 
 
 @pytest.fixture
-def held_run_dir(tmp_path):
+def held_run_dir(tmp_path, subprocess_env):
     """A run directory locked by another process until the test ends."""
     run_dir = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True, env=env)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                              env=subprocess_env)
     try:
         assert holder.stdout.readline().strip() == "held"
         yield run_dir, holder

@@ -10,6 +10,7 @@ import pytest
 import scipy.stats
 from jax.sharding import PartitionSpec as P
 
+from default_model_fixtures import bundled_gguf  # noqa: F401  (pytest fixture)
 from model_fixtures import RecordingSampler, early_stopping_eos, load_torch_model, make_tiny_hf_model, padded_batch
 from pdpo_jax.model import Decoder, load_model
 from pdpo_jax.parallel import make_mesh
@@ -258,7 +259,7 @@ CHAT_PROMPTS = [
 ]
 
 
-def test_bundled_model_greedy_chat_equals_transformers():
+def test_bundled_model_greedy_chat_equals_transformers(bundled_gguf):
     default_model = pytest.importorskip("pdpo_jax.model.default_model", reason="the bundled model module is absent")
     try:
         model_dir = default_model.default_model_dir()

@@ -17,7 +17,8 @@ TPU_DIR = REPO_ROOT / "tpu"
 SCRIPTS = ["common.sh", "create.sh", "setup.sh", "launch.sh"]
 LOCATION = ["--name", "pod", "--zone", "europe-west4-a", "--project", "proj"]
 
-pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="bash not installed")
+pytestmark = [pytest.mark.skipif(shutil.which("bash") is None, reason="bash not installed"),
+              pytest.mark.usefixtures("subprocess_env")]  # every test runs bash
 
 
 def fake_gcloud(tmp_path: Path) -> tuple[dict[str, str], Path]:

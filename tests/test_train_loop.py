@@ -4,7 +4,6 @@ NaN guard, kill-and-resume in a subprocess, and loading the best model like a Hu
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -229,8 +228,9 @@ def test_dpo_raises_validation_reward_accuracy(tmp_path, model_dir):
     assert tree_equal(restored, recorder.params[best["step"]])
 
 
-def run_resume_script(out_dir: Path, cache_dir: Path, kill_after: int | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=2",
+def run_resume_script(out_dir: Path, cache_dir: Path, base_env: dict[str, str],
+                      kill_after: int | None = None) -> subprocess.CompletedProcess:
+    env = dict(base_env, XLA_FLAGS="--xla_force_host_platform_device_count=2",
                JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),  # later runs skip compiling
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     env.pop("PDPO_KILL_AFTER_STEP", None)
@@ -245,19 +245,19 @@ def comparable_lines(stage_dir: Path) -> list[dict]:
     return [{k: v for k, v in line.items() if k not in TIMING_KEYS} for line in lines]
 
 
-def test_killed_run_resumes_to_the_same_result(tmp_path):
+def test_killed_run_resumes_to_the_same_result(tmp_path, subprocess_env):
     cache = tmp_path / "jax_cache"
-    straight = run_resume_script(tmp_path / "straight", cache)
+    straight = run_resume_script(tmp_path / "straight", cache, subprocess_env)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     interrupted = tmp_path / "interrupted"
-    killed = run_resume_script(interrupted, cache, kill_after=5)
+    killed = run_resume_script(interrupted, cache, subprocess_env, kill_after=5)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert TrainCheckpointer(interrupted / "sft" / "checkpoints").latest_step() == 4
     assert max(line["step"] for line in comparable_lines(interrupted / "sft")) == 5  # logged past the checkpoint
     assert not (interrupted / "final_params.npz").exists()
 
-    resumed = run_resume_script(interrupted, cache)
+    resumed = run_resume_script(interrupted, cache, subprocess_env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected, actual = np.load(tmp_path / "straight" / "final_params.npz"), np.load(interrupted / "final_params.npz")
     assert sorted(expected.files) == sorted(actual.files)

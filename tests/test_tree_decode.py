@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from default_model_fixtures import bundled_gguf  # noqa: F401  (pytest fixture)
 from model_fixtures import RecordingSampler, early_stopping_eos, make_tiny_hf_model
 from pdpo_jax.generation import Greedy, TopP, generate, right_padded
 from pdpo_jax.generation.tree_decode import _tree_decode, generate_tree, nested_groups, next_power_of_two, tree_layout
@@ -128,7 +129,7 @@ def test_batches_with_a_similar_shape_share_one_compilation(tiny_dirs):
     assert _tree_decode._cache_size() == compiled
 
 
-def test_bundled_model_samples_staged_dialogues_as_per_turn(shared_data):
+def test_bundled_model_samples_staged_dialogues_as_per_turn(shared_data, bundled_gguf):
     """A sampling batch of make-prefs on staged train dialogues (donor personas, chat template)."""
     default_model = pytest.importorskip("pdpo_jax.model.default_model", reason="the bundled model module is absent")
     try:
