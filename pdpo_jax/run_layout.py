@@ -31,14 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pdpo_jax.config import RunConfig
+from pdpo_jax.storage import DONE_MARKER
 
-# A run's training stages, by folder name: what `pdpo <stage>` writes its model and curves to.
-TRAINING_STAGES = ("sft", "nli", "rl", "dpo")
 # The trained models whose answers to the test turns a run keeps: folder -> name in the responses file.
 RESPONDING_MODELS = {"sft": "SFT", "dpo": "PseudoDPO"}
 # The run's judge compares the test responses of model A (PseudoDPO) against B (SFT).
 JUDGED_MODELS = ("dpo", "sft")
-DONE = "DONE"
 
 
 @dataclass(frozen=True)
@@ -81,7 +79,7 @@ class RunLayout:
 
     def done(self, stage: str) -> Path:
         """A stage's DONE marker, written last (`pdpo_jax.storage.mark_done`)."""
-        return self.stage(stage) / DONE
+        return self.stage(stage) / DONE_MARKER
 
     # ---------------------------------------------------------------- pseudo-preferences
 
