@@ -130,24 +130,21 @@ def _admit(params, state, prompt_ids, prompt_valid, slot, settings, *, config):
 def sampled_tokens(logits, temperature, top_p, keys):
     """Temperature + nucleus draw per row, each row with its own settings and key.
 
-    As `TopP` does on CPU: the nucleus is looked for among the NUCLEUS_CANDIDATES most likely
-    tokens, and over the whole vocabulary (by bisection) when those do not hold `top_p`.
+    A row's nucleus is every token at least as likely as its least likely member. That bound is
+    read off the NUCLEUS_CANDIDATES most likely tokens when they hold `top_p` (as `TopP` does on
+    CPU), else found over the whole vocabulary by bisection; either way the draw is made over the
+    vocabulary in id order, so a row's token depends on its own logits, settings and key only.
     """
     probs = jax.nn.softmax(logits / jnp.maximum(temperature, 1e-6)[:, None], axis=-1)
     p = top_p[:, None]
-    top_probs, top_ids = jax.lax.top_k(probs, min(NUCLEUS_CANDIDATES, probs.shape[-1]))
-
-    def per_row(draw_weights):
-        return jax.vmap(lambda w, key: inverse_cdf_draw(w[None], key)[0])(draw_weights, keys)
-
-    def among_candidates():
-        choice = per_row(ranked_nucleus(top_probs, p))
-        return jnp.take_along_axis(top_ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-
-    def over_vocabulary():
-        return per_row(jnp.where(probs >= nucleus_threshold(probs, p), probs, 0.0))
-
-    return jax.lax.cond(jnp.all(jnp.sum(top_probs, axis=-1) >= p[:, 0]), among_candidates, over_vocabulary)
+    top_probs, _ = jax.lax.top_k(probs, min(NUCLEUS_CANDIDATES, probs.shape[-1]))
+    kept = ranked_nucleus(top_probs, p)
+    from_candidates = jnp.min(jnp.where(kept > 0, top_probs, jnp.inf), axis=-1, keepdims=True)
+    candidates_hold_p = jnp.sum(top_probs, axis=-1, keepdims=True) >= p
+    bound = jax.lax.cond(jnp.all(candidates_hold_p), lambda: from_candidates,
+                         lambda: jnp.where(candidates_hold_p, from_candidates, nucleus_threshold(probs, p)))
+    weights = jnp.where(probs >= bound, probs, 0.0)
+    return jax.vmap(lambda w, key: inverse_cdf_draw(w[None], key)[0])(weights, keys)
 
 
 def pick_tokens(logits, temperature, top_p, seed, picked):
