@@ -127,7 +127,7 @@ def test_sampled_tokens_follow_the_request_seed_only(tiny_models):
 
 def test_a_cancelled_job_frees_its_slot_and_a_full_queue_refuses(tiny_models):
     model = tiny_models["llama"]
-    scheduler = Scheduler(SlotEngine(model, slots=1, max_model_len=MAX_LEN), stop_ids=(NEVER,), max_waiting=1)
+    scheduler = Scheduler(SlotEngine(model, slots=1, max_model_len=MAX_LEN), stop_ids=(NEVER,), max_waiting=2)
     started, finished = threading.Event(), []
     endless = Job(SlotRequest(prompts(1)[0]), MAX_LEN - 20, lambda token: started.set() or False,
                   lambda reason: finished.append(reason))
