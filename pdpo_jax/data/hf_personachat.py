@@ -18,6 +18,7 @@ from typing import Any
 
 from pdpo_jax.data.dialogue import MODEL, PARTNER, Dialogue, Turn, with_swapped
 from pdpo_jax.errors import DataError
+from pdpo_jax.storage import json_lines, parse_json, text_lines
 
 _SILENCE_FORMS = {"__silence__", "__ silence __"}
 
@@ -53,6 +54,7 @@ def _load_rows(source: str | Path, split: str | None, cache_dir: str | Path | No
             return loaded[split]
         return loaded
     if path.is_file():
+        _check_json_text(path)  # before `datasets`, which would cache and report a binary file at length
         field = None
         if path.suffix == ".json" and _first_char(path) == "{":
             if split is None:
@@ -63,6 +65,16 @@ def _load_rows(source: str | Path, split: str | None, cache_dir: str | Path | No
         except Exception as err:  # datasets wraps parse errors in several exception types
             raise DataError(path, None, f"cannot be read as PersonaChat JSON: {err}") from err
     return datasets.load_dataset(str(source), split=split or "train", cache_dir=cache)
+
+
+def _check_json_text(path: Path) -> None:
+    """DataError naming the line unless `path` is UTF-8 JSON (a `.jsonl` file: one object a line)."""
+    if path.suffix.lower() == ".jsonl":
+        for _ in json_lines(path):
+            pass
+        return
+    lines = [line for _, line in text_lines(path)]
+    parse_json("\n".join(lines), path)
 
 
 def _first_char(path: Path) -> str:

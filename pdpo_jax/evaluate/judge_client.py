@@ -92,8 +92,8 @@ class JudgmentCache:
         try:
             record = json.loads(raw)
             return str(record["key"]), str(record["text"])
-        except (ValueError, KeyError, TypeError) as err:
-            raise JudgeConfigError(f"{self.path}:{number}: not a cache record ({err})") from None
+        except (ValueError, KeyError, TypeError, RecursionError) as err:
+            raise JudgeConfigError(f"{self.path}:{number}: not a cache record ({str(err)[:100]})") from None
 
     def __len__(self) -> int:
         return len(self._answers)
