@@ -12,6 +12,7 @@ shows a value cut short (`errors.shown`), never the whole of it.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -451,6 +452,8 @@ def _read_yaml_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, 
 def _parse_yaml(text: str, where: str) -> Any:
     """The YAML value of `text`, refused (ConfigError naming `where`) when it is not YAML or is too
     large or too deep once its aliases are expanded."""
+    if _bracket_depth(text) > MAX_CONFIG_DEPTH:  # PyYAML takes seconds to fail on thousands of `[`
+        raise ConfigError(f"{where}: brackets nested deeper than {MAX_CONFIG_DEPTH} levels")
     try:
         value = yaml.safe_load(text)
     except yaml.MarkedYAMLError as err:
@@ -464,6 +467,18 @@ def _parse_yaml(text: str, where: str) -> Any:
         raise ConfigError(f"{where}: nested too deeply to read (at most {MAX_CONFIG_DEPTH} levels)") from None
     _check_extent(value, where)
     return value
+
+
+def _bracket_depth(text: str) -> int:
+    """How deep `[` and `{` nest in `text`, counting those inside quotes too (an upper bound)."""
+    depth = deepest = 0
+    for match in _BRACKET.finditer(text):
+        depth = depth + 1 if match.group() in "[{" else max(0, depth - 1)
+        deepest = max(deepest, depth)
+    return deepest
+
+
+_BRACKET = re.compile(r"[\[\]{}]")
 
 
 def _check_extent(value: Any, where: str) -> None:
