@@ -96,7 +96,9 @@ def test_an_empty_answer_left_in_an_older_cache_is_asked_again(tmp_path, capsys)
     cache.write_text("".join(json.dumps({**r, "text": ""}) + "\n" for r in records))
     with RawEndpoint(lambda request: RawAnswer(body=completion("fine [[3]]"))) as endpoint:
         status, _ = judge(endpoint, tmp_path, capsys)
-        assert len(endpoint.requests) == 2 * PAIRS
+        asked = [json.loads(request.body)["messages"] for request in endpoint.requests]
+    assert len(asked) == 2 * PAIRS
+    assert all(len(messages) == 2 for messages in asked)  # the questions again, not a re-ask of ""
     assert status == 0
 
 
