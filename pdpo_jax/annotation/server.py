@@ -14,9 +14,9 @@ writes every text into the page as text, and the Content-Security-Policy allows 
 so markup inside a response is shown, never run. A bad request gets a 4xx with a JSON
 `{"error": ...}` (a body over MAX_BODY_BYTES a 413, whether its Content-Length says so or not); a
 study database that went missing or unreadable a 503 until it is back, with one line in the log;
-an unexpected error a 500 without details (the traceback goes to the server's log). No URL is
-redirected (a redirect would be built from the request's Host header), and a client that hangs up
-mid-vote costs one line at INFO. Access logs are off: they would write every annotator's token into
+an unexpected error a 500 without details (the traceback goes to the server's log). No redirect
+is built from the request's Host header: trailing slashes are not redirected, and the one redirect
+(a link without its final slash) is relative. A client that hangs up mid-vote costs one line at INFO. Access logs are off: they would write every annotator's token into
 the log.
 """
 
@@ -230,7 +230,7 @@ async def _http_error(request: Request, error: HTTPException) -> Response:
 
 async def _study_unavailable(request: Request, error: Exception) -> Response:
     what = str(error) if isinstance(error, StudyUnavailable) else f"the study database cannot be read ({error})"
-    LOG.error("%s; answering 503 until it can", what)
+    LOG.error("%s; answering 503 until it is back", what)
     return JSONResponse({"error": "the study is unavailable for now; try again later"}, status_code=503,
                         headers={"Retry-After": "30"})
 

@@ -122,8 +122,9 @@ class JudgeCallFailed(RuntimeError):
     an answer that holds no text."""
 
 
-# What the openai client raises on a 200 answer it cannot parse (JSONDecodeError is a ValueError)
-_UNREADABLE_ANSWER = (ValueError, TypeError, AttributeError, KeyError, IndexError)
+# What the openai client raises on a 200 answer it cannot parse: JSONDecodeError, UnicodeDecodeError
+# (an answer of any other shape it returns as it is, and `_answer_text` looks at it)
+_UNREADABLE_ANSWER = (ValueError,)
 MAX_ERROR_CHARS = 300  # of an endpoint's words quoted in an error
 
 
