@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
+import time
+import urllib.request
 
 import pytest
-from annotation_fixtures import pair_items
+from annotation_fixtures import pair_items, server_in_thread
 from bad_input_fixtures import assert_refused, run_cli
 from starlette.testclient import TestClient
 
@@ -125,3 +128,34 @@ def test_an_output_folder_is_named_not_a_temporary_file(command, study_with_toke
     status, error, _ = run_cli(["annotate", *command, "--db", str(study.path), "--out", str(folder)], capsys)
     assert_refused(status, error, "annotate", f"{folder}: is a folder")
     assert ".tmp" not in error
+
+
+def test_a_client_that_hangs_up_mid_vote_on_a_live_server_logs_no_traceback(study_with_tokens):
+    """The same over a real socket: uvicorn used to log a 64-line ClientDisconnect traceback at ERROR."""
+    study, tokens = study_with_tokens
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    watched = [logging.getLogger(name) for name in ("uvicorn.error", "pdpo_jax.annotation.server")]
+    levels = [logger.level for logger in watched]
+    try:
+        with server_in_thread(study) as base:
+            for logger in watched:  # once uvicorn has set up its loggers, which drops their handlers
+                logger.addHandler(handler)
+            watched[1].setLevel(logging.INFO)
+            host, port = base.removeprefix("http://").split(":")
+            request = (f"POST /a/{tokens['alice']}/api/items/1/vote HTTP/1.1\r\nHost: {host}\r\n"
+                       "Content-Type: application/json\r\nContent-Length: 15\r\n\r\n{\"cho").encode()
+            with socket.create_connection((host, int(port)), timeout=10) as client:
+                client.sendall(request)
+            deadline = time.monotonic() + 10
+            while not records and time.monotonic() < deadline:  # the server's word on the hang-up
+                time.sleep(0.02)
+            answer = urllib.request.urlopen(f"{base}/a/{tokens['alice']}/api/state", timeout=10)
+            assert json.loads(answer.read())["done"] == 0  # still serving; nothing stored
+    finally:
+        for logger, level in zip(watched, levels):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+    assert not [record.getMessage() for record in records if record.levelno >= logging.WARNING or record.exc_info]
+    assert ["hung up" in record.getMessage() for record in records] == [True]
