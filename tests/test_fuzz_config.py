@@ -85,10 +85,13 @@ def test_alias_trees_of_any_size_load_or_get_one_line(section, field, levels, wi
 
 
 @settings(max_examples=examples())
-@given(depth=st.integers(1, 30_000), opener=st.sampled_from(["[", "{a: "]))
-def test_nesting_of_any_depth_loads_or_gets_one_line(depth, opener):
-    closer = "]" if opener == "[" else "}"
-    load_text(f"data: {{train: {opener * depth}{closer * depth}}}\n")
+@given(depth=st.integers(1, 30_000), style=st.sampled_from(["[", "{a: ", "- "]))
+def test_nesting_of_any_depth_loads_or_gets_one_line(depth, style):
+    if style == "- ":  # block sequences in one another, no bracket at all
+        load_text(f"data:\n  train:\n    {style * depth}x.txt\n")
+    else:
+        closer = "]" if style == "[" else "}"
+        load_text(f"data: {{train: {style * depth}{closer * depth}}}\n")
 
 
 @settings(max_examples=examples())
