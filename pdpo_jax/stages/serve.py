@@ -38,7 +38,7 @@ endpoints: POST /v1/chat/completions (stream: true for server-sent events), POST
   stop, n, logprobs / top_logprobs (at most 5).
 
 shapes: every step runs all --slots slots over a power of two of cache columns (at least 64);
-  a prompt is prefilled at its bucketed width (8 widths per octave), one compile per width seen.
+  a prompt is prefilled at its bucketed width (16, 32, ..., 128, then 4 per octave), one compile per width.
 
 Ctrl-C stops taking requests, lets those in flight finish for --drain-seconds, cancels the rest."""
 
