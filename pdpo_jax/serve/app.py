@@ -142,8 +142,8 @@ def failure(reason: str) -> ApiError:
     return ApiError(500, "internal error while generating; the server's log has the details", kind="server_error")
 
 
-async def complete(choices: Choices, request: Request) -> dict[str, Any]:
-    """Waits for every choice to finish (cancelling them if the client goes away): the response."""
+async def complete(choices: Choices, request: Request) -> dict[str, Any] | None:
+    """Waits for every choice to finish: the response; None (the jobs cancelled) if the client went away."""
     results = [ChoiceResult(index) for index in range(len(choices.jobs))]
     unfinished = len(results)
     try:
@@ -152,8 +152,7 @@ async def complete(choices: Choices, request: Request) -> dict[str, Any]:
                 kind, index, payload = await asyncio.wait_for(choices.events.get(), DISCONNECT_POLL_SECONDS)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
-                    choices.cancel()
-                    raise asyncio.CancelledError from None
+                    return None
                 continue
             if kind == "token":
                 results[index].completion_tokens += 1
@@ -238,7 +237,10 @@ def create_app(service: Service) -> Starlette:
         if generation.stream:
             return StreamingResponse(stream_events(choices), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-store"})
-        return JSONResponse(await complete(choices, request))
+        response = await complete(choices, request)
+        if response is None:  # nobody is listening; 499 only shows in a log
+            return Response(status_code=499)
+        return JSONResponse(response)
 
     async def chat_completions(request: Request) -> Response:
         check_key(request)
