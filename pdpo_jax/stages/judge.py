@@ -31,6 +31,7 @@ from pdpo_jax.evaluate.judge_evaluation import JudgeSettings, run_judge, setting
 from pdpo_jax.evaluate.judge_stats import DEFAULT_GAMES
 from pdpo_jax.parallel import is_primary, primary_decides
 from pdpo_jax.run_layout import JUDGED_MODELS, RunLayout
+from pdpo_jax.serve.child import served_model
 from pdpo_jax.stage_runner import StageParser, claim_run_dir, finished, run_once, stage_parser
 
 PROG = "pdpo judge"
@@ -168,8 +169,6 @@ def served_judge(section: JudgeSection) -> Iterator[dict[str, object]]:
     if not section.serve or not is_primary():
         yield {}
         return
-    from pdpo_jax.serve.child import served_model
-
     name = section.model or "served-judge"
     print(f"judge: serving {section.serve} as {name!r} on this machine for the judge stage")
     with served_model(section.serve, served_name=name, slots=section.concurrency) as endpoint:

@@ -47,8 +47,8 @@ def build_parser() -> StageParser:
     parser = stage_parser(PROG, "Serve a model over OpenAI's chat and completions API, batching requests "
                           "continuously over a fixed number of KV-cache slots.", config="none", epilog=EPILOG,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model directory (Hugging Face or a stage's best/), a Hub id, "
-                        "or `default` for the bundled SmolLM2-135M-Instruct")
+    parser.add_argument("--model", default="default", help="model directory (Hugging Face or a stage's best/), a Hub "
+                        "id, or `default` for the bundled SmolLM2-135M-Instruct (default: %(default)s)")
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s, this "
                         "machine only; anything else is reachable from the network, unencrypted)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s; 0 = any free port)")
