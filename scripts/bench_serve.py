@@ -128,7 +128,7 @@ def measure(name: str, server: Server, prompts, args) -> dict[int, dict[str, flo
     client = openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0, timeout=3600)
     try:
         model = server.wait_ready(client)
-        load(client, model, prompts, 1, 1, args.max_tokens)  # warm-up: first compiles and loads
+        load(client, model, prompts, 1, len(prompts), args.max_tokens)  # warm-up: every prompt's shapes compiled
         figures = {}
         for clients in args.clients:
             load(client, model, prompts, clients, 1, args.max_tokens)  # this concurrency's shapes
