@@ -13,6 +13,7 @@ import pytest
 from model_fixtures import make_tiny_hf_model
 from pdpo_jax.generation import generate
 from pdpo_jax.model import load_model
+from pdpo_jax.parallel import make_mesh
 from pdpo_jax.serve.engine import MIN_VIEW, PromptTooLong, SlotEngine, SlotRequest, cache_length_for
 from pdpo_jax.serve.scheduler import Job, QueueFull, Scheduler
 
@@ -165,3 +166,16 @@ def test_prompt_and_budget_must_fit_and_compiles_stay_bounded(tiny_models):
 def test_learned_positions_bound_the_context(tiny_models):
     with pytest.raises(ValueError, match="learned positions"):
         SlotEngine(tiny_models["gpt2"], slots=1, max_model_len=65)
+
+
+def test_on_a_mesh_the_tokens_are_the_same(tiny_models):
+    model = tiny_models["llama"]
+    batch = prompts(4, seed=9)
+    expected = [one_at_a_time(model, p) for p in batch]
+    engine = SlotEngine(model, slots=4, max_model_len=MAX_LEN, mesh=make_mesh(data=4, tensor=2))
+    scheduler = Scheduler(engine, stop_ids=(NEVER,), max_waiting=8)
+    scheduler.start()
+    try:
+        assert run_jobs(scheduler, [SlotRequest(p) for p in batch]) == expected
+    finally:
+        scheduler.stop()
