@@ -5,7 +5,9 @@ training steps of each on a tiny model."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from collections import defaultdict
 from functools import partial
 from types import SimpleNamespace
@@ -16,15 +18,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from prefs_fixtures import corpus_text, staged_slice, tiny_llama_with_words, write_config
 from train_fixtures import dpo_batch, random_params, single_micro_batch, tiny_llama_config, with_reference_logps
 
 import pdpo_jax
-from pdpo_jax import scoring
+from pdpo_jax import cli, prefs, scoring
 from pdpo_jax.config import DPOSection, load_config
+from pdpo_jax.data import PromptEncoder
+from pdpo_jax.model import load_model
 from pdpo_jax.objectives import (PREFERENCE_KINDS, DPOSettings, ORPOSettings, RPOSettings, SimPOSettings,
                                  finalize_metrics, preference_loss, preference_settings, sft_loss)
 from pdpo_jax.objectives.orpo import MAX_MEAN_LOGP, log1mexp
+from pdpo_jax.stages import dpo, make_prefs
 from pdpo_jax.stages.dpo import check_start
+from pdpo_jax.storage import DONE_MARKER
 from pdpo_jax.train import steps
 
 # Ours runs in float32, TRL here in float64: the losses and metrics agree to float32 rounding of
@@ -425,3 +432,63 @@ def test_a_few_steps_lower_the_validation_loss(settings, start_params, reference
     assert after["rewards/accuracies"] > before["rewards/accuracies"], (before, after)
     assert all(np.isfinite(v) for v in after.values())
 
+# --- make-prefs and dpo without a reference -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unscored_run(shared_data, tmp_path_factory):
+    """make-prefs on 13 staged examples with a tiny model and `dpo.loss_type=simpo`: no reference
+    scoring (about 20 s on 2 cores)."""
+    root = tmp_path_factory.mktemp("unscored")
+    train, val, dialogues = staged_slice(shared_data, root / "data")
+    llama = tiny_llama_with_words(root, corpus_text(dialogues))
+    config = write_config(root / "run.yaml", train=train, val=val, run_dir=root / "run", generator=llama,
+                          reference=llama)
+    assert make_prefs.main(["--config", str(config), "dpo.loss_type=simpo"]) == 0
+    return SimpleNamespace(config=config, llama=llama, prefs=root / "run" / "prefs")
+
+
+def test_make_prefs_scores_no_reference_for_an_objective_without_one(unscored_run):
+    encoder = PromptEncoder(load_model(unscored_run.llama).tokenizer, "chat-en")
+    records = [r for split in prefs.SPLITS for r in prefs.read_records(unscored_run.prefs, split)]
+    assert len(records) == 13
+    for record in records:
+        assert record.ref_chosen_logp is None and record.ref_rejected_logp is None
+        assert record.chosen_tokens == len(encoder.response_ids(record.chosen))
+        assert record.rejected_tokens == len(encoder.response_ids(record.rejected))
+        assert prefs.PreferenceRecord.from_json_line(record.to_json_line(), "here") == record
+    assert json.loads((unscored_run.prefs / prefs.SETTINGS_FILE).read_text())["reference_scored"] is False
+
+
+def test_a_folder_without_reference_logps_is_refused_to_an_objective_that_needs_them(unscored_run, capsys):
+    assert cli.main(["make-prefs", "--config", str(unscored_run.config), "dpo.loss_type=rpo"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("pdpo make-prefs: ") and "carry no reference log-probs" in error
+    assert error.count("\n") == 1
+    assert cli.main(["dpo", "--config", str(unscored_run.config), "dpo.loss_type=sigmoid", "dpo.batch_size=8"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("pdpo dpo: ") and "has no reference log-probs" in error and error.count("\n") == 1
+
+
+def test_a_scored_folder_serves_every_objective_and_old_folders_count_as_scored(unscored_run, tmp_path):
+    folder = tmp_path / "prefs"
+    shutil.copytree(unscored_run.prefs, folder)
+    settings = json.loads((folder / prefs.SETTINGS_FILE).read_text())
+    (folder / prefs.SETTINGS_FILE).write_text(json.dumps(dict(settings, reference_scored=True)))
+    assert prefs.check_settings(folder, dict(settings, reference_scored=False))["reference_scored"] is True
+    del settings["reference_scored"]  # a folder begun before the choice: its records were all scored
+    (folder / prefs.SETTINGS_FILE).write_text(json.dumps(settings))
+    assert prefs.check_settings(folder, dict(settings, reference_scored=True))["reference_scored"] is True
+
+
+def test_dpo_trains_simpo_on_an_unscored_folder(unscored_run):
+    """One SimPO step (about 15 s): no reference is read, and its start has no fixed value."""
+    assert dpo.main(["--config", str(unscored_run.config), "dpo.loss_type=simpo", "dpo.beta=2.0",
+                     "dpo.max_steps=1", "dpo.eval_every=1", "dpo.batch_size=8"]) == 0
+    stage = unscored_run.prefs.parent / "dpo"
+    summary = json.loads((stage / DONE_MARKER).read_text())
+    assert summary["start_check"] == "not applicable"
+    assert json.loads((stage / "data_summary.json").read_text())["objective"] == "simpo"
+    val = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    val = [row for row in val if row.get("split") == "val"]
+    assert val and all(np.isfinite(row["loss"]) for row in val)
