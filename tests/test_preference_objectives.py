@@ -10,6 +10,7 @@ import math
 import shutil
 from collections import defaultdict
 from functools import partial
+from pathlib import Path
 from types import SimpleNamespace
 from typing import get_args, get_type_hints
 
@@ -492,3 +493,21 @@ def test_dpo_trains_simpo_on_an_unscored_folder(unscored_run):
     val = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
     val = [row for row in val if row.get("split") == "val"]
     assert val and all(np.isfinite(row["loss"]) for row in val)
+
+
+# --- the paper variants ------------------------------------------------------------------------------
+
+PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper"
+
+
+@pytest.mark.parametrize("model_file", sorted(p.name for p in PAPER.glob("[!_]*.yaml")))
+def test_the_objective_variants_stack_on_every_paper_model_file(model_file):
+    base = load_config(PAPER / model_file)
+    expected = {"simpo": (SimPOSettings(beta=2.0, simpo_gamma=1.0), False), "orpo": (ORPOSettings(beta=0.1), False),
+                "rpo": (RPOSettings(beta=0.5, rpo_alpha=1.0), True)}
+    for kind, (settings, scored) in expected.items():
+        config = load_config([PAPER / model_file, PAPER / "variants" / f"{kind}.yaml"])
+        assert config.run_dir == f"{base.run_dir}-{kind}"
+        assert preference_settings(config.dpo.loss_type, **config.dpo.objective_settings()) == settings
+        assert prefs.reference_needed(config) is scored
+        assert config.dpo.optimizer == base.dpo.optimizer and config.prefs == base.prefs and config.sft == base.sft
