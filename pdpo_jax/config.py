@@ -232,12 +232,13 @@ class DPOSection(TrainingSection):
                 f"{{label_smoothing}} applies to the 'sigmoid' loss only, not to {{loss_type}} {self.loss_type!r}",
                 self.label)
         require(self.loss_type in DPO_FAMILY or not self.reference_free,
-                f"{{reference_free}} applies to {list(DPO_FAMILY)}, not to {{loss_type}} {self.loss_type!r}", self.label)
+                f"{{reference_free}} applies to {list(DPO_FAMILY)}, not to {{loss_type}} {self.loss_type!r}",
+                self.label)
         for key, kind in (("simpo_gamma", "simpo"), ("rpo_alpha", "rpo")):
             require(self.loss_type == kind or getattr(self, key) is None,
                     f"{{{key}}} applies to the {kind!r} loss only, not to {{loss_type}} {self.loss_type!r}", self.label)
-        require(self.simpo_gamma is None or self.simpo_gamma >= 0, "{simpo_gamma} must be non-negative (a target margin)",
-                self.label, got=self.simpo_gamma)
+        require(self.simpo_gamma is None or self.simpo_gamma >= 0,
+                "{simpo_gamma} must be non-negative (a target margin)", self.label, got=self.simpo_gamma)
         require(self.rpo_alpha is None or self.rpo_alpha > 0, "{rpo_alpha} must be positive (0 is loss_type sigmoid)",
                 self.label, got=self.rpo_alpha)
         require(self.tree_max_length > 0 and self.tree_max_pairs > 0,

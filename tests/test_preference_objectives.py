@@ -218,7 +218,8 @@ def test_rpo_equals_trl_dpo_trainer_with_an_sft_term(beta, alpha):
 
 def test_log1mexp_is_accurate_on_both_sides_of_minus_ln_2():
     x = np.asarray([-30.0, -5.0, -0.7, -0.69, -0.1, -1e-3, -1e-5], np.float64)
-    np.testing.assert_allclose(np.asarray(log1mexp(jnp.asarray(x, jnp.float32))), np.log(-np.expm1(x)), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(log1mexp(jnp.asarray(x, jnp.float32))), np.log(-np.expm1(x)),
+                               rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("mean_logp", [-1e-2, -1e-4, -1e-6, -1e-8, -1e-12, 0.0])
@@ -282,8 +283,10 @@ def test_missing_inputs_are_named(kind, kwargs, message):
 
 
 @pytest.mark.parametrize("kind, settings, message", [
-    ("kto", {}, r"unknown preference objective 'kto'; the kinds are \['sigmoid', 'ipo', 'hinge', 'simpo', 'orpo', 'rpo'\]"),
-    ("orpo", {"simpo_gamma": 1.0}, r"'simpo_gamma' is not a setting of the 'orpo' preference objective; its settings are \['beta'\]"),
+    ("kto", {}, r"unknown preference objective 'kto'; the kinds are "
+                r"\['sigmoid', 'ipo', 'hinge', 'simpo', 'orpo', 'rpo'\]"),
+    ("orpo", {"simpo_gamma": 1.0}, r"'simpo_gamma' is not a setting of the 'orpo' preference objective; "
+                                   r"its settings are \['beta'\]"),
     ("simpo", {"label_smoothing": 0.1}, "'label_smoothing' is not a setting of the 'simpo'"),
     ("simpo", {"beta": 0.0}, "dpo.beta must be positive, got 0.0"),
     ("simpo", {"simpo_gamma": -1.0}, "dpo.simpo_gamma must be non-negative"),

@@ -135,7 +135,8 @@ class PreferenceRecord:
         if obj["dropped"] and not obj["degenerate"]:
             raise PrefsError(f"{where}: record is marked dropped but not degenerate")
         if (obj["ref_chosen_logp"] is None) != (obj["ref_rejected_logp"] is None):
-            raise PrefsError(f"{where}: fields 'ref_chosen_logp' and 'ref_rejected_logp' must both be numbers or both null")
+            raise PrefsError(f"{where}: fields 'ref_chosen_logp' and 'ref_rejected_logp' must both be numbers "
+                             "or both null")
         return cls(**{name: tuple(value) if isinstance(value, list) else value for name, value in obj.items()})
 
     @classmethod

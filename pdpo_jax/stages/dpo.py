@@ -98,7 +98,8 @@ def _train(config: RunConfig, layout: RunLayout, mesh: Any) -> dict[str, Any]:
     needs_reference = settings.needs.reference_logps
     train_pairs = tokenize_pairs(read_records(prefs_dir, "train"), encoder, needs_reference=needs_reference,
                                  where=prefs_dir)
-    val_pairs = tokenize_pairs(read_records(prefs_dir, "val"), encoder, needs_reference=needs_reference, where=prefs_dir)
+    val_pairs = tokenize_pairs(read_records(prefs_dir, "val"), encoder, needs_reference=needs_reference,
+                               where=prefs_dir)
     if not train_pairs or not val_pairs:
         raise PrefsError(f"{prefs_dir}: no usable train or val pairs (run make-prefs first)")
     train = dpo_batches(config, train_pairs, pad_id(model), shuffle=True, mesh=mesh)

@@ -1,5 +1,5 @@
-"""Jitted train and eval steps for SFT, the preference objectives (DPO, SimPO, ORPO, RPO) and the NLI classifier, with gradient accumulation and
-sharding.
+"""Jitted train and eval steps for SFT, the preference objectives (DPO, SimPO, ORPO, RPO) and the NLI
+classifier, with gradient accumulation and sharding.
 
 A step takes a stack of micro-batches `[accumulation, batch, ...]` (see docs/design.md for the
 batch layout; DPO micro-batches also carry `ref_chosen_logps`, `ref_rejected_logps` and optionally
