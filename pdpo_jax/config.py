@@ -168,7 +168,7 @@ class SamplerSection:
 # defaults; `pdpo_jax.prefs.filters` implements them.
 PAIR_FILTER_SETTINGS: dict[str, dict[str, Any]] = {
     "degenerate": {},  # a negative that is empty, the chosen response again, or cut off
-    "margin": {"nats": 5.0},  # the reference already prefers chosen by more than `nats`
+    "margin": {"nats": 5.0},  # the reference already prefers chosen by more than `nats` (0: by anything)
     "copy": {"share": 0.8},  # the negative holds `share` of a donor persona sentence's word pairs
     "nli": {"classifier": None, "entailment": 0.5},  # a true persona sentence entails the negative
 }
@@ -198,8 +198,6 @@ class PairFilterSection:
             else:
                 require(getattr(self, key) is None, f"{{{key}}} is not a setting of the {self.kind!r} filter",
                         self.label)
-        if self.kind == "margin":
-            require(self.nats >= 0, "{nats} must be non-negative", self.label, got=self.nats)
         if self.kind == "copy":
             require(0 < self.share <= 1, "{share} must lie in (0, 1]", self.label, got=self.share)
         if self.kind == "nli":

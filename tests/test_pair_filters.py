@@ -312,7 +312,7 @@ def test_eval_responses_measures_a_runs_test_responses(nli_classifier, tmp_path,
     # sentence (neutral, neutral) -> 0; contradicts (neutral, contradiction) -> -0.5
     atomic_write_jsonl(layout.responses("sft"), [line(0, RESTATES_PERSONA), line(1, DONOR[0])])
     atomic_write_jsonl(layout.responses("dpo"), [line(0, CONTRADICTS_PERSONA), line(1, DONOR[0])])
-    config = load_config([], [f"run_dir={layout.root}", f"rl.classifier={nli_classifier}", "mesh.data=1"])
+    config = load_config([], [f"run_dir={layout.root}", f"rl.classifier={nli_classifier}"])
     reports = evaluate_run_responses(config)
     assert reports["sft"]["c_score"]["value"] == pytest.approx(25.0)  # (50 + 0) / 2
     assert reports["dpo"]["c_score"]["value"] == pytest.approx(-25.0)
