@@ -48,9 +48,11 @@ def classifier_configured(config: RunConfig) -> bool:
     return bool(config.rl.classifier or config.nli.pairs)
 
 
-def evaluate_run_responses(config: RunConfig) -> dict[str, Any] | None:
+def evaluate_run_responses(config: RunConfig, *, samples: int = DEFAULT_SAMPLES, seed: int | None = None
+                           ) -> dict[str, Any] | None:
     """The pipeline step: every trained model's test responses measured into
-    `<run_dir>/eval_responses/`; None after a one-line reason when the run has no classifier."""
+    `<run_dir>/eval_responses/` (pairs cut at `nli.max_length` tokens; bootstrap seed: `seed`, else
+    the run's); None after a one-line reason when the run has no classifier."""
     layout = RunLayout.of(config)
     if not classifier_configured(config) and not finished(layout.response_metrics_dir):
         print("eval-responses: skipped, the run has no NLI classifier (set rl.classifier, or nli.pairs to train one)")
@@ -68,7 +70,7 @@ def evaluate_run_responses(config: RunConfig) -> dict[str, Any] | None:
         classifier = load_classifier(path, mesh=mesh, compute_dtype=config.model.dtype)
         reward = NliReward(classifier, max_length=config.nli.max_length, mesh=mesh)
         digest = model_digest(classifier)
-        reports = {stage: measure(file, reward, digest, samples=DEFAULT_SAMPLES, seed=config.seed)
+        reports = {stage: measure(file, reward, digest, samples=samples, seed=config.seed if seed is None else seed)
                    for stage, file in files.items()}
         if is_primary():
             for stage, report in reports.items():
@@ -92,7 +94,7 @@ def build_parser() -> StageParser:
     parser = stage_parser(
         "pdpo eval-responses",
         "Measure what a model says with an NLI classifier: C-score (per persona sentence x response: +1 entailment, "
-        "0 neutral, -1 contradiction; mean per response, mean over responses x 100, 95%% bootstrap interval), "
+        "0 neutral, -1 contradiction; mean per response, mean over responses x 100, 95% bootstrap interval), "
         "contradiction rate, persona-copy rate, distinct-1/2 and mean length of a responses file in the "
         "test-responses format. With --config alone: every trained model's test responses of the run, into "
         "<run_dir>/eval_responses/.",
@@ -105,7 +107,8 @@ def build_parser() -> StageParser:
                              "*ForSequenceClassification directory with contradiction/neutral/entailment labels)")
     parser.add_argument("--out", type=Path, metavar="REPORT.json", help="where the report goes (with --responses)")
     parser.add_argument("--max-length", type=int, default=NLI_MAX_LENGTH,
-                        help="tokens of a (persona sentence, response) pair; longer ones keep their end (default %(default)s)")
+                        help="tokens of a (persona sentence, response) pair; longer ones keep their end (default "
+                             "%(default)s; with --config: nli.max_length)")
     parser.add_argument("--bootstrap-samples", type=int, default=DEFAULT_SAMPLES, metavar="N",
                         help="resamples of the intervals (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the resampling (default %(default)s)")
@@ -120,16 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     if (args.responses is None) == (config is None):
         raise UsageError("give --responses FILE --classifier DIR --out REPORT.json, or --config FILE for a run's "
                          "test responses (not both)")
+    if args.bootstrap_samples < 1:
+        raise UsageError("--bootstrap-samples must be positive")
     if config is not None:
         with claim_run_dir(config):
-            reports = evaluate_run_responses(config)
+            reports = evaluate_run_responses(config, samples=args.bootstrap_samples, seed=args.seed)
         if reports:
             print(response_metrics_markdown([(RESPONDING_MODELS[s], r) for s, r in reports.items()]), end="")
         return 0
     if args.classifier is None or args.out is None:
         raise UsageError("--responses needs --classifier DIR and --out REPORT.json")
-    if args.bootstrap_samples < 1:
-        raise UsageError("--bootstrap-samples must be positive")
     read_response_file(args.responses)  # a bad file fails before the classifier loads
     initialize_distributed()
     sizes = parse_mesh(args.mesh)
