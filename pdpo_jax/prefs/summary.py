@@ -98,7 +98,8 @@ def apply_filters(prefs_dir: Path, summary: dict[str, Any], sections: Sequence[P
 
 
 def filters_line(summary: dict[str, Any], split: str) -> str:
-    """"kept 40 of 52 (degenerate -3, margin -7, ...)": one split's filter counts in a line."""
+    """"filters keep 40 of 52 (degenerate -3 (flags 3), margin -7 (flags 9))": one split's filter
+    counts in a line; each filter's drops (it objected first) and flags (it objected at all)."""
     entry = (summary.get("filters") or {}).get("splits", {}).get(split)
     if entry is None:
         return "no pair filters"

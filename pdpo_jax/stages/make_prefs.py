@@ -159,7 +159,7 @@ def report(summary: dict[str, Any], config: RunConfig) -> None:
         counts = summary["splits"][split]
         print(f"{split}: {counts['kept']} pairs kept of {counts['records']} "
               f"({counts['degenerate_records']} degenerate, {counts['dropped']} dropped, "
-              f"{len(counts['skipped_too_long'])} too long; {filters_line(summary, split)}) "
+              f"{len(counts['skipped_too_long'])} too long); {filters_line(summary, split)} "
               f"-> {layout.prefs_split(split)}")
 
 
