@@ -227,9 +227,8 @@ def test_the_nli_filter_variant_stacks_on_every_paper_model_file(model_file):
 
 # ------------------------------------------------------------------------------------------------
 # The stages: make-prefs filters a finished folder again, DPO reads only what the filters keep,
-# eval-responses measures a run's test responses. Cost: one make-prefs run with tiny models (118 s
-# wall, and 150 s for the classifier fixture, on the shared 2-core machine under a load of 16; a
-# fraction of that in CPU time).
+# eval-responses measures a run's test responses. Cost: one make-prefs run with tiny models (10 s)
+# and the classifier fixture (22 s) on 2 cores; both several times that on a heavily shared machine.
 
 
 @pytest.fixture(scope="module")
