@@ -514,3 +514,11 @@ def test_the_objective_variants_stack_on_every_paper_model_file(model_file):
         assert preference_settings(config.dpo.loss_type, **config.dpo.objective_settings()) == settings
         assert prefs.reference_needed(config) is scored
         assert config.dpo.optimizer == base.dpo.optimizer and config.prefs == base.prefs and config.sft == base.sft
+
+
+def test_the_margin_filter_says_an_unscored_folder_has_no_reference_logps(unscored_run):
+    from pdpo_jax.prefs.filters import MarginFilter
+
+    records = prefs.read_records(unscored_run.prefs, "train")
+    with pytest.raises(prefs.PrefsError, match="the margin filter needs reference log-probs"):
+        MarginFilter(nats=1.0).objections(records)
