@@ -45,26 +45,31 @@ def open_side(name: str, config: RunConfig, cache: dict[str, Side], mesh: Any) -
     return cache[name]
 
 
-def make_prefs(config: RunConfig) -> dict[str, Any]:
+def make_prefs(config: RunConfig, round_number: int = 1) -> dict[str, Any]:
     """Builds (or resumes) `<run_dir>/prefs`; returns the summary written with the DONE marker.
+    `round_number` k > 1 builds round k of iterative DPO instead (`dpo.rounds`): `round-k/prefs`,
+    negatives from round k-1's best model with the round's seed (`RunLayout.dpo_round`).
 
     On a pod every host samples and scores every batch on the shared mesh; process 0 alone
     decides which shards are missing and writes them, so each file is written once."""
-    prefs_dir = RunLayout.of(config).prefs
-    paths = RunLayout.of(config).preference_models(config)
+    this_round = RunLayout.of(config).dpo_round(config, round_number)
+    prefs_dir, paths = this_round.prefs, (this_round.generator, this_round.reference)
+    round_config = this_round.prefs_config(config)  # what the records depend on; config.yaml stays the run's
     sides: dict[str, Side] = {}
 
     def check_folder(mesh: Any) -> None:
         # A half-built folder must have been built by these models with these settings.
         for name in paths:
-            open_side(name, config, sides, mesh)
-        primary_decides(check_settings, prefs_dir, settings_of(config, *paths, {s.name: s.digest for s in sides.values()}))
+            open_side(name, round_config, sides, mesh)
+        primary_decides(check_settings, prefs_dir,
+                        settings_of(round_config, *paths, {s.name: s.digest for s in sides.values()}))
 
     def finished_summary(folder: Path) -> dict[str, Any]:
         # A finished folder is checked without loading the models: its digests stand for them.
-        return primary_decides(_finished_summary, folder, settings_of(config, *paths, digests=None))
+        return primary_decides(_finished_summary, folder, settings_of(round_config, *paths, digests=None))
 
-    return run_once(config, "make-prefs", prefs_dir, lambda _mesh: _build(config, prefs_dir, *(sides[p] for p in paths)),
+    name = "make-prefs" if round_number == 1 else f"make-prefs round {round_number}"
+    return run_once(config, name, prefs_dir, lambda _mesh: _build(round_config, prefs_dir, *(sides[p] for p in paths)),
                     check=check_folder, when_finished=finished_summary)
 
 
