@@ -19,6 +19,7 @@ CONFIG_STAGES = {  # stage -> the other arguments it needs to get as far as read
     "sft": [],
     "make-prefs": [],
     "dpo": [],
+    "rounds": [],
     "train-nli": [],
     "rl": [],
     "eval-dnli": ["--out", "report.json"],

@@ -31,11 +31,10 @@ def run_rounds(config: RunConfig) -> dict[str, Any]:
     if config.dpo.rounds == 1:
         print("rounds: dpo.rounds is 1, nothing to do (round 1 is make-prefs and dpo)")
         return summaries
+    first = layout.round_best_model(1)
+    if not primary_decides(first.is_dir):
+        raise ModelDirError(f"{first}: round 1's best model not found; run pdpo dpo first")
     for number in range(2, config.dpo.rounds + 1):
-        previous = layout.round_best_model(number - 1)
-        if not primary_decides(previous.is_dir):
-            stage = "pdpo dpo" if number == 2 else f"round {number - 1}"
-            raise ModelDirError(f"{previous}: round {number - 1}'s best model not found; run {stage} first")
         make_prefs(config, round_number=number)
         summaries[number] = train(config, round_number=number)
     return summaries
