@@ -213,3 +213,16 @@ def test_later_rounds_take_their_reference_by_setting_and_need_the_previous_roun
     for bad in ("dpo.rounds=0", "dpo.round_reference=first"):
         with pytest.raises(ConfigError, match=r"dpo\.round"):
             load_config(REPO / "configs" / "demo.yaml", [bad])
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (REPO / "configs" / "paper").glob("[!_]*.yaml")))
+def test_the_iterative_variant_stacks_on_every_paper_model_file(path):
+    from pdpo_jax.stages.pipeline import stages_to_run
+
+    model = REPO / "configs" / "paper" / path
+    plain = load_config(model)
+    iterative = load_config([model, REPO / "configs" / "paper" / "variants" / "iterative.yaml"])
+    assert (iterative.dpo.rounds, iterative.dpo.round_reference) == (3, "previous")
+    assert iterative.run_dir == plain.run_dir + "-iterative" and iterative.dpo.optimizer == plain.dpo.optimizer
+    stages = stages_to_run(iterative)
+    assert stages.index("dpo") + 1 == stages.index("rounds") < stages.index("eval-dpo")

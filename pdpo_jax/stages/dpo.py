@@ -133,7 +133,8 @@ def check_start(out_dir: Path, loss_type: str, reference_free: bool) -> str:
 
 
 DESCRIPTION = ("DPO from the SFT model on pseudo-preference pairs (needs <run_dir>/prefs from `pdpo make-prefs`). "
-               "Writes <run_dir>/dpo/; a rerun resumes from the last checkpoint.")
+               "Writes <run_dir>/dpo/; a rerun resumes from the last checkpoint. This is round 1 of dpo.rounds; "
+               "`pdpo rounds` runs the later ones.")
 
 
 def main(argv: list[str]) -> int:
