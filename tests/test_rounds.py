@@ -4,7 +4,7 @@ from that model; evaluation and export take round 2's model; the summary and `pd
 show both rounds; `pdpo rounds` killed with SIGKILL in round 2's DPO and rerun ends as the
 uninterrupted run; one round leaves the layout and the pipeline as they were.
 
-Cost: one module fixture runs SFT, two rounds of make-prefs + DPO (4 steps each), two DNLI
+Cost: one module fixture runs SFT, two rounds of make-prefs + DPO (2 steps each), two DNLI
 evaluations, the export and the summary on the tiny model (~1-2 min on 2 cores); the kill test
 runs round 2 again twice in a subprocess (~1 min).
 """
@@ -38,7 +38,7 @@ from pdpo_jax.train.checkpoints import TrainCheckpointer, read_best_info
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "pdpo_jax" / "resources" / "demo"
-DPO_STEPS, CHECKPOINT_EVERY = 4, 2
+DPO_STEPS, CHECKPOINT_EVERY = 2, 1
 TIMING_KEYS = {"tokens_per_s"}  # wall-clock figures, the only values allowed to differ between runs
 PATH_FIELDS = ("generator", "reference")  # a record's model paths name its own run directory
 
