@@ -226,3 +226,14 @@ def test_the_iterative_variant_stacks_on_every_paper_model_file(path):
     assert iterative.run_dir == plain.run_dir + "-iterative" and iterative.dpo.optimizer == plain.dpo.optimizer
     stages = stages_to_run(iterative)
     assert stages.index("dpo") + 1 == stages.index("rounds") < stages.index("eval-dpo")
+
+
+def test_pdpo_results_rounds_names_a_bad_file_in_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["results", "--rounds", str(run), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"pdpo results: --rounds {run}: no DPO round found (no dpo/ folder in that run directory)\n"
+    (run / "dpo").mkdir(parents=True)
+    (run / "dpo" / "metrics.jsonl").write_text('{"step": 0, "split": "val", "loss": 0.69}\nnot json\n')
+    assert cli.main(["results", "--rounds", str(run), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"pdpo results: {run / 'dpo' / 'metrics.jsonl'}:2: not valid JSON") and error.count("\n") == 1

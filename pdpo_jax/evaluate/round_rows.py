@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pdpo_jax.errors import PdpoError
 from pdpo_jax.evaluate.report import DNLI_METRICS, _table
 from pdpo_jax.metrics_log import read_metrics_jsonl
 from pdpo_jax.run_layout import RunLayout
@@ -26,8 +27,22 @@ CURVE_END = (("train", "loss", "last train loss"), ("val", "loss", "last val los
              ("val", "rewards/accuracies", "last val reward acc."))
 
 
+class RoundsError(PdpoError):
+    """A file of a round that cannot be read; the message names it."""
+
+
 def _json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except json.JSONDecodeError as err:
+        raise RoundsError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+
+
+def _metrics(path: Path) -> list[dict[str, Any]]:
+    try:
+        return read_metrics_jsonl(path) if path.is_file() else []
+    except ValueError as err:  # a line that is not JSON or has no step; the message names the line
+        raise RoundsError(str(err)) from None
 
 
 def _last(rows: list[dict[str, Any]], split: str, key: str) -> float | None:
@@ -44,7 +59,7 @@ def round_rows(layout: RunLayout) -> list[dict[str, Any]]:
         prefs, dpo = folder / "prefs", folder / "dpo"
         summary = _json(prefs / "summary.json") or {}
         done = _json(dpo / DONE_MARKER)
-        metrics = read_metrics_jsonl(dpo / "metrics.jsonl") if (dpo / "metrics.jsonl").is_file() else []
+        metrics = _metrics(dpo / "metrics.jsonl")
         report = _json(layout.round_dnli_report(number, rounds[-1]))
         overall = (report or {}).get("overall") or {}
         rows.append({
