@@ -6,8 +6,9 @@ uninterrupted run; one round leaves the layout and the pipeline as they were.
 
 Cost: one module fixture runs SFT, two rounds of make-prefs + DPO (2 steps each), two DNLI
 evaluations, the export and the summary on the tiny model; the kill test runs round 2 again, killed
-in a subprocess and then to the end. On the shared 2-core machine at a load average of ~40-60 the
-fixture took 500 s and the kill test 78 s (mostly compiling); the other tests take well under 1 s.
+in a subprocess and then to the end. Measured on the shared 2-core machine: fixture 46 s and kill
+test 34 s (83 s for the file) when lightly loaded, 500 s and 78 s at a load average of ~40-60; the
+other tests take well under 1 s.
 """
 
 import dataclasses
