@@ -22,8 +22,9 @@ from pdpo_jax.data.pairs import PairIds, dpo_batch
 from pdpo_jax.data.trees import pair_trees, tree_batch, tree_summary
 from pdpo_jax.metrics_log import read_metrics_jsonl
 from pdpo_jax.model import pad_id
-from pdpo_jax.parallel import host_rows, is_primary
+from pdpo_jax.parallel import host_rows, is_primary, primary_decides
 from pdpo_jax.prefs import PreferenceRecord, PrefsError, read_records
+from pdpo_jax.prefs.filters import check_filters
 from pdpo_jax.run_layout import DpoRound, RunLayout
 from pdpo_jax.stage_runner import load_for_run, run_command, run_once
 from pdpo_jax.train.batches import StepBatches
@@ -82,11 +83,13 @@ def run_dpo(config: RunConfig, round_number: int = 1) -> dict[str, Any]:
 
 def _train(config: RunConfig, this_round: DpoRound, mesh: Any) -> dict[str, Any]:
     out_dir = this_round.dpo
+    prefs_dir = this_round.prefs
+    # Only the pairs the configured filters kept: a folder filtered otherwise is refused.
+    primary_decides(check_filters, prefs_dir, config.prefs.filters)
     reference_path = this_round.reference
     config = dataclasses.replace(config, seed=this_round.seed)  # the round's pair order
     model = load_for_run(this_round.start, config, mesh)
     encoder = PromptEncoder(model.tokenizer, config.data.template)
-    prefs_dir = this_round.prefs
     train_pairs = tokenize_pairs(read_records(prefs_dir, "train"), encoder)
     val_pairs = tokenize_pairs(read_records(prefs_dir, "val"), encoder)
     if not train_pairs or not val_pairs:
