@@ -61,14 +61,16 @@ def make_prefs(config: RunConfig, round_number: int = 1) -> dict[str, Any]:
     prefs_dir, paths = this_round.prefs, (this_round.generator, this_round.reference)
     round_config = this_round.prefs_config(config)  # what the records depend on; config.yaml stays the run's
     sides: dict[str, Side] = {}
+    accepted: dict[str, Any] = {}  # the settings the folder goes on with
 
     def check_folder(mesh: Any) -> None:
-        # A half-built folder must have been built by these models with these settings.
+        # A half-built folder must have been built by these models with these settings; it also
+        # decides whether reference log-probs are scored (a scored folder stays scored).
         _check_classifiers(config)
         for name in paths:
             open_side(name, round_config, sides, mesh)
-        primary_decides(check_settings, prefs_dir,
-                        settings_of(round_config, *paths, {s.name: s.digest for s in sides.values()}))
+        accepted.update(primary_decides(check_settings, prefs_dir,
+                                        settings_of(round_config, *paths, {s.name: s.digest for s in sides.values()})))
 
     def finished_summary(folder: Path) -> dict[str, Any]:
         # A finished folder is checked without loading the models: its digests stand for them.
@@ -84,18 +86,21 @@ def make_prefs(config: RunConfig, round_number: int = 1) -> dict[str, Any]:
             mark_done(folder, summary)
         return summary
 
+    def build(_mesh: Any) -> dict[str, Any]:
+        return _build(round_config, prefs_dir, *(sides[p] for p in paths), score_reference=accepted["reference_scored"])
+
     name = "make-prefs" if round_number == 1 else f"make-prefs round {round_number}"
-    return run_once(config, name, prefs_dir, lambda _mesh: _build(round_config, prefs_dir, *(sides[p] for p in paths)),
-                    check=check_folder, when_finished=finished_summary)
+    return run_once(config, name, prefs_dir, build, check=check_folder, when_finished=finished_summary)
 
 
-def _build(config: RunConfig, prefs_dir: Path, generator: Side, reference: Side) -> dict[str, Any]:
+def _build(config: RunConfig, prefs_dir: Path, generator: Side, reference: Side, *,
+           score_reference: bool) -> dict[str, Any]:
     prefs = config.prefs
     corpus = prepare_corpus(config.data, config.seed)
     plans = {split: plan_split(getattr(corpus, split), prefs.shuffle, prefs.seed) for split in SPLITS}
     sampler = sampler_from_config(prefs.sampler.kind, temperature=prefs.sampler.temperature,
                                   top_k=prefs.sampler.top_k, top_p=prefs.sampler.top_p)
-    score = scorer_for_layout(config, reference)
+    score = scorer_for_layout(config, reference, score_reference=score_reference)
     counts = {split: shard_count(len(plans[split]), prefs.shard_size) for split in SPLITS}
     missing = [tuple(shard) for shard in primary_decides(missing_shards, prefs_dir, counts)]
     total = sum(len(jobs) for jobs in plans.values())
@@ -149,7 +154,8 @@ def _finished_summary(prefs_dir: Path, settings: dict[str, Any]) -> dict[str, An
 
 DESCRIPTION = (
     "Build pseudo-preference pairs: for each train/val example, sample a negative from the generator under "
-    "another dialogue's persona and store it with the reference model's log-probs. Writes "
+    "another dialogue's persona and store it with the reference model's log-probs (not scored when dpo.loss_type "
+    "needs no reference: simpo, orpo, reference-free DPO). Writes "
     "<run_dir>/prefs/{train,val}/shard-*.jsonl, summary.json and DONE; a rerun resumes after the last complete "
     "shard. The generator and reference default to <run_dir>/sft/best (prefs.generator, prefs.reference; "
     "prefs.from_stage=rl starts from the RL baseline's best model instead). prefs.filters (degenerate, margin, copy, "
