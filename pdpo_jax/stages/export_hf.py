@@ -23,7 +23,7 @@ def export_run_model(config: RunConfig) -> dict[str, Any]:
     hf_dir = {"hf_dir": str(layout.exported_model)}
 
     def export(mesh: Any) -> dict[str, Any]:
-        export_hf(layout.best_model("dpo"), layout.exported_model, mesh=mesh)
+        export_hf(layout.trained_model(config, "dpo"), layout.exported_model, mesh=mesh)
         return hf_dir
 
     return run_once(config, "export-hf", layout.export, export, when_finished=lambda _: hf_dir)
@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
         "pdpo export-hf",
         "Write a model as a Hugging Face directory (config.json, safetensors, tokenizer, generation_config.json). "
         "--model takes a training stage's best/ folder, an HF directory or `default`; with --config, the run's "
-        "DPO model (<run_dir>/dpo/best) is exported to <run_dir>/export/hf.",
+        "DPO model (<run_dir>/dpo/best; the last round's with dpo.rounds > 1) is exported to <run_dir>/export/hf.",
         config="optional",
     )
     parser.add_argument("--model", help="model to export (instead of --config)")
@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
         raise UsageError("give either --model or --config (see pdpo export-hf --help)")
     if config is not None:
         layout = RunLayout.of(config)
-        model_path = layout.best_model("dpo")
+        model_path = layout.trained_model(config, "dpo")
         out_dir = Path(args.out) if args.out else layout.exported_model
     else:
         if not args.out:
