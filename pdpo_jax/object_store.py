@@ -77,6 +77,11 @@ def as_path(path: Any) -> AnyPath:
     return Path(path)
 
 
+def absolute(path: Any) -> AnyPath:
+    """`as_path(path)`, made absolute when it is local (a gs:// path always is)."""
+    return as_path(path) if is_object_store(path) else Path(path).absolute()
+
+
 def filesystem():
     """The gcsfs filesystem every gs:// operation shares (fsspec caches one per process).
 

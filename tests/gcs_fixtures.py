@@ -120,7 +120,7 @@ def gcs_bucket(gcs_emulator) -> str:
     return gcs_emulator.create_bucket(f"test-{uuid.uuid4().hex[:12]}")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def gcs_env(gcs_emulator, subprocess_env) -> dict[str, str]:
     """The environment of a process a test starts, pointed at the emulator."""
     return {**subprocess_env, **gcs_emulator.env}
