@@ -226,3 +226,75 @@ def check_bucket(path: Any) -> None:
         raise
     except Exception as err:  # noqa: BLE001
         raise store_error(err, path) from None
+
+
+def local_copy(url: Any, cache_root: Path, skip: tuple[str, ...] = ()) -> Path:
+    """A copy of the gs:// folder `url` under `cache_root/<bucket>/<path>`, made or brought up to
+    date object by object, each verified by size and MD5 (CRC32C for composite objects) against
+    what the store reports; files the folder no longer has are deleted. Returns the local folder.
+
+    Several processes of one host may call it at once: each writes to a temporary name and renames
+    into place, and they download the same bytes."""
+    import base64
+    import hashlib
+    import tempfile
+
+    bucket, key = _object_name(url)
+    prefix = f"{bucket}/{key}".rstrip("/")
+    fs = filesystem()
+    try:
+        listing = fs.find(prefix, detail=True)
+    except Exception as err:  # noqa: BLE001
+        raise store_error(err, url) from None
+    if not listing:
+        raise ObjectStoreError(f"{os.fspath(url)}: no such folder (no object under it)")
+    target = cache_root / bucket / key
+    wanted = set()
+    for name, info in sorted(listing.items()):
+        relative = name[len(prefix) + 1:]
+        if not relative or relative in skip:
+            continue
+        wanted.add(relative)
+        local = target / relative
+
+        def matches(path: Path) -> bool:
+            if not path.is_file() or path.stat().st_size != int(info["size"]):
+                return False
+            if info.get("md5Hash"):
+                digest = hashlib.md5()
+                with open(path, "rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(block)
+                return base64.b64encode(digest.digest()).decode() == info["md5Hash"]
+            if info.get("crc32c"):
+                import google_crc32c
+
+                checksum = google_crc32c.Checksum()
+                with open(path, "rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        checksum.update(block)
+                return base64.b64encode(checksum.digest()).decode() == info["crc32c"]
+            return True
+
+        if matches(local):
+            continue
+        local.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{local.name}.", suffix=".download", dir=local.parent)
+        os.close(fd)
+        try:
+            fs.get_file(name, tmp)
+            if not matches(Path(tmp)):
+                raise ObjectStoreError(f"gs://{name}: the downloaded copy does not match the object's size "
+                                       "and checksum (was it replaced meanwhile? run again)")
+            os.replace(tmp, local)
+        except ObjectStoreError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            raise store_error(err, f"gs://{name}") from None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    for path in sorted(target.rglob("*"), reverse=True):
+        relative = path.relative_to(target).as_posix()
+        if path.is_file() and relative not in wanted and not path.name.endswith(".download"):
+            path.unlink(missing_ok=True)
+    return target

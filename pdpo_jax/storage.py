@@ -223,7 +223,7 @@ BUILDING_INFIX = ".tmp-"  # `<name>.tmp-<tag>`: a copy being built
 
 @contextlib.contextmanager
 def commit_directory(target: str | Path, *, replace: bool = True, tag: str | None = None,
-                     commit: bool = True) -> Iterator[Path]:
+                     commit: bool = True, local_staging: bool = False) -> Iterator[Path]:
     """Yields an empty directory beside `target` to build it in; when the block ends without an
     error the directory becomes `target` whole, and when it raises, `target` is left as it was.
 
@@ -248,9 +248,14 @@ def commit_directory(target: str | Path, *, replace: bool = True, tag: str | Non
     The processes of one multi-process save all enter with the same `tag`; the one with
     `commit=True` prepares, commits or cleans up, and the others only write into the directory
     it made (the caller synchronises them before and after the block).
+
+    On gs:// the directory yielded is on the bucket too (orbax writes there, from every process),
+    or with `local_staging` a local temporary folder, uploaded when the block ends, for writers
+    that need a file system (safetensors, tokenizers, archives).
     """
     if is_object_store(target):
-        with _commit_object_directory(target, replace=replace, tag=tag, commit=commit) as building:
+        with _commit_object_directory(target, replace=replace, tag=tag, commit=commit,
+                                      local_staging=local_staging) as building:
             yield building
         return
     target = Path(target)
@@ -347,7 +352,8 @@ def is_committed(directory: str | Path) -> bool:
 
 
 @contextlib.contextmanager
-def _commit_object_directory(target: str | Path, *, replace: bool, tag: str | None, commit: bool) -> Iterator[Any]:
+def _commit_object_directory(target: str | Path, *, replace: bool, tag: str | None, commit: bool,
+                             local_staging: bool = False) -> Iterator[Any]:
     """`commit_directory` on gs://, where no rename is atomic (or cheap). The steps, and what a
     crash after each leaves for the next call (`_recover_object_directory`):
 
@@ -367,11 +373,19 @@ def _commit_object_directory(target: str | Path, *, replace: bool, tag: str | No
     if not replace and is_committed(target):
         raise FileExistsError(f"{target} already exists")
     _delete_tree(building)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-")) if local_staging else None
     try:
-        yield building
+        yield building if staging is None else staging
+        if staging is not None:
+            for path in sorted(staging.rglob("*")):
+                if path.is_file():
+                    _upload(building / path.relative_to(staging).as_posix(), path.read_bytes())
     except BaseException:
         _delete_tree(building)
         raise
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     _upload(building / COMMIT_MARKER, b"")
     _publish(building, target)
 

@@ -27,6 +27,7 @@ from pdpo_jax.prefs import (SPLITS, PrefsError, Side, build_shard, check_setting
                             read_summary, run_settings, scorer_for_layout, settings_of, shard_count, shard_jobs,
                             shard_metrics, shard_path, write_shard, write_summary)
 from pdpo_jax.prefs.folder import METRICS_FILE
+from pdpo_jax.object_store import as_path
 from pdpo_jax.run_layout import RunLayout
 from pdpo_jax.stage_runner import build_mesh, finished, load_for_run, run_command, write_resolved_config
 
@@ -35,7 +36,7 @@ def open_side(name: str, config: RunConfig, cache: dict[str, Side], mesh: Any) -
     """The model `name` on the run's mesh (one load when generator and reference are the same)."""
     if name in cache:
         return cache[name]
-    if name != "default" and not Path(name).is_dir() and not looks_like_hub_id(name):
+    if name != "default" and not as_path(name).is_dir() and not looks_like_hub_id(name):
         stage = Path(name).parts[-2] if len(Path(name).parts) > 1 and Path(name).name == "best" else None
         hint = (f" (the {stage} stage's output: run `pdpo {stage}` first, or set prefs.generator / prefs.reference)"
                 if stage in ("sft", "rl") else "")
