@@ -228,7 +228,7 @@ def check_bucket(path: Any) -> None:
         raise store_error(err, path) from None
 
 
-def local_copy(url: Any, cache_root: Path, skip: tuple[str, ...] = ()) -> Path:
+def local_copy(url: Any, cache_root: Path, skip: tuple[str, ...] = (), only: tuple[str, ...] = ()) -> Path:
     """A copy of the gs:// folder `url` under `cache_root/<bucket>/<path>`, made or brought up to
     date object by object, each verified by size and MD5 (CRC32C for composite objects) against
     what the store reports; files the folder no longer has are deleted. Returns the local folder.
@@ -246,13 +246,16 @@ def local_copy(url: Any, cache_root: Path, skip: tuple[str, ...] = ()) -> Path:
         listing = fs.find(prefix, detail=True)
     except Exception as err:  # noqa: BLE001
         raise store_error(err, url) from None
+    if only:
+        listing = {name: info for name, info in listing.items() if name[len(prefix) + 1:] in only}
     if not listing:
-        raise ObjectStoreError(f"{os.fspath(url)}: no such folder (no object under it)")
+        missing = f"{os.fspath(url).rstrip('/')}/{only[0]}" if only else os.fspath(url)
+        raise ObjectStoreError(f"{missing}: no such object" + ("" if only else " (nothing under this folder)"))
     target = cache_root / bucket / key
     wanted = set()
     for name, info in sorted(listing.items()):
         relative = name[len(prefix) + 1:]
-        if not relative or relative in skip:
+        if not relative or relative in skip or (only and relative not in only):
             continue
         wanted.add(relative)
         local = target / relative
@@ -293,8 +296,24 @@ def local_copy(url: Any, cache_root: Path, skip: tuple[str, ...] = ()) -> Path:
             raise store_error(err, f"gs://{name}") from None
         finally:
             Path(tmp).unlink(missing_ok=True)
-    for path in sorted(target.rglob("*"), reverse=True):
+    for path in [] if only else sorted(target.rglob("*"), reverse=True):
         relative = path.relative_to(target).as_posix()
         if path.is_file() and relative not in wanted and not path.name.endswith(".download"):
             path.unlink(missing_ok=True)
     return target
+
+
+def local_file(url: Any, cache_root: Path | None = None) -> Path:
+    """This host's verified copy of one gs:// object (under `cache_root`, by default
+    `$PDPO_CACHE_DIR/gcs` or `~/.cache/pdpo_jax/gcs`), for readers that need a local file."""
+    text = os.fspath(url)
+    folder, _, name = text.rpartition("/")
+    return local_copy(folder, cache_root or default_gcs_cache(), only=(name,)) / name
+
+
+def default_gcs_cache() -> Path:
+    """`$PDPO_CACHE_DIR/gcs`, else `$XDG_CACHE_HOME/pdpo_jax/gcs`, else `~/.cache/pdpo_jax/gcs`."""
+    if os.environ.get("PDPO_CACHE_DIR"):
+        return Path(os.environ["PDPO_CACHE_DIR"]).expanduser() / "gcs"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "pdpo_jax" / "gcs"

@@ -24,11 +24,11 @@ from pdpo_jax.errors import ModelDirError
 from pdpo_jax.model.checkpoint import expected_shapes, load_hf, read_config
 from pdpo_jax.model.config import ModelConfig
 from pdpo_jax.model.decoder import param_shapes
-from pdpo_jax.model.default_model import default_cache_root, default_model_dir
+from pdpo_jax.model.default_model import default_model_dir
 from pdpo_jax.model.hub import hub_model_dir, looks_like_hub_id
 from pdpo_jax.model.layer_stack import in_layout
 from pdpo_jax.model.model_dir import has_tokenizer_files, is_orbax_model_dir, restore_params
-from pdpo_jax.object_store import is_object_store, local_copy
+from pdpo_jax.object_store import default_gcs_cache, is_object_store, local_copy
 from pdpo_jax.storage import BUILDING_INFIX, COMMIT_MARKER, is_committed
 from pdpo_jax.parallel import param_shardings
 
@@ -129,7 +129,7 @@ def local_model_copy(url: str | os.PathLike) -> Path:
                                      or not (folder / "config.json").exists()):
         raise ModelDirError(f"{os.fspath(url)}: model directory not found (or not committed: a write to it is "
                             "unfinished)")
-    return local_copy(url, default_cache_root() / "gcs", skip=(COMMIT_MARKER,))
+    return local_copy(url, default_gcs_cache(), skip=(COMMIT_MARKER,))
 
 
 def load_model(path: str | os.PathLike, *, dtype: Any = None, mesh: Any = None, compute_dtype: ComputeDtype | None = None,
