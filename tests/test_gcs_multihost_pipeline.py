@@ -8,7 +8,8 @@ As in test_multihost_pipeline.py, the single-process run starts from the two-hos
 (copied from the bucket), so every later stage has the same inputs. Records and reports name their
 models by path, so the gs:// run directory is replaced by the local one before the bytes are compared.
 
-Cost: one two-process pipeline and one single-process pipeline, about 4 min on a shared 2-core machine.
+Cost: one two-process pipeline, one single-process pipeline and two make-prefs runs: 9 to 11 min on
+a shared, busy 2-core machine (the two-process run alone took 530 s there).
 """
 
 from __future__ import annotations
@@ -76,8 +77,9 @@ def test_preference_records_are_those_of_one_local_process(runs):
     for shard in shards:
         on_bucket = (as_path(gcs_run) / shard).read_bytes().replace(gcs_run.encode(), str(local_run).encode())
         assert on_bucket == (local_run / shard).read_bytes(), shard
-    summary = json.loads((as_path(gcs_run) / "prefs" / "summary.json").read_text())
-    assert summary == json.loads((local_run / "prefs" / "summary.json").read_text())
+    for name in ("summary.json", "settings.json"):
+        on_bucket = (as_path(gcs_run) / "prefs" / name).read_text().replace(gcs_run, str(local_run))
+        assert json.loads(on_bucket) == json.loads((local_run / "prefs" / name).read_text()), name
 
 
 def test_dnli_reports_equal_those_of_one_local_process(runs):
@@ -128,3 +130,55 @@ def test_every_output_object_is_uploaded_once_by_process_zero(runs):
     # a committed directory is uploaded to its staged copy, then copied to its place: once each
     names = {name.split("/")[-1] for name in objects(gcs_run, "export/hf/*")}
     assert {p for p in outputs if "/export/hf/" in p} == {f"{gcs_run}/export/hf/{name}" for name in names}
+
+
+@pytest.fixture(scope="module")
+def prefs_killed_and_resumed(runs, gcs_env, tmp_path_factory):
+    """make-prefs on the bucket again from nothing, as one process: killed with SIGKILL once its
+    first shard is on the bucket, then rerun to the end. Returns (the two-host run's shards, what the
+    killed run left, the resumed run's shards), each {name: bytes}."""
+    import signal
+    import time
+
+    gcs_run, local_run, _ = runs
+    fs = filesystem()
+    prefs = f"{gcs_run[5:]}/prefs"
+    shards = lambda: {name[len(prefs) + 1:]: fs.cat_file(name) for name in fs.find(prefs) if "/shard-" in name}  # noqa: E731
+    before = shards()
+    fs.rm(fs.find(prefs))
+    tmp = tmp_path_factory.mktemp("gcs_prefs_kill")
+    args = ["-m", "pdpo_jax.cli", "make-prefs", *pipeline_args(tmp, gcs_run)[1:]]
+    env = {key: value for key, value in gcs_env.items()
+           if key in JAX_CACHE_VARIABLES or not key.startswith(("JAX_", "PDPO_"))}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8", OMP_NUM_THREADS="1")
+    first = subprocess.Popen([sys.executable, *args], env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while not shards() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        first.send_signal(signal.SIGKILL)
+    finally:
+        first.wait()
+    left = shards()
+    assert not (as_path(gcs_run) / "prefs" / "DONE").exists(), "make-prefs finished before the kill"
+    from pdpo_jax.prefs.record import PrefsError
+    from pdpo_jax.prefs.folder import read_records
+
+    with pytest.raises(PrefsError, match="no DONE marker"):  # no reader takes the records of an unfinished run
+        read_records(f"{gcs_run}/prefs", "train")
+    resumed = subprocess.run([sys.executable, *args], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return before, left, shards()
+
+
+def test_make_prefs_killed_on_the_bucket_resumes_to_the_same_records(prefs_killed_and_resumed, runs):
+    from pdpo_jax.prefs.folder import read_records
+
+    gcs_run, local_run, _ = runs
+    before, left, after = prefs_killed_and_resumed
+    assert 0 < len(left) < len(before)  # killed part-way: some shards written, whole, the rest not
+    assert all(before[name] == data for name, data in left.items())
+    assert after == before  # byte for byte what the uninterrupted two-host run wrote
+    assert read_records(f"{gcs_run}/prefs", "train", include_dropped=True)
