@@ -4,12 +4,15 @@ A config file is YAML whose top-level keys are the sections below. `base: other.
 relative to the file) merges the file onto another one, so a variant such as "w/o shuffle" is a
 two-line override file. Command-line overrides are `section.key=value` with YAML-typed values.
 Unknown keys are errors that name the file (or override) and the key: a typo never silently falls
-back to a default.
+back to a default. A file is read in bounded time and memory whatever it holds: YAML aliases may not
+expand past MAX_CONFIG_VALUES values nor nest deeper than MAX_CONFIG_DEPTH, and an error message
+shows a value cut short (`errors.shown`), never the whole of it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,11 +21,17 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
-from pdpo_jax.errors import InvalidSetting, PdpoError, require
+from pdpo_jax.errors import InvalidSetting, PdpoError, require, shown
 
 
 class ConfigError(PdpoError):
     """A config file or override that cannot be used; the message names where and which key."""
+
+
+# A real config holds a few hundred values; these bounds refuse an "alias bomb" (nine aliases of
+# nine aliases of ... a 600-byte file that stands for billions of values) before anything walks it.
+MAX_CONFIG_VALUES = 100_000  # lists, mappings and scalars of one file or override, aliases expanded
+MAX_CONFIG_DEPTH = 64  # lists and mappings inside one another
 
 
 # Every section checks its own fields in `__post_init__`, so a section is valid wherever it was
@@ -382,15 +391,16 @@ def load_config(paths: str | Path | list[str | Path] | None, overrides: list[str
     suffix = ""
     for path in paths:
         layer = _read_yaml_with_bases(Path(path))
-        suffix += str(layer.pop("run_suffix", "") or "")
+        suffix += _run_suffix(layer, where=str(path))
         _deep_merge(raw, layer)
     for override in overrides:
         key, sep, value = override.partition("=")
+        where = f"override {shown(override)}"
         if not sep or not key:
-            raise ConfigError(f"override {override!r}: expected key=value, e.g. sft.epochs=2")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value), where=f"override {override!r}")
+            raise ConfigError(f"{where}: expected key=value, e.g. sft.epochs=2")
+        _set_dotted(raw, key.strip(), _parse_yaml(value, where), where=where)
     where = " + ".join(str(p) for p in paths) or "defaults"
-    suffix += str(raw.pop("run_suffix", "") or "")
+    suffix += _run_suffix(raw, where=where)
     config = _build(RunConfig(), raw, where=where, prefix="")
     if suffix:
         config = dataclasses.replace(config, run_dir=config.run_dir + suffix)
@@ -405,6 +415,15 @@ def dump_config(config: RunConfig) -> str:
     return yaml.safe_dump(config_to_dict(config), sort_keys=False)
 
 
+def _run_suffix(layer: dict[Any, Any], where: str) -> str:
+    suffix = layer.pop("run_suffix", "")
+    if suffix is None or suffix == "":
+        return ""
+    if isinstance(suffix, (dict, list)):
+        raise ConfigError(f"{where}: run_suffix must be a string, got {shown(suffix)}")
+    return str(suffix)
+
+
 def _read_yaml_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:
@@ -413,18 +432,85 @@ def _read_yaml_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, 
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a YAML file (not UTF-8 text at byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror or type(err).__name__})") from None
+    data = _parse_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     base = data.pop("base", None)
     if base is None:
         return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base must be the path of one YAML file, got {shown(base)}")
     merged = _read_yaml_with_bases((path.parent / base), seen + (path,))
     _deep_merge(merged, data)
     return merged
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """The YAML value of `text`, refused (ConfigError naming `where`) when it is not YAML or is too
+    large or too deep once its aliases are expanded."""
+    if _bracket_depth(text) > MAX_CONFIG_DEPTH:  # PyYAML takes seconds to fail on thousands of `[`
+        raise ConfigError(f"{where}: brackets nested deeper than {MAX_CONFIG_DEPTH} levels")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = err.problem or err.context or "cannot be parsed"
+        raise ConfigError(f"{where}: not valid YAML{at}: {problem[:120]}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {str(err)[:120]}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to read (at most {MAX_CONFIG_DEPTH} levels)") from None
+    _check_extent(value, where)
+    return value
+
+
+def _bracket_depth(text: str) -> int:
+    """How deep `[` and `{` nest in `text`, counting those inside quotes too (an upper bound)."""
+    depth = deepest = 0
+    for match in _BRACKET.finditer(text):
+        depth = depth + 1 if match.group() in "[{" else max(0, depth - 1)
+        deepest = max(deepest, depth)
+    return deepest
+
+
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _check_extent(value: Any, where: str) -> None:
+    """Refuses a value that holds itself, nests deeper than MAX_CONFIG_DEPTH or counts more than
+    MAX_CONFIG_VALUES values with its aliases expanded. Each distinct list or mapping is visited
+    once (its expanded count is remembered), so the check costs the size of the file, not of its
+    expansion."""
+    counted: dict[int, int] = {}
+    open_containers: set[int] = set()
+
+    def count(node: Any, depth: int) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        if id(node) in counted:
+            return counted[id(node)]
+        if id(node) in open_containers:
+            raise ConfigError(f"{where}: a YAML alias refers to a value that contains it")
+        if depth >= MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{where}: nested deeper than {MAX_CONFIG_DEPTH} levels")
+        open_containers.add(id(node))
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        total = 1
+        for child in children:
+            total += count(child, depth + 1)
+            if total > MAX_CONFIG_VALUES:
+                raise ConfigError(f"{where}: more than {MAX_CONFIG_VALUES:,} values once its YAML aliases are "
+                                  f"expanded; a config holds a few hundred")
+        open_containers.discard(id(node))
+        counted[id(node)] = total
+        return total
+
+    count(value, 0)
 
 
 def _deep_merge(into: dict[str, Any], update: dict[str, Any]) -> None:
@@ -450,13 +536,14 @@ def _build(default: Any, raw: Any, where: str, prefix: str) -> Any:
     """A copy of the dataclass instance `default` with the keys of `raw` replaced (recursively)."""
     cls = type(default)
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: {prefix or 'top level'} must be a mapping, got {raw!r}")
+        raise ConfigError(f"{where}: {prefix or 'top level'} must be a mapping, got {shown(raw)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    unknown = sorted((key for key in raw if key not in names), key=str)
     if unknown:
         raise ConfigError(
-            f"{where}: unknown key '{prefix}{unknown[0]}'; known keys here: {', '.join(sorted(names))}"
+            f"{where}: unknown key '{prefix}{str(unknown[0])[:60]}'; known keys here: "
+            f"{', '.join(sorted(names))}"
         )
     kwargs = {}
     for name, value in raw.items():
@@ -483,21 +570,21 @@ def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
         return _coerce(inner[0], value, where, key)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{where}: {key} must be one of {list(args)}, got {value!r}")
+            raise ConfigError(f"{where}: {key} must be one of {list(args)}, got {shown(value)}")
         return value
     if origin is list:
         if isinstance(value, (str, int, float)):
             value = [value]
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
+            raise ConfigError(f"{where}: {key} must be a list, got {shown(value)}")
         return [_coerce(args[0], v, where, key) for v in value]
     if hint is float:
         try:  # YAML 1.1 reads `1e-6` (no dot) as a string
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: {key} must be a number, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{where}: {key} must be a number, got {shown(value)}") from None
     if hint in (int, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
-        raise ConfigError(f"{where}: {key} must be {hint.__name__}, got {value!r}")
+        raise ConfigError(f"{where}: {key} must be {hint.__name__}, got {shown(value)}")
     return value

@@ -7,6 +7,7 @@ such input errors have in the rest of Python.
 
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 
 
@@ -63,9 +64,24 @@ class _Prefixed(dict):
         return self.prefix + key
 
 
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel = 2
+_SHORT_REPR.maxdict = _SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = _SHORT_REPR.maxset = 4
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 60
+_SHORT_REPR.maxlong = 40
+MAX_SHOWN_CHARS = 80
+
+
+def shown(value: object) -> str:
+    """`repr(value)` cut to a few items per level, two levels and MAX_SHOWN_CHARS characters: a
+    message never grows with its input (a config value may hold a million aliased items)."""
+    text = _SHORT_REPR.repr(value)
+    return text if len(text) <= MAX_SHOWN_CHARS else text[:MAX_SHOWN_CHARS - 3] + "..."
+
+
 def require(ok: bool, template: str, label: str, *, got: object = ...) -> None:
     """Raises `InvalidSetting(template + ", got <got>", label)` unless `ok`."""
     if not ok:
         if got is not ...:
-            template += ", got " + repr(got).replace("{", "{{").replace("}", "}}")
+            template += ", got " + shown(got).replace("{", "{{").replace("}", "}}")
         raise InvalidSetting(template, label)

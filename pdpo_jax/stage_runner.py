@@ -137,6 +137,8 @@ def check_batch_fits_mesh(rows: int, config: RunConfig, what: str) -> None:
 
 
 def run_once(config: RunConfig, name: str, folder: Path, work: Callable[[Any], dict[str, Any]], *,
+             needs_mesh: bool = True,
+             check: Callable[[Any], None] | None = None,
              batch_sizes: Mapping[str, int] | None = None,
              when_finished: Callable[[Path], Any] | None = None,
              done_record: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
@@ -144,15 +146,20 @@ def run_once(config: RunConfig, name: str, folder: Path, work: Callable[[Any], d
     """The sequence of a stage that writes `folder` of the run, under the run directory's lock:
 
     if `folder` has its DONE marker, says so and returns `when_finished(folder)` (default:
-    {"stage_dir": folder}); else builds the mesh, writes the resolved config, checks that each of
-    `batch_sizes` ({"sft.batch_size": rows}) splits over the mesh, runs `work(mesh)`, writes its
-    summary (or `done_record(summary)`) as the DONE marker (process 0), waits for every host,
-    prints `result_line(summary)` and returns the summary.
+    {"stage_dir": folder}); else builds the mesh (None when not `needs_mesh`), runs `check(mesh)`
+    (what must hold before the run's config is rewritten, e.g. that a half-built folder was built
+    with these settings), writes the resolved config, checks that each of `batch_sizes`
+    ({"sft.batch_size": rows}) splits over the mesh, runs `work(mesh)`, writes its summary (or
+    `done_record(summary)`) as the DONE marker (process 0), waits for every host, prints
+    `result_line(summary)` and returns the summary.
     """
-    mesh = build_mesh(config)  # joins a multi-host run before anything else touches JAX
+    initialize_distributed()  # joins a multi-host run before anything else touches JAX
+    mesh = build_mesh(config) if needs_mesh else None
     if finished(folder):
         print(f"{name}: already finished in {folder} (delete its DONE file to rerun)")
         return when_finished(folder) if when_finished else {"stage_dir": str(folder)}
+    if check is not None:
+        check(mesh)
     write_resolved_config(config)
     for what, rows in (batch_sizes or {}).items():
         check_batch_fits_mesh(rows, config, what)

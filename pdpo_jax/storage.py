@@ -120,6 +120,8 @@ def jsonl_objects(path: str | Path, error: type[Exception] = ValueError) -> Iter
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise error(f"{where}: not valid JSON ({err.msg})") from None
+            except RecursionError:
+                raise error(f"{where}: not valid JSON (nested too deeply)") from None
             if not isinstance(row, dict):
                 raise error(f"{where}: expected a JSON object")
             yield where, row
@@ -165,11 +167,19 @@ def _json_values(path: str | Path) -> Iterator[tuple[int, Any]]:
     for number, line in text_lines(path):
         if not line.strip():
             continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(path, number, f"not valid JSON ({err.msg} at column {err.colno})") from None
-        yield number, value
+        yield number, parse_json(line, path, number)
+
+
+def parse_json(text: str, path: str | Path, line: int | None = None) -> Any:
+    """The JSON value of `text` (the whole of `path`, or its line `line`); DataError naming the place
+    where it is not JSON, or nests too deeply for the parser (a line of 100,000 `[`)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        where = line if line is not None else err.lineno
+        raise DataError(path, where, f"not valid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise DataError(path, line, "not valid JSON (nested too deeply)") from None
 
 
 def open_file(path: str | Path, mode: str = "r"):

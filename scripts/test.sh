@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# Runs the whole test suite on CPU (what CI runs), with the 25 slowest tests listed at the end.
+# Runs the whole test suite on CPU (what CI runs), with the 25 slowest tests listed at the end, in
+# one worker per core (PDPO_TEST_WORKERS sets another count, 1 runs in this process, e.g. for
+# --pdb; a module's tests stay in one worker, so its fixtures are built once).
 # `--fast` leaves out the tests that need the bundled model, start processes, compile for TPU or
-# drive a browser (markers given in tests/conftest.py), and runs the rest in one worker per core
-# (PDPO_TEST_WORKERS sets another count; a module's tests stay in one worker, so its fixtures are
-# built once). Other arguments go to pytest (e.g. scripts/test.sh -k losses, scripts/test.sh --fast -x).
+# drive a browser (markers given in tests/conftest.py), and gives the property tests a small example
+# budget (PDPO_HYPOTHESIS_PROFILE=fast). Other arguments go to pytest
+# (e.g. scripts/test.sh -k losses, scripts/test.sh --fast -x, scripts/test.sh tests/test_config.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
 export JAX_PLATFORMS=cpu
-workers=()
 for arg in "$@"; do
   if [ "$arg" = "--fast" ]; then
-    workers=(-n "${PDPO_TEST_WORKERS:-$(nproc)}" --dist loadfile)
+    export PDPO_HYPOTHESIS_PROFILE="${PDPO_HYPOTHESIS_PROFILE:-fast}"
   fi
 done
-exec python -m pytest -q --durations=25 "${workers[@]}" "$@"
+workers=${PDPO_TEST_WORKERS:-$(nproc)}
+parallel=()
+if [ "$workers" -gt 1 ]; then
+  parallel=(-n "$workers" --dist loadfile)
+fi
+exec python -m pytest -q --durations=25 "${parallel[@]}" "$@"

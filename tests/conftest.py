@@ -36,6 +36,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # In case a plugin imported JAX before this file set the variables.
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
@@ -44,6 +45,16 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs",
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PDPO_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+# Property tests (tests/test_fuzz_*.py) draw this many examples each: a small budget in the fast tier
+# (scripts/test.sh --fast sets PDPO_HYPOTHESIS_PROFILE=fast), a larger one in the full suite. No
+# deadline per example (a shared 2-core machine is slow at times); each test bounds its own time.
+HYPOTHESIS_PROFILE_ENV = "PDPO_HYPOTHESIS_PROFILE"
+_FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                  HealthCheck.function_scoped_fixture], print_blob=True)
+settings.register_profile("fast", max_examples=20, **_FUZZ)
+settings.register_profile("full", max_examples=150, **_FUZZ)
+settings.load_profile(os.environ.get(HYPOTHESIS_PROFILE_ENV, "full"))
 
 # fixture -> the markers of every test that uses it, directly or through another fixture
 FIXTURE_MARKERS = {

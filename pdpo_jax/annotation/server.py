@@ -12,8 +12,12 @@ A missing or unknown token gets 403 and nothing else, whatever the path; a token
 own annotator's items and votes. The page holds no data: its script fetches the items as JSON and
 writes every text into the page as text, and the Content-Security-Policy allows no inline script,
 so markup inside a response is shown, never run. A bad request gets a 4xx with a JSON
-`{"error": ...}`; an unexpected error a 500 without details (the traceback goes to the server's log).
-Access logs are off: they would write every annotator's token into the log.
+`{"error": ...}` (a body over MAX_BODY_BYTES a 413, whether its Content-Length says so or not); a
+study database that went missing or unreadable a 503 until it is back, with one line in the log;
+an unexpected error a 500 without details (the traceback goes to the server's log). No redirect
+is built from the request's Host header: trailing slashes are not redirected, and the one redirect
+(a link without its final slash) is relative. A client that hangs up mid-vote costs one line at INFO. Access logs are off: they would write every annotator's token into
+the log.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import ipaddress
 import json
 import logging
 import socket
+import sqlite3
 from importlib import resources
 from typing import Any, Callable
 
@@ -30,11 +35,12 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import Mount, Route, Router
 
-from pdpo_jax.annotation.errors import StudyError
+from pdpo_jax.annotation.errors import StudyError, StudyUnavailable
 from pdpo_jax.annotation.page_text import labelled_history, page_text
 from pdpo_jax.annotation.store import CHOICES, Annotator, Progress, ShownItem, Study
 
@@ -98,6 +104,35 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers if scope["type"] == "http" else send)
 
 
+class BodyLimit:
+    """Answers 413 with a JSON error to a request whose body is larger than `max_bytes`: at once when
+    its Content-Length says so, else as soon as more has arrived."""
+
+    def __init__(self, app: Callable, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = f"the request body is larger than {self.max_bytes} bytes"
+        length = Headers(scope=scope).get("content-length", "0")
+        if not length.isdigit() or int(length) > self.max_bytes:
+            await JSONResponse({"error": too_large}, status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b"")) if message["type"] == "http.request" else 0
+            if received > self.max_bytes:
+                raise HTTPException(413, too_large)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
 def _annotator(request: Request) -> Annotator:
     return request.scope[ANNOTATOR]
 
@@ -126,7 +161,10 @@ async def _read_choice(request: Request) -> str:
         raise HTTPException(415, "send the vote as JSON (Content-Type: application/json)")
     try:
         body = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
+    except ClientDisconnect:
+        LOG.info("a client hung up before its vote arrived; nothing was stored")
+        raise HTTPException(400, "the client disconnected before sending its vote") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise HTTPException(400, "the request body is not valid JSON") from None
     if not isinstance(body, dict) or set(body) != {"choice"} or body["choice"] not in CHOICES:
         raise HTTPException(400, 'expected {"choice": "1" | "2" | "draw"}')
@@ -167,24 +205,34 @@ def create_app(study: Study) -> Starlette:
             return PlainTextResponse("forbidden", status_code=403)
         return RedirectResponse(f"{request.path_params['token']}/", status_code=307)  # relative: no Host trusted
 
-    annotator_routes = Mount("", max_body_size=MAX_BODY_BYTES, routes=[
+    annotator_routes = BodyLimit(Router(redirect_slashes=False, routes=[
         Route("/", static("page.html")),
         Route("/page.js", static("page.js")),
         Route("/page.css", static("page.css")),
         Route("/api/state", state),
         Route("/api/items/{position:int}", item),
         Route("/api/items/{position:int}/vote", vote, methods=["POST"]),
-    ])
-    return Starlette(
+    ]), MAX_BODY_BYTES)
+    app = Starlette(
         routes=[Route("/a/{token}", with_slash), Mount("/a/{token}", app=TokenGate(study, annotator_routes)),
                 Mount("", app=_forbidden)],
         middleware=[Middleware(SecurityHeaders)],
-        exception_handlers={HTTPException: _http_error, 500: _server_error},
+        exception_handlers={HTTPException: _http_error, StudyUnavailable: _study_unavailable,
+                            sqlite3.DatabaseError: _study_unavailable, 500: _server_error},
     )
+    app.router.redirect_slashes = False
+    return app
 
 
 async def _http_error(request: Request, error: HTTPException) -> Response:
     return JSONResponse({"error": error.detail}, status_code=error.status_code, headers=error.headers)
+
+
+async def _study_unavailable(request: Request, error: Exception) -> Response:
+    what = str(error) if isinstance(error, StudyUnavailable) else f"the study database cannot be read ({error})"
+    LOG.error("%s; answering 503 until it is back", what)
+    return JSONResponse({"error": "the study is unavailable for now; try again later"}, status_code=503,
+                        headers={"Retry-After": "30"})
 
 
 async def _server_error(request: Request, error: Exception) -> Response:
@@ -200,9 +248,9 @@ def bind(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> socket.socket:
     try:
         sock.bind((host, port))
         sock.listen(BACKLOG)
-    except OSError as err:
+    except (OSError, OverflowError) as err:
         sock.close()
-        raise StudyError(f"cannot serve on {host}:{port}: {err.strerror}") from None
+        raise StudyError(f"cannot serve on {host}:{port}: {getattr(err, 'strerror', None) or err}") from None
     return sock
 
 

@@ -6,6 +6,8 @@ their vote, the earlier rows are its history.
 The file is in WAL mode with synchronous=FULL, and `record_vote` returns after its transaction has
 committed, so a vote the page was told about survives the server being killed. Every call opens
 its own connection: the web server's threads never share one, and SQLite's lock orders the writers.
+A connection never creates the file: if it disappears under a running server, calls raise
+StudyUnavailable (an empty database in its place would hide the loss and lose the next votes).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pdpo_jax.annotation.errors import StudyError
+from pdpo_jax.annotation.errors import StudyError, StudyUnavailable
 from pdpo_jax.evaluate.judge_pairs import PairItem
 from pdpo_jax.evaluate.judge_prompts import PROMPTS
 
@@ -196,7 +198,12 @@ class Study:
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        try:  # mode=rw: open the existing file, never create an empty one in its place
+            db = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=rw", uri=True, timeout=30.0,
+                                 isolation_level=None)
+        except sqlite3.OperationalError as err:
+            state = "is gone" if not self.path.exists() else f"cannot be opened ({err})"
+            raise StudyUnavailable(f"{self.path}: the study database {state}; put it back to go on") from None
         try:
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")

@@ -82,7 +82,8 @@ def study_report(study: Study, judge: str | os.PathLike | None = None) -> dict[s
     ratings = [by_item[row["item"]] for row in voted]
     return {
         "study": {"db": str(study.path), "items": len(items), "items_voted": len(voted),
-                  "annotators": len(study.annotator_names()), "votes": len(votes),
+                  "annotators": len(study.annotator_names()),
+                  "annotators_voted": len({vote.annotator for vote in votes}), "votes": len(votes),
                   "changed_votes": len(history) - len(votes), "judge": None if judge is None else str(judge)},
         "majority_rule": MAJORITY_RULE,
         "pairs": pairs,
@@ -131,7 +132,8 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     kappa = report["annotator_agreement"]["fleiss_kappa"]
     text = [
         "### Human evaluation", "",
-        f"{study['items_voted']} of {study['items']} items voted on by {study['annotators']} annotators "
+        f"{study['items_voted']} of {study['items']} items voted on by "
+        f"{study.get('annotators_voted', study['annotators'])} of {study['annotators']} annotators "
         f"({study['votes']} votes; {study['changed_votes']} earlier votes were changed). Win / draw / lose is "
         f"model A's outcome against model B; {report['majority_rule']}.", "",
         *lines, "",

@@ -14,10 +14,12 @@ Hub name (only with network access).
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 from pdpo_jax.data.dialogue import MODEL, PARTNER, Dialogue, Turn, with_swapped
 from pdpo_jax.errors import DataError
+from pdpo_jax.storage import json_lines, parse_json, text_lines
 
 _SILENCE_FORMS = {"__silence__", "__ silence __"}
 
@@ -58,11 +60,35 @@ def _load_rows(source: str | Path, split: str | None, cache_dir: str | Path | No
             if split is None:
                 raise DataError(path, None, "this file maps split names to dialogues: pass split= (e.g. 'train' or 'valid')")
             field = split
+        _check_rows(path, field)  # before `datasets`, which would cache and log a file it cannot use at length
         try:
             return datasets.load_dataset("json", data_files=str(path), field=field, split="train", cache_dir=cache)
         except Exception as err:  # datasets wraps parse errors in several exception types
             raise DataError(path, None, f"cannot be read as PersonaChat JSON: {err}") from err
     return datasets.load_dataset(str(source), split=split or "train", cache_dir=cache)
+
+
+def _check_rows(path: Path, field: str | None) -> None:
+    """DataError naming the line (or dialogue) unless `path` is UTF-8 JSON holding dialogue objects
+    with 'personality' and 'utterances': one a line (`.jsonl`), a list, or a list under `field`."""
+    if path.suffix.lower() == ".jsonl":
+        rows: Iterable[tuple[int | None, Any]] = json_lines(path)
+    else:
+        value = parse_json("\n".join(line for _, line in text_lines(path)), path)
+        if field is not None:
+            if not isinstance(value, dict) or field not in value:
+                raise DataError(path, None, f"no split {field!r} in this file")
+            value = value[field]
+        if not isinstance(value, list):
+            raise DataError(path, None, f"expected a list of dialogues, found {type(value).__name__}")
+        rows = ((None, record) for record in value)
+    count = 0
+    for number, record in rows:
+        count += 1
+        if not isinstance(record, dict) or not {"personality", "utterances"} <= set(record):
+            raise DataError(path, number, f"dialogue {count}: expected an object with 'personality' and 'utterances'")
+    if count == 0:
+        raise DataError(path, None, "no dialogues")
 
 
 def _first_char(path: Path) -> str:

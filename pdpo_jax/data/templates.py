@@ -131,8 +131,10 @@ def load_template(spec: str | os.PathLike | dict[str, Any] | PromptTemplate) -> 
 def read_template_file(path: str | os.PathLike) -> PromptTemplate:
     try:
         fields = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise TemplateError(f"{path}: cannot read the template file: {err}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise TemplateError(f"{path}: cannot read the template file: {' '.join(str(err).split())[:200]}") from None
+    except RecursionError:
+        raise TemplateError(f"{path}: cannot read the template file: nested too deeply") from None
     if not isinstance(fields, dict):
         raise TemplateError(f"{path}: a template file must be a mapping of template fields")
     try:

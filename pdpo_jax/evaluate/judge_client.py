@@ -1,7 +1,12 @@
 """Talking to an OpenAI-compatible chat endpoint: bounded retries with backoff, and an on-disk answer cache.
 
 The API key is read from an environment variable and handed to the openai client only; it is
-never written to the cache, results or error messages.
+never written to the cache, results or error messages: an answer or error that quotes it (an
+endpoint may echo the request's Authorization header) has it replaced by `***` before anyone sees it.
+
+A call ends in answer text or in JudgeCallFailed, whatever the endpoint sends: an HTTP 200 that is
+not a chat completion (HTML, plain text, JSON of another shape, no choices, no text) fails that
+call like a refused request does, so it is never cached and a rerun asks again.
 """
 
 from __future__ import annotations
@@ -87,15 +92,15 @@ class JudgmentCache:
         try:
             record = json.loads(raw)
             return str(record["key"]), str(record["text"])
-        except (ValueError, KeyError, TypeError) as err:
-            raise JudgeConfigError(f"{self.path}:{number}: not a cache record ({err})") from None
+        except (ValueError, KeyError, TypeError, RecursionError) as err:
+            raise JudgeConfigError(f"{self.path}:{number}: not a cache record ({str(err)[:100]})") from None
 
     def __len__(self) -> int:
         return len(self._answers)
 
     def get(self, key: str) -> str | None:
         with self._lock:
-            return self._answers.get(key)
+            return self._answers.get(key) or None  # an empty answer (older caches kept some) is no answer
 
     def put(self, key: str, text: str, model: str) -> None:
         line = json.dumps({"key": key, "model": model, "text": text, "time": time.time()}, ensure_ascii=False) + "\n"
@@ -113,7 +118,14 @@ class JudgmentCache:
 
 
 class JudgeCallFailed(RuntimeError):
-    """A chat completion that still failed after the allowed retries (or could not be retried)."""
+    """A chat completion that still failed after the allowed retries (or could not be retried), or
+    an answer that holds no text."""
+
+
+# What the openai client raises on a 200 answer it cannot parse: JSONDecodeError, UnicodeDecodeError
+# (an answer of any other shape it returns as it is, and `_answer_text` looks at it)
+_UNREADABLE_ANSWER = (ValueError,)
+MAX_ERROR_CHARS = 300  # of an endpoint's words quoted in an error
 
 
 @dataclass(frozen=True)
@@ -222,6 +234,25 @@ class ChatCompleter:
     def _redact(self, text: str) -> str:
         return text.replace(self._secret, "***")
 
+    def _failure(self, what: str) -> JudgeCallFailed:
+        text = self._redact(" ".join(what.split()))
+        return JudgeCallFailed(text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 3] + "...")
+
+    def _answer_text(self, response: Any) -> str:
+        """The first choice's text, the key redacted; JudgeCallFailed when the answer holds none."""
+        choices = getattr(response, "choices", None)
+        if not isinstance(choices, list):
+            shown = response if isinstance(response, str) else type(response).__name__
+            raise self._failure(f"the endpoint's HTTP 200 answer is not a chat completion: {str(shown)[:100]!r}")
+        if not choices:
+            raise self._failure("the endpoint answered with no choices")
+        content = getattr(getattr(choices[0], "message", None), "content", None)
+        if not isinstance(content, str):
+            raise self._failure(f"the endpoint's answer has no text (message content {type(content).__name__})")
+        if not content.strip():
+            raise self._failure("the endpoint's answer is empty")
+        return self._redact(content)
+
     def complete(self, messages: Sequence[Message]) -> str:
         attempts = self.retry.max_retries + 1
         for attempt in range(attempts):
@@ -234,19 +265,19 @@ class ChatCompleter:
             except Exception as err:  # noqa: BLE001 - classified just below, re-raised if unknown
                 import openai
 
+                if isinstance(err, _UNREADABLE_ANSWER):
+                    raise self._failure(f"the endpoint's answer cannot be read: {type(err).__name__}: {err}") from None
                 if not isinstance(err, openai.APIError):
                     raise
                 status = getattr(err, "status_code", None)
                 what = self._redact(f"{type(err).__name__}" + (f" (HTTP {status})" if status else "") + f": {err}")
                 if not _is_retryable(err):
-                    raise JudgeCallFailed(f"not retryable: {what}") from None
+                    raise self._failure(f"not retryable: {what}") from None
                 if attempt + 1 == attempts:
-                    raise JudgeCallFailed(f"gave up after {attempts} attempts: {what}") from None
+                    raise self._failure(f"gave up after {attempts} attempts: {what}") from None
                 delay = self.retry.delay_s(attempt, _retry_after_s(err), self._rng)
                 LOG.info("judge call failed (%s); retry %d/%d in %.2fs", what, attempt + 1, self.retry.max_retries, delay)
                 self._sleep(delay)
                 continue
-            if not response.choices:
-                return ""
-            return response.choices[0].message.content or ""
+            return self._answer_text(response)
         raise AssertionError("unreachable")

@@ -17,8 +17,9 @@ that neither model sits in position 1 systematically.
 
 Failures. An answer without a verdict is asked again once (the answer plus a reminder of the
 format); if the second answer has none either, that order is "unparsable". A call that still fails
-after the retries is "failed". A pair with any failed order is failed, else with any unparsable
-order it is unparsable. Failed calls are not cached, so a rerun asks for exactly those again.
+after the retries, or whose answer is no chat completion or holds no text, is "failed". A pair with
+any failed order is failed, else with any unparsable order it is unparsable. Failed calls are not
+cached, so a rerun asks for exactly those again.
 
 Counting the outcomes is `judge_stats`; the whole evaluation from files to outputs is `judge_evaluation`.
 """
@@ -235,7 +236,8 @@ class PairJudge:
         if cached is not None:
             return cached
         text = self._complete(messages)
-        self._cache.put(key, text, self._model)
+        if text.strip():  # an empty answer is a failure to ask again, not an answer to keep
+            self._cache.put(key, text, self._model)
         return text
 
     def judge(self, item: PairItem, a_first: bool) -> OrderJudgment:

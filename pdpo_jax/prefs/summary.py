@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pdpo_jax.config import RunConfig
-from pdpo_jax.storage import atomic_write_json, mark_done
+from pdpo_jax.storage import atomic_write_json
 from pdpo_jax.generation import sampler_description
 from pdpo_jax.prefs.build import PairJob, shard_count
 from pdpo_jax.prefs.folder import SUMMARY_FILE, read_shard, shard_path
@@ -58,11 +58,11 @@ def run_settings(config: RunConfig, generator: Side, reference: Side, sampler: A
 
 def write_summary(prefs_dir: Path, plans: dict[str, list[PairJob]], shard_size: int,
                   settings: dict[str, Any]) -> dict[str, Any]:
-    """Counts of every split and `settings`, written with the DONE marker last."""
+    """Counts of every split and `settings`, written to the folder's summary file (the stage then
+    marks the folder done with the same summary)."""
     summary = {"splits": {split: split_summary(prefs_dir, split, plans[split], shard_size) for split in SPLITS},
                **settings}
     atomic_write_json(prefs_dir / SUMMARY_FILE, summary)
-    mark_done(prefs_dir, summary)
     return summary
 
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
+from pdpo_jax.annotation.errors import StudyError
 from pdpo_jax.annotation.items import SOURCES_HELP, sample_items, study_items
 from pdpo_jax.annotation.server import DEFAULT_HOST, DEFAULT_PORT, serve
 from pdpo_jax.annotation.store import LANGUAGES, Study
@@ -73,7 +75,8 @@ def build_parser() -> StageParser:
     served.add_argument("--host", default=DEFAULT_HOST,
                         help="address to listen on (default: %(default)s, this machine only; anything else is "
                              "reachable from the network without encryption)")
-    served.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s; 0 = any free port)")
+    served.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+                        help="port (default: %(default)s; 0 = any free port)")
 
     export = command("export", "write every vote as JSON lines")
     export.add_argument("--out", required=True, metavar="VOTES.jsonl", help="output file")
@@ -85,6 +88,24 @@ def build_parser() -> StageParser:
     report.add_argument("--out", required=True, metavar="REPORT.json",
                         help="report JSON; REPORT.md (the table) and REPORT.png (the bar plot) go beside it")
     return parser
+
+
+def port_number(text: str) -> int:
+    """A TCP port, 0 to 65535 (0: any free port)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0 to 65535)")
+    return port
+
+
+def _output_file(path: str, example: str) -> str:
+    """`path` where an output file can go: not a folder (the error would name a temporary file)."""
+    if os.path.isdir(path):
+        raise StudyError(f"{path}: is a folder; --out takes a file name (e.g. {os.path.join(path, example)})")
+    return path
 
 
 def init(args: argparse.Namespace) -> int:
@@ -114,12 +135,13 @@ def export_votes(args: argparse.Namespace) -> int:
     votes = Study(args.db).votes(history=args.history)
     rows = [{"item": v.item, "id": v.example_id, "annotator": v.annotator, "shown": list(v.shown),
              "winner": v.winner, "time": v.time, **({"current": v.current} if args.history else {})} for v in votes]
-    atomic_write_jsonl(args.out, rows)
+    atomic_write_jsonl(_output_file(args.out, "votes.jsonl"), rows)
     print(f"{args.out}: {len(rows)} votes")
     return 0
 
 
 def report_study(args: argparse.Namespace) -> int:
+    _output_file(args.out, "report.json")
     report = study_report(Study(args.db), judge=args.judge)
     written = write_report(report, args.out)
     print(report_markdown(report))

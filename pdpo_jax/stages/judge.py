@@ -27,10 +27,9 @@ from pdpo_jax.evaluate import report
 from pdpo_jax.evaluate.judge_prompts import PROMPTS
 from pdpo_jax.evaluate.judge_evaluation import JudgeSettings, run_judge, settings_from_section
 from pdpo_jax.evaluate.judge_stats import DEFAULT_GAMES
-from pdpo_jax.storage import mark_done
 from pdpo_jax.parallel import primary_decides
 from pdpo_jax.run_layout import JUDGED_MODELS, RunLayout
-from pdpo_jax.stage_runner import StageParser, claim_run_dir, finished, stage_parser
+from pdpo_jax.stage_runner import StageParser, claim_run_dir, finished, run_once, stage_parser
 
 PROG = "pdpo judge"
 DESCRIPTION = (
@@ -141,20 +140,21 @@ def judge_test_responses(config: RunConfig, **flags: object) -> dict[str, object
     results, or None after a one-line reason when no judge model is named. Raises RunFailed, and
     leaves the stage unfinished, when some judgments failed: a rerun asks for exactly those."""
     layout = RunLayout.of(config)
-    out_dir = layout.judge
-    if finished(out_dir):
-        print(f"judge: already finished in {out_dir} (delete its DONE file to rerun)")
-        return primary_decides(lambda: json.loads(layout.judge_results.read_text(encoding="utf-8")))
-    if not (flags.get("model") or config.judge.model):
+    if not (flags.get("model") or config.judge.model) and not finished(layout.judge):
         print("judge: skipped, the config names no judge model (set judge.model, and judge.base_url for an "
               "endpoint other than the OpenAI API)")
         return None
-    settings = settings_from_section(config.judge, **flags)
-    files = [layout.responses(stage) for stage in JUDGED_MODELS]
-    for path in files:
-        if not path.exists():
-            raise ConfigError(f"judge: {path} not found; run the test-responses stage first")
-    return primary_decides(_judge_into, files, out_dir, settings)
+
+    def judge(_mesh: None) -> dict[str, object]:
+        files = [layout.responses(stage) for stage in JUDGED_MODELS]
+        for path in files:
+            if not path.exists():
+                raise ConfigError(f"judge: {path} not found; run the test-responses stage first")
+        return primary_decides(_judge_into, files, layout.judge, settings_from_section(config.judge, **flags))
+
+    return run_once(config, "judge", layout.judge, judge, needs_mesh=False,
+                    when_finished=lambda _: primary_decides(lambda: json.loads(layout.judge_results.read_text(encoding="utf-8"))),
+                    done_record=lambda results: {key: results[key] for key in ("mode", "counts", "status") if key in results})
 
 
 def _judge_into(files: list[Path], out_dir: Path, settings: JudgeSettings) -> dict[str, object]:
@@ -163,7 +163,6 @@ def _judge_into(files: list[Path], out_dir: Path, settings: JudgeSettings) -> di
     if failed:
         raise RunFailed(f"judge: {failed} judgments failed (see {out_dir / 'judgments.jsonl'}); rerun the stage to "
                         f"retry them, the answers so far are cached")
-    mark_done(out_dir, {key: results[key] for key in ("mode", "counts", "status") if key in results})
     return results
 
 

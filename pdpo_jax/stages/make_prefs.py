@@ -29,7 +29,7 @@ from pdpo_jax.prefs import (SPLITS, PrefsError, Side, build_shard, check_setting
 from pdpo_jax.prefs.folder import METRICS_FILE
 from pdpo_jax.object_store import as_path
 from pdpo_jax.run_layout import RunLayout
-from pdpo_jax.stage_runner import build_mesh, finished, load_for_run, run_command, write_resolved_config
+from pdpo_jax.stage_runner import load_for_run, run_command, run_once
 
 
 def open_side(name: str, config: RunConfig, cache: dict[str, Side], mesh: Any) -> Side:
@@ -51,17 +51,26 @@ def make_prefs(config: RunConfig) -> dict[str, Any]:
 
     On a pod every host samples and scores every batch on the shared mesh; process 0 alone
     decides which shards are missing and writes them, so each file is written once."""
-    prefs, prefs_dir = config.prefs, RunLayout.of(config).prefs
-    mesh = build_mesh(config)
+    prefs_dir = RunLayout.of(config).prefs
     paths = RunLayout.of(config).preference_models(config)
-    if finished(prefs_dir):
+    sides: dict[str, Side] = {}
+
+    def check_folder(mesh: Any) -> None:
+        # A half-built folder must have been built by these models with these settings.
+        for name in paths:
+            open_side(name, config, sides, mesh)
+        primary_decides(check_settings, prefs_dir, settings_of(config, *paths, {s.name: s.digest for s in sides.values()}))
+
+    def finished_summary(folder: Path) -> dict[str, Any]:
         # A finished folder is checked without loading the models: its digests stand for them.
-        return primary_decides(_finished_summary, prefs_dir, settings_of(config, *paths, digests=None))
-    cache: dict[str, Side] = {}
-    generator, reference = (open_side(name, config, cache, mesh) for name in paths)
-    primary_decides(check_settings, prefs_dir,
-                    settings_of(config, *paths, {side.name: side.digest for side in (generator, reference)}))
-    write_resolved_config(config)
+        return primary_decides(_finished_summary, folder, settings_of(config, *paths, digests=None))
+
+    return run_once(config, "make-prefs", prefs_dir, lambda _mesh: _build(config, prefs_dir, *(sides[p] for p in paths)),
+                    check=check_folder, when_finished=finished_summary)
+
+
+def _build(config: RunConfig, prefs_dir: Path, generator: Side, reference: Side) -> dict[str, Any]:
+    prefs = config.prefs
     corpus = prepare_corpus(config.data, config.seed)
     plans = {split: plan_split(getattr(corpus, split), prefs.shuffle, prefs.seed) for split in SPLITS}
     sampler = sampler_from_config(prefs.sampler.kind, temperature=prefs.sampler.temperature,
