@@ -173,6 +173,50 @@ class SamplerSection:
         require(0 < self.top_p <= 1, "{top_p} must be in (0, 1]", self.label, got=self.top_p)
 
 
+# The pair filters of `prefs.filters` (docs/prefs.md, Filters), each with its settings and their
+# defaults; `pdpo_jax.prefs.filters` implements them.
+PAIR_FILTER_SETTINGS: dict[str, dict[str, Any]] = {
+    "degenerate": {},  # a negative that is empty, the chosen response again, or cut off
+    "margin": {"nats": 5.0},  # the reference already prefers chosen by more than `nats` (0: by anything)
+    "copy": {"share": 0.8},  # the negative holds `share` of a donor persona sentence's word pairs
+    "nli": {"classifier": None, "entailment": 0.5},  # a true persona sentence entails the negative
+}
+
+
+@dataclass
+class PairFilterSection:
+    """One entry of `prefs.filters`: a mapping `{kind: margin, nats: 3}`, or the kind alone
+    (`margin`) for its default settings. Settings of another kind are refused."""
+
+    label: ClassVar[str] = "prefs.filters"
+    shorthand: ClassVar[str] = "kind"  # a plain string in the config is this key's value
+    kind: str = "degenerate"
+    nats: float | None = None  # margin
+    share: float | None = None  # copy
+    classifier: str | None = None  # nli: the classifier directory; None = <run_dir>/nli/classifier
+    entailment: float | None = None  # nli: the entailment probability that drops a pair
+
+    def __post_init__(self) -> None:
+        require(self.kind in PAIR_FILTER_SETTINGS, f"{{kind}} must be one of {list(PAIR_FILTER_SETTINGS)}",
+                self.label, got=self.kind)
+        own = PAIR_FILTER_SETTINGS[self.kind]
+        for key in ("nats", "share", "classifier", "entailment"):
+            if key in own:
+                if getattr(self, key) is None:
+                    setattr(self, key, own[key])
+            else:
+                require(getattr(self, key) is None, f"{{{key}}} is not a setting of the {self.kind!r} filter",
+                        self.label)
+        if self.kind == "copy":
+            require(0 < self.share <= 1, "{share} must lie in (0, 1]", self.label, got=self.share)
+        if self.kind == "nli":
+            require(0 < self.entailment <= 1, "{entailment} must lie in (0, 1]", self.label, got=self.entailment)
+
+    def settings(self) -> dict[str, Any]:
+        """The kind and its own settings, as recorded beside what the filter dropped."""
+        return {"kind": self.kind, **{key: getattr(self, key) for key in PAIR_FILTER_SETTINGS[self.kind]}}
+
+
 @dataclass
 class PrefsSection:
     label: ClassVar[str] = "prefs"
@@ -196,9 +240,14 @@ class PrefsSection:
     # Where nothing is cut, the same draws and log-probs (fp32 rounding aside); the bytes differ, so a
     # folder keeps the layout it began with.
     layout: Literal["tree", "per_turn"] = "tree"
+    # Filters over the stored pairs, applied in order after sampling (and again, without
+    # resampling, when they change): DPO reads the pairs none of them dropped. docs/prefs.md, Filters.
+    filters: list[PairFilterSection] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _require_positive(self, "batch_size", "shard_size", "max_new_tokens")
+        kinds = [f.kind for f in self.filters]
+        require(len(set(kinds)) == len(kinds), "{filters} names a filter twice", self.label, got=kinds)
 
 
 @dataclass
@@ -560,6 +609,8 @@ def _build(default: Any, raw: Any, where: str, prefix: str) -> Any:
 
 def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
+        if isinstance(value, str) and getattr(hint, "shorthand", None):
+            value = {hint.shorthand: value}
         return _build(hint(), value, where, key + ".")
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -577,7 +628,8 @@ def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
             value = [value]
         if not isinstance(value, list):
             raise ConfigError(f"{where}: {key} must be a list, got {shown(value)}")
-        return [_coerce(args[0], v, where, key) for v in value]
+        return [_coerce(args[0], v, where, f"{key}[{i}]" if dataclasses.is_dataclass(args[0]) else key)
+                for i, v in enumerate(value)]
     if hint is float:
         try:  # YAML 1.1 reads `1e-6` (no dot) as a string
             if isinstance(value, bool):

@@ -16,6 +16,7 @@ the local disk needs only this seam). The layout is the one runs have always had
     prefs/{train,val}/shard-*.jsonl  pseudo-preference shards; settings.json, summary.json, DONE
     eval/<model>/dnli.json           a trained model's Dialogue NLI ranking (+ .md, .png, DONE)
     test_responses/<model>.jsonl     a trained model's answers to the test turns; DONE
+    eval_responses/<model>.json      what those answers say: C-score, contradictions, copying; DONE
     judge/                           the LLM judge on the test responses
     export/hf/                       the DPO model as a Hugging Face directory
     summary/summary.md               the run's results with its figures
@@ -131,6 +132,15 @@ class RunLayout:
     def responses(self, model: str) -> Path:
         """A trained model's answers to the test turns (`sft.jsonl`, `dpo.jsonl`)."""
         return self.test_responses / f"{model}.jsonl"
+
+    @property
+    def response_metrics_dir(self) -> Path:
+        """`pdpo eval-responses` of a run: one report per model's test responses, a table, DONE."""
+        return self.root / "eval_responses"
+
+    def response_metrics(self, model: str) -> Path:
+        """The C-score, contradiction, persona-copy, distinct-n and length report of a model's test responses."""
+        return self.response_metrics_dir / f"{model}.json"
 
     @property
     def judge(self) -> Path:

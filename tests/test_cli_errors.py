@@ -22,6 +22,7 @@ CONFIG_STAGES = {  # stage -> the other arguments it needs to get as far as read
     "train-nli": [],
     "rl": [],
     "eval-dnli": ["--out", "report.json"],
+    "eval-responses": [],
     "test-responses": [],
     "judge": ["--responses", "a.jsonl", "b.jsonl", "--out", "judged"],
     "export-hf": [],
@@ -81,6 +82,7 @@ VALID_ARGUMENTS = {  # what each stage needs besides the bad flag, so that argpa
                                                      "pipeline", "plan")},
     "eval-nli": ["--model", "classifier", "--data", "pairs.txt"],
     "eval-dnli": ["--out", "report.json"],
+    "eval-responses": ["--responses", "r.jsonl"],
     "judge": ["--responses", "a.jsonl", "b.jsonl", "--out", "judged"],
     "data": ["inspect", "file.txt"],
     "results": ["--out", "results"],
@@ -128,6 +130,18 @@ def test_bad_data_names_the_file_and_line(tmp_path, capsys):
     status, error = run_cli(["sft", "--config", str(config)], capsys)
     assert status == 2
     assert_one_line(error, "sft", f"{data}:3")
+
+
+def test_eval_responses_names_what_it_lacks(tmp_path, capsys):
+    status, error = run_cli(["eval-responses", "--responses", str(tmp_path / "r.jsonl")], capsys)
+    assert status == 2
+    assert_one_line(error, "eval-responses", "--responses needs --classifier DIR and --out REPORT.json")
+    bad = tmp_path / "r.jsonl"
+    bad.write_text('{"id": "a", "persona": "i like tea .", "response": "hi"}\n')
+    status, error = run_cli(["eval-responses", "--responses", str(bad), "--classifier", str(tmp_path),
+                             "--out", str(tmp_path / "o.json")], capsys)
+    assert status == 2
+    assert_one_line(error, "eval-responses", f"{bad}:1", "'persona' must be a list of strings")
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -18,6 +18,7 @@ def test_every_artifact_is_where_runs_have_always_put_it(tmp_path):
         run.nli_classifier: "nli/classifier", run.nli_classifier_files: "nli/classifier_files",
         run.dnli_report("sft"): "eval/sft/dnli.json", run.evaluation("rl"): "eval/rl",
         run.responses("dpo"): "test_responses/dpo.jsonl", run.judge_results: "judge/judge_results.json",
+        run.response_metrics("sft"): "eval_responses/sft.json", run.response_metrics_dir: "eval_responses",
         run.exported_model: "export/hf", run.summary_markdown: "summary/summary.md",
     }
     for path, relative in expected.items():

@@ -19,18 +19,15 @@ persona facts verbatim instead of answering.
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from pdpo_jax.data.persona_copy import COPY_THRESHOLD, persona_copy
 from pdpo_jax.errors import PdpoError
 from pdpo_jax.storage import jsonl_objects
 
 __all__ = ["ResponseExamplesError", "persona_copy", "read_conversations", "read_responses", "response_examples_markdown"]
-
-# A response counts as copying a persona sentence when it holds this share of the sentence's word pairs.
-COPY_THRESHOLD = 0.8
 
 
 class ResponseExamplesError(PdpoError):
@@ -68,20 +65,6 @@ def read_responses(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
             raise ResponseExamplesError(f"{where}: no string 'response'")
         responses[item["id"]] = {**item, "where": where}
     return responses
-
-
-def _word_pairs(text: str) -> set[tuple[str, str]]:
-    words = re.findall(r"[a-z0-9']+", text.lower())
-    return set(zip(words, words[1:]))
-
-
-def persona_copy(persona: Sequence[str], response: str) -> float:
-    """The largest share, over the persona's sentences, of a sentence's word pairs (adjacent
-    lowercased words) that the response also holds: 1 for a sentence repeated verbatim, 0 when no
-    two adjacent words of any sentence reappear. Sentences of fewer than two words are skipped."""
-    said = _word_pairs(response)
-    shares = [len(pairs & said) / len(pairs) for pairs in map(_word_pairs, persona) if pairs]
-    return max(shares, default=0.0)
 
 
 def persona_copy_markdown(conversations: Sequence[Mapping[str, Any]],

@@ -27,6 +27,7 @@ from pdpo_jax.evaluate.dnli_stats import (
     DEFAULT_SAMPLES, OVERALL, PAIRED_CATEGORIES, ModelPredictions, dnli_statistics, predictions_from_records,
 )
 from pdpo_jax.evaluate.report import DNLI_METRICS, PPO_CURVE_METRICS, _table, plot_dnli, plot_training_curves
+from pdpo_jax.evaluate.response_metrics import REPORT_COLUMNS, metric_cell
 from pdpo_jax.storage import atomic_write_json, atomic_write_text, jsonl_objects
 
 INTERVALS_NOTE = ("{confidence:.0f}% percentile-bootstrap intervals over examples ({samples} resamples, seed {seed}); "
@@ -35,7 +36,8 @@ TEST_NOTE = ("p: exact two-sided McNemar test against {reference} on the same ex
              "exactly one of the two models puts that category first; differences (model - {reference}, in "
              "percentage points) have paired bootstrap intervals.")
 
-__all__ = ["DnliResult", "ResultsError", "read_dnli_result", "results_table", "results_markdown", "write_results_table"]
+__all__ = ["DnliResult", "ResultsError", "read_dnli_result", "read_response_report", "responses_markdown",
+           "results_table", "results_markdown", "write_results_table"]
 
 
 class ResultsError(PdpoError):
@@ -161,6 +163,41 @@ def _paired_cell(test: Mapping[str, Any] | None) -> list[str]:
             _p(test["p_value"])]
 
 
+def read_response_report(name: str, path: str | os.PathLike) -> dict[str, Any]:
+    """A model's `pdpo eval-responses` report (C-score, contradiction and persona-copy rates, ...)."""
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ResultsError(f"{path}: eval-responses report not found (model {name!r})") from None
+    except json.JSONDecodeError as err:
+        raise ResultsError(f"{path}: not valid JSON ({err.msg})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("c_score"), dict):
+        raise ResultsError(f"{path}: not an eval-responses report (no 'c_score')")
+    return report
+
+
+def responses_markdown(table: Mapping[str, Any] | None, reports: Mapping[str, Mapping[str, Any]]) -> str:
+    """What each model says (`pdpo eval-responses`) beside how it ranks DNLI candidates: a row per
+    model, the overall Hits@1 and Contradict@1 of `table` (when it has the model) next to the
+    C-score, contradiction and persona-copy rates, distinct-n and length of its responses."""
+    dnli_rows = {row["model"]: row["groups"][OVERALL] for row in (table or {}).get("rows", [])}
+    dnli_columns = [("hits", "DNLI Hits@1 ↑"), ("contradict", "DNLI Contradict@1 ↓")] if dnli_rows else []
+    arrows = {True: " ↑", False: " ↓", None: ""}
+    header = ["model", *(title for _, title in dnli_columns), "responses",
+              *(f"{title}{arrows[up]}" for _, title, up in REPORT_COLUMNS)]
+    rows = []
+    for name, report in reports.items():
+        dnli = dnli_rows.get(name)
+        rows.append([name, *(_share(dnli, key) if dnli else "—" for key, _ in dnli_columns), str(report["responses"]),
+                     *(metric_cell(report, key) for key, _, _ in REPORT_COLUMNS)])
+    note = ("C-score: per persona sentence and response, the NLI classifier's +1 entailment / 0 neutral / -1 "
+            "contradiction, averaged over the sentences, then over responses, x 100; contradiction: responses "
+            "with a sentence judged contradicted; persona copy: responses holding >= 80% of a persona sentence's "
+            "word pairs; all in percent with 95% bootstrap intervals over responses (docs/evaluation.md).")
+    return "\n".join(["### What the models say", "", _table(header, rows), "", note, ""])
+
+
 def results_markdown(table: Mapping[str, Any], shifts: Mapping[str, Any] | None = None) -> str:
     """Table 4 (a row per model, the four shares per subset and overall, p-values of the overall
     Hits@1 and Contradict@1 against the reference), then every paired test, then the score shifts."""
@@ -207,10 +244,12 @@ def _report_shaped(row: Mapping[str, Any], subsets: Sequence[str]) -> dict[str, 
 
 def write_results_table(table: Mapping[str, Any], results: Sequence[DnliResult], out_dir: str | os.PathLike,
                         curves: Mapping[str, str | os.PathLike] | None = None,
-                        ppo_curves: Mapping[str, str | os.PathLike] | None = None) -> dict[str, Path]:
+                        ppo_curves: Mapping[str, str | os.PathLike] | None = None,
+                        responses: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Path]:
     """table.json, table.md, dnli.png, score_shifts.json, and from label -> metrics.jsonl maps
     curves.png (`curves`: every metric of the SFT/DPO runs) and ppo_curves.png (`ppo_curves`: the
-    PPO runs' reward, KL, clip fraction and value loss)."""
+    PPO runs' reward, KL, clip fraction and value loss). `responses` (name -> eval-responses
+    report) adds "What the models say" to table.md and a "responses" entry to table.json."""
     out = Path(out_dir)
     shifts = table_score_shifts(results, table["reference"])
     paths = {"json": out / "table.json", "markdown": out / "table.md", "plot": out / "dnli.png",
@@ -226,6 +265,10 @@ def write_results_table(table: Mapping[str, Any], results: Sequence[DnliResult],
     plot_dnli([_report_shaped(row, table["subsets"]) for row in table["rows"]], paths["plot"],
               intervals=[{g: row["groups"][g]["intervals"] for g in table["groups"]} for row in table["rows"]])
     atomic_write_json(paths["score_shifts"], shifts)
-    atomic_write_text(paths["markdown"], results_markdown(table, shifts))
+    markdown = results_markdown(table, shifts)
+    if responses:
+        markdown += "\n" + responses_markdown(table, responses)
+        table = {**table, "responses": dict(responses)}
+    atomic_write_text(paths["markdown"], markdown)
     atomic_write_json(paths["json"], table)
     return paths

@@ -1,6 +1,7 @@
 """A run's `summary/summary.md`: the DNLI table of every evaluated model (SFT, RL, PseudoDPO),
-training figures, the LLM judge's results and what each stage chose, with `dnli.png`,
-`curves.png` and `rl_curves.png` beside it. It reads only what the stages wrote.
+what the models say on the test turns (eval-responses), training figures, the LLM judge's
+results and what each stage chose, with `dnli.png`, `curves.png` and `rl_curves.png` beside it.
+It reads only what the stages wrote.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from pathlib import Path
 
 from pdpo_jax.evaluate import report as plots
 from pdpo_jax.storage import atomic_write_text
-from pdpo_jax.run_layout import RunLayout
+from pdpo_jax.evaluate.response_metrics import response_metrics_markdown
+from pdpo_jax.run_layout import RESPONDING_MODELS, RunLayout
 
 EVALUATED_MODELS = ("sft", "rl", "dpo")
 TRAINING_CURVES = ("sft", "dpo")  # stages whose loss curves share one figure
@@ -25,6 +27,13 @@ def write_summary(layout: RunLayout) -> Path:
     if reports:
         plots.plot_dnli(reports, out_dir / "dnli.png")
         lines += ["## Dialogue NLI ranking", "", plots.dnli_comparison_markdown(reports), "", "![DNLI](dnli.png)", ""]
+    said = [(name, json.loads(layout.response_metrics(m).read_text())) for m, name in RESPONDING_MODELS.items()
+            if layout.response_metrics(m).exists()]
+    if said:
+        lines += ["## What the models say on the test turns", "", response_metrics_markdown(said),
+                  "C-score (NLI classifier: +1 entailment, 0 neutral, -1 contradiction per persona sentence and "
+                  "response, averaged, x 100), responses with a contradicted sentence, responses copying a persona "
+                  "sentence (>= 80% of its word pairs): percent with 95% bootstrap intervals (`pdpo eval-responses`).", ""]
     curves = {m: layout.metrics(m) for m in TRAINING_CURVES if layout.metrics(m).exists()}
     rl_curves = layout.metrics("rl")
     if curves or rl_curves.exists():

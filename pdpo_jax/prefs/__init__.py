@@ -4,6 +4,7 @@ scoring them under the reference (one row per pair, or one per dialogue tree), t
 
     records = read_records(run_dir / "prefs", "train")      # list[PreferenceRecord], validated
     records[0].persona, records[0].rejected, records[0].ref_chosen_logp
+    apply_filters(run_dir / "prefs", summary, config.prefs.filters)   # filters.json: what DPO skips, and why
 
 docs/prefs.md describes the method, the folder and every field of a record.
 """
@@ -19,6 +20,7 @@ from pdpo_jax.prefs.build import (
     shard_count,
     shard_jobs,
 )
+from pdpo_jax.prefs.filters import FILTERS_FILE, check_filters, filter_settings, read_verdict
 from pdpo_jax.prefs.folder import (
     SETTINGS_FILE,
     SHARD_PATTERN,
@@ -35,10 +37,12 @@ from pdpo_jax.prefs.folder import (
 from pdpo_jax.prefs.record import DEGENERATE_REASONS, SPLITS, PreferenceRecord, PrefsError
 from pdpo_jax.prefs.score import ScoreFn, TreeScoreFn, scorer_for_layout
 from pdpo_jax.prefs.side import Side
-from pdpo_jax.prefs.summary import read_summary, run_settings, shard_metrics, split_summary, write_summary
+from pdpo_jax.prefs.summary import (apply_filters, folder_overview, read_summary, run_settings, shard_metrics,
+                                    split_summary, write_summary)
 
 __all__ = [
     "DEGENERATE_REASONS",
+    "FILTERS_FILE",
     "SETTINGS_FILE",
     "SHARD_PATTERN",
     "SPLITS",
@@ -49,16 +53,21 @@ __all__ = [
     "ScoreFn",
     "Side",
     "TreeScoreFn",
+    "apply_filters",
     "batch_records",
     "build_shard",
+    "check_filters",
     "check_settings",
     "degenerate_reasons",
+    "filter_settings",
+    "folder_overview",
     "kept_histories",
     "missing_shards",
     "plan_split",
     "read_preference_pairs",
     "read_records",
     "read_shard",
+    "read_verdict",
     "read_summary",
     "run_settings",
     "sample_seed",

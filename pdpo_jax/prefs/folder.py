@@ -6,6 +6,8 @@
     val/shard-00000.jsonl, ...
     metrics.jsonl         one line per shard written (timing)
     summary.json, DONE    counts (degenerate negatives by reason, dropped, skipped), written last
+    filters.json          what `prefs.filters` dropped and why (`pdpo_jax.prefs.filters`); readers
+                          leave those pairs out
 
 A shard is one file written whole (on gs://, one upload), so a reader sees all of it or none: a
 shard is committed by its own write, and the folder by DONE.
@@ -22,6 +24,7 @@ from typing import Any
 from pdpo_jax.config import RunConfig, config_to_dict
 from pdpo_jax.object_store import as_path
 from pdpo_jax.storage import atomic_write_json, atomic_write_text, is_done
+from pdpo_jax.prefs.filters import FILTERS_FILE, read_verdict
 from pdpo_jax.prefs.record import SPLITS, PreferenceRecord, PrefsError
 
 SHARD_PATTERN = "shard-{:05d}.jsonl"
@@ -48,8 +51,9 @@ def read_shard(path: Path) -> list[PreferenceRecord]:
 def read_records(prefs_dir: str | os.PathLike, split: str, *, include_dropped: bool = False) -> list[PreferenceRecord]:
     """The records of one split of a finished `make-prefs` stage, in corpus order.
 
-    Records marked `dropped` (degenerate negatives under `prefs.drop_degenerate`) are left out
-    unless `include_dropped`. Raises PrefsError naming the file and line of the first bad record,
+    Records marked `dropped` (degenerate negatives under `prefs.drop_degenerate`) and pairs the
+    folder's filters dropped (filters.json, `pdpo_jax.prefs.filters`) are left out unless
+    `include_dropped`. Raises PrefsError naming the file and line of the first bad record,
     and when the stage is unfinished, a shard is missing, or the counts disagree with the summary.
     """
     prefs_dir = as_path(prefs_dir)
@@ -79,7 +83,22 @@ def read_records(prefs_dir: str | os.PathLike, split: str, *, include_dropped: b
             records.append(record)
     if len(records) != expected["records"]:
         raise PrefsError(f"{prefs_dir / split}: {len(records)} records, the summary says {expected['records']}")
-    return [r for r in records if include_dropped or not r.dropped]
+    filtered = _filtered_out(prefs_dir, split, [r for r in records if not r.dropped])
+    return [r for r in records if include_dropped or not (r.dropped or r.example_id in filtered)]
+
+
+def _filtered_out(prefs_dir: Path, split: str, kept: list[PreferenceRecord]) -> set[str]:
+    """The ids the folder's pair filters dropped, checked against the records they judged."""
+    verdict = read_verdict(prefs_dir)
+    if verdict is None or split not in verdict["splits"]:
+        return set()
+    entry, ids = verdict["splits"][split], {r.example_id for r in kept}
+    strangers = sorted(set(entry["dropped"]) - ids)
+    if entry.get("before") != len(kept) or strangers:
+        raise PrefsError(f"{prefs_dir / FILTERS_FILE}: made for other records of split {split!r} (judged "
+                         f"{entry.get('before')} pairs, the shards keep {len(kept)}; unknown ids {strangers[:3]}); "
+                         "delete it and run `pdpo make-prefs` to filter again")
+    return set(entry["dropped"])
 
 
 def read_preference_pairs(prefs_dir: str | os.PathLike, split: str, *,
@@ -95,7 +114,9 @@ def settings_of(config: RunConfig, generator: str, reference: str, digests: dict
     return {
         "seed": config.seed,
         "data": full["data"],
-        "prefs": full["prefs"],
+        # Filters decide which stored pairs DPO reads, not what is stored: changing them re-filters
+        # the folder (`pdpo_jax.prefs.filters`) instead of refusing it.
+        "prefs": {key: value for key, value in full["prefs"].items() if key != "filters"},
         "model_dtype": config.model.dtype,
         "generator": {"path": generator, "digest": None if digests is None else digests[generator]},
         "reference": {"path": reference, "digest": None if digests is None else digests[reference]},

@@ -88,6 +88,10 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           "config", "write_test_responses",
           reads=lambda run: tuple(run.best_model(m) for m in RESPONDING_MODELS),
           writes=lambda run: tuple(run.responses(m) for m in RESPONDING_MODELS)),
+    Stage("eval-responses", "4. C-score, contradiction and persona-copy rates, distinct-n of responses (NLI)",
+          "pdpo_jax.stages.eval_responses", "flags", "evaluate_run_responses",
+          reads=lambda run: (*(run.responses(m) for m in RESPONDING_MODELS), run.nli_classifier),
+          writes=lambda run: tuple(run.response_metrics(m) for m in RESPONDING_MODELS)),
     Stage("judge", "4. pairwise LLM-as-judge win rates", "pdpo_jax.stages.judge", "flags", "judge_test_responses",
           reads=lambda run: tuple(run.responses(m) for m in JUDGED_MODELS), writes=lambda run: (run.judge,)),
     Stage("annotate", "4. pairwise human evaluation: items, annotator links, web app, votes, report",
@@ -130,10 +134,11 @@ PIPELINE_STEPS: dict[str, PipelineStep] = {step.name: step for step in (
     PipelineStep("eval-rl", "eval-dnli", options={"model": "rl"}),
     PipelineStep("eval-dpo", "eval-dnli", options={"model": "dpo"}),
     PipelineStep("test-responses", "test-responses"),
+    PipelineStep("eval-responses", "eval-responses"),
     PipelineStep("judge", "judge"),
     PipelineStep("export-hf", "export-hf"),
     PipelineStep("summary", "results"),
 )}
 # The run `pdpo pipeline` makes unless told otherwise.
-DEFAULT_PIPELINE = ("sft", "make-prefs", "dpo", "eval-sft", "eval-dpo", "test-responses", "judge", "export-hf",
-                    "summary")
+DEFAULT_PIPELINE = ("sft", "make-prefs", "dpo", "eval-sft", "eval-dpo", "test-responses", "eval-responses", "judge",
+                    "export-hf", "summary")

@@ -11,8 +11,9 @@ from typing import Sequence
 from pdpo_jax.data import download as download_module
 from pdpo_jax.data.dnli import PROTOCOLS
 from pdpo_jax.data.download import DEFAULT_WHAT, SOURCES, configured_sources, fetch
-from pdpo_jax.data.inspect import inspect_files
+from pdpo_jax.data.inspect import inspect_file
 from pdpo_jax.errors import UsageError
+from pdpo_jax.prefs.summary import folder_overview, is_prefs_folder
 from pdpo_jax.stage_runner import StageParser, stage_parser
 
 
@@ -64,8 +65,10 @@ def build_parser() -> StageParser:
         "inspect", help="what a data file holds, as the readers see it (JSON)",
         description="For each file: the detected format, its counts (dialogues, persona lines, turns, examples; "
                     "DNLI examples and candidates per example under --protocol; NLI pairs per label) and the "
-                    "first example as the readers see it, as JSON. Run it first on a new corpus.")
-    inspect.add_argument("files", nargs="+", metavar="FILE", help="data files (any supported format)")
+                    "first example as the readers see it, as JSON. Run it first on a new corpus. A make-prefs "
+                    "folder (<run_dir>/prefs) shows its pairs per split, those its pair filters keep and each "
+                    "filter's counts.")
+    inspect.add_argument("files", nargs="+", metavar="FILE", help="data files (any supported format) or prefs folders")
     inspect.add_argument("--protocol", choices=PROTOCOLS, default="31", help="DNLI candidate protocol (default 31)")
     return parser
 
@@ -73,7 +76,9 @@ def build_parser() -> StageParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "inspect":
-        print(json.dumps(inspect_files(args.files, protocol=args.protocol), indent=2, ensure_ascii=False))
+        shown = [folder_overview(path) if is_prefs_folder(path) else inspect_file(path, args.protocol)
+                 for path in args.files]
+        print(json.dumps(shown, indent=2, ensure_ascii=False))
         return 0
     sources = configured_sources(_pairs(args.url, "--url"), _pairs(args.archive_sha256, "--archive-sha256"))
     if args.from_archive is not None:

@@ -21,8 +21,9 @@ from pdpo_jax.data.pairs import PairIds, dpo_batch
 from pdpo_jax.data.trees import pair_trees, tree_batch, tree_summary
 from pdpo_jax.metrics_log import read_metrics_jsonl
 from pdpo_jax.model import pad_id
-from pdpo_jax.parallel import host_rows, is_primary
+from pdpo_jax.parallel import host_rows, is_primary, primary_decides
 from pdpo_jax.prefs import PreferenceRecord, PrefsError, read_records
+from pdpo_jax.prefs.filters import check_filters
 from pdpo_jax.run_layout import RunLayout
 from pdpo_jax.stage_runner import load_for_run, run_command, run_once
 from pdpo_jax.train.batches import StepBatches
@@ -78,10 +79,12 @@ def run_dpo(config: RunConfig) -> dict[str, Any]:
 
 def _train(config: RunConfig, layout: RunLayout, mesh: Any) -> dict[str, Any]:
     out_dir = layout.stage(STAGE)
+    prefs_dir = layout.prefs
+    # Only the pairs the configured filters kept: a folder filtered otherwise is refused.
+    primary_decides(check_filters, prefs_dir, config.prefs.filters)
     _, reference_path = layout.preference_models(config)
     model = load_for_run(reference_path, config, mesh)
     encoder = PromptEncoder(model.tokenizer, config.data.template)
-    prefs_dir = layout.prefs
     train_pairs = tokenize_pairs(read_records(prefs_dir, "train"), encoder)
     val_pairs = tokenize_pairs(read_records(prefs_dir, "val"), encoder)
     if not train_pairs or not val_pairs:

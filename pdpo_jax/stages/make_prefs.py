@@ -23,13 +23,18 @@ from pdpo_jax.generation import sampler_from_config
 from pdpo_jax.model.digest import model_digest
 from pdpo_jax.model.hub import looks_like_hub_id
 from pdpo_jax.parallel import is_primary, primary_decides
+from pdpo_jax.model.classifier import load_classifier
+from pdpo_jax.nli import NliReward
 from pdpo_jax.prefs import (SPLITS, PrefsError, Side, build_shard, check_settings, missing_shards, plan_split,
                             read_summary, run_settings, scorer_for_layout, settings_of, shard_count, shard_jobs,
                             shard_metrics, shard_path, write_shard, write_summary)
-from pdpo_jax.prefs.folder import METRICS_FILE
 from pdpo_jax.object_store import as_path
+from pdpo_jax.prefs.filters import EntailmentFn, applied_settings, entailment_function, filter_settings
+from pdpo_jax.prefs.folder import FILTERS_FILE, METRICS_FILE
+from pdpo_jax.prefs.summary import apply_filters, filters_line
 from pdpo_jax.run_layout import RunLayout
-from pdpo_jax.stage_runner import load_for_run, run_command, run_once
+from pdpo_jax.stage_runner import build_mesh, load_for_run, run_command, run_once, write_resolved_config
+from pdpo_jax.storage import mark_done
 
 
 def open_side(name: str, config: RunConfig, cache: dict[str, Side], mesh: Any) -> Side:
@@ -57,13 +62,24 @@ def make_prefs(config: RunConfig) -> dict[str, Any]:
 
     def check_folder(mesh: Any) -> None:
         # A half-built folder must have been built by these models with these settings.
+        _check_classifiers(config)
         for name in paths:
             open_side(name, config, sides, mesh)
         primary_decides(check_settings, prefs_dir, settings_of(config, *paths, {s.name: s.digest for s in sides.values()}))
 
     def finished_summary(folder: Path) -> dict[str, Any]:
         # A finished folder is checked without loading the models: its digests stand for them.
-        return primary_decides(_finished_summary, folder, settings_of(config, *paths, digests=None))
+        summary = primary_decides(_finished_summary, folder, settings_of(config, *paths, digests=None))
+        if primary_decides(applied_settings, folder) == filter_settings(config.prefs.filters):
+            return summary
+        # Other filters than the folder's: judge the stored pairs again, without resampling.
+        _check_classifiers(config)
+        print(f"make-prefs: filtering the stored pairs of {folder} again with prefs.filters")
+        write_resolved_config(config)
+        summary = _filter(config, folder, summary, build_mesh(config))
+        if is_primary():
+            mark_done(folder, summary)
+        return summary
 
     return run_once(config, "make-prefs", prefs_dir, lambda _mesh: _build(config, prefs_dir, *(sides[p] for p in paths)),
                     check=check_folder, when_finished=finished_summary)
@@ -90,7 +106,33 @@ def _build(config: RunConfig, prefs_dir: Path, generator: Side, reference: Side)
                 write_shard(shard_path(prefs_dir, split, k), records)
                 append_jsonl(prefs_dir / METRICS_FILE, shard_metrics(split, k, records, time.perf_counter() - started))
     settings = run_settings(config, generator, reference, sampler)
-    return primary_decides(write_summary, prefs_dir, plans, prefs.shard_size, settings)
+    summary = primary_decides(write_summary, prefs_dir, plans, prefs.shard_size, settings)
+    if prefs.filters or primary_decides((prefs_dir / FILTERS_FILE).exists):
+        summary = _filter(config, prefs_dir, summary, generator.mesh)
+    return summary
+
+
+def _check_classifiers(config: RunConfig) -> None:
+    """The nli filter's classifier must exist before anything is sampled or judged."""
+    for section in config.prefs.filters:
+        path = Path(section.classifier or RunLayout.of(config).nli_classifier)
+        if section.kind == "nli" and not path.is_dir():
+            raise PrefsError(f"prefs.filters: the nli filter's classifier {path} is not a directory (run `pdpo "
+                             "train-nli` first, or set the filter's classifier)")
+
+
+def _filter(config: RunConfig, prefs_dir: Path, summary: dict[str, Any], mesh: Any) -> dict[str, Any]:
+    """`prefs.filters` over the folder's stored pairs (every host judges; process 0 writes)."""
+    provenance: dict[str, Any] = {}
+
+    def open_nli(classifier: str | None) -> EntailmentFn:
+        path = Path(classifier or RunLayout.of(config).nli_classifier)
+        loaded = load_classifier(path, mesh=mesh, compute_dtype=config.model.dtype)
+        provenance["classifier"] = {"path": str(path), "digest": model_digest(loaded)}
+        return entailment_function(NliReward(loaded, max_length=config.nli.max_length, mesh=mesh))
+
+    return apply_filters(prefs_dir, summary, config.prefs.filters, nli=open_nli, provenance=provenance,
+                         write=is_primary())
 
 
 def _finished_summary(prefs_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -106,7 +148,9 @@ DESCRIPTION = (
     "another dialogue's persona and store it with the reference model's log-probs. Writes "
     "<run_dir>/prefs/{train,val}/shard-*.jsonl, summary.json and DONE; a rerun resumes after the last complete "
     "shard. The generator and reference default to <run_dir>/sft/best (prefs.generator, prefs.reference; "
-    "prefs.from_stage=rl starts from the RL baseline's best model instead)."
+    "prefs.from_stage=rl starts from the RL baseline's best model instead). prefs.filters (degenerate, margin, copy, "
+    "nli) drop stored pairs DPO should not train on, recorded in filters.json; rerunning with other filters on a "
+    "finished folder filters its pairs again without resampling."
 )
 
 
@@ -116,7 +160,8 @@ def report(summary: dict[str, Any], config: RunConfig) -> None:
         counts = summary["splits"][split]
         print(f"{split}: {counts['kept']} pairs kept of {counts['records']} "
               f"({counts['degenerate_records']} degenerate, {counts['dropped']} dropped, "
-              f"{len(counts['skipped_too_long'])} too long) -> {layout.prefs_split(split)}")
+              f"{len(counts['skipped_too_long'])} too long); {filters_line(summary, split)} "
+              f"-> {layout.prefs_split(split)}")
 
 
 def main(argv: list[str] | None = None) -> int:

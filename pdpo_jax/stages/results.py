@@ -4,10 +4,14 @@
         --model pseudo-dpo=runs/x/eval/dpo/dnli.json --reference sft --out results/ \\
         --curves sft=runs/x/sft/metrics.jsonl --curves pseudo-dpo=runs/x/dpo/metrics.jsonl
     pdpo results --conversations talks.jsonl --responses SFT=sft.jsonl --responses PseudoDPO=dpo.jsonl --out results/
+    pdpo results --model sft=... --model pseudo-dpo=... --response-metrics sft=runs/x/eval_responses/sft.json \\
+        --response-metrics pseudo-dpo=runs/x/eval_responses/dpo.json --out results/
 
 The DNLI part (`pdpo_jax.evaluate.results_table`) writes table.json, table.md, dnli.png,
 score_shifts.json (and curves.png, ppo_curves.png); the examples part (`pdpo_jax.evaluate.response_examples`)
-writes examples.md. Either part, or both, in one call. Nothing is computed on a model: it reads
+writes examples.md. `--response-metrics` adds what each model says (`pdpo eval-responses`: C-score,
+contradiction and persona-copy rates) beside its DNLI row in table.md (responses.md without
+`--model`). Any of the parts in one call. Nothing is computed on a model: it reads
 the reports of `pdpo eval-dnli` and the outputs of `pdpo generate`.
 
 In a pipeline, the `summary` step writes a run's own summary (`write_run_summary`).
@@ -21,7 +25,8 @@ from pdpo_jax.config import RunConfig
 from pdpo_jax.errors import UsageError
 from pdpo_jax.evaluate.dnli_stats import DEFAULT_SAMPLES
 from pdpo_jax.evaluate.response_examples import read_conversations, read_responses, response_examples_markdown
-from pdpo_jax.evaluate.results_table import read_dnli_result, results_table, write_results_table
+from pdpo_jax.evaluate.results_table import (read_dnli_result, read_response_report, responses_markdown, results_table,
+                                             write_results_table)
 from pdpo_jax.evaluate.run_summary import write_summary
 from pdpo_jax.storage import atomic_write_text
 from pdpo_jax.parallel import primary_decides
@@ -48,6 +53,10 @@ def build_parser() -> StageParser:
                            "fraction, value loss); repeat for every run")
     dnli.add_argument("--bootstrap-samples", type=int, default=DEFAULT_SAMPLES, metavar="N", help="resamples (default: %(default)s)")
     dnli.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the resampling (default: %(default)s)")
+    said = parser.add_argument_group("what the models say (beside the DNLI table)")
+    said.add_argument("--response-metrics", action="append", default=[], metavar="NAME=REPORT.json",
+                      help="a model's pdpo eval-responses report (C-score, contradiction and persona-copy rates, "
+                           "distinct-n, length); NAME as its --model to sit beside its DNLI row; repeat")
     examples = parser.add_argument_group("generated examples (the paper's Table 5)")
     examples.add_argument("--conversations", type=Path, metavar="FILE.jsonl",
                           help='conversations {"id", "persona": [...], "history": [...]} given to pdpo generate --input')
@@ -76,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     curves = named_paths(args.curves, "--curves")
     ppo_curves = named_paths(args.ppo_curves, "--ppo-curves")
     responses = named_paths(args.responses, "--responses")
-    if not models and args.conversations is None:
-        raise UsageError("give --model NAME=REPORT.json (the DNLI table), --conversations with --responses (examples), or both")
+    said = named_paths(args.response_metrics, "--response-metrics")
+    if not models and args.conversations is None and not said:
+        raise UsageError("give --model NAME=REPORT.json (the DNLI table), --response-metrics NAME=REPORT.json, "
+                         "--conversations with --responses (examples), or any of them")
     if (curves or ppo_curves) and not models:
         raise UsageError("--curves and --ppo-curves go with the DNLI table: give --model too")
     if (args.conversations is None) != (not responses):
@@ -87,10 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.bootstrap_samples < 1:
         raise UsageError("--bootstrap-samples must be positive")
     written = []
+    reports = {name: read_response_report(name, path) for name, path in said.items()}
     if models:
         results = [read_dnli_result(name, path) for name, path in models.items()]
         table = results_table(results, args.reference, samples=args.bootstrap_samples, seed=args.seed)
-        written += write_results_table(table, results, args.out, curves=curves, ppo_curves=ppo_curves).values()
+        written += write_results_table(table, results, args.out, curves=curves, ppo_curves=ppo_curves,
+                                       responses=reports).values()
+    elif reports:
+        written.append(atomic_write_text(args.out / "responses.md", responses_markdown(None, reports)))
     if args.conversations is not None:
         conversations = read_conversations(args.conversations)
         by_model = {name: read_responses(path) for name, path in responses.items()}
