@@ -9,6 +9,8 @@ The public API, stable across releases:
                                 sampler=pdpo_jax.TopP(0.9), seed=0)
     replies = pdpo_jax.respond_to(model, persona=["i love cats ."], history=["hi ! any pets ?"])
     logps, counts = pdpo_jax.score_responses(model, persona, history, ["i have two cats .", "no ."])
+    loss, metrics = pdpo_jax.preference_loss("simpo", chosen_logps, rejected_logps,
+                                             chosen_tokens=chosen_counts, rejected_tokens=rejected_counts)
 
 Names are loaded on first use, so `import pdpo_jax` (and the `pdpo` command) stays fast.
 """
@@ -49,6 +51,7 @@ _EXPORTS = {
     "load_config": "pdpo_jax.config",
     "sft_loss": "pdpo_jax.objectives",
     "dpo_loss": "pdpo_jax.objectives",
+    "preference_loss": "pdpo_jax.objectives",
     "gae_advantages": "pdpo_jax.objectives",
     "kl_penalized_rewards": "pdpo_jax.objectives",
     "ppo_policy_loss": "pdpo_jax.objectives",

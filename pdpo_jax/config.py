@@ -250,16 +250,23 @@ class PrefsSection:
         require(len(set(kinds)) == len(kinds), "{filters} names a filter twice", self.label, got=kinds)
 
 
+DPO_FAMILY = ("sigmoid", "ipo", "hinge")  # the loss types of DPO proper (`DPOSettings`)
+
+
 @dataclass
 class DPOSection(TrainingSection):
     label: ClassVar[str] = "dpo"
     optimizer: OptimizerConfig = DPO_DEFAULTS
-    # The settings of `pdpo_jax.objectives.DPOSettings`, which checks them again for code that calls
-    # the loss directly (this module stays free of jax, so `pdpo --help` starts fast).
+    # The preference objective (`loss_type`, a kind of `pdpo_jax.preference_loss`; docs/objectives.md)
+    # and its settings, named as TRL names them. The objective's settings class checks them again
+    # for code that calls the loss directly (this module stays free of jax, so `pdpo --help` starts
+    # fast). `beta` is every kind's (ORPO's λ); the others apply to one family each.
     beta: float = 0.5
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
-    label_smoothing: float = 0.0
-    reference_free: bool = False
+    loss_type: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo", "rpo"] = "sigmoid"
+    label_smoothing: float = 0.0  # sigmoid only (conservative DPO)
+    reference_free: bool = False  # sigmoid, ipo, hinge (simpo and orpo have no reference anyway)
+    simpo_gamma: float | None = None  # simpo's target margin; None = its default (0.5)
+    rpo_alpha: float | None = None  # rpo's weight of the chosen NLL; None = its default (1.0)
     batch_size: int = 4
     epochs: int = 3
     # How pairs are laid out in rows (the same log-probs, loss and gradients in each):
@@ -282,8 +289,29 @@ class DPOSection(TrainingSection):
         require(self.loss_type == "sigmoid" or self.label_smoothing == 0.0,
                 f"{{label_smoothing}} applies to the 'sigmoid' loss only, not to {{loss_type}} {self.loss_type!r}",
                 self.label)
+        require(self.loss_type in DPO_FAMILY or not self.reference_free,
+                f"{{reference_free}} applies to {list(DPO_FAMILY)}, not to {{loss_type}} {self.loss_type!r}",
+                self.label)
+        for key, kind in (("simpo_gamma", "simpo"), ("rpo_alpha", "rpo")):
+            require(self.loss_type == kind or getattr(self, key) is None,
+                    f"{{{key}}} applies to the {kind!r} loss only, not to {{loss_type}} {self.loss_type!r}", self.label)
+        require(self.simpo_gamma is None or self.simpo_gamma >= 0,
+                "{simpo_gamma} must be non-negative (a target margin)", self.label, got=self.simpo_gamma)
+        require(self.rpo_alpha is None or self.rpo_alpha > 0, "{rpo_alpha} must be positive (0 is loss_type sigmoid)",
+                self.label, got=self.rpo_alpha)
         require(self.tree_max_length > 0 and self.tree_max_pairs > 0,
                 "{tree_max_length} and {tree_max_pairs} must be positive", self.label)
+
+    def objective_settings(self) -> dict[str, Any]:
+        """The settings of the objective `loss_type`, as `pdpo_jax.preference_loss(loss_type, ...)`
+        takes them (only those it has; an unset optional one takes the objective's default)."""
+        settings: dict[str, Any] = {"beta": self.beta}
+        if self.loss_type in DPO_FAMILY:
+            settings |= {"label_smoothing": self.label_smoothing, "reference_free": self.reference_free}
+        for key, kind in (("simpo_gamma", "simpo"), ("rpo_alpha", "rpo")):
+            if self.loss_type == kind and getattr(self, key) is not None:
+                settings[key] = getattr(self, key)
+        return settings
 
 
 @dataclass

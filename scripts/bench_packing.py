@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     from pdpo_jax.data.corpus import prepare_corpus
     from pdpo_jax.data.trees import nested_pairs, pair_trees, tree_batch, tree_summary
     from pdpo_jax.train.optim import make_optimizer
-    from pdpo_jax.train.steps import DPOSettings, dpo_objective, sft_objective
+    from pdpo_jax.objectives.registry import preference_settings
+    from pdpo_jax.train.steps import dpo_objective, sft_objective
 
     data = Path(args.data)
     overrides = [
@@ -217,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                              partial(tree_batch, pairs_per_row=cfg.dpo.tree_max_pairs, pad_id=pad_id, bucket=bucket))
 
     sft = partial(sft_objective, config=config)
-    dpo = partial(dpo_objective, config=config, settings=DPOSettings(
-        beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type, label_smoothing=cfg.dpo.label_smoothing))
+    dpo = partial(dpo_objective, config=config,
+                  settings=preference_settings(cfg.dpo.loss_type, **cfg.dpo.objective_settings()))
     times = {}
     for name, batches, objective, section in (
         ("sft per-turn", sft_per_turn, sft, cfg.sft), ("sft packed", sft_packed, sft, cfg.sft),

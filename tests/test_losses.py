@@ -15,6 +15,7 @@ from pdpo_jax.objectives import (
     dpo_loss,
     finalize_metrics,
     merge_metrics,
+    preference_loss,
     sequence_logprobs,
     sft_loss,
     split_chosen_rejected,
@@ -306,6 +307,16 @@ def test_dpo_loss_and_every_metric_match_hand_computation(loss_type, label_smoot
     finalized = finalize_metrics(metrics)
     for name, value in expected.items():
         assert finalized[name] == pytest.approx(value, abs=1e-6), name
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+@pytest.mark.parametrize("reference_free", [False, True])
+def test_the_registry_kinds_of_the_dpo_family_give_the_same_numbers(loss_type, reference_free):
+    loss, metrics = preference_loss(loss_type, POLICY_CHOSEN, POLICY_REJECTED, REF_CHOSEN, REF_REJECTED, beta=BETA,
+                                    reference_free=reference_free)
+    expected = golden_dpo(loss_type, BETA, 0.0, reference_free)
+    assert float(loss) == pytest.approx(expected["loss"], abs=1e-6)
+    assert finalize_metrics(metrics) == pytest.approx(expected, abs=1e-6)
 
 
 def test_dpo_golden_numbers_for_the_first_pair():

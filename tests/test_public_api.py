@@ -89,3 +89,15 @@ def test_respond_to_answers_with_the_greedy_continuation_cut_at_the_end_of_turn(
     assert reply.text == chat_model.tokenizer.decode(list(reply.token_ids), skip_special_tokens=True).strip()
     with pytest.raises(pdpo_jax.PdpoError, match="no room"):
         pdpo_jax.respond_to(chat_model, PERSONA, HISTORY, max_new_tokens=6, max_length=4)
+
+
+def test_preference_loss_takes_plain_arrays_and_matches_the_formula():
+    # SimPO on three pairs, written out with numpy: mean over pairs of -log σ(β (c/n_c - r/n_r) - γ).
+    chosen, rejected = np.array([-6.0, -10.0, -2.5]), np.array([-12.0, -4.0, -9.0])
+    chosen_tokens, rejected_tokens = np.array([3, 5, 1]), np.array([4, 2, 6])
+    loss, metrics = pdpo_jax.preference_loss("simpo", chosen, rejected, chosen_tokens=chosen_tokens,
+                                             rejected_tokens=rejected_tokens, beta=2.0, simpo_gamma=0.5)
+    z = 2.0 * (chosen / chosen_tokens - rejected / rejected_tokens) - 0.5
+    assert float(loss) == pytest.approx(np.mean(np.log1p(np.exp(-z))), abs=1e-6)
+    total, count = metrics["rewards/accuracies"]
+    assert float(total) / float(count) == pytest.approx(np.mean(z + 0.5 > 0))

@@ -1,8 +1,10 @@
-"""The preference objectives (DPO and its IPO, hinge and conservative variants) over pairs of
-sequence log-probs, as TRL computes them and with TRL's metric names."""
+"""The DPO family of preference objectives (DPO and its IPO, hinge, conservative and
+reference-free variants) over pairs of sequence log-probs, as TRL computes them and with TRL's
+metric names."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,6 +13,7 @@ import jax.numpy as jnp
 
 from pdpo_jax.errors import require
 from pdpo_jax.objectives.metrics import Metric, Metrics, detached
+from pdpo_jax.objectives.pair_batch import Needs, PairLogps, StartValue
 
 DpoLossType = Literal["sigmoid", "ipo", "hinge"]
 DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge")
@@ -18,7 +21,8 @@ DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge")
 
 @dataclass(frozen=True)
 class DPOSettings:
-    """The settings of `dpo_loss`, checked when they are built. (The `dpo` config section holds the
+    """The settings of `dpo_loss` (kinds "sigmoid", "ipo" and "hinge" of `preference_loss`),
+    checked when they are built. (The `dpo` config section holds the
     same keys and checks them when a config is loaded, so a run stops on a bad value before any
     work; this check is for code that calls the loss directly.)"""
 
@@ -35,6 +39,31 @@ class DPOSettings:
                 f"{{label_smoothing}} applies to the 'sigmoid' loss only, not to {{loss_type}} {self.loss_type!r}", "dpo")
         require(0.0 <= self.label_smoothing < 0.5, "{label_smoothing} must lie in [0, 0.5)", "dpo",
                 got=self.label_smoothing)
+
+    @property
+    def kind(self) -> str:
+        return self.loss_type
+
+    @property
+    def needs(self) -> Needs:
+        return Needs(reference_logps=not self.reference_free, token_counts=False, chosen_nll=False)
+
+    @property
+    def start(self) -> StartValue | None:
+        """At policy = reference every log-ratio h is 0, so the loss is a constant of the settings;
+        reference-free, h is the policy's own log-prob difference, which no setting fixes."""
+        if self.reference_free:
+            return None
+        if self.loss_type == "sigmoid":
+            return StartValue("loss", math.log(2.0), "-log σ(0) = ln 2")
+        if self.loss_type == "ipo":
+            return StartValue("loss", 1.0 / (4.0 * self.beta**2), "(0 - 1/(2β))² = 1/(4β²)")
+        return StartValue("loss", 1.0, "relu(1 - β·0) = 1")
+
+    def loss(self, pairs: PairLogps) -> tuple[jax.Array, Metrics]:
+        return dpo_loss(pairs.policy_chosen, pairs.policy_rejected, pairs.ref_chosen, pairs.ref_rejected,
+                        beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+                        reference_free=self.reference_free, pair_mask=pairs.pair_mask)
 
 
 def split_chosen_rejected(per_sequence: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -36,10 +36,11 @@ from pdpo_jax.data.batching import BATCH_KEYS, SCORED_POSITIONS, bucketed_length
 from pdpo_jax.generation.decode import bucket_width, cache_shardings, compute_params, decode_step, prefill
 from pdpo_jax.model import ModelConfig, init_cache
 from pdpo_jax.model.decoder import param_shapes
+from pdpo_jax.objectives import preference_settings
 from pdpo_jax.parallel import BATCH_AXES, param_shardings, replicated
 from pdpo_jax.scoring import LOGPROB_CHUNK, sequence_scores
 from pdpo_jax.train.optim import make_optimizer
-from pdpo_jax.train.steps import (DPOSettings, abstract_train_state, dpo_objective, jit_train_step,
+from pdpo_jax.train.steps import (abstract_train_state, dpo_objective, jit_train_step,
                                   micro_batch_sharding, sft_objective, state_shardings)
 
 PROGRAMS = ("sft-step", "dpo-step", "prefill", "decode-step", "dnli-score")
@@ -161,8 +162,7 @@ def dpo_step(run: RunConfig, config: ModelConfig, mesh: Mesh, shapes: Shapes) ->
     pairs = dpo.batch_size * dpo.tree_max_pairs if dpo.layout == "tree" else dpo.batch_size
     pair_tokens = shapes.response_tokens + run.prefs.max_new_tokens + 1
     scored = scored_width(pair_tokens * (dpo.tree_max_pairs if dpo.layout == "tree" else 1), length)
-    settings = DPOSettings(beta=dpo.beta, loss_type=dpo.loss_type, label_smoothing=dpo.label_smoothing,
-                           reference_free=dpo.reference_free)
+    settings = preference_settings(dpo.loss_type, **dpo.objective_settings())
     layout = {"shared": "[prompt | chosen | rejected] rows", "unshared": "a row per response",
               "tree": f"dialogue-tree rows of up to {dpo.tree_max_pairs} pairs"}[dpo.layout]
     what = f"{dpo.grad_accum} x [{rows}, {length}] micro-batches ({layout}), {scored} scored positions per row"

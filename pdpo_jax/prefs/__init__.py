@@ -35,7 +35,7 @@ from pdpo_jax.prefs.folder import (
     write_shard,
 )
 from pdpo_jax.prefs.record import DEGENERATE_REASONS, SPLITS, PreferenceRecord, PrefsError
-from pdpo_jax.prefs.score import ScoreFn, TreeScoreFn, scorer_for_layout
+from pdpo_jax.prefs.score import CountOnlyFn, ScoreFn, TreeScoreFn, reference_needed, scorer_for_layout
 from pdpo_jax.prefs.side import Side
 from pdpo_jax.prefs.summary import (apply_filters, folder_overview, read_summary, run_settings, shard_metrics,
                                     split_summary, write_summary)
@@ -47,6 +47,7 @@ __all__ = [
     "SHARD_PATTERN",
     "SPLITS",
     "SUMMARY_FILE",
+    "CountOnlyFn",
     "PairJob",
     "PreferenceRecord",
     "PrefsError",
@@ -69,6 +70,7 @@ __all__ = [
     "read_shard",
     "read_verdict",
     "read_summary",
+    "reference_needed",
     "run_settings",
     "sample_seed",
     "scorer_for_layout",

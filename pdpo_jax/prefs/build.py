@@ -54,7 +54,7 @@ from pdpo_jax.data.shuffle import persona_derangement
 from pdpo_jax.data.trees import dialogue_runs, nested_history_cuts
 from pdpo_jax.generation import context_limit, respond, sampler_description
 from pdpo_jax.prefs.record import PreferenceRecord, PrefsError
-from pdpo_jax.prefs.score import ScoreFn, TreeScoreFn
+from pdpo_jax.prefs.score import CountOnlyFn, ScoreFn, TreeScoreFn
 from pdpo_jax.prefs.side import Side
 
 
@@ -98,7 +98,7 @@ def plan_split(dialogues: Sequence[Any], shuffle: bool, seed: int) -> list[PairJ
 
 
 def build_shard(jobs: Sequence[PairJob], split: str, shard: int, config: RunConfig, generator: Side,
-                reference: Side, score: ScoreFn | TreeScoreFn, sampler: Any,
+                reference: Side, score: ScoreFn | TreeScoreFn | CountOnlyFn, sampler: Any,
                 progress: Callable[[int], None] | None = None) -> list[PreferenceRecord]:
     """The records of one shard: a pure function of (config, split, shard). `progress(n)` is
     called after each sampling batch with its number of examples."""
@@ -114,7 +114,7 @@ def build_shard(jobs: Sequence[PairJob], split: str, shard: int, config: RunConf
 
 
 def batch_records(batch_jobs: Sequence[PairJob], split: str, seed: int, config: RunConfig, generator: Side,
-                  reference: Side, score: ScoreFn | TreeScoreFn, sampler: Any) -> list[PreferenceRecord]:
+                  reference: Side, score: ScoreFn | TreeScoreFn | CountOnlyFn, sampler: Any) -> list[PreferenceRecord]:
     """The records of one sampling batch: negatives drawn with `seed`, both sides scored."""
     prefs = config.prefs
     nested = prefs.layout == "tree"
@@ -174,8 +174,8 @@ def batch_records(batch_jobs: Sequence[PairJob], split: str, seed: int, config: 
             max_new_tokens=prefs.max_new_tokens,
             sample_seed=seed,
             sample_row=row,
-            ref_chosen_logp=float(chosen_logps[i]),
-            ref_rejected_logp=float(rejected_logps[i]),
+            ref_chosen_logp=None if chosen_logps[i] is None else float(chosen_logps[i]),
+            ref_rejected_logp=None if rejected_logps[i] is None else float(rejected_logps[i]),
             chosen_tokens=int(chosen_counts[i]),
             rejected_tokens=int(rejected_counts[i]),
             degenerate=tuple(reasons),

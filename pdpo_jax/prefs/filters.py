@@ -70,6 +70,9 @@ class MarginFilter:
     def objections(self, records: Sequence[PreferenceRecord]) -> list[str | None]:
         reasons = []
         for r in records:
+            if r.ref_chosen_logp is None:
+                raise PrefsError(f"example {r.example_id!r}: the margin filter needs reference log-probs, and this "
+                                 "folder has none (made for an objective without a reference: docs/objectives.md)")
             margin = r.ref_chosen_logp - r.ref_rejected_logp
             reasons.append(f"reference margin {margin:.2f} nats > {self.nats:g}" if margin > self.nats else None)
         return reasons

@@ -26,6 +26,7 @@ from pdpo_jax.object_store import as_path
 from pdpo_jax.storage import atomic_write_json, atomic_write_text, is_done
 from pdpo_jax.prefs.filters import FILTERS_FILE, read_verdict
 from pdpo_jax.prefs.record import SPLITS, PreferenceRecord, PrefsError
+from pdpo_jax.prefs.score import reference_needed
 
 SHARD_PATTERN = "shard-{:05d}.jsonl"
 SETTINGS_FILE = "settings.json"
@@ -120,28 +121,42 @@ def settings_of(config: RunConfig, generator: str, reference: str, digests: dict
         "model_dtype": config.model.dtype,
         "generator": {"path": generator, "digest": None if digests is None else digests[generator]},
         "reference": {"path": reference, "digest": None if digests is None else digests[reference]},
+        "reference_scored": reference_needed(config),
     }
 
 
-def check_settings(prefs_dir: Path, settings: dict[str, Any]) -> None:
-    """Writes settings.json; once shards exist, later runs must match it, or old shards would mix in."""
+def check_settings(prefs_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """Writes settings.json; once shards exist, later runs must match it, or old shards would mix in.
+    Returns the settings the folder goes on with: a folder whose records carry reference log-probs
+    serves every objective, so it stays scored when the objective needs no reference; one without
+    them is refused to an objective that needs them."""
     path = prefs_dir / SETTINGS_FILE
     has_shards = any(prefs_dir.glob("*/shard-*.jsonl")) or is_done(prefs_dir)
     old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
     if old is not None and "prefs" in old:
         old["prefs"].setdefault("layout", "per_turn")  # a folder begun before there was a choice
+    if old is not None:
+        old.setdefault("reference_scored", True)  # a folder begun before there was a choice
     if old is not None and settings["generator"]["digest"] is None:
         for side in ("generator", "reference"):
             settings[side]["digest"] = old.get(side, {}).get("digest")
     if old is None or not has_shards:
         atomic_write_json(path, settings)
-        return
+        return settings
+    if old["reference_scored"] and not settings["reference_scored"]:
+        settings["reference_scored"] = True
+    if not old["reference_scored"] and settings["reference_scored"]:
+        raise PrefsError(
+            f"{path}: this folder's records carry no reference log-probs (it was made for an objective without a "
+            f"reference) and dpo.loss_type needs them; delete {prefs_dir} to rebuild it with them"
+        )
     if old != settings:
         changed = _first_difference(old, settings)
         raise PrefsError(
             f"{path}: this folder holds records made with other settings ({changed}); delete {prefs_dir} "
             "to rebuild, or run with the original settings to resume"
         )
+    return settings
 
 
 def _first_difference(old: Any, new: Any, prefix: str = "") -> str:

@@ -1,7 +1,7 @@
 """One pseudo-preference record: the typed form of a line that `make-prefs` writes and DPO reads.
 
     record = PreferenceRecord.from_json_line(line, where="train/shard-00000.jsonl:3")
-    record.persona, record.history, record.chosen, record.rejected, record.ref_chosen_logp
+    record.persona, record.history, record.chosen, record.rejected, record.ref_chosen_logp (None if unscored)
     line == record.to_json_line()        # the bytes a shard holds, key order included
 
 Every field is declared once below with the check its JSON value must pass; a bad record raises
@@ -64,6 +64,10 @@ def _is_logp(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v <= LOGP_SLACK
 
 
+def _is_logp_or_null(v: Any) -> bool:
+    return v is None or _is_logp(v)
+
+
 def _is_reasons(v: Any) -> bool:
     return isinstance(v, list) and all(r in DEGENERATE_REASONS for r in v)
 
@@ -98,8 +102,9 @@ class PreferenceRecord:
     max_new_tokens: int = _checked(_is_count)
     sample_seed: int = _checked(_is_count)
     sample_row: int = _checked(_is_count)
-    ref_chosen_logp: float = _checked(_is_logp)
-    ref_rejected_logp: float = _checked(_is_logp)
+    # null in both when the folder was made for an objective that needs no reference (SimPO, ORPO)
+    ref_chosen_logp: float | None = _checked(_is_logp_or_null)
+    ref_rejected_logp: float | None = _checked(_is_logp_or_null)
     chosen_tokens: int = _checked(_is_positive_count)
     rejected_tokens: int = _checked(_is_positive_count)
     degenerate: tuple[str, ...] = _checked(_is_reasons)  # why the negative teaches nothing, if it does not
@@ -129,6 +134,9 @@ class PreferenceRecord:
                 raise PrefsError(f"{where}: field {name!r} has an invalid value {obj[name]!r}")
         if obj["dropped"] and not obj["degenerate"]:
             raise PrefsError(f"{where}: record is marked dropped but not degenerate")
+        if (obj["ref_chosen_logp"] is None) != (obj["ref_rejected_logp"] is None):
+            raise PrefsError(f"{where}: fields 'ref_chosen_logp' and 'ref_rejected_logp' must both be numbers "
+                             "or both null")
         return cls(**{name: tuple(value) if isinstance(value, list) else value for name, value in obj.items()})
 
     @classmethod

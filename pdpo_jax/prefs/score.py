@@ -1,6 +1,7 @@
 """Reference scoring of preference pairs: the summed log-probs of chosen and rejected under the
 reference, one row per pair (`prefs.layout: per_turn`) or one row per run of nesting pairs
-(`tree`). Both use the shared scorer (the one DNLI ranking uses) and agree to fp32 rounding."""
+(`tree`). Both use the shared scorer (the one DNLI ranking uses) and agree to fp32 rounding.
+Where the configured objective needs no reference, nothing is scored (`CountOnlyFn`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pdpo_jax.data import shared_prompt_batch, with_scored_positions
 from pdpo_jax.data.pairs import PairIds
 from pdpo_jax.data.trees import pair_trees, tree_batch
 from pdpo_jax.generation.tree_decode import next_power_of_two
+from pdpo_jax.objectives import preference_settings
 from pdpo_jax.parallel import rows_for_mesh
 from pdpo_jax.prefs.side import Side
 from pdpo_jax.scoring import make_scorer
@@ -67,6 +69,25 @@ class TreeScoreFn:
         return logps[chosen_at], logps[rejected_at], counts[chosen_at], counts[rejected_at]
 
 
-def scorer_for_layout(config: RunConfig, reference: Side) -> ScoreFn | TreeScoreFn:
+def reference_needed(config: RunConfig) -> bool:
+    """Whether the configured preference objective (`dpo.loss_type` and its settings) reads
+    reference log-probs, so make-prefs must score them."""
+    return preference_settings(config.dpo.loss_type, **config.dpo.objective_settings()).needs.reference_logps
+
+
+class CountOnlyFn:
+    """No reference scoring, for a folder made for an objective that needs no reference (SimPO,
+    ORPO): no log-probs (None), and the token counts the scorers would give, each response's ids
+    with its end of turn."""
+
+    def __call__(self, prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]]):
+        return [None] * len(chosen), [None] * len(rejected), [len(c) for c in chosen], [len(r) for r in rejected]
+
+
+def scorer_for_layout(config: RunConfig, reference: Side, *,
+                      score_reference: bool = True) -> ScoreFn | TreeScoreFn | CountOnlyFn:
+    """The reference scorer of `prefs.layout`, or `CountOnlyFn` where no reference is scored."""
+    if not score_reference:
+        return CountOnlyFn()
     score_class = TreeScoreFn if config.prefs.layout == "tree" else ScoreFn
     return score_class(reference, config.prefs.batch_size, config.data.length_bucket)

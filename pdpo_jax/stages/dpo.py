@@ -1,4 +1,5 @@
-"""`pdpo dpo`: DPO from the SFT model on the pseudo-preference pairs of `make-prefs`.
+"""`pdpo dpo`: DPO (or another preference objective, `dpo.loss_type`) from the SFT model on the
+pseudo-preference pairs of `make-prefs`.
 
 The policy starts from the reference model (by default `<run_dir>/sft/best`), whose log-probs of
 every chosen and rejected response were computed once by `make-prefs` and are read from the pair
@@ -21,6 +22,7 @@ from pdpo_jax.data.pairs import PairIds, dpo_batch
 from pdpo_jax.data.trees import pair_trees, tree_batch, tree_summary
 from pdpo_jax.metrics_log import read_metrics_jsonl
 from pdpo_jax.model import pad_id
+from pdpo_jax.objectives import StartValue, preference_settings
 from pdpo_jax.parallel import host_rows, is_primary, primary_decides
 from pdpo_jax.prefs import PreferenceRecord, PrefsError, read_records
 from pdpo_jax.prefs.filters import check_filters
@@ -28,17 +30,27 @@ from pdpo_jax.run_layout import RunLayout
 from pdpo_jax.stage_runner import load_for_run, run_command, run_once
 from pdpo_jax.train.batches import StepBatches
 from pdpo_jax.train.fit import fit
-from pdpo_jax.train.steps import DPOSettings, dpo_objective
+from pdpo_jax.train.steps import dpo_objective
 
 STAGE = "dpo"
 
 
-def tokenize_pairs(records: list[PreferenceRecord], encoder: PromptEncoder) -> list[PairIds]:
+def tokenize_pairs(records: list[PreferenceRecord], encoder: PromptEncoder, *, needs_reference: bool = True,
+                   where: Path | None = None) -> list[PairIds]:
     """Prompts are rebuilt from the stored (already length-fitted) persona and history, exactly
-    as make-prefs scored them, so the stored reference log-probs belong to these very tokens."""
+    as make-prefs scored them, so the stored reference log-probs belong to these very tokens.
+    Records made for an objective without a reference carry no reference log-probs: they serve
+    only objectives that need none (`needs_reference=False`; the batch then holds zeros there)."""
+    if needs_reference:
+        unscored = next((r for r in records if r.ref_chosen_logp is None), None)
+        if unscored is not None:
+            raise PrefsError(f"{where or 'prefs'}: record {unscored.example_id!r} has no reference log-probs (the "
+                             "folder was made for an objective without a reference); dpo.loss_type needs them: "
+                             "delete the prefs folder and rerun make-prefs")
     return [
         PairIds(tuple(encoder.prompt_ids(r.persona, r.history)), tuple(encoder.response_ids(r.chosen)),
-                tuple(encoder.response_ids(r.rejected)), r.ref_chosen_logp, r.ref_rejected_logp, r.example_id)
+                tuple(encoder.response_ids(r.rejected)), r.ref_chosen_logp or 0.0, r.ref_rejected_logp or 0.0,
+                r.example_id)
         for r in records
     ]
 
@@ -85,48 +97,55 @@ def _train(config: RunConfig, layout: RunLayout, mesh: Any) -> dict[str, Any]:
     _, reference_path = layout.preference_models(config)
     model = load_for_run(reference_path, config, mesh)
     encoder = PromptEncoder(model.tokenizer, config.data.template)
-    train_pairs = tokenize_pairs(read_records(prefs_dir, "train"), encoder)
-    val_pairs = tokenize_pairs(read_records(prefs_dir, "val"), encoder)
+    settings = preference_settings(config.dpo.loss_type, **config.dpo.objective_settings())
+    needs_reference = settings.needs.reference_logps
+    train_pairs = tokenize_pairs(read_records(prefs_dir, "train"), encoder, needs_reference=needs_reference,
+                                 where=prefs_dir)
+    val_pairs = tokenize_pairs(read_records(prefs_dir, "val"), encoder, needs_reference=needs_reference,
+                               where=prefs_dir)
     if not train_pairs or not val_pairs:
         raise PrefsError(f"{prefs_dir}: no usable train or val pairs (run make-prefs first)")
     train = dpo_batches(config, train_pairs, pad_id(model), shuffle=True, mesh=mesh)
     val = dpo_batches(config, val_pairs, pad_id(model), shuffle=False, mesh=mesh)
     if is_primary():
-        summary = {"policy_init": str(reference_path), "layout": config.dpo.layout,
+        summary = {"policy_init": str(reference_path), "layout": config.dpo.layout, "objective": settings.kind,
                    "train_pairs": len(train_pairs), "val_pairs": len(val_pairs)}
         if config.dpo.layout == "tree":
             summary |= {"train_trees": tree_summary(train.items), "val_trees": tree_summary(val.items)}
         atomic_write_json(layout.data_summary(STAGE), summary)
 
-    settings = DPOSettings(beta=config.dpo.beta, loss_type=config.dpo.loss_type,
-                           label_smoothing=config.dpo.label_smoothing, reference_free=config.dpo.reference_free)
     objective = functools.partial(dpo_objective, config=model.config, settings=settings)
     summary = fit(model=model, objective=objective, section=config.dpo, train=train, val=val, out_dir=out_dir,
                   mesh=mesh, seed=config.seed, select_metric="rewards/accuracies", select_higher=True,
                   description="dpo")
     summary["best_dir"] = str(layout.best_model(STAGE))
-    summary["start_check"] = check_start(out_dir, config.dpo.loss_type, config.dpo.reference_free)
+    summary["start_check"] = check_start(out_dir, settings.start)
     return summary
 
 
-def check_start(out_dir: Path, loss_type: str, reference_free: bool) -> str:
-    """At step 0 the policy is the reference, so the sigmoid loss must be ln 2 with zero margins;
-    anything else means the stored reference log-probs do not belong to this model or data."""
+def check_start(out_dir: Path, start: StartValue | None) -> str:
+    """At step 0 the policy is the reference, so every log-ratio is 0: the objective's `start`
+    (`settings.start`: ln 2 for the sigmoid loss, 1/(4β²) for IPO, 1 for hinge, ln 2 for RPO's DPO
+    term) must hold with zero reward margins. Anything else means the stored reference log-probs do
+    not belong to this model or data. Objectives without a reference have no fixed start."""
     first_val = next((row for row in read_metrics_jsonl(out_dir / "metrics.jsonl")
                       if row.get("split") == "val" and row.get("step") == 0), None)
-    if first_val is None or loss_type != "sigmoid" or reference_free:
+    if first_val is None or start is None:
         return "not applicable"
     margin = abs(first_val.get("rewards/margins") or 0.0)
-    loss = first_val.get("loss") or math.nan
-    if margin < 1e-2 and abs(loss - math.log(2)) < 1e-2:
-        return f"ok: step-0 val loss {loss:.4f} (ln 2 = 0.6931), margin {margin:.2e}"
-    message = (f"step-0 val loss {loss:.4f} and margin {margin:.3g} differ from ln 2 and 0: the stored reference "
-               "log-probs do not match the policy's start model (different model, template or data?)")
+    value = first_val.get(start.metric)
+    value = math.nan if value is None else value
+    if margin < 1e-2 and abs(value - start.value) < 1e-2:
+        return f"ok: step-0 val {start.metric} {value:.4f} ({start.formula} = {start.value:.4f}), margin {margin:.2e}"
+    message = (f"step-0 val {start.metric} {value:.4f} and margin {margin:.3g} differ from {start.value:.4f} "
+               f"({start.formula}) and 0: the stored reference log-probs do not match the policy's start model "
+               "(different model, template or data?)")
     print(f"dpo: WARNING: {message}", file=sys.stderr)
     return "mismatch: " + message
 
 
-DESCRIPTION = ("DPO from the SFT model on pseudo-preference pairs (needs <run_dir>/prefs from `pdpo make-prefs`). "
+DESCRIPTION = ("DPO from the SFT model on pseudo-preference pairs (needs <run_dir>/prefs from `pdpo make-prefs`), "
+               "with the objective dpo.loss_type: sigmoid (DPO), ipo, hinge, simpo, orpo or rpo (docs/objectives.md). "
                "Writes <run_dir>/dpo/; a rerun resumes from the last checkpoint.")
 
 

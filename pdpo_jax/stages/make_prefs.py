@@ -59,13 +59,16 @@ def make_prefs(config: RunConfig) -> dict[str, Any]:
     prefs_dir = RunLayout.of(config).prefs
     paths = RunLayout.of(config).preference_models(config)
     sides: dict[str, Side] = {}
+    accepted: dict[str, Any] = {}  # the settings the folder goes on with
 
     def check_folder(mesh: Any) -> None:
-        # A half-built folder must have been built by these models with these settings.
+        # A half-built folder must have been built by these models with these settings; it also
+        # decides whether reference log-probs are scored (a scored folder stays scored).
         _check_classifiers(config)
         for name in paths:
             open_side(name, config, sides, mesh)
-        primary_decides(check_settings, prefs_dir, settings_of(config, *paths, {s.name: s.digest for s in sides.values()}))
+        accepted.update(primary_decides(check_settings, prefs_dir,
+                                        settings_of(config, *paths, {s.name: s.digest for s in sides.values()})))
 
     def finished_summary(folder: Path) -> dict[str, Any]:
         # A finished folder is checked without loading the models: its digests stand for them.
@@ -81,17 +84,20 @@ def make_prefs(config: RunConfig) -> dict[str, Any]:
             mark_done(folder, summary)
         return summary
 
-    return run_once(config, "make-prefs", prefs_dir, lambda _mesh: _build(config, prefs_dir, *(sides[p] for p in paths)),
-                    check=check_folder, when_finished=finished_summary)
+    def build(_mesh: Any) -> dict[str, Any]:
+        return _build(config, prefs_dir, *(sides[p] for p in paths), score_reference=accepted["reference_scored"])
+
+    return run_once(config, "make-prefs", prefs_dir, build, check=check_folder, when_finished=finished_summary)
 
 
-def _build(config: RunConfig, prefs_dir: Path, generator: Side, reference: Side) -> dict[str, Any]:
+def _build(config: RunConfig, prefs_dir: Path, generator: Side, reference: Side, *,
+           score_reference: bool) -> dict[str, Any]:
     prefs = config.prefs
     corpus = prepare_corpus(config.data, config.seed)
     plans = {split: plan_split(getattr(corpus, split), prefs.shuffle, prefs.seed) for split in SPLITS}
     sampler = sampler_from_config(prefs.sampler.kind, temperature=prefs.sampler.temperature,
                                   top_k=prefs.sampler.top_k, top_p=prefs.sampler.top_p)
-    score = scorer_for_layout(config, reference)
+    score = scorer_for_layout(config, reference, score_reference=score_reference)
     counts = {split: shard_count(len(plans[split]), prefs.shard_size) for split in SPLITS}
     missing = [tuple(shard) for shard in primary_decides(missing_shards, prefs_dir, counts)]
     total = sum(len(jobs) for jobs in plans.values())
@@ -145,7 +151,8 @@ def _finished_summary(prefs_dir: Path, settings: dict[str, Any]) -> dict[str, An
 
 DESCRIPTION = (
     "Build pseudo-preference pairs: for each train/val example, sample a negative from the generator under "
-    "another dialogue's persona and store it with the reference model's log-probs. Writes "
+    "another dialogue's persona and store it with the reference model's log-probs (not scored when dpo.loss_type "
+    "needs no reference: simpo, orpo, reference-free DPO). Writes "
     "<run_dir>/prefs/{train,val}/shard-*.jsonl, summary.json and DONE; a rerun resumes after the last complete "
     "shard. The generator and reference default to <run_dir>/sft/best (prefs.generator, prefs.reference; "
     "prefs.from_stage=rl starts from the RL baseline's best model instead). prefs.filters (degenerate, margin, copy, "

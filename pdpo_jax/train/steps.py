@@ -1,5 +1,5 @@
-"""Jitted train and eval steps for SFT, DPO and the NLI classifier, with gradient accumulation and
-sharding.
+"""Jitted train and eval steps for SFT, the preference objectives (DPO, SimPO, ORPO, RPO) and the NLI
+classifier, with gradient accumulation and sharding.
 
 A step takes a stack of micro-batches `[accumulation, batch, ...]` (see docs/design.md for the
 batch layout; DPO micro-batches also carry `ref_chosen_logps`, `ref_rejected_logps` and optionally
@@ -22,8 +22,8 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from pdpo_jax.objectives import (DPOSettings, Metrics, classification_loss, dpo_loss, merge_metrics, sft_loss,
-                                 split_chosen_rejected)
+from pdpo_jax.objectives import (DPOSettings, Metrics, PairLogps, PreferenceSettings, classification_loss,
+                                 merge_metrics, objective_loss, sft_loss, split_chosen_rejected)
 from pdpo_jax.model import ModelConfig
 from pdpo_jax.model.classifier import classifier_logits
 from pdpo_jax.parallel import BATCH_AXES, param_shardings, place_batch, replicated
@@ -62,21 +62,27 @@ def pairs_in(batch: dict[str, jax.Array]) -> int:
 
 
 def dpo_objective(params: Any, batch: dict[str, jax.Array], *, config: ModelConfig,
-                  settings: DPOSettings) -> tuple[jax.Array, Metrics]:
-    """Summed DPO loss of one micro-batch: one policy forward over every chosen and rejected sequence.
+                  settings: PreferenceSettings) -> tuple[jax.Array, Metrics]:
+    """Summed preference loss of one micro-batch (any registered objective: `settings` is
+    `DPOSettings`, `SimPOSettings`, ...): one policy forward over every chosen and rejected sequence.
 
     Reference log-probs come with the batch (`ref_chosen_logps`, `ref_rejected_logps`, `[pairs]`):
     they were computed once by `sequence_scores` with the frozen SFT model, so the step never runs
-    the reference.
+    the reference; objectives that need none never read them. Token counts come from the forward.
+    An objective's batch-level term (the chosen NLL of RPO and ORPO: the mean over the micro-batch's
+    chosen tokens) is weighted by the micro-batch's pairs, so with accumulation the step's loss is
+    the pair-weighted mean of its micro-batches' losses.
     """
     num_pairs = pairs_in(batch)
-    logps, _ = sequence_scores(params, config, batch, 2 * num_pairs)
+    logps, counts = sequence_scores(params, config, batch, 2 * num_pairs)
     policy_chosen, policy_rejected = split_chosen_rejected(logps)
-    loss, metrics = dpo_loss(
-        policy_chosen, policy_rejected, batch.get("ref_chosen_logps"), batch.get("ref_rejected_logps"),
-        beta=settings.beta, loss_type=settings.loss_type, label_smoothing=settings.label_smoothing,
-        reference_free=settings.reference_free, pair_mask=batch.get("pair_mask"),
-    )
+    chosen_tokens, rejected_tokens = split_chosen_rejected(counts)
+    uses_reference = settings.needs.reference_logps
+    pairs = PairLogps(policy_chosen, policy_rejected,
+                      batch.get("ref_chosen_logps") if uses_reference else None,
+                      batch.get("ref_rejected_logps") if uses_reference else None,
+                      chosen_tokens, rejected_tokens, batch.get("pair_mask"))
+    loss, metrics = objective_loss(settings, pairs)
     return loss * metrics["loss"][1], metrics
 
 
