@@ -27,6 +27,9 @@ the local disk needs only this seam). The layout is the one runs have always had
 Which model a stage starts from is a question of the layout and the config together, answered
 here too (`preference_models`, `rl_policy`, `rl_classifier`, and `dpo_round`: each round of
 iterative DPO's folders, models and seeds).
+
+A run directory may be on Cloud Storage (`run_dir=gs://bucket/runs/demo`): then `root` and every
+path below it are `etils.epath` paths (`pdpo_jax.object_store.as_path`), with the same methods.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pdpo_jax.config import RunConfig
+from pdpo_jax.object_store import as_path
 from pdpo_jax.storage import DONE_MARKER
 
 ROUND_FOLDER = "round-{}"  # round k >= 2 of iterative DPO, under the run directory
@@ -96,10 +100,10 @@ def round_seed(seed: int, number: int) -> int:
 class RunLayout:
     """The paths of one run directory; building one touches nothing on disk."""
 
-    root: Path
+    root: Path  # or an epath path on gs://
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
+        object.__setattr__(self, "root", as_path(self.root))
 
     @classmethod
     def of(cls, config: RunConfig) -> "RunLayout":
@@ -264,8 +268,8 @@ class RunLayout:
 
     def rl_policy(self, config: RunConfig) -> Path:
         """PPO's start and KL reference: `rl.policy`, else the SFT model."""
-        return Path(config.rl.policy) if config.rl.policy else self.best_model("sft")
+        return as_path(config.rl.policy) if config.rl.policy else self.best_model("sft")
 
     def rl_classifier(self, config: RunConfig) -> Path:
         """PPO's reward model: `rl.classifier`, else the run's NLI classifier."""
-        return Path(config.rl.classifier) if config.rl.classifier else self.nli_classifier
+        return as_path(config.rl.classifier) if config.rl.classifier else self.nli_classifier

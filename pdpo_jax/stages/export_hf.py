@@ -6,12 +6,12 @@ In a pipeline, the export-hf step writes the run's DPO model to `<run_dir>/expor
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from pdpo_jax.config import RunConfig
 from pdpo_jax.errors import UsageError
 from pdpo_jax.model.export import export_hf, parse_size
+from pdpo_jax.object_store import as_path
 from pdpo_jax.run_layout import RunLayout
 from pdpo_jax.stage_runner import build_mesh, claim_run_dir, config_from_args, run_once, stage_parser
 
@@ -47,11 +47,11 @@ def main(argv: list[str]) -> int:
     if config is not None:
         layout = RunLayout.of(config)
         model_path = layout.trained_model(config, "dpo")
-        out_dir = Path(args.out) if args.out else layout.exported_model
+        out_dir = as_path(args.out) if args.out else layout.exported_model
     else:
         if not args.out:
             raise UsageError("--out is required with --model")
-        model_path, out_dir = args.model, Path(args.out)
+        model_path, out_dir = args.model, as_path(args.out)
     max_shard_bytes = parse_size(args.max_shard_size)
     if config is None:
         written = export_hf(model_path, out_dir, max_shard_bytes=max_shard_bytes)

@@ -28,6 +28,7 @@ from pdpo_jax.nli import NliReward
 from pdpo_jax.prefs import (SPLITS, PrefsError, Side, build_shard, check_settings, missing_shards, plan_split,
                             read_summary, run_settings, scorer_for_layout, settings_of, shard_count, shard_jobs,
                             shard_metrics, shard_path, write_shard, write_summary)
+from pdpo_jax.object_store import as_path
 from pdpo_jax.prefs.filters import EntailmentFn, applied_settings, entailment_function, filter_settings
 from pdpo_jax.prefs.folder import FILTERS_FILE, METRICS_FILE
 from pdpo_jax.prefs.summary import apply_filters, filters_line
@@ -40,7 +41,7 @@ def open_side(name: str, config: RunConfig, cache: dict[str, Side], mesh: Any) -
     """The model `name` on the run's mesh (one load when generator and reference are the same)."""
     if name in cache:
         return cache[name]
-    if name != "default" and not Path(name).is_dir() and not looks_like_hub_id(name):
+    if name != "default" and not as_path(name).is_dir() and not looks_like_hub_id(name):
         stage = Path(name).parts[-2] if len(Path(name).parts) > 1 and Path(name).name == "best" else None
         hint = (f" (the {stage} stage's output: run `pdpo {stage}` first, or set prefs.generator / prefs.reference)"
                 if stage in ("sft", "rl") else "")
