@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"pdpo {stage}: {_message(err)}", file=sys.stderr)
+        if isinstance(getattr(err, "exit_status", None), int):  # e.g. 75: preempted, rerun to resume
+            return err.exit_status
         return 1 if isinstance(err, RunFailed) or not isinstance(err, (ValueError, OSError)) else 2
 
 

@@ -280,6 +280,11 @@ class DPOSection(TrainingSection):
     layout: Literal["shared", "unshared", "tree"] = "shared"
     tree_max_length: int = 1024  # tree rows longer than this are cut at turn boundaries
     tree_max_pairs: int = 16  # pairs per tree row (fixed, so every step has one shape of per-pair arrays)
+    # Iterative rounds (docs/rounds.md): round k > 1 samples fresh negatives with round k-1's best
+    # model and trains from it, in <run_dir>/round-k/. Its reference is round k-1's model
+    # ("previous") or round 1's reference, the SFT model by default ("sft").
+    rounds: int = 1
+    round_reference: Literal["previous", "sft"] = "previous"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -301,6 +306,9 @@ class DPOSection(TrainingSection):
                 self.label, got=self.rpo_alpha)
         require(self.tree_max_length > 0 and self.tree_max_pairs > 0,
                 "{tree_max_length} and {tree_max_pairs} must be positive", self.label)
+        require(self.rounds >= 1, "{rounds} must be at least 1", self.label, got=self.rounds)
+        require(self.round_reference in ("previous", "sft"), "{round_reference} must be 'previous' or 'sft'",
+                self.label, got=self.round_reference)
 
     def objective_settings(self) -> dict[str, Any]:
         """The settings of the objective `loss_type`, as `pdpo_jax.preference_loss(loss_type, ...)`

@@ -26,6 +26,7 @@ from pdpo_jax.config import ConfigError, RunConfig, dump_config, load_config
 from pdpo_jax.errors import UsageError
 from pdpo_jax.storage import atomic_write_text, is_done, mark_done
 from pdpo_jax.model import Model, load_model, require_tokenizer
+from pdpo_jax.object_store import check_bucket
 from pdpo_jax.parallel import agree, barrier, initialize_distributed, is_primary, make_mesh, primary_decides
 from pdpo_jax.run_layout import RunLayout
 from pdpo_jax.run_lock import run_dir_lock
@@ -78,8 +79,10 @@ def write_resolved_config(config: RunConfig) -> Path:
 def claim_run_dir(config: RunConfig) -> Iterator[None]:
     """The run directory for this command alone while the block runs: process 0 holds its lock
     (`pdpo_jax.run_lock`), and when another command holds it every process stops with that
-    message. Joins a multi-host run first (which must precede any other JAX call)."""
+    message. Joins a multi-host run first (which must precede any other JAX call). A gs:// run
+    directory's bucket is checked first, so a missing bucket or credentials fail in one line."""
     initialize_distributed()
+    check_bucket(config.run_dir)
     with contextlib.ExitStack() as stack:
         primary_decides(lambda: stack.enter_context(run_dir_lock(config.run_dir)) and None)
         yield

@@ -11,6 +11,12 @@ Everything a stage writes goes to a temporary name in the same folder and is ren
 a stage's `DONE` marker is written last, so a stage without one is unfinished and is rerun.
 Paths are `str | Path` throughout and every operation names the file or directory it produces,
 so that another store can stand behind the same few calls.
+
+On Cloud Storage (`gs://`, `pdpo_jax.object_store`) the same calls keep the same promises by other
+means: a file is one upload (atomic: the old object or the new one, never a torn one); a directory
+has no rename, so `commit_directory` stages a complete copy with a `COMMITTED` marker written last,
+then publishes it to the target (marker removed, objects copied, marker written last), and
+`is_committed` is how readers tell a published directory from a leftover.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pdpo_jax.errors import DataError
+from pdpo_jax.object_store import as_path, filesystem, is_object_store, store_error
 
 
 def umask_file_mode() -> int:
@@ -38,6 +45,8 @@ def umask_file_mode() -> int:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    if is_object_store(path):
+        return _upload(path, data)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -69,7 +78,12 @@ def atomic_write_jsonl(path: str | Path, rows: list[Any]) -> Path:
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
-    """Appends one JSON line and flushes it to disk (a crash loses at most the line being written)."""
+    """Appends one JSON line and flushes it to disk (a crash loses at most the line being written).
+    An object cannot be appended to: on gs:// the file is uploaded again whole, with the line."""
+    if is_object_store(path):
+        old = read_bytes_if_exists(path) or b""
+        _upload(path, old + (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as handle:
@@ -81,7 +95,7 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Reads a JSON-lines file, tolerating a torn last line left by a crash mid-write."""
     records = []
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    lines = as_path(path).read_text(encoding="utf-8").splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -97,7 +111,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 def jsonl_objects(path: str | Path, error: type[Exception] = ValueError) -> Iterator[tuple[str, dict[str, Any]]]:
     """`("file:line", object)` for every non-blank line of a JSON-lines file of objects; anything
     else raises `error` naming the file and line."""
-    with open(path, encoding="utf-8") as handle:
+    with open_file(path, "r") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -118,7 +132,7 @@ def jsonl_objects(path: str | Path, error: type[Exception] = ValueError) -> Iter
 
 def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     """(1-based line number, line without its end-of-line characters), decoding UTF-8 strictly."""
-    with open(path, "rb") as handle:
+    with open_file(path, "rb") as handle:
         for number, raw in enumerate(handle, 1):
             try:
                 line = raw.decode("utf-8")
@@ -168,17 +182,47 @@ def parse_json(text: str, path: str | Path, line: int | None = None) -> Any:
         raise DataError(path, line, "not valid JSON (nested too deeply)") from None
 
 
+def open_file(path: str | Path, mode: str = "r"):
+    """`open(path, mode)` (UTF-8 in text mode), for a local path or a gs:// object."""
+    encoding = None if "b" in mode else "utf-8"
+    if is_object_store(path):
+        try:
+            return as_path(path).open(mode, encoding=encoding)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # noqa: BLE001 - no credentials, no endpoint: one line
+            raise store_error(err, path) from None
+    return open(path, mode, encoding=encoding)
+
+
+def read_bytes_if_exists(path: str | Path) -> bytes | None:
+    try:
+        with open_file(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
+
+
+def _upload(path: str | Path, data: bytes):
+    """One object written whole by a single upload."""
+    try:
+        filesystem().pipe_file(os.fspath(path), data)
+    except Exception as err:  # noqa: BLE001
+        raise store_error(err, path) from None
+    return as_path(path)
+
+
 # --- stage markers ----------------------------------------------------------------------------------
 
 DONE_MARKER = "DONE"
 
 
 def mark_done(stage_dir: str | Path, summary: dict[str, Any] | None = None) -> None:
-    atomic_write_json(Path(stage_dir) / DONE_MARKER, summary or {})
+    atomic_write_json(as_path(stage_dir) / DONE_MARKER, summary or {})
 
 
 def is_done(stage_dir: str | Path) -> bool:
-    return (Path(stage_dir) / DONE_MARKER).exists()
+    return (as_path(stage_dir) / DONE_MARKER).exists()
 
 
 # --- directories ------------------------------------------------------------------------------------
@@ -189,7 +233,7 @@ BUILDING_INFIX = ".tmp-"  # `<name>.tmp-<tag>`: a copy being built
 
 @contextlib.contextmanager
 def commit_directory(target: str | Path, *, replace: bool = True, tag: str | None = None,
-                     commit: bool = True) -> Iterator[Path]:
+                     commit: bool = True, local_staging: bool = False) -> Iterator[Path]:
     """Yields an empty directory beside `target` to build it in; when the block ends without an
     error the directory becomes `target` whole, and when it raises, `target` is left as it was.
 
@@ -214,7 +258,16 @@ def commit_directory(target: str | Path, *, replace: bool = True, tag: str | Non
     The processes of one multi-process save all enter with the same `tag`; the one with
     `commit=True` prepares, commits or cleans up, and the others only write into the directory
     it made (the caller synchronises them before and after the block).
+
+    On gs:// the directory yielded is on the bucket too (orbax writes there, from every process),
+    or with `local_staging` a local temporary folder, uploaded when the block ends, for writers
+    that need a file system (safetensors, tokenizers, archives).
     """
+    if is_object_store(target):
+        with _commit_object_directory(target, replace=replace, tag=tag, commit=commit,
+                                      local_staging=local_staging) as building:
+            yield building
+        return
     target = Path(target)
     building = target.with_name(f"{target.name}{BUILDING_INFIX}{tag or _writer_tag()}")
     if not commit:
@@ -243,6 +296,9 @@ def recover_directory(target: str | Path, *, only_dead_writers: bool = False) ->
     """Undoes what a crash inside `commit_directory` left beside `target`: the previous copy goes
     back when `target` is missing (and is deleted when it is not), and half-built copies are
     deleted: all of them, or with `only_dead_writers` those of this host's finished processes."""
+    if is_object_store(target):
+        _recover_object_directory(as_path(target), only_dead_writers=only_dead_writers)
+        return
     target = Path(target)
     old = _old_copy(target)
     if old.is_dir():
@@ -289,3 +345,103 @@ def _sync_directory(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# --- directories on an object store -----------------------------------------------------------------
+
+COMMIT_MARKER = "COMMITTED"  # written last into a directory on gs://; without it the directory is not there
+
+
+def is_committed(directory: str | Path) -> bool:
+    """Whether a directory is there to be read: on disk, that it exists (a rename committed it);
+    on gs://, that its COMMITTED marker does (objects without it are a write in progress or the
+    leftover of one, and every reader treats the directory as absent)."""
+    if is_object_store(directory):
+        return (as_path(directory) / COMMIT_MARKER).exists()
+    return Path(directory).is_dir()
+
+
+@contextlib.contextmanager
+def _commit_object_directory(target: str | Path, *, replace: bool, tag: str | None, commit: bool,
+                             local_staging: bool = False) -> Iterator[Any]:
+    """`commit_directory` on gs://, where no rename is atomic (or cheap). The steps, and what a
+    crash after each leaves for the next call (`_recover_object_directory`):
+
+      1. build in `<name>.tmp-<tag>/`: `target` is untouched; the next call deletes the copy.
+      2. write `<name>.tmp-<tag>/COMMITTED`: the new copy is complete; the next call publishes it.
+      3. publish: delete `target/COMMITTED` (from here readers see no `target`), delete target's
+         other objects, copy the staged objects over, write `target/COMMITTED` last: the next call
+         publishes the staged copy again, so a crash loses neither the old copy nor the new one.
+      4. delete the staged copy, its marker first (a staged copy without a marker is garbage).
+    """
+    target = as_path(target)
+    building = target.parent / f"{target.name}{BUILDING_INFIX}{tag or _writer_tag()}"
+    if not commit:
+        yield building
+        return
+    _recover_object_directory(target, only_dead_writers=not replace)
+    if not replace and is_committed(target):
+        raise FileExistsError(f"{target} already exists")
+    _delete_tree(building)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-")) if local_staging else None
+    try:
+        yield building if staging is None else staging
+        if staging is not None:
+            for path in sorted(staging.rglob("*")):
+                if path.is_file():
+                    _upload(building / path.relative_to(staging).as_posix(), path.read_bytes())
+    except BaseException:
+        _delete_tree(building)
+        raise
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    _upload(building / COMMIT_MARKER, b"")
+    _publish(building, target)
+
+
+def _recover_object_directory(target: Any, *, only_dead_writers: bool) -> None:
+    """Finishes a publish a crash interrupted and deletes staged copies that never completed (with
+    `only_dead_writers`, which cannot tell another host's live writer on a bucket, it leaves
+    incomplete copies alone: readers ignore them all the same)."""
+    for building in sorted(target.parent.glob(f"{target.name}{BUILDING_INFIX}*")):
+        if (building / COMMIT_MARKER).exists():
+            _publish(building, target)
+        elif not only_dead_writers:
+            _delete_tree(building)
+    if not is_committed(target) and not only_dead_writers:
+        _delete_tree(target)  # the leftover of a publish whose staged copy is gone: never read
+
+
+def _publish(building: Any, target: Any) -> None:
+    fs = filesystem()
+    source, dest = _key(building), _key(target)
+    try:
+        if fs.exists(f"{dest}/{COMMIT_MARKER}"):
+            fs.rm_file(f"{dest}/{COMMIT_MARKER}")
+        _delete_tree(target)
+        for key in fs.find(source):
+            relative = key[len(source) + 1:]
+            if relative != COMMIT_MARKER:
+                fs.copy(key, f"{dest}/{relative}")
+        fs.pipe_file(f"{dest}/{COMMIT_MARKER}", b"")
+        fs.rm_file(f"{source}/{COMMIT_MARKER}")
+    except Exception as err:  # noqa: BLE001
+        raise store_error(err, target) from None
+    _delete_tree(building)
+
+
+def _delete_tree(path: Any) -> None:
+    fs = filesystem()
+    try:
+        keys = fs.find(_key(path))
+        if keys:
+            fs.rm(keys)
+    except FileNotFoundError:
+        pass
+    except Exception as err:  # noqa: BLE001
+        raise store_error(err, path) from None
+
+
+def _key(path: Any) -> str:
+    return os.fspath(path)[len("gs://"):].rstrip("/")

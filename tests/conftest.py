@@ -63,6 +63,7 @@ FIXTURE_MARKERS = {
     "subprocess_env": ("subprocess",),
     "tpu_compiler": ("tpu_compiler",),
     "browser": ("browser",),  # tests/test_annotation_browser.py
+    "gcs_emulator": ("gcs",),  # tests/gcs_fixtures.py: a local GCS server (quick; in the fast tier)
 }
 HEAVY_MARKERS = ("bundled_model", "subprocess", "tpu_compiler", "browser")
 

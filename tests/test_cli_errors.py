@@ -19,6 +19,7 @@ CONFIG_STAGES = {  # stage -> the other arguments it needs to get as far as read
     "sft": [],
     "make-prefs": [],
     "dpo": [],
+    "rounds": [],
     "train-nli": [],
     "rl": [],
     "eval-dnli": ["--out", "report.json"],
@@ -78,8 +79,8 @@ def test_a_typo_in_the_config_is_one_line(stage, tmp_path, capsys, monkeypatch):
 
 
 VALID_ARGUMENTS = {  # what each stage needs besides the bad flag, so that argparse gets as far as the flags
-    **{stage: ["--config", "run.yaml"] for stage in ("sft", "make-prefs", "dpo", "test-responses", "train-nli", "rl",
-                                                     "pipeline", "plan")},
+    **{stage: ["--config", "run.yaml"] for stage in ("sft", "make-prefs", "dpo", "rounds", "test-responses",
+                                                     "train-nli", "rl", "pipeline", "plan")},
     "eval-nli": ["--model", "classifier", "--data", "pairs.txt"],
     "eval-dnli": ["--out", "report.json"],
     "eval-responses": ["--responses", "r.jsonl"],

@@ -6,6 +6,10 @@ logs (and checkpoint, if one is due), just as the next step starts, so nothing g
 clean up. Run the same command again (without the variable) and it resumes from the last
 checkpoint. The final parameters are written to OUT_DIR/final_params.npz.
 
+PDPO_TERM_AFTER_STEP=k sends SIGTERM instead (a preempted VM): the loop checkpoints at the next step
+boundary and the script exits with the loop's resume status. OUT_DIR may be gs://bucket/...; the
+model's files then go to PDPO_MODEL_DIR (a local folder).
+
 Runs on a 2-device mesh (fsdp=2), so the checkpoints hold sharded parameters and optimizer state.
 """
 
@@ -29,10 +33,11 @@ import numpy as np  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
 from pdpo_jax import parallel  # noqa: E402
+from pdpo_jax.object_store import as_path  # noqa: E402
 from pdpo_jax.storage import atomic_write_bytes  # noqa: E402
 from pdpo_jax.model.decoder import param_shapes  # noqa: E402
 from pdpo_jax.train import steps  # noqa: E402
-from pdpo_jax.train.loop import LoopPlan, run_loop  # noqa: E402
+from pdpo_jax.train.loop import LoopPlan, Preempted, run_loop  # noqa: E402
 from pdpo_jax.config import OptimizerConfig  # noqa: E402
 from pdpo_jax.train.optim import make_optimizer  # noqa: E402
 from train_fixtures import FixedEpochBatches, micro_batches, random_params, sft_batch, tiny_llama_config, write_model_dir  # noqa: E402
@@ -43,7 +48,7 @@ STACKS = 4  # steps per epoch
 
 def main(out_dir: Path) -> None:
     config = tiny_llama_config()
-    model_dir = write_model_dir(out_dir / "model", config)
+    model_dir = write_model_dir(Path(os.environ.get("PDPO_MODEL_DIR") or out_dir / "model"), config)
     total = EPOCHS * STACKS
     optimizer, schedule = make_optimizer(OptimizerConfig(learning_rate=3e-3, schedule="cosine", warmup_ratio=0.2), total)
     mesh = parallel.make_mesh(data=1, fsdp=2, devices=jax.devices()[:2])
@@ -52,10 +57,13 @@ def main(out_dir: Path) -> None:
     objective = partial(steps.sft_objective, config=config)
     train_step = steps.jit_train_step(objective, optimizer, mesh, shardings)
     kill_after = int(os.environ.get("PDPO_KILL_AFTER_STEP", "-1"))
+    term_after = int(os.environ.get("PDPO_TERM_AFTER_STEP", "-1"))
 
     def step_fn(state, batch):
         if int(jax.device_get(state.step)) == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
+        if int(jax.device_get(state.step)) == term_after:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step: the step still completes
         return train_step(state, batch)
 
     plan = LoopPlan(stage_dir=out_dir / "sft", epochs=EPOCHS, total_steps=total, eval_every=1, checkpoint_every=2,
@@ -74,4 +82,8 @@ def main(out_dir: Path) -> None:
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit(f"usage: {sys.argv[0]} OUT_DIR")
-    main(Path(sys.argv[1]))
+    try:
+        main(as_path(sys.argv[1]))
+    except Preempted as stopped:
+        print(stopped, file=sys.stderr)
+        sys.exit(stopped.exit_status)

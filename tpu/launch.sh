@@ -12,11 +12,15 @@ usage: tpu/launch.sh CONFIG [KEY=VALUE ...] --run-dir DIR [--detach] [common fla
 
   CONFIG         config file, relative to the repository on the workers (e.g. configs/paper/llama-2-7b.yaml)
   KEY=VALUE      config overrides passed to pdpo (e.g. sft.epochs=1 mesh.fsdp=32)
-  --run-dir DIR  run directory every worker sees as the same folder, e.g. /mnt/BUCKET/runs/llama-2-7b
-                 (a bucket mounted by tpu/setup.sh --mount-bucket, or NFS)
+  --run-dir DIR  run directory every worker sees as the same folder: gs://BUCKET/runs/llama-2-7b
+                 (Cloud Storage, used directly; the workers' service account needs write access), or
+                 an NFS path. Not a gcsfuse mount: it has no locks and no atomic directory renames.
   --detach       start in the background on each worker; output goes to logs/launch-<time>.log
                  in the repository folder of each worker
 $COMMON_HELP
+
+Exit status 75 ("resume") from a worker: the run got SIGTERM (a preempted or spot slice), finished
+its training step and saved a checkpoint; launch the same command again to continue.
 USAGE
 }
 

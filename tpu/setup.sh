@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Puts pdpo_jax on every worker of a TPU VM slice: the code (a copy of this checkout's HEAD, or a
 # git clone), a virtual environment with our package and jax[tpu] at the version we pin, the data
-# sets, and optionally a Cloud Storage bucket mounted at the same path on every worker.
+# sets, and optionally a Cloud Storage bucket mounted at the same path on every worker for reading
+# data. Run directories do not need a mount: tpu/launch.sh --run-dir gs://BUCKET/... writes there directly.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -17,7 +18,8 @@ usage: tpu/setup.sh [--repo URL [--ref REF]] [--no-data] [--mount-bucket BUCKET]
   --repo URL            git clone URL on every worker (default: copy this checkout's HEAD)
   --ref REF             branch or tag to clone (default main)
   --no-data             skip \`pdpo data download\` on the workers
-  --mount-bucket NAME   mount gs://NAME at /mnt/NAME on every worker with gcsfuse (a shared run dir)
+  --mount-bucket NAME   mount gs://NAME at /mnt/NAME on every worker with gcsfuse, for reading data
+                        (not for run directories: give tpu/launch.sh --run-dir gs://NAME/runs/...)
 $COMMON_HELP
 USAGE
 }
@@ -58,7 +60,7 @@ if [[ $FETCH_DATA == 1 ]]; then
   on_all_workers "cd $REMOTE_DIR && ../$VENV/bin/pdpo data download --out data --quiet"
 fi
 
-# 4. a folder all workers share, for checkpoints and run outputs
+# 4. a bucket mounted for reading data (run directories go to gs:// directly, not through the mount)
 if [[ -n $BUCKET ]]; then
   on_all_workers "command -v gcsfuse >/dev/null || { echo 'gcsfuse is not installed on this worker (see tpu/README.md)' >&2; exit 1; }; sudo mkdir -p /mnt/$BUCKET && sudo chown \$(id -u):\$(id -g) /mnt/$BUCKET && (mountpoint -q /mnt/$BUCKET || gcsfuse --implicit-dirs $BUCKET /mnt/$BUCKET)"
 fi

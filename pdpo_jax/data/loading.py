@@ -1,4 +1,9 @@
-"""`load_dialogues`: one entry point that picks the reader from the file name or content."""
+"""`load_dialogues`: one entry point that picks the reader from the file name or content.
+
+A data file may be on Cloud Storage (`gs://bucket/data/train.txt`): the line-by-line formats
+(fbdialog text, dialogue JSONL) are read from the bucket as they stream, so errors name the gs://
+file and line; the others (spreadsheets, parallel files, Hugging Face files) are read from this
+host's verified copy (`pdpo_jax.object_store.local_file`)."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from pdpo_jax.data.jpersonachat import read_jpersonachat
 from pdpo_jax.data.jsonl import read_dialogue_jsonl
 from pdpo_jax.data.parallel_text import is_parallel_file, read_parallel_personachat
 from pdpo_jax.errors import DataError
+from pdpo_jax.object_store import as_path, is_object_store, local_file
 from pdpo_jax.storage import json_lines
 
 FORMATS = ("auto", "fbdialog", "hf", "jpersonachat", "jsonl", "parallel")
@@ -19,10 +25,12 @@ FORMATS = ("auto", "fbdialog", "hf", "jpersonachat", "jsonl", "parallel")
 def detect_format(path: str | Path) -> str:
     """The reader for `path`: "parallel" for a `per-`/`src-`/`tgt-` file with its two siblings, else by
     extension, or for `.jsonl` by the keys of the first record."""
-    path = Path(path)
+    path = as_path(path)
     if path.is_dir():
         return "hf"
     if not path.exists():
+        if is_object_store(path):
+            raise FileNotFoundError(f"no such object: {path}")
         name = str(path)
         if name.count("/") == 1 and not name.startswith((".", "/", "~")) and not path.suffix:
             return "hf"  # a Hub name such as owner/dataset
@@ -65,4 +73,6 @@ def load_dialogues(path: str | Path, format: str = "auto", both_speakers: bool =
         "jsonl": read_dialogue_jsonl,
         "parallel": read_parallel_personachat,
     }
+    if is_object_store(path) and format not in ("fbdialog", "jsonl"):
+        path = local_file(path)
     return readers[format](path, both_speakers=both_speakers, **options)

@@ -44,6 +44,7 @@ from pdpo_jax.data.tokenization import PromptEncoder
 from pdpo_jax.errors import PdpoError
 from pdpo_jax.evaluate.report import dnli_markdown, plot_dnli
 from pdpo_jax.model import Model, pad_id, require_tokenizer
+from pdpo_jax.object_store import as_path
 from pdpo_jax.parallel import rows_for_mesh
 from pdpo_jax.scoring import Scorer, make_scorer
 from pdpo_jax.storage import atomic_write_json, atomic_write_jsonl, atomic_write_text
@@ -224,14 +225,14 @@ def build_report(records: Sequence[dict[str, Any]], subsets: Sequence[str], **he
 
 def output_paths(report_path: str | os.PathLike) -> dict[str, Path]:
     """REPORT.json and, beside it, REPORT.md, REPORT.png and REPORT.examples.jsonl."""
-    path = Path(report_path)
-    report = path if path.suffix.lower() == ".json" else Path(f"{path}.json")
+    path = as_path(report_path)  # a local path, or gs://
+    report = path if path.suffix.lower() == ".json" else as_path(f"{path}.json")
     base = report.with_suffix("")
     return {
         "json": report,
-        "markdown": Path(f"{base}.md"),
-        "plot": Path(f"{base}.png"),
-        "examples": Path(f"{base}.examples.jsonl"),
+        "markdown": as_path(f"{base}.md"),
+        "plot": as_path(f"{base}.png"),
+        "examples": as_path(f"{base}.examples.jsonl"),
     }
 
 

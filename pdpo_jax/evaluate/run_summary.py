@@ -1,7 +1,7 @@
 """A run's `summary/summary.md`: the DNLI table of every evaluated model (SFT, RL, PseudoDPO),
-what the models say on the test turns (eval-responses), training figures, the LLM judge's
-results and what each stage chose, with `dnli.png`, `curves.png` and `rl_curves.png` beside it.
-It reads only what the stages wrote.
+what the models say on the test turns (eval-responses), training figures, each round of iterative
+DPO (`dpo.rounds` > 1), the LLM judge's results and what each stage chose, with `dnli.png`,
+`curves.png` and `rl_curves.png` beside it. It reads only what the stages wrote.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from pdpo_jax.evaluate import report as plots
+from pdpo_jax.evaluate.round_rows import round_rows, rounds_markdown
 from pdpo_jax.storage import atomic_write_text
 from pdpo_jax.evaluate.response_metrics import response_metrics_markdown
 from pdpo_jax.run_layout import RESPONDING_MODELS, RunLayout
@@ -35,6 +36,9 @@ def write_summary(layout: RunLayout) -> Path:
                   "response, averaged, x 100), responses with a contradicted sentence, responses copying a persona "
                   "sentence (>= 80% of its word pairs): percent with 95% bootstrap intervals (`pdpo eval-responses`).", ""]
     curves = {m: layout.metrics(m) for m in TRAINING_CURVES if layout.metrics(m).exists()}
+    rounds = round_rows(layout)
+    curves |= {f"dpo round {r['round']}": Path(r["dpo"]) / "metrics.jsonl" for r in rounds[1:]
+               if (Path(r["dpo"]) / "metrics.jsonl").exists()}
     rl_curves = layout.metrics("rl")
     if curves or rl_curves.exists():
         lines += ["## Training", ""]
@@ -45,6 +49,10 @@ def write_summary(layout: RunLayout) -> Path:
         plots.plot_training_curves({"rl": rl_curves}, out_dir / "rl_curves.png", metrics=plots.PPO_CURVE_METRICS)
         lines += ["PPO (RL(DialogueNLI)): mean reward, KL to the SFT model, clip fraction, value loss.", "",
                   "![PPO curves](rl_curves.png)", ""]
+    if len(rounds) > 1:
+        lines += ["## Rounds of DPO", "",
+                  "Round k samples its negatives with round k-1's best model and trains from it (docs/rounds.md).", "",
+                  rounds_markdown(rounds)]
     if layout.judge_results.exists():
         lines += ["## LLM judge on the test turns", "", plots.judge_markdown(json.loads(layout.judge_results.read_text())), ""]
     lines += ["## Stages", ""]

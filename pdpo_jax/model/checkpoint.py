@@ -26,6 +26,7 @@ from pdpo_jax.model.config import ModelConfig
 from pdpo_jax.model.decoder import param_shapes
 from pdpo_jax.model.family import CLASSIFIER_HEAD, LM_HEAD, TRANSFORMS, family_for
 from pdpo_jax.model.layer_stack import per_layer_leaves
+from pdpo_jax.object_store import as_path
 from pdpo_jax.storage import commit_directory
 
 CONFIG_FILE = "config.json"
@@ -351,13 +352,13 @@ def save_hf(out_dir: str | os.PathLike, config: ModelConfig, params: Any, *, tok
 
     A sequence classifier passes `num_labels` and its config.json dict as `hf_config` (default:
     `config.to_hf()`, a causal LM)."""
-    out_dir = Path(out_dir)
+    out_dir = as_path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     if jax.process_index() != 0:
         for _ in to_hf_tensors(config, params, num_labels):  # join the gathers of sharded arrays, keep nothing
             pass
         return out_dir
-    with commit_directory(out_dir) as building:
+    with commit_directory(out_dir, local_staging=True) as building:  # on gs://: uploaded, then committed
         hf_config = config.to_hf() if hf_config is None else dict(hf_config)
         (building / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
         write_safetensors(building, to_hf_tensors(config, params, num_labels),

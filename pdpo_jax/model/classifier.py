@@ -34,6 +34,7 @@ from pdpo_jax.model.decoder import Decoder
 from pdpo_jax.model.family import CLASSIFIER_HEAD, LM_HEAD, family_for
 from pdpo_jax.model.loader import Model, load_model, pad_id, resolve_model_dir
 from pdpo_jax.model.model_dir import copy_model_files
+from pdpo_jax.object_store import as_path
 
 HEAD_INIT_STD = 0.02  # transformers' initializer_range, which initialises `score` in PyTorch too
 
@@ -85,7 +86,7 @@ def classifier_hf_config(config: ModelConfig, labels: tuple[str, ...], pad_token
 
 def read_labels(model_dir: str | os.PathLike) -> tuple[str, ...]:
     """The class names of a classifier directory, from `id2label` in its config.json."""
-    path = Path(model_dir) / CONFIG_FILE
+    path = as_path(model_dir) / CONFIG_FILE
     try:
         id2label = json.loads(path.read_text(encoding="utf-8")).get("id2label")
     except (OSError, json.JSONDecodeError) as err:
@@ -118,7 +119,7 @@ def load_classifier(path: str | os.PathLike, *, mesh: Any = None, compute_dtype:
 def write_classifier_files(out_dir: str | os.PathLike, trunk: Model, labels: tuple[str, ...]) -> Path:
     """A directory with a classifier's config.json and the trunk's tokenizer files, no weights: what
     training copies beside the parameters it saves (see `pdpo_jax.train.checkpoints`)."""
-    out_dir = Path(out_dir)
+    out_dir = as_path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     copy_model_files(trunk.path, out_dir)
     atomic_write_json(out_dir / CONFIG_FILE, classifier_hf_config(trunk.config, labels, pad_id(trunk)))

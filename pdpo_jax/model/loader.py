@@ -3,6 +3,11 @@
 A directory is either a Hugging Face model (safetensors / msgpack / pickle weights) or one written
 by training (`pdpo_jax.model.model_dir`: orbax `params/` beside the same `config.json` and
 tokenizer files); both load the same way. `default` names the bundled model.
+
+A directory on Cloud Storage (`gs://bucket/models/x`, or a run's `gs://.../sft/best`) is copied
+to this host's cache (`<cache>/gcs/<bucket>/<path>`, each file verified by size and checksum, only
+changed files fetched again) and loaded from there by the same memory-mapped path as a local one.
+A folder our runs write is read only once its COMMITTED marker is there (`storage.is_committed`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from pdpo_jax.model.default_model import default_model_dir
 from pdpo_jax.model.hub import hub_model_dir, looks_like_hub_id
 from pdpo_jax.model.layer_stack import in_layout
 from pdpo_jax.model.model_dir import has_tokenizer_files, is_orbax_model_dir, restore_params
+from pdpo_jax.object_store import default_gcs_cache, is_object_store, local_copy
+from pdpo_jax.storage import BUILDING_INFIX, COMMIT_MARKER, is_committed
 from pdpo_jax.parallel import param_shardings
 
 ComputeDtype = Literal["float32", "bfloat16"]
@@ -101,6 +108,8 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     use) or a Hugging Face Hub id such as "meta-llama/Llama-2-13b-hf" (fetched into the Hub cache)."""
     if os.fspath(path) == "default":
         return default_model_dir()
+    if is_object_store(path):
+        return local_model_copy(path)
     if looks_like_hub_id(os.fspath(path)):
         return hub_model_dir(os.fspath(path))
     model_dir = Path(path)
@@ -109,6 +118,18 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     if not (model_dir / "config.json").is_file():
         raise ModelDirError(f"{model_dir}: no config.json (is this a model directory?)")
     return model_dir
+
+
+def local_model_copy(url: str | os.PathLike) -> Path:
+    """This host's verified copy of a gs:// model directory (see the module's docstring)."""
+    from etils import epath
+
+    folder = epath.Path(os.fspath(url))
+    if not is_committed(folder) and (any(folder.parent.glob(f"{folder.name}{BUILDING_INFIX}*"))
+                                     or not (folder / "config.json").exists()):
+        raise ModelDirError(f"{os.fspath(url)}: model directory not found (or not committed: a write to it is "
+                            "unfinished)")
+    return local_copy(url, default_gcs_cache(), skip=(COMMIT_MARKER,))
 
 
 def load_model(path: str | os.PathLike, *, dtype: Any = None, mesh: Any = None, compute_dtype: ComputeDtype | None = None,

@@ -15,6 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from pdpo_jax.model.layer_stack import unstack_layers
+from pdpo_jax.object_store import absolute, as_path, is_object_store
 
 PARAMS_DIR = "params"
 WEIGHT_SUFFIXES = (".safetensors", ".msgpack", ".bin", ".gguf")
@@ -23,7 +24,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 def is_orbax_model_dir(path: str | Path) -> bool:
     """A directory with orbax `params/` beside `config.json`."""
-    return (Path(path) / PARAMS_DIR).is_dir() and (Path(path) / "config.json").is_file()
+    return (as_path(path) / PARAMS_DIR).is_dir() and (as_path(path) / "config.json").is_file()
 
 
 def is_weight_file(path: Path) -> bool:
@@ -38,14 +39,14 @@ def write_params(model_dir: str | Path, params: Any) -> None:
     """Saves `params` as `model_dir/params`, in the per-layer layout whatever layout they run in.
     Every process of a multi-host run must call it."""
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(Path(model_dir).absolute() / PARAMS_DIR, unstack_layers(params))
+        checkpointer.save(absolute(model_dir) / PARAMS_DIR, unstack_layers(params))
         checkpointer.wait_until_finished()
 
 
 def restore_params(model_dir: str | Path, abstract_params: Any) -> Any:
     """Restores `model_dir/params` onto the shapes, dtypes and shardings of `abstract_params`
     (ShapeDtypeStructs with `.sharding`; a different dtype than the saved one is cast on restore)."""
-    path = Path(model_dir).absolute() / PARAMS_DIR
+    path = absolute(model_dir) / PARAMS_DIR
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no orbax parameter checkpoint here")
     with ocp.StandardCheckpointer() as checkpointer:
@@ -54,10 +55,13 @@ def restore_params(model_dir: str | Path, abstract_params: Any) -> Any:
 
 def copy_model_files(model_dir: str | Path, out_dir: str | Path, skip: tuple[str, ...] = ()) -> None:
     """Copies `config.json`, `generation_config.json` and tokenizer files (not weights, not `skip`)."""
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model_dir, out_dir = as_path(model_dir), as_path(out_dir)
     for source in model_dir.iterdir():
         if source.is_file() and not is_weight_file(source) and source.name not in skip:
-            shutil.copy2(source, out_dir / source.name)
+            if is_object_store(source) or is_object_store(out_dir):
+                (out_dir / source.name).write_bytes(source.read_bytes())  # one upload, or a local copy
+            else:
+                shutil.copy2(source, out_dir / source.name)
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

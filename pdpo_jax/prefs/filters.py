@@ -37,6 +37,7 @@ from typing import Any, Protocol
 from pdpo_jax.config import PairFilterSection
 from pdpo_jax.data.persona_copy import copied_sentence
 from pdpo_jax.nli import NliReward
+from pdpo_jax.object_store import as_path
 from pdpo_jax.storage import atomic_write_json
 from pdpo_jax.prefs.record import SPLITS, PreferenceRecord, PrefsError
 
@@ -161,12 +162,12 @@ def filter_records(records_by_split: dict[str, Sequence[PreferenceRecord]], filt
 
 
 def write_verdict(prefs_dir: str | Path, verdict: dict[str, Any]) -> Path:
-    return atomic_write_json(Path(prefs_dir) / FILTERS_FILE, verdict)
+    return atomic_write_json(as_path(prefs_dir) / FILTERS_FILE, verdict)
 
 
 def read_verdict(prefs_dir: str | Path) -> dict[str, Any] | None:
     """A folder's filters.json, or None when no filter was ever applied."""
-    path = Path(prefs_dir) / FILTERS_FILE
+    path = as_path(prefs_dir) / FILTERS_FILE
     if not path.exists():
         return None
     try:
@@ -192,7 +193,7 @@ def check_filters(prefs_dir: str | Path, sections: Sequence[PairFilterSection]) 
     """Refuses a folder whose applied filters are not the ones `sections` asks for, naming both."""
     wanted, applied = filter_settings(sections), applied_settings(prefs_dir)
     if wanted != applied:
-        raise PrefsError(f"{Path(prefs_dir) / FILTERS_FILE}: the pairs were filtered with {applied}, the config asks "
+        raise PrefsError(f"{as_path(prefs_dir) / FILTERS_FILE}: the pairs were filtered with {applied}, the config asks "
                          f"for prefs.filters {wanted}; run `pdpo make-prefs` with this config to filter them again "
                          "(no resampling)")
 

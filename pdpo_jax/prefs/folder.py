@@ -8,6 +8,9 @@
     summary.json, DONE    counts (degenerate negatives by reason, dropped, skipped), written last
     filters.json          what `prefs.filters` dropped and why (`pdpo_jax.prefs.filters`); readers
                           leave those pairs out
+
+A shard is one file written whole (on gs://, one upload), so a reader sees all of it or none: a
+shard is committed by its own write, and the folder by DONE.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pdpo_jax.config import RunConfig, config_to_dict
+from pdpo_jax.object_store import as_path
 from pdpo_jax.storage import atomic_write_json, atomic_write_text, is_done
 from pdpo_jax.prefs.filters import FILTERS_FILE, read_verdict
 from pdpo_jax.prefs.record import SPLITS, PreferenceRecord, PrefsError
@@ -31,7 +35,7 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def shard_path(prefs_dir: str | os.PathLike, split: str, index: int) -> Path:
-    return Path(prefs_dir) / split / SHARD_PATTERN.format(index)
+    return as_path(prefs_dir) / split / SHARD_PATTERN.format(index)
 
 
 def write_shard(path: Path, records: Sequence[PreferenceRecord]) -> Path:
@@ -53,7 +57,7 @@ def read_records(prefs_dir: str | os.PathLike, split: str, *, include_dropped: b
     `include_dropped`. Raises PrefsError naming the file and line of the first bad record,
     and when the stage is unfinished, a shard is missing, or the counts disagree with the summary.
     """
-    prefs_dir = Path(prefs_dir)
+    prefs_dir = as_path(prefs_dir)
     if split not in SPLITS:
         raise PrefsError(f"split must be one of {SPLITS}, got {split!r}")
     if not is_done(prefs_dir):

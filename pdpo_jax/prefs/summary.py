@@ -17,6 +17,7 @@ from pdpo_jax.prefs.filters import EntailmentFn, filter_counts, filter_records, 
 from pdpo_jax.prefs.folder import SETTINGS_FILE, SUMMARY_FILE, read_records, read_shard, shard_path
 from pdpo_jax.prefs.record import DEGENERATE_REASONS, SPLITS, PreferenceRecord, PrefsError
 from pdpo_jax.prefs.side import Side
+from pdpo_jax.object_store import as_path
 
 SEED_DERIVATION = "sha256('pdpo-prefs\\0{prefs.seed}\\0{split}\\0{shard}\\0{batch}')[:4] >> 1"
 
@@ -110,14 +111,14 @@ def filters_line(summary: dict[str, Any], split: str) -> str:
 
 def is_prefs_folder(path: str | Path) -> bool:
     """Whether `path` is a `make-prefs` folder (it holds settings.json beside split folders)."""
-    path = Path(path)
+    path = as_path(path)
     return path.is_dir() and (path / SETTINGS_FILE).is_file()
 
 
 def folder_overview(prefs_dir: str | Path) -> dict[str, Any]:
     """What `pdpo data inspect` shows of a prefs folder: per split the records, those the folder
     keeps and those its filters keep, each filter's counts, and the first pair DPO would read."""
-    prefs_dir = Path(prefs_dir)
+    prefs_dir = as_path(prefs_dir)
     if not is_done(prefs_dir):
         raise PrefsError(f"{prefs_dir}: no DONE marker; the make-prefs stage has not finished (run `pdpo make-prefs`)")
     summary = read_summary(prefs_dir)

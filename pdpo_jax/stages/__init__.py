@@ -72,6 +72,9 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("dpo", "3. DPO from the SFT model on pseudo-preference pairs", "pdpo_jax.stages.dpo", "config", "run_dpo",
           reads=lambda run: (run.best_model("sft"), run.prefs_split("train"), run.prefs_split("val")),
           writes=lambda run: (run.stage("dpo"),)),
+    Stage("rounds", "3. iterative DPO: rounds 2..dpo.rounds, each on negatives of the previous round's model",
+          "pdpo_jax.stages.rounds", "config", "run_rounds",
+          reads=lambda run: (run.round_best_model(1),), writes=lambda run: (run.round_folder(2),)),
     Stage("train-nli", "baseline: a 3-way NLI classifier on Dialogue NLI pairs (the RL reward)",
           "pdpo_jax.stages.train_nli", "config", "run_train_nli",
           writes=lambda run: (run.nli, run.nli_classifier)),
@@ -132,6 +135,7 @@ PIPELINE_STEPS: dict[str, PipelineStep] = {step.name: step for step in (
     PipelineStep("rl", "rl"),
     PipelineStep("make-prefs", "make-prefs"),
     PipelineStep("dpo", "dpo"),
+    PipelineStep("rounds", "rounds"),
     PipelineStep("eval-sft", "eval-dnli", options={"model": "sft"}),
     PipelineStep("eval-rl", "eval-dnli", options={"model": "rl"}),
     PipelineStep("eval-dpo", "eval-dnli", options={"model": "dpo"}),
@@ -141,6 +145,15 @@ PIPELINE_STEPS: dict[str, PipelineStep] = {step.name: step for step in (
     PipelineStep("export-hf", "export-hf"),
     PipelineStep("summary", "results"),
 )}
-# The run `pdpo pipeline` makes unless told otherwise.
+# The run `pdpo pipeline` makes unless told otherwise (with "rounds" after "dpo" when dpo.rounds > 1:
+# `default_pipeline`).
 DEFAULT_PIPELINE = ("sft", "make-prefs", "dpo", "eval-sft", "eval-dpo", "test-responses", "eval-responses", "judge",
                     "export-hf", "summary")
+
+
+def default_pipeline(config) -> tuple[str, ...]:
+    """The default run of `config`: DEFAULT_PIPELINE, and the later rounds of iterative DPO when
+    `dpo.rounds` > 1 (left out at 1, so such a run's pipeline.json is what it always was)."""
+    if config.dpo.rounds == 1:
+        return DEFAULT_PIPELINE
+    return tuple(name for name in PIPELINE_STEPS if name in DEFAULT_PIPELINE or name == "rounds")

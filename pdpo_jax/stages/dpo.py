@@ -9,6 +9,7 @@ records: the step runs one policy forward per pair and never the reference. Writ
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import sys
@@ -26,7 +27,7 @@ from pdpo_jax.objectives import StartValue, preference_settings
 from pdpo_jax.parallel import host_rows, is_primary, primary_decides
 from pdpo_jax.prefs import PreferenceRecord, PrefsError, read_records
 from pdpo_jax.prefs.filters import check_filters
-from pdpo_jax.run_layout import RunLayout
+from pdpo_jax.run_layout import DpoRound, RunLayout
 from pdpo_jax.stage_runner import load_for_run, run_command, run_once
 from pdpo_jax.train.batches import StepBatches
 from pdpo_jax.train.fit import fit
@@ -81,21 +82,25 @@ def _tree_arrays(trees, length, *, pad_id, pairs_per_row):
     return tree_batch(trees, pairs_per_row, pad_to=length, pad_id=pad_id)
 
 
-def run_dpo(config: RunConfig) -> dict[str, Any]:
-    layout = RunLayout.of(config)
-    return run_once(config, STAGE, layout.stage(STAGE), functools.partial(_train, config, layout),
+def run_dpo(config: RunConfig, round_number: int = 1) -> dict[str, Any]:
+    """Trains (or resumes) `<run_dir>/dpo`; `round_number` k > 1 trains round k of iterative DPO
+    instead (`dpo.rounds`): `round-k/dpo` from round k-1's best model on `round-k/prefs`."""
+    this_round = RunLayout.of(config).dpo_round(config, round_number)
+    name = STAGE if round_number == 1 else f"dpo round {round_number}"
+    return run_once(config, name, this_round.dpo, functools.partial(_train, config, this_round),
                     batch_sizes={"dpo.batch_size": config.dpo.batch_size},
-                    result_line=lambda s: f"dpo: best val reward accuracy {s['best_value']:.4f} at step "
+                    result_line=lambda s: f"{name}: best val reward accuracy {s['best_value']:.4f} at step "
                                           f"{s['best_step']} -> {s['best_dir']}")
 
 
-def _train(config: RunConfig, layout: RunLayout, mesh: Any) -> dict[str, Any]:
-    out_dir = layout.stage(STAGE)
-    prefs_dir = layout.prefs
+def _train(config: RunConfig, this_round: DpoRound, mesh: Any) -> dict[str, Any]:
+    out_dir = this_round.dpo
+    prefs_dir = this_round.prefs
     # Only the pairs the configured filters kept: a folder filtered otherwise is refused.
     primary_decides(check_filters, prefs_dir, config.prefs.filters)
-    _, reference_path = layout.preference_models(config)
-    model = load_for_run(reference_path, config, mesh)
+    reference_path = this_round.reference
+    config = dataclasses.replace(config, seed=this_round.seed)  # the round's pair order
+    model = load_for_run(this_round.start, config, mesh)
     encoder = PromptEncoder(model.tokenizer, config.data.template)
     settings = preference_settings(config.dpo.loss_type, **config.dpo.objective_settings())
     needs_reference = settings.needs.reference_logps
@@ -108,18 +113,21 @@ def _train(config: RunConfig, layout: RunLayout, mesh: Any) -> dict[str, Any]:
     train = dpo_batches(config, train_pairs, pad_id(model), shuffle=True, mesh=mesh)
     val = dpo_batches(config, val_pairs, pad_id(model), shuffle=False, mesh=mesh)
     if is_primary():
-        summary = {"policy_init": str(reference_path), "layout": config.dpo.layout, "objective": settings.kind,
+        summary = {"policy_init": str(this_round.start), "layout": config.dpo.layout, "objective": settings.kind,
                    "train_pairs": len(train_pairs), "val_pairs": len(val_pairs)}
+        if this_round.number > 1:
+            summary |= {"round": this_round.number, "reference": str(reference_path), "seed": this_round.seed}
         if config.dpo.layout == "tree":
             summary |= {"train_trees": tree_summary(train.items), "val_trees": tree_summary(val.items)}
-        atomic_write_json(layout.data_summary(STAGE), summary)
+        atomic_write_json(this_round.data_summary, summary)
 
     objective = functools.partial(dpo_objective, config=model.config, settings=settings)
     summary = fit(model=model, objective=objective, section=config.dpo, train=train, val=val, out_dir=out_dir,
                   mesh=mesh, seed=config.seed, select_metric="rewards/accuracies", select_higher=True,
                   description="dpo")
-    summary["best_dir"] = str(layout.best_model(STAGE))
-    summary["start_check"] = check_start(out_dir, settings.start)
+    summary["best_dir"] = str(this_round.best_model)
+    summary["start_check"] = (check_start(out_dir, settings.start) if this_round.start == reference_path else
+                              "not applicable: the policy starts from another model than the reference")
     return summary
 
 
@@ -146,7 +154,8 @@ def check_start(out_dir: Path, start: StartValue | None) -> str:
 
 DESCRIPTION = ("DPO from the SFT model on pseudo-preference pairs (needs <run_dir>/prefs from `pdpo make-prefs`), "
                "with the objective dpo.loss_type: sigmoid (DPO), ipo, hinge, simpo, orpo or rpo (docs/objectives.md). "
-               "Writes <run_dir>/dpo/; a rerun resumes from the last checkpoint.")
+               "Writes <run_dir>/dpo/; a rerun resumes from the last checkpoint. This is round 1 of dpo.rounds; "
+               "`pdpo rounds` runs the later ones.")
 
 
 def main(argv: list[str]) -> int:

@@ -44,7 +44,7 @@ def evaluate_run_model(config: RunConfig, model: str) -> dict[str, Any]:
     def rank(mesh: Any) -> dict[str, Any]:
         if not config.eval.dnli:
             raise ConfigError("eval.dnli is empty: name the DNLI evaluation files to rank candidates on")
-        loaded = load_for_run(layout.best_model(model), config, mesh=mesh)
+        loaded = load_for_run(layout.trained_model(config, model), config, mesh=mesh)
         settings = DnliSettings(protocol=config.eval.protocol, template=config.data.template,
                                 scoring="mean" if config.eval.length_normalized else "sum",
                                 max_examples=config.eval.max_examples)

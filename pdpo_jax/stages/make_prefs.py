@@ -28,6 +28,7 @@ from pdpo_jax.nli import NliReward
 from pdpo_jax.prefs import (SPLITS, PrefsError, Side, build_shard, check_settings, missing_shards, plan_split,
                             read_summary, run_settings, scorer_for_layout, settings_of, shard_count, shard_jobs,
                             shard_metrics, shard_path, write_shard, write_summary)
+from pdpo_jax.object_store import as_path
 from pdpo_jax.prefs.filters import EntailmentFn, applied_settings, entailment_function, filter_settings
 from pdpo_jax.prefs.folder import FILTERS_FILE, METRICS_FILE
 from pdpo_jax.prefs.summary import apply_filters, filters_line
@@ -40,7 +41,7 @@ def open_side(name: str, config: RunConfig, cache: dict[str, Side], mesh: Any) -
     """The model `name` on the run's mesh (one load when generator and reference are the same)."""
     if name in cache:
         return cache[name]
-    if name != "default" and not Path(name).is_dir() and not looks_like_hub_id(name):
+    if name != "default" and not as_path(name).is_dir() and not looks_like_hub_id(name):
         stage = Path(name).parts[-2] if len(Path(name).parts) > 1 and Path(name).name == "best" else None
         hint = (f" (the {stage} stage's output: run `pdpo {stage}` first, or set prefs.generator / prefs.reference)"
                 if stage in ("sft", "rl") else "")
@@ -50,13 +51,16 @@ def open_side(name: str, config: RunConfig, cache: dict[str, Side], mesh: Any) -
     return cache[name]
 
 
-def make_prefs(config: RunConfig) -> dict[str, Any]:
+def make_prefs(config: RunConfig, round_number: int = 1) -> dict[str, Any]:
     """Builds (or resumes) `<run_dir>/prefs`; returns the summary written with the DONE marker.
+    `round_number` k > 1 builds round k of iterative DPO instead (`dpo.rounds`): `round-k/prefs`,
+    negatives from round k-1's best model with the round's seed (`RunLayout.dpo_round`).
 
     On a pod every host samples and scores every batch on the shared mesh; process 0 alone
     decides which shards are missing and writes them, so each file is written once."""
-    prefs_dir = RunLayout.of(config).prefs
-    paths = RunLayout.of(config).preference_models(config)
+    this_round = RunLayout.of(config).dpo_round(config, round_number)
+    prefs_dir, paths = this_round.prefs, (this_round.generator, this_round.reference)
+    round_config = this_round.prefs_config(config)  # what the records depend on; config.yaml stays the run's
     sides: dict[str, Side] = {}
     accepted: dict[str, Any] = {}  # the settings the folder goes on with
 
@@ -65,28 +69,29 @@ def make_prefs(config: RunConfig) -> dict[str, Any]:
         # decides whether reference log-probs are scored (a scored folder stays scored).
         _check_classifiers(config)
         for name in paths:
-            open_side(name, config, sides, mesh)
+            open_side(name, round_config, sides, mesh)
         accepted.update(primary_decides(check_settings, prefs_dir,
-                                        settings_of(config, *paths, {s.name: s.digest for s in sides.values()})))
+                                        settings_of(round_config, *paths, {s.name: s.digest for s in sides.values()})))
 
     def finished_summary(folder: Path) -> dict[str, Any]:
         # A finished folder is checked without loading the models: its digests stand for them.
-        summary = primary_decides(_finished_summary, folder, settings_of(config, *paths, digests=None))
+        summary = primary_decides(_finished_summary, folder, settings_of(round_config, *paths, digests=None))
         if primary_decides(applied_settings, folder) == filter_settings(config.prefs.filters):
             return summary
         # Other filters than the folder's: judge the stored pairs again, without resampling.
         _check_classifiers(config)
         print(f"make-prefs: filtering the stored pairs of {folder} again with prefs.filters")
         write_resolved_config(config)
-        summary = _filter(config, folder, summary, build_mesh(config))
+        summary = _filter(round_config, folder, summary, build_mesh(config))
         if is_primary():
             mark_done(folder, summary)
         return summary
 
     def build(_mesh: Any) -> dict[str, Any]:
-        return _build(config, prefs_dir, *(sides[p] for p in paths), score_reference=accepted["reference_scored"])
+        return _build(round_config, prefs_dir, *(sides[p] for p in paths), score_reference=accepted["reference_scored"])
 
-    return run_once(config, "make-prefs", prefs_dir, build, check=check_folder, when_finished=finished_summary)
+    name = "make-prefs" if round_number == 1 else f"make-prefs round {round_number}"
+    return run_once(config, name, prefs_dir, build, check=check_folder, when_finished=finished_summary)
 
 
 def _build(config: RunConfig, prefs_dir: Path, generator: Side, reference: Side, *,

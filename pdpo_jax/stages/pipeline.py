@@ -20,7 +20,7 @@ from pdpo_jax.storage import atomic_write_json
 from pdpo_jax.parallel import is_primary
 from pdpo_jax.run_layout import RunLayout
 from pdpo_jax.stage_runner import build_mesh, claim_run_dir, config_from_args, stage_parser, write_resolved_config
-from pdpo_jax.stages import DEFAULT_PIPELINE, PIPELINE_STEPS
+from pdpo_jax.stages import DEFAULT_PIPELINE, PIPELINE_STEPS, default_pipeline
 
 ALL_STAGES = tuple(PIPELINE_STEPS)
 STAGE_NAMES = DEFAULT_PIPELINE  # the default run
@@ -28,13 +28,13 @@ STAGE_NAMES = DEFAULT_PIPELINE  # the default run
 
 def stages_to_run(config: RunConfig, requested: str | None = None) -> tuple[str, ...]:
     """The stages of `--stages` (comma-separated), else of `pipeline.stages`, else the default
-    list; in pipeline order whatever order they were named in."""
+    list (with `rounds` when dpo.rounds > 1); in pipeline order whatever order they were named in."""
     if requested is not None:
         names, where = [s.strip() for s in requested.split(",") if s.strip()], "--stages"
     elif config.pipeline.stages is not None:
         names, where = list(config.pipeline.stages), "pipeline.stages"
     else:
-        return STAGE_NAMES
+        return default_pipeline(config)
     unknown = [name for name in names if name not in ALL_STAGES]
     if unknown:
         error = UsageError if where == "--stages" else ConfigError

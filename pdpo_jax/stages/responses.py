@@ -52,7 +52,7 @@ def _answer(config: RunConfig, layout: RunLayout, mesh: Any) -> dict[str, Any]:
         path = layout.responses(stage)
         if primary_decides(path.exists):
             continue
-        best = layout.best_model(stage)
+        best = layout.trained_model(config, stage)
         if not best.is_dir():
             raise ModelDirError(f"{best}: not found; the {stage} stage must finish before test-responses")
         model = load_for_run(best, config, mesh=mesh)
@@ -73,8 +73,8 @@ def _answer(config: RunConfig, layout: RunLayout, mesh: Any) -> dict[str, Any]:
 
 
 DESCRIPTION = (
-    "Every trained model of the run (<run_dir>/sft/best and <run_dir>/dpo/best) answers the test dialogues' turns "
-    "with the test_responses sampler and seed. Writes <run_dir>/test_responses/{sft,dpo}.jsonl in the format "
+    "Every trained model of the run (<run_dir>/sft/best and <run_dir>/dpo/best, the last round's with dpo.rounds > 1) "
+    "answers the test dialogues' turns with the test_responses sampler and seed. Writes <run_dir>/test_responses/{sft,dpo}.jsonl in the format "
     "`pdpo judge --responses` and `pdpo annotate init --pairs` read, then DONE."
 )
 

@@ -6,12 +6,14 @@
     pdpo results --conversations talks.jsonl --responses SFT=sft.jsonl --responses PseudoDPO=dpo.jsonl --out results/
     pdpo results --model sft=... --model pseudo-dpo=... --response-metrics sft=runs/x/eval_responses/sft.json \\
         --response-metrics pseudo-dpo=runs/x/eval_responses/dpo.json --out results/
+    pdpo results --rounds runs/x --out results/       # a row per round of iterative DPO (dpo.rounds)
 
 The DNLI part (`pdpo_jax.evaluate.results_table`) writes table.json, table.md, dnli.png,
 score_shifts.json (and curves.png, ppo_curves.png); the examples part (`pdpo_jax.evaluate.response_examples`)
 writes examples.md. `--response-metrics` adds what each model says (`pdpo eval-responses`: C-score,
 contradiction and persona-copy rates) beside its DNLI row in table.md (responses.md without
-`--model`). Any of the parts in one call. Nothing is computed on a model: it reads
+`--model`). The rounds part (`pdpo_jax.evaluate.round_rows`) writes rounds.json and rounds.md.
+Any of the parts in one call. Nothing is computed on a model: it reads
 the reports of `pdpo eval-dnli` and the outputs of `pdpo generate`.
 
 In a pipeline, the `summary` step writes a run's own summary (`write_run_summary`).
@@ -27,8 +29,9 @@ from pdpo_jax.evaluate.dnli_stats import DEFAULT_SAMPLES
 from pdpo_jax.evaluate.response_examples import read_conversations, read_responses, response_examples_markdown
 from pdpo_jax.evaluate.results_table import (read_dnli_result, read_response_report, responses_markdown, results_table,
                                              write_results_table)
+from pdpo_jax.evaluate.round_rows import round_rows, rounds_markdown
 from pdpo_jax.evaluate.run_summary import write_summary
-from pdpo_jax.storage import atomic_write_text
+from pdpo_jax.storage import atomic_write_json, atomic_write_text
 from pdpo_jax.parallel import primary_decides
 from pdpo_jax.run_layout import RunLayout
 from pdpo_jax.stage_runner import StageParser, stage_parser
@@ -64,6 +67,10 @@ def build_parser() -> StageParser:
                           help="a model's pdpo generate --output on them; repeat, in column order")
     examples.add_argument("--examples", type=int, default=5, metavar="N", help="how many to show (default: %(default)s)")
     examples.add_argument("--examples-seed", type=int, default=0, metavar="N", help="seed of which are shown (default: %(default)s)")
+    rounds = parser.add_argument_group("rounds of iterative DPO (dpo.rounds)")
+    rounds.add_argument("--rounds", type=Path, metavar="RUN_DIR",
+                        help="a run directory: a row per DPO round (pairs kept, the model that sampled the negatives, "
+                             "the training curve's end, DNLI where the round was ranked) in rounds.md and rounds.json")
     return parser
 
 
@@ -86,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     ppo_curves = named_paths(args.ppo_curves, "--ppo-curves")
     responses = named_paths(args.responses, "--responses")
     said = named_paths(args.response_metrics, "--response-metrics")
-    if not models and args.conversations is None and not said:
+    if not models and args.conversations is None and not said and args.rounds is None:
         raise UsageError("give --model NAME=REPORT.json (the DNLI table), --response-metrics NAME=REPORT.json, "
-                         "--conversations with --responses (examples), or any of them")
+                         "--conversations with --responses (examples), --rounds RUN_DIR (a row per DPO round), "
+                         "or any of them")
     if (curves or ppo_curves) and not models:
         raise UsageError("--curves and --ppo-curves go with the DNLI table: give --model too")
     if (args.conversations is None) != (not responses):
@@ -111,6 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         by_model = {name: read_responses(path) for name, path in responses.items()}
         text = response_examples_markdown(conversations, by_model, args.examples, args.examples_seed)
         written.append(atomic_write_text(args.out / "examples.md", text))
+    if args.rounds is not None:
+        rows = round_rows(RunLayout(args.rounds))
+        if not rows:
+            raise UsageError(f"--rounds {args.rounds}: no DPO round found (no dpo/ folder in that run directory)")
+        written.append(atomic_write_json(args.out / "rounds.json", rows))
+        written.append(atomic_write_text(args.out / "rounds.md", f"### Rounds of DPO in {args.rounds}\n\n"
+                                                                 + rounds_markdown(rows)))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

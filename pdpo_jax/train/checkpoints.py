@@ -6,6 +6,10 @@ leaves either the previous complete checkpoint or the new one, never a mix. `sta
 holds the best parameters as a plain orbax tree beside the model's `config.json` and tokenizer
 files (the layout of `pdpo_jax.model.model_dir`), so `load_model(stage_dir / "best")` opens it
 like a Hugging Face directory.
+
+On gs:// orbax commits each checkpoint with a `commit_success.txt` marker instead of a rename (and
+ignores a step without one), and `best/` is published by `storage.commit_directory`, whose
+`COMMITTED` marker is written last.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from pdpo_jax.model.model_dir import copy_model_files, write_params
+from pdpo_jax.object_store import absolute, as_path
 from pdpo_jax.storage import atomic_write_json, commit_directory, recover_directory
 
 BEST_INFO = "best.json"
@@ -27,7 +32,7 @@ class TrainCheckpointer:
     """Keeps the latest `keep` train-state checkpoints of one stage."""
 
     def __init__(self, directory: str | Path, keep: int = 1):
-        self.directory = Path(directory).absolute()
+        self.directory = absolute(directory)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False),
@@ -64,7 +69,7 @@ def save_best_params(best_dir: str | Path, params: Any, model_dir: str | Path, i
     always one complete model. Every process takes part in the orbax save; the first one alone
     touches files.
     """
-    best_dir = Path(best_dir).absolute()
+    best_dir = absolute(best_dir)
     primary = jax.process_index() == 0
     with commit_directory(best_dir, tag="all-processes", commit=primary) as building:
         _sync("pdpo_best_params_start")
@@ -77,7 +82,7 @@ def save_best_params(best_dir: str | Path, params: Any, model_dir: str | Path, i
 
 def recover_best_dir(best_dir: str | Path) -> None:
     """Puts the previous `best/` back when a save was killed between its two renames."""
-    recover_directory(Path(best_dir).absolute())
+    recover_directory(absolute(best_dir))
 
 
 def _sync(name: str) -> None:
@@ -88,5 +93,5 @@ def _sync(name: str) -> None:
 
 
 def read_best_info(model_dir: str | Path) -> dict[str, Any]:
-    path = Path(model_dir) / BEST_INFO
+    path = as_path(model_dir) / BEST_INFO
     return json.loads(path.read_text()) if path.exists() else {}

@@ -7,11 +7,19 @@ Resumption is exact because everything a step depends on is either in the checkp
 optimizer state with its step count, best-so-far) or a pure function of (seed, epoch, batch index)
 (the data order). Metrics lines written after the last checkpoint are dropped on resume, so the
 log of a resumed run equals that of an uninterrupted one.
+
+Preemption: SIGTERM (what a preemptible or spot TPU VM receives before it is taken away) does not
+stop a step halfway. The loop finishes the step it is in, saves a checkpoint at that step boundary
+and raises `Preempted`, which `pdpo` turns into exit status RESUME_EXIT_STATUS (75): "stopped
+cleanly, run the same command again to continue" (tpu/launch.sh documents it). On several hosts
+the loop stops at the first boundary after any host got the signal, all hosts at the same step.
 """
 
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +38,42 @@ from pdpo_jax.train.checkpoints import TrainCheckpointer, recover_best_dir, save
 
 class TrainingDiverged(RunFailed):
     """A non-finite loss; the last good checkpoint on disk is untouched."""
+
+
+RESUME_EXIT_STATUS = 75  # EX_TEMPFAIL: stopped on SIGTERM after a checkpoint; rerun to continue
+
+
+class Preempted(RunFailed):
+    """SIGTERM arrived; the step in progress was finished and checkpointed. Rerun to continue."""
+
+    exit_status = RESUME_EXIT_STATUS
+
+
+class _TerminationRequest:
+    """Records SIGTERM while installed (main thread only) instead of dying mid-step."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "_TerminationRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def on_any_host(self) -> bool:
+        if jax.process_count() == 1:
+            return self.received
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.received))))
 
 
 class EpochBatches(Protocol):
@@ -119,6 +163,7 @@ def run_loop(plan: LoopPlan, state: Any, *, step_fn: Callable, eval_fn: Callable
             bar.write(f"[{plan.description}] step {step} val {plan.select_metric}={value:.4f} (best {best})")
 
     bar = tqdm(total=plan.total_steps, initial=step, desc=plan.description, dynamic_ncols=True, disable=not primary)
+    termination = _TerminationRequest().__enter__()
     try:
         if step == 0 and meta["best_step"] is None:
             validate_and_select()  # the starting model is a candidate too
@@ -147,10 +192,16 @@ def run_loop(plan: LoopPlan, state: Any, *, step_fn: Callable, eval_fn: Callable
             finished = step >= plan.total_steps or epoch >= plan.epochs
             if step % plan.eval_every == 0 or index == 0 or finished:
                 validate_and_select()
-            if step % plan.checkpoint_every == 0 or index == 0 or finished:
+            stop = not finished and termination.on_any_host()
+            if step % plan.checkpoint_every == 0 or index == 0 or finished or stop:
                 meta.update(epoch=epoch, index=index)
                 checkpointer.save(step, state, meta)
+                log.flush()
+            if stop:
+                raise Preempted(f"{plan.description}: stopped on SIGTERM after step {step} of {plan.total_steps}, "
+                                f"saved in {checkpointer.directory}; run the same command again to continue")
     finally:
+        termination.__exit__()
         bar.close()
         log.close()
         checkpointer.close()
