@@ -30,7 +30,7 @@ CONFIG_STAGES = {  # stage -> the other arguments it needs to get as far as read
     "pipeline": [],
     "plan": ["--topology", "v4-8"],
 }
-FLAG_ONLY_STAGES = ("default-model", "data", "generate", "results", "annotate", "eval-nli")
+FLAG_ONLY_STAGES = ("default-model", "data", "generate", "results", "annotate", "eval-nli", "serve")
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:

@@ -33,7 +33,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("train", "evaluate", "conveniences", "prefs"),
     # a config's programs compiled for a TPU slice | a human study of the judge's pairs (stands on
     # evaluate) | PPO (planning and rl stand on train, generation, scoring)
-    ("planning", "annotation", "rl"),
+    ("planning", "annotation", "rl", "serve"),  # ... | an OpenAI-compatible server on the decoder (stands on generation)
     ("stage_runner",),  # what every stage shares: parser, config, lock, mesh, the DONE -> work -> DONE sequence
     ("stages",),  # one module per stage of the method, declared once in stages/__init__.py
     ("cli", "__init__"),  # entry points

@@ -48,7 +48,8 @@ def pipeline_args(tmp: Path, run_dir: Path) -> list[str]:
             f"run_dir={run_dir}", f"model.path={model_dir}", f"data.train={DEMO / 'dialogues.txt'}",
             f"eval.dnli={DEMO / 'dnli_eval.jsonl'}", "sft.max_steps=3", "sft.eval_every=2", "dpo.max_steps=3",
             "dpo.eval_every=2", "prefs.max_new_tokens=6", "prefs.batch_size=8", "prefs.shard_size=16",
-            "data.max_length=192", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.scan_layers=true"]
+            "data.max_length=192", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.scan_layers=true",
+            "judge.serve=null"]
 
 
 @pytest.fixture(scope="module")

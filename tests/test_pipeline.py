@@ -41,6 +41,7 @@ def finished_run(tmp_path_factory):
         "dpo.eval_every=2", "prefs.max_new_tokens=6", "data.max_length=192",
         "test_responses.max_new_tokens=6", f"test_responses.max_examples={TEST_TURNS}",
         "mesh.data=4", "mesh.tensor=2",  # the eight test devices: training runs sharded
+        "judge.serve=null",  # the judge stage's own server is tested in test_serve_judge.py
     ])
     run_pipeline(config)
     return config, model_dir

@@ -131,6 +131,7 @@ class JudgeSettings:
 def settings_from_section(section: JudgeSection, **overrides: Any) -> JudgeSettings:
     """The config's `judge` section as settings, with `overrides` (e.g. command-line flags) replacing keys."""
     values = dataclasses.asdict(section)
+    values.pop("serve", None)  # which model the stage serves, not how pairs are judged
     unknown = sorted(set(overrides) - set(values))
     if unknown:
         raise JudgeConfigError(f"unknown judge setting {unknown[0]!r}; known: {', '.join(sorted(values))}")

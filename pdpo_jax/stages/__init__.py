@@ -105,6 +105,8 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           "pdpo_jax.stages.results", "flags", "write_run_summary",
           reads=lambda run: (run.root,), writes=lambda run: (run.summary,)),
     Stage("generate", "persona + history in, response out", "pdpo_jax.stages.generate", "flags"),
+    Stage("serve", "an OpenAI-compatible server of a model, batching requests continuously", "pdpo_jax.stages.serve",
+          "flags"),
     Stage("pipeline", "1-4 in order inside one run directory", "pdpo_jax.stages.pipeline", "flags",
           writes=lambda run: (run.config, run.pipeline_record)),
     Stage("plan", "compile a config for its TPU slice: per-chip memory, FLOPs, epoch times", "pdpo_jax.stages.plan",

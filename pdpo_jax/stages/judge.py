@@ -13,12 +13,14 @@ status is 1 when some judgments failed (a rerun retries exactly those).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from pdpo_jax.config import ConfigError, JudgeSection, RunConfig, load_config
@@ -27,8 +29,9 @@ from pdpo_jax.evaluate import report
 from pdpo_jax.evaluate.judge_prompts import PROMPTS
 from pdpo_jax.evaluate.judge_evaluation import JudgeSettings, run_judge, settings_from_section
 from pdpo_jax.evaluate.judge_stats import DEFAULT_GAMES
-from pdpo_jax.parallel import primary_decides
+from pdpo_jax.parallel import is_primary, primary_decides
 from pdpo_jax.run_layout import JUDGED_MODELS, RunLayout
+from pdpo_jax.serve.child import served_model
 from pdpo_jax.stage_runner import StageParser, claim_run_dir, finished, run_once, stage_parser
 
 PROG = "pdpo judge"
@@ -140,9 +143,9 @@ def judge_test_responses(config: RunConfig, **flags: object) -> dict[str, object
     results, or None after a one-line reason when no judge model is named. Raises RunFailed, and
     leaves the stage unfinished, when some judgments failed: a rerun asks for exactly those."""
     layout = RunLayout.of(config)
-    if not (flags.get("model") or config.judge.model) and not finished(layout.judge):
+    if not (flags.get("model") or config.judge.model or config.judge.serve) and not finished(layout.judge):
         print("judge: skipped, the config names no judge model (set judge.model, and judge.base_url for an "
-              "endpoint other than the OpenAI API)")
+              "endpoint other than the OpenAI API, or judge.serve to serve one here)")
         return None
 
     def judge(_mesh: None) -> dict[str, object]:
@@ -150,11 +153,26 @@ def judge_test_responses(config: RunConfig, **flags: object) -> dict[str, object
         for path in files:
             if not path.exists():
                 raise ConfigError(f"judge: {path} not found; run the test-responses stage first")
-        return primary_decides(_judge_into, files, layout.judge, settings_from_section(config.judge, **flags))
+        with served_judge(config.judge) as endpoint:
+            settings = settings_from_section(config.judge, **{**flags, **endpoint})
+            return primary_decides(_judge_into, files, layout.judge, settings)
 
     return run_once(config, "judge", layout.judge, judge, needs_mesh=False,
                     when_finished=lambda _: primary_decides(lambda: json.loads(layout.judge_results.read_text(encoding="utf-8"))),
                     done_record=lambda results: {key: results[key] for key in ("mode", "counts", "status") if key in results})
+
+
+@contextlib.contextmanager
+def served_judge(section: JudgeSection) -> Iterator[dict[str, object]]:
+    """With `judge.serve`, that model behind `pdpo serve` on a free loopback port for the block:
+    the settings that point the judge at it (on the primary process only); else no settings."""
+    if not section.serve or not is_primary():
+        yield {}
+        return
+    name = section.model or "served-judge"
+    print(f"judge: serving {section.serve} as {name!r} on this machine for the judge stage")
+    with served_model(section.serve, served_name=name, slots=section.concurrency) as endpoint:
+        yield {"model": endpoint.model, "base_url": endpoint.base_url, "api_key_env": endpoint.api_key_env}
 
 
 def _judge_into(files: list[Path], out_dir: Path, settings: JudgeSettings) -> dict[str, object]:
@@ -196,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     responses, overrides = split_overrides(args.responses, args.overrides)
     settings = settings_from_args(args, overrides)
     _log_to_stderr()
-    results, _ = run_judge(responses, args.out, settings)
+    with served_judge(load_config(args.config or None, overrides).judge) as endpoint:
+        results, _ = run_judge(responses, args.out, dataclasses.replace(settings, **endpoint))
     print(report.judge_markdown(results))
     failed = results["status"]["failed"]
     if failed:

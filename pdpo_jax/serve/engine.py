@@ -1,0 +1,325 @@
+"""Continuous batching on the jitted decoder: a fixed number of KV-cache slots, one step for all.
+
+The engine holds `slots` rows of KV cache, each `cache_length` columns long, as a stack of
+batch-1 caches (every leaf gets a leading slot axis, the write index is one per slot), so each
+slot fills its row at its own pace. Two jitted programs touch them:
+
+    admit  one prompt, left-aligned to its bucket width exactly as `pdpo_jax.generate` lays it
+           out, prefilled into a batch-1 cache that then replaces one slot's row; one compile per
+           prompt bucket (`pdpo_jax.generation.decode.bucket_width`)
+    step   every slot at once: pick each slot's next token from the logits it holds (greedy,
+           or temperature + top-p with the slot's own seed), then one decode step of all slots
+           (`jax.vmap` of the batch-1 decode step over the slot axis); one compile in all
+
+A slot's computation never reads another slot's row, and the shapes never change with how many
+slots are busy, so a request's tokens do not depend on its neighbours. The host reads back one
+small array per step (each slot's token and log-probabilities); everything else stays on device.
+Idle slots run along with a frozen write index and position 0, and are overwritten on admission.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pdpo_jax.generation.decode import (
+    MIN_PROMPT_BUCKET,
+    bucket_width,
+    compute_params,
+    decode_step,
+    left_align,
+    params_on,
+    prefill,
+)
+from pdpo_jax.generation.sampling import (
+    NUCLEUS_CANDIDATES,
+    first_argmax,
+    inverse_cdf_draw,
+    nucleus_threshold,
+    ranked_nucleus,
+)
+from pdpo_jax.model import Model, init_cache, pad_id
+from pdpo_jax.model.family import family_for
+from pdpo_jax.parallel import BATCH_AXES, fit_spec
+
+MIN_VIEW = 64  # fewest cache columns a step attends over
+TOP_LOGPROBS = 5  # most alternatives a response reports per token (the OpenAI completions limit)
+
+
+def cache_length_for(max_model_len: int) -> int:
+    """Columns of a slot's cache: room for any prompt of at most `max_model_len` tokens, padded to
+    its bucket (under 1/4 more, at least MIN_PROMPT_BUCKET), plus its new tokens up to `max_model_len`."""
+    return int(max_model_len) + max(MIN_PROMPT_BUCKET, int(max_model_len) // 4)
+
+
+@dataclass(frozen=True)
+class SlotRequest:
+    """What the engine needs of a request: its prompt ids and how to pick its tokens."""
+
+    prompt_ids: tuple[int, ...]
+    temperature: float = 0.0  # 0: greedy (the first argmax)
+    top_p: float = 1.0
+    seed: int = 0
+    top_logprobs: int = 0  # alternatives wanted per token, 0..TOP_LOGPROBS
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One step's picks, read back to the host: `[slots]` arrays, and `[slots, TOP_LOGPROBS]` ones
+    (filled only when some busy slot asked for alternatives)."""
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
+
+
+# ----------------------------------------------------------------------------- the jitted programs
+
+
+def stacked_cache(config, slots: int, length: int) -> dict:
+    """`slots` empty batch-1 caches stacked on a leading axis (the write index one per slot)."""
+    one = init_cache(config, 1, length, dtype=jnp.dtype(config.dtype))
+    return jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (slots, *leaf.shape)), one)
+
+
+def pad_sequence_axis(cache: dict, length: int) -> dict:
+    """A batch-1 cache of W columns widened to `length` with empty columns (segment id 0)."""
+
+    def pad(leaf, axis):
+        widths = [(0, 0)] * leaf.ndim
+        widths[axis] = (0, length - leaf.shape[axis])
+        return jnp.pad(leaf, widths)
+
+    padded = {key: pad(cache[key], -1) for key in ("positions", "segment_ids", "branch_ids")}
+    for key in ("k", "v"):  # [..., kv_heads, W, head_dim], a list per layer or one stacked array
+        padded[key] = jax.tree.map(lambda leaf: pad(leaf, -2), cache[key])
+    return {**padded, "index": cache["index"]}
+
+
+def _put_row(stack: Any, row: Any, slot: jax.Array) -> Any:
+    return jax.tree.map(lambda big, one: jax.lax.dynamic_update_index_in_dim(big, one.astype(big.dtype), slot, 0),
+                        stack, row)
+
+
+def _admit(params, state, prompt_ids, prompt_valid, slot, settings, *, config):
+    """Prefills one left-aligned prompt `[1, W]` into slot `slot`'s row."""
+    width = prompt_ids.shape[1]
+    cache = init_cache(config, 1, width, dtype=jnp.dtype(config.dtype))
+    logits, cache = prefill(params, prompt_ids, prompt_valid, cache, config=config)
+    row = pad_sequence_axis(cache, state["cache"]["segment_ids"].shape[-1])
+    temperature, top_p, seed, want_top = settings
+    return {
+        "cache": _put_row(state["cache"], row, slot),
+        "logits": jax.lax.dynamic_update_index_in_dim(state["logits"], logits[0], slot, 0),
+        "position": state["position"].at[slot].set(jnp.sum(prompt_valid).astype(jnp.int32)),
+        "picked": state["picked"].at[slot].set(0),
+        "temperature": state["temperature"].at[slot].set(temperature),
+        "top_p": state["top_p"].at[slot].set(top_p),
+        "seed": state["seed"].at[slot].set(seed),
+        "want_top": state["want_top"].at[slot].set(want_top),
+    }
+
+
+def sampled_tokens(logits, temperature, top_p, keys):
+    """Temperature + nucleus draw per row, each row with its own settings and key.
+
+    A row's nucleus is every token at least as likely as its least likely member. That bound is
+    read off the NUCLEUS_CANDIDATES most likely tokens when they hold `top_p` (as `TopP` does on
+    CPU), else found over the whole vocabulary by bisection; either way the draw is made over the
+    vocabulary in id order, so a row's token depends on its own logits, settings and key only.
+    """
+    probs = jax.nn.softmax(logits / jnp.maximum(temperature, 1e-6)[:, None], axis=-1)
+    p = top_p[:, None]
+    top_probs, _ = jax.lax.top_k(probs, min(NUCLEUS_CANDIDATES, probs.shape[-1]))
+    kept = ranked_nucleus(top_probs, p)
+    from_candidates = jnp.min(jnp.where(kept > 0, top_probs, jnp.inf), axis=-1, keepdims=True)
+    candidates_hold_p = jnp.sum(top_probs, axis=-1, keepdims=True) >= p
+    bound = jax.lax.cond(jnp.all(candidates_hold_p), lambda: from_candidates,
+                         lambda: jnp.where(candidates_hold_p, from_candidates, nucleus_threshold(probs, p)))
+    weights = jnp.where(probs >= bound, probs, 0.0)
+    return jax.vmap(lambda w, key: inverse_cdf_draw(w[None], key)[0])(weights, keys)
+
+
+def pick_tokens(logits, temperature, top_p, seed, picked):
+    """Each slot's next token: the first argmax where its temperature is 0 (as `Greedy` picks),
+    else a draw keyed by (its seed, how many tokens it has picked)."""
+    greedy = first_argmax(logits)
+    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.PRNGKey(s), n))(seed, picked)
+    sampling = temperature > 0
+    drawn = jax.lax.cond(jnp.any(sampling), lambda: sampled_tokens(logits, temperature, top_p, keys),
+                         lambda: greedy)
+    return jnp.where(sampling, drawn, greedy)
+
+
+def token_logprobs(logits, tokens, want_top):
+    """log p(token) per row, and the TOP_LOGPROBS best alternatives when any row wants them."""
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    rows = logits.shape[0]
+
+    def top():
+        values, ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
+        return ids.astype(jnp.int32), values
+
+    def none():
+        return jnp.zeros((rows, TOP_LOGPROBS), jnp.int32), jnp.zeros((rows, TOP_LOGPROBS), jnp.float32)
+
+    top_ids, top_values = jax.lax.cond(jnp.any(want_top), top, none)
+    return chosen, top_ids, top_values
+
+
+def cache_view(cache: dict, columns: int) -> dict:
+    """The first `columns` columns of every slot's cache (the write index as it is)."""
+    view = {key: cache[key][..., :columns] for key in ("positions", "segment_ids", "branch_ids")}
+    for key in ("k", "v"):
+        view[key] = jax.tree.map(lambda leaf: leaf[..., :columns, :], cache[key])
+    return {**view, "index": cache["index"]}
+
+
+def write_new_columns(cache: dict, view: dict, index: jax.Array) -> dict:
+    """`cache` with each slot's column `index[slot]` taken from `view` (the one a step wrote):
+    a one-column scatter into the full cache, which donation lets XLA do in place."""
+
+    def put(full, part, axis):
+        def per_slot(full_row, part_row, at):
+            column = jax.lax.dynamic_slice_in_dim(part_row, at, 1, axis=axis)
+            return jax.lax.dynamic_update_slice_in_dim(full_row, column.astype(full_row.dtype), at, axis=axis)
+
+        return jax.vmap(per_slot)(full, part, index)
+
+    written = {key: put(cache[key], view[key], -1) for key in ("positions", "segment_ids", "branch_ids")}
+    for key in ("k", "v"):
+        written[key] = jax.tree.map(lambda full, part: put(full, part, -2), cache[key], view[key])
+    return {**written, "index": view["index"]}
+
+
+def _step(params, state, active, *, config, columns):
+    """Every slot picks its next token and runs it through the model; idle slots keep their index.
+    Attention reads only the first `columns` columns of the cache, which hold every busy slot's tokens."""
+    tokens = pick_tokens(state["logits"], state["temperature"], state["top_p"], state["seed"], state["picked"])
+    chosen, top_ids, top_values = token_logprobs(state["logits"], tokens, state["want_top"] & active)
+    position = jnp.where(active, state["position"], 0)
+    before = cache_view(state["cache"], columns)
+
+    def one_slot(token, at, cache):
+        logits, cache = decode_step(params, token[None], at[None], cache, config=config)
+        return logits[0], cache
+
+    logits, after = jax.vmap(one_slot)(tokens, position, before)
+    after["index"] = jnp.where(active, after["index"], before["index"])
+    advanced = {
+        **state,
+        "cache": write_new_columns(state["cache"], after, before["index"]),
+        "logits": logits,
+        "position": jnp.where(active, state["position"] + 1, state["position"]),
+        "picked": jnp.where(active, state["picked"] + 1, state["picked"]),
+    }
+    return advanced, (tokens, chosen, top_ids, top_values)
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+class PromptTooLong(ValueError):
+    """A prompt plus its token budget that does not fit a slot."""
+
+
+class SlotEngine:
+    """`slots` KV-cache rows of `max_model_len` tokens (prompt + new tokens) on the model's devices.
+
+    `admit(slot, request)` prefills a request into a free slot; `step(busy)` advances every busy
+    slot by one token and returns what each picked. The caller owns which slot is whose.
+    """
+
+    def __init__(self, model: Model, *, slots: int, max_model_len: int, mesh: Mesh | None = None):
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        config = model.config
+        positions = int(config.max_position_embeddings)
+        if family_for(config).learned_positions and max_model_len > positions:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's {positions} learned positions")
+        self.model, self.config, self.slots, self.mesh = model, config, int(slots), mesh
+        self.max_model_len = int(max_model_len)
+        self.cache_length = cache_length_for(max_model_len)
+        self.pad_id = pad_id(model)
+        self.params = jax.jit(partial(compute_params, config=config))(params_on(model, mesh))
+        self.state = self._placed(self._empty_state())
+        self._admit = jax.jit(partial(_admit, config=config), donate_argnums=(1,))
+        self._step = jax.jit(partial(_step, config=config), donate_argnums=(1,), static_argnames=("columns",))
+        self.write_index = np.zeros(self.slots, np.int64)  # where each slot writes its next token
+        self.widths_compiled: set[int] = set()
+        self.views_compiled: set[int] = set()
+
+    def _empty_state(self) -> dict:
+        s = self.slots
+        return {
+            "cache": stacked_cache(self.config, s, self.cache_length),
+            "logits": jnp.zeros((s, self.config.vocab_size), jnp.float32),
+            "position": jnp.zeros((s,), jnp.int32),
+            "picked": jnp.zeros((s,), jnp.int32),
+            "temperature": jnp.zeros((s,), jnp.float32),
+            "top_p": jnp.ones((s,), jnp.float32),
+            "seed": jnp.zeros((s,), jnp.uint32),
+            "want_top": jnp.zeros((s,), bool),
+        }
+
+    def _placed(self, state: dict) -> dict:
+        """The state split over the mesh's batch axes by slot (kv heads over "tensor"); as it is without a mesh."""
+        if self.mesh is None:
+            return state
+
+        def sharding(path, leaf):
+            names = [getattr(p, "key", None) for p in path]
+            axes = [BATCH_AXES]
+            if ("k" in names or "v" in names) and leaf.ndim >= 5:  # [slots, (layers,) 1, kv_heads, length, head_dim]
+                axes += [None] * (leaf.ndim - 4) + ["tensor"]
+            return NamedSharding(self.mesh, fit_spec(PartitionSpec(*axes), leaf.shape, self.mesh))
+
+        return jax.device_put(state, jax.tree_util.tree_map_with_path(sharding, state))
+
+    def check_fits(self, prompt_length: int, max_new_tokens: int) -> None:
+        """Raises PromptTooLong unless the prompt and `max_new_tokens` fit `max_model_len`."""
+        if prompt_length < 1:
+            raise PromptTooLong("the prompt is empty")
+        if prompt_length + max_new_tokens > self.max_model_len:
+            raise PromptTooLong(f"the prompt ({prompt_length} tokens) plus max_tokens ({max_new_tokens}) exceeds "
+                                f"the context of {self.max_model_len} tokens")
+
+    def admit(self, slot: int, request: SlotRequest) -> None:
+        """Prefills `request`'s prompt into `slot` (free: its previous occupant is overwritten)."""
+        ids = np.asarray(request.prompt_ids, np.int32)[None]
+        prompt_ids, prompt_valid = left_align(ids, np.ones_like(ids), self.pad_id)
+        self.widths_compiled.add(prompt_ids.shape[1])
+        settings = (np.float32(request.temperature), np.float32(request.top_p),
+                    np.uint32(request.seed % 2**32), np.bool_(request.top_logprobs > 0))
+        self.state = self._admit(self.params, self.state, jnp.asarray(prompt_ids), jnp.asarray(prompt_valid),
+                                 np.int32(slot), settings)
+        self.write_index[slot] = prompt_ids.shape[1]
+
+    def view_columns(self, busy: np.ndarray) -> int:
+        """The cache columns a step attends over: the power of two (at least MIN_VIEW) that holds
+        every busy slot's next token, at most the whole cache; one compile per distinct value."""
+        needed = int(self.write_index[busy].max(initial=0)) + 1
+        columns = max(MIN_VIEW, 1 << (needed - 1).bit_length())
+        return min(columns, self.cache_length)
+
+    def step(self, busy: np.ndarray) -> StepResult:
+        """One token for every slot; `busy` `[slots]` bool marks the slots whose picks count."""
+        busy = np.asarray(busy, bool)
+        columns = self.view_columns(busy)
+        self.views_compiled.add(columns)
+        self.state, picks = self._step(self.params, self.state, jnp.asarray(busy), columns=columns)
+        self.write_index[busy] += 1
+        tokens, chosen, top_ids, top_values = jax.device_get(picks)
+        return StepResult(np.asarray(tokens), np.asarray(chosen), np.asarray(top_ids), np.asarray(top_values))
+
+    def prompt_width(self, prompt_length: int) -> int:
+        """The bucket a prompt of this length is prefilled at (one compile per distinct width)."""
+        return bucket_width(prompt_length)

@@ -1,0 +1,143 @@
+"""Putting a model behind the application: the engine, its scheduler, uvicorn, and shutting down.
+
+`serve_forever` is `pdpo serve`: it serves until Ctrl-C (or SIGTERM), then stops taking requests,
+lets the requests in flight finish for up to `drain_seconds`, and cancels the rest.
+`BackgroundServer` runs the same server on a thread of this process (tests, tools).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import uvicorn
+
+from pdpo_jax.errors import PdpoError
+from pdpo_jax.model import Model, eos_ids, require_tokenizer
+from pdpo_jax.serve.app import Service, chat_renderer, create_app
+from pdpo_jax.serve.engine import SlotEngine
+from pdpo_jax.serve.scheduler import Scheduler
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_SLOTS = 8
+DEFAULT_MAX_MODEL_LEN = 2048  # unless the model has fewer positions
+WAITING_PER_SLOT = 4  # default queue bound: this many waiting requests per slot
+BACKLOG = 256
+
+
+class ServeError(PdpoError):
+    """A server that cannot start: a port taken, a setting out of range."""
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    slots: int = DEFAULT_SLOTS
+    max_model_len: int | None = None  # None: min(DEFAULT_MAX_MODEL_LEN, the model's positions)
+    max_waiting: int | None = None  # None: WAITING_PER_SLOT * slots
+    api_key: str | None = None
+    served_name: str | None = None  # None: the model directory's name
+    chat_template: str | None = None  # Jinja text; None: the tokenizer's own
+    drain_seconds: float = 10.0
+
+
+def served_name_for(model: Model) -> str:
+    return model.path.name
+
+
+def build_service(model: Model, options: ServeOptions = ServeOptions(), mesh: Any = None) -> Service:
+    tokenizer = require_tokenizer(model)
+    if options.chat_template is None and not getattr(tokenizer, "chat_template", None):
+        LOG.warning("%s has no chat template: /v1/chat/completions will refuse requests (give --chat-template)",
+                    model.path)
+    positions = int(model.config.max_position_embeddings)
+    max_model_len = options.max_model_len or min(DEFAULT_MAX_MODEL_LEN, positions)
+    if not 1 <= max_model_len <= positions:
+        raise ServeError(f"--max-model-len must be in [1, {positions}] (the model's positions), got {max_model_len}")
+    if options.slots < 1:
+        raise ServeError(f"--slots must be >= 1, got {options.slots}")
+    engine = SlotEngine(model, slots=options.slots, max_model_len=max_model_len, mesh=mesh)
+    max_waiting = options.max_waiting if options.max_waiting is not None else WAITING_PER_SLOT * options.slots
+    scheduler = Scheduler(engine, stop_ids=eos_ids(model), max_waiting=max_waiting)
+    return Service(scheduler, tokenizer, options.served_name or served_name_for(model),
+                   chat_renderer(tokenizer, options.chat_template), api_key=options.api_key)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket; port 0 takes any free port."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+    except OSError as err:
+        sock.close()
+        raise ServeError(f"cannot serve on {host}:{port}: {err.strerror}") from None
+    return sock
+
+
+def base_url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def make_server(service: Service, drain_seconds: float) -> uvicorn.Server:
+    config = uvicorn.Config(create_app(service), lifespan="off", access_log=False, log_level="warning",
+                            timeout_graceful_shutdown=max(1, round(drain_seconds)))
+    return uvicorn.Server(config)
+
+
+def serve_forever(service: Service, host: str, port: int, *, drain_seconds: float = 10.0,
+                  announce: Callable[[str], None] = print) -> None:
+    """Serves until interrupted, then drains: requests in flight get `drain_seconds` to finish."""
+    sock = bind(host, port)
+    service.scheduler.start()
+    announce(f"serving {service.served_name} at {base_url(sock)}/v1 ({service.engine.slots} slots, "
+             f"{service.engine.max_model_len} tokens of context); Ctrl-C stops")
+    try:
+        make_server(service, drain_seconds).run(sockets=[sock])
+    finally:
+        service.scheduler.stop(finish=False)
+        sock.close()
+
+
+class BackgroundServer:
+    """The server on a thread of this process: `with BackgroundServer(service) as server: server.url`."""
+
+    def __init__(self, service: Service, host: str = DEFAULT_HOST, port: int = 0, drain_seconds: float = 3.0):
+        self.service = service
+        self.sock = bind(host, port)
+        self.url = base_url(self.sock)
+        self.server = make_server(service, drain_seconds)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="pdpo-serve-http", daemon=True)
+
+    def __enter__(self) -> BackgroundServer:
+        self.service.scheduler.start()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.service.scheduler.stop(finish=False)
+        self.sock.close()
+
+
+def api_key_from_env(name: str | None) -> str | None:
+    """The key in environment variable `name` (None: no key); an unset or empty variable is an error."""
+    if name is None:
+        return None
+    key = os.environ.get(name, "")
+    if not key:
+        raise ServeError(f"--api-key-env {name}: the environment variable is unset or empty")
+    return key

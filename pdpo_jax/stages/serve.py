@@ -1,0 +1,98 @@
+"""`pdpo serve`: a model behind an OpenAI-compatible HTTP endpoint, with continuous batching.
+
+    pdpo serve --model default
+    pdpo serve --model runs/demo/dpo/best --slots 16 --max-model-len 1024 --port 8001
+    pdpo serve --model Qwen/Qwen2-72B-Instruct --mesh fsdp=8 --api-key-env JUDGE_KEY --host 0.0.0.0
+
+Any OpenAI client talks to it (`base_url="http://127.0.0.1:8000/v1"`, model = the served name
+that /v1/models lists). The pieces live in `pdpo_jax.serve`; docs/serve.md has the details.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pdpo_jax.errors import UsageError
+from pdpo_jax.model import load_model
+from pdpo_jax.parallel import initialize_distributed, make_mesh
+from pdpo_jax.serve.server import (
+    DEFAULT_HOST,
+    DEFAULT_MAX_MODEL_LEN,
+    DEFAULT_PORT,
+    DEFAULT_SLOTS,
+    WAITING_PER_SLOT,
+    ServeOptions,
+    api_key_from_env,
+    build_service,
+    serve_forever,
+)
+from pdpo_jax.stage_runner import StageParser, parse_mesh, stage_parser
+
+PROG = "pdpo serve"
+EPILOG = """\
+endpoints: POST /v1/chat/completions (stream: true for server-sent events), POST /v1/completions,
+  GET /v1/models, GET /health. Parameters: max_tokens, temperature (0 = greedy), top_p, seed,
+  stop, n, logprobs / top_logprobs (at most 5).
+
+shapes: every step runs all --slots slots over a power of two of cache columns (at least 64);
+  a prompt is prefilled at its bucketed width (16, 32, ..., 128, then 4 per octave), one compile per width.
+
+Ctrl-C stops taking requests, lets those in flight finish for --drain-seconds, cancels the rest."""
+
+
+def build_parser() -> StageParser:
+    parser = stage_parser(PROG, "Serve a model over OpenAI's chat and completions API, batching requests "
+                          "continuously over a fixed number of KV-cache slots.", config="none", epilog=EPILOG,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default", help="model directory (Hugging Face or a stage's best/), a Hub "
+                        "id, or `default` for the bundled SmolLM2-135M-Instruct (default: %(default)s)")
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s, this "
+                        "machine only; anything else is reachable from the network, unencrypted)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s; 0 = any free port)")
+    parser.add_argument("--slots", type=int, default=DEFAULT_SLOTS,
+                        help="requests decoded together, each with its own KV cache (default: %(default)s)")
+    parser.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
+                        help=f"prompt + response tokens per request (default: {DEFAULT_MAX_MODEL_LEN} or the "
+                             "model's positions if fewer)")
+    parser.add_argument("--max-waiting", type=int, default=None, metavar="N",
+                        help=f"requests queued for a slot before new ones get 429 (default: {WAITING_PER_SLOT} x slots)")
+    parser.add_argument("--served-model-name", default=None, metavar="NAME",
+                        help="the model name clients send (default: the model directory's name)")
+    parser.add_argument("--chat-template", type=Path, default=None, metavar="FILE.jinja",
+                        help="a Jinja chat template to use instead of the tokenizer's")
+    parser.add_argument("--api-key-env", default=None, metavar="VAR",
+                        help="require `Authorization: Bearer <key>` with the key in this environment variable")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    parser.add_argument("--mesh", default="none", help="data=N,fsdp=N,tensor=N to shard the model and the slots over "
+                        "this host's devices, or none (the default: one device)")
+    parser.add_argument("--drain-seconds", type=float, default=10.0,
+                        help="on shutdown, how long requests in flight may take to finish (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.slots < 1 or (args.max_waiting is not None and args.max_waiting < 0):
+        raise UsageError("--slots must be >= 1 and --max-waiting >= 0")
+    if not 0 <= args.port < 2**16:
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    chat_template = None
+    if args.chat_template is not None:
+        chat_template = args.chat_template.read_text(encoding="utf-8")
+    api_key = api_key_from_env(args.api_key_env)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    mesh_sizes = parse_mesh(args.mesh)
+    initialize_distributed()
+    mesh = make_mesh(**mesh_sizes) if mesh_sizes is not None else None
+    model = load_model(args.model, compute_dtype=args.dtype, mesh=mesh)
+    options = ServeOptions(slots=args.slots, max_model_len=args.max_model_len, max_waiting=args.max_waiting,
+                           api_key=api_key, served_name=args.served_model_name, chat_template=chat_template,
+                           drain_seconds=args.drain_seconds)
+    service = build_service(model, options, mesh)
+    serve_forever(service, args.host, args.port, drain_seconds=args.drain_seconds,
+                  announce=lambda line: print(line, flush=True))
+    return 0

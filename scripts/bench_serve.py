@@ -1,0 +1,193 @@
+"""Throughput and latency of `pdpo serve` against `transformers serve --continuous-batching`.
+
+Both serve the same model (the bundled SmolLM2-135M-Instruct as a Hugging Face directory,
+written by our GGUF import, unless --model names another) on this machine, one after the other.
+For each number of concurrent clients, every client sends the test turns' prompts of a run
+config (persona + history through the config's template, as `pdpo test-responses` asks them)
+through the `openai` SDK, streamed, greedy, with the same token budget. Printed per server and
+client count: output tokens/s, p50/p95 request latency, p50 time to first token; the last line
+is `serve_speedup=W`, ours over transformers' throughput at the largest client count.
+
+    python scripts/bench_serve.py                               # 1, 4, 16 clients
+    python scripts/bench_serve.py --clients 1 2 --requests 4    # a smoke run
+    python scripts/bench_serve.py --only pdpo                   # ours alone (no comparison line)
+
+`transformers serve` needs FastAPI (`pip install fastapi`); without it the comparison is refused
+in one line. Measure on a quiet machine: other work on the cores changes every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+KEY = "bench"
+READY_SECONDS = 1800
+
+
+def test_turn_prompts(config_path: str) -> list[list[dict[str, str]]]:
+    """The chat messages of the config's test turns (system = persona block, then the history)."""
+    from pdpo_jax.config import load_config
+    from pdpo_jax.data.corpus import pick_test_turns, prepare_corpus
+    from pdpo_jax.data.templates import chat_messages, load_template
+
+    config = load_config(config_path)
+    turns = pick_test_turns(prepare_corpus(config.data, config.seed), None, 0)
+    template = load_template(config.data.template)
+    return [chat_messages(template, turn.persona, turn.history) for turn in turns]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A server process, up once /v1/models answers; stopped with SIGINT (then killed)."""
+
+    def __init__(self, command: list[str], port: int, env: dict[str, str]):
+        self.url = f"http://127.0.0.1:{port}/v1"
+        self.log = open(os.devnull, "w")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self, client) -> str:
+        deadline = time.monotonic() + READY_SECONDS
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"bench_serve: {self.process.args[:3]} exited with {self.process.returncode}")
+            try:
+                return client.models.list().data[0].id
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(1)
+        raise SystemExit(f"bench_serve: {self.url} not up after {READY_SECONDS} s")
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+def one_request(client, model: str, messages, max_tokens: int) -> tuple[float, float, int]:
+    """(latency s, time to first token s, output tokens) of one streamed greedy request."""
+    start = time.perf_counter()
+    first, tokens = None, 0
+    stream = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    for chunk in stream:
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter() - start
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    latency = time.perf_counter() - start
+    return latency, latency if first is None else first, tokens
+
+
+def load(client, model: str, prompts, clients: int, requests: int, max_tokens: int) -> dict[str, float]:
+    """`clients` threads, each sending `requests` prompts in turn (client c starts at prompt c)."""
+    results: list[tuple[float, float, int]] = []
+    lock = threading.Lock()
+
+    def run_client(c: int) -> None:
+        for r in range(requests):
+            outcome = one_request(client, model, prompts[(c + r * clients) % len(prompts)], max_tokens)
+            with lock:
+                results.append(outcome)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(run_client, range(clients)))
+    elapsed = time.perf_counter() - start
+    latencies = sorted(r[0] for r in results)
+    return {"tokens_per_s": sum(r[2] for r in results) / elapsed,
+            "p50_s": statistics.median(latencies),
+            "p95_s": latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))],
+            "ttft_p50_s": statistics.median(r[1] for r in results), "requests": len(results)}
+
+
+def measure(name: str, server: Server, prompts, args) -> dict[int, dict[str, float]]:
+    import openai
+
+    client = openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0, timeout=3600)
+    try:
+        model = server.wait_ready(client)
+        load(client, model, prompts, 1, len(prompts), args.max_tokens)  # warm-up: every prompt's shapes compiled
+        figures = {}
+        for clients in args.clients:
+            load(client, model, prompts, clients, 1, args.max_tokens)  # this concurrency's shapes
+            figures[clients] = row = load(client, model, prompts, clients, args.requests, args.max_tokens)
+            print(f"{name:>12} clients={clients:<3} tokens/s={row['tokens_per_s']:8.1f} "
+                  f"p50={row['p50_s']:6.2f}s p95={row['p95_s']:6.2f}s ttft_p50={row['ttft_p50_s']:6.2f}s "
+                  f"requests={row['requests']}", flush=True)
+        return figures
+    finally:
+        server.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="default", help="model directory or `default` (default: %(default)s)")
+    parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"),
+                        help="run config whose test turns are the prompts (default: configs/demo.yaml)")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests", type=int, default=8, help="requests per client per measurement")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--slots", type=int, default=None, help="pdpo serve --slots (default: the most clients)")
+    parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--only", choices=("pdpo", "transformers"), default=None, help="measure one server only")
+    args = parser.parse_args()
+
+    from pdpo_jax.model.loader import resolve_model_dir
+
+    model_dir = resolve_model_dir(args.model)
+    prompts = test_turn_prompts(args.config)
+    print(f"model {model_dir}; {len(prompts)} test-turn prompts from {args.config}; max_tokens={args.max_tokens}; "
+          f"clients {args.clients} x {args.requests} requests", flush=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "BENCH_KEY": KEY}
+    figures: dict[str, dict[int, dict[str, float]]] = {}
+    if args.only in (None, "pdpo"):
+        port = free_port()
+        command = [sys.executable, "-m", "pdpo_jax.cli", "serve", "--model", str(model_dir), "--port", str(port),
+                   "--slots", str(args.slots or max(args.clients)), "--max-model-len", str(args.max_model_len),
+                   "--api-key-env", "BENCH_KEY"]
+        figures["pdpo"] = measure("pdpo serve", Server(command, port, env), prompts, args)
+    if args.only in (None, "transformers"):
+        try:
+            import fastapi  # noqa: F401
+        except ImportError:
+            raise SystemExit("bench_serve: `transformers serve` needs FastAPI, which is not installed "
+                             "(pip install fastapi; or --only pdpo)") from None
+        port = free_port()
+        command = [str(Path(sys.executable).with_name("transformers")), "serve", str(model_dir),
+                   "--continuous-batching", "--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1",
+                   "--port", str(port)]
+        figures["transformers"] = measure("transformers", Server(command, port, env), prompts, args)
+    top = max(args.clients)
+    if "pdpo" in figures:
+        ours = figures["pdpo"]
+        print(f"pdpo_scaling={ours[top]['tokens_per_s'] / ours[min(args.clients)]['tokens_per_s']:.2f} "
+              f"({top} clients over {min(args.clients)})")
+    if len(figures) == 2:
+        print(f"serve_speedup={figures['pdpo'][top]['tokens_per_s'] / figures['transformers'][top]['tokens_per_s']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
