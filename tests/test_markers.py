@@ -12,7 +12,7 @@ from conftest import FIXTURE_MARKERS, GUARD, HEAVY_MARKERS
 
 def test_every_heavy_marker_comes_from_a_fixture(pytestconfig):
     given = {marker for markers in FIXTURE_MARKERS.values() for marker in markers}
-    assert given == set(HEAVY_MARKERS)
+    assert set(HEAVY_MARKERS) <= given  # a fixture may also mark what stays in the fast tier (gcs)
     registered = {line.split(":")[0] for line in pytestconfig.getini("markers")}
     assert given <= registered  # pyproject.toml describes each
 
