@@ -403,7 +403,8 @@ def test_settings_never_echo_a_key_pasted_into_api_key_env():
 
 
 def test_settings_mirror_the_config_section():
-    section_fields = {f.name: f.default for f in dataclasses.fields(JudgeSection)}
+    # judge.serve is the stage's own: which model it serves itself, not a setting of the judge client.
+    section_fields = {f.name: f.default for f in dataclasses.fields(JudgeSection) if f.name != "serve"}
     settings_fields = {f.name: f.default for f in dataclasses.fields(JudgeSettings)}
     assert list(section_fields) == list(settings_fields)
     assert {**section_fields, "model": None} == {**settings_fields, "model": None}
@@ -581,7 +582,7 @@ def test_the_runs_judge_stage_says_in_one_line_that_it_is_skipped_without_a_judg
     assert judge_stage.main(["--config", str(plain)]) == 0
     assert capsys.readouterr().out.strip().splitlines() == [
         "judge: skipped, the config names no judge model (set judge.model, and judge.base_url for an endpoint "
-        "other than the OpenAI API)"]
+        "other than the OpenAI API, or judge.serve to serve one here)"]
     assert not (run / "judge").exists()
 
 
