@@ -20,7 +20,8 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "pdpo_jax"
 # Bottom to top. Each entry of a layer is a component: a module or a subpackage of pdpo_jax.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),  # the base of every user-facing error
-    ("object_store",),  # gs:// paths beside local ones, and the object operations commits and the lock need
+    # gs:// paths beside local ones, and the object operations commits and the lock need | the HTTP servers' socket
+    ("object_store", "listening"),
     ("storage", "config", "run_lock"),  # writing, reading and committing files | run configuration | one run per run dir
     # the projection | which form a hot operation takes per backend | mesh and partition rules | metrics.jsonl
     # | where every artifact of a run lives

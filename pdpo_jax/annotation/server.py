@@ -43,6 +43,7 @@ from starlette.routing import Mount, Route, Router
 from pdpo_jax.annotation.errors import StudyError, StudyUnavailable
 from pdpo_jax.annotation.page_text import labelled_history, page_text
 from pdpo_jax.annotation.store import CHOICES, Annotator, Progress, ShownItem, Study
+from pdpo_jax.listening import base_url, listening_socket
 
 LOG = logging.getLogger(__name__)
 
@@ -240,23 +241,8 @@ async def _server_error(request: Request, error: Exception) -> Response:
 
 
 def bind(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> socket.socket:
-    """A listening socket on (host, port); port 0 takes any free port (`base_url` tells which).
-    Connections made before the server runs wait in its backlog."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(BACKLOG)
-    except (OSError, OverflowError) as err:
-        sock.close()
-        raise StudyError(f"cannot serve on {host}:{port}: {getattr(err, 'strerror', None) or err}") from None
-    return sock
-
-
-def base_url(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    """A listening socket on (host, port) for the study's server (`pdpo_jax.listening`)."""
+    return listening_socket(host, port, BACKLOG, StudyError)
 
 
 def is_loopback(host: str) -> bool:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import uvicorn
 
 from pdpo_jax.errors import PdpoError
+from pdpo_jax.listening import base_url, listening_socket
 from pdpo_jax.model import Model, eos_ids, require_tokenizer
 from pdpo_jax.serve.app import Service, chat_renderer, create_app
 from pdpo_jax.serve.engine import SlotEngine
@@ -70,21 +71,8 @@ def build_service(model: Model, options: ServeOptions = ServeOptions(), mesh: An
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening socket; port 0 takes any free port."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(BACKLOG)
-    except OSError as err:
-        sock.close()
-        raise ServeError(f"cannot serve on {host}:{port}: {err.strerror}") from None
-    return sock
-
-
-def base_url(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    """A listening socket for the server (`pdpo_jax.listening`); port 0 takes any free port."""
+    return listening_socket(host, port, BACKLOG, ServeError)
 
 
 def make_server(service: Service, drain_seconds: float) -> uvicorn.Server:
