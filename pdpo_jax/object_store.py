@@ -21,6 +21,8 @@ raised as `ObjectStoreError`, one line naming the path.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import socket
@@ -235,8 +237,6 @@ def local_copy(url: Any, cache_root: Path, skip: tuple[str, ...] = (), only: tup
 
     Several processes of one host may call it at once: each writes to a temporary name and renames
     into place, and they download the same bytes."""
-    import base64
-    import hashlib
     import tempfile
 
     bucket, key = _object_name(url)
@@ -264,19 +264,11 @@ def local_copy(url: Any, cache_root: Path, skip: tuple[str, ...] = (), only: tup
             if not path.is_file() or path.stat().st_size != int(info["size"]):
                 return False
             if info.get("md5Hash"):
-                digest = hashlib.md5()
-                with open(path, "rb") as handle:
-                    for block in iter(lambda: handle.read(1 << 20), b""):
-                        digest.update(block)
-                return base64.b64encode(digest.digest()).decode() == info["md5Hash"]
+                return _encoded_checksum(path, hashlib.md5()) == info["md5Hash"]
             if info.get("crc32c"):
                 import google_crc32c
 
-                checksum = google_crc32c.Checksum()
-                with open(path, "rb") as handle:
-                    for block in iter(lambda: handle.read(1 << 20), b""):
-                        checksum.update(block)
-                return base64.b64encode(checksum.digest()).decode() == info["crc32c"]
+                return _encoded_checksum(path, google_crc32c.Checksum()) == info["crc32c"]
             return True
 
         if matches(local):
@@ -317,3 +309,11 @@ def default_gcs_cache() -> Path:
         return Path(os.environ["PDPO_CACHE_DIR"]).expanduser() / "gcs"
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "pdpo_jax" / "gcs"
+
+
+def _encoded_checksum(path: Path, checksum: Any) -> str:
+    """`checksum` (hashlib's md5 or a crc32c Checksum) of the file at `path`, base64 as GCS lists it."""
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            checksum.update(block)
+    return base64.b64encode(checksum.digest()).decode()
