@@ -54,10 +54,12 @@ def _compile(program: Program):
     return program.jitted.lower(*program.args).compile()
 
 
-def _loop_corrected_cost(program: Program, executable) -> Cost:
+def _loop_corrected_cost(program: Program, executable=None) -> Cost:
+    """The program's cost per execution; `executable` is the program compiled, when the caller has it
+    (a program whose cost comes from its `cost_program` is not compiled for it)."""
     if program.cost_program is not None:
-        return _loop_corrected_cost(program.cost_program, _compile(program.cost_program))
-    cost = Cost.of(executable.cost_analysis())
+        return _loop_corrected_cost(program.cost_program)
+    cost = Cost.of((_compile(program) if executable is None else executable).cost_analysis())
     if program.outside is not None and program.loop_trips > 1:
         outside = Cost.of(_compile(program.outside).cost_analysis())
         cost = cost.repeated_body(outside, program.loop_trips)
@@ -77,7 +79,7 @@ def compile_program(program: Program, chip: Chip) -> Compiled:
     if program.layer_probes is None:
         cost = _loop_corrected_cost(program, executable)
     else:
-        one, two = (_loop_corrected_cost(probe, _compile(probe)) for probe in program.layer_probes)
+        one, two = (_loop_corrected_cost(probe) for probe in program.layer_probes)
         cost = one.plus(two.minus(one).times(program.layers - 1))
     stats = executable.memory_analysis()
     memory = Memory.of(stats, resident=program.resident_bytes)
