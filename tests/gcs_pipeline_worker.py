@@ -1,5 +1,5 @@
-"""One process of the two-process `pdpo pipeline` run on gs:// in test_gcs_multihost_pipeline.py (run
-as a script, not collected): `pdpo` itself, with every object this process uploads or copies
+"""One process of the two-process `pdpo pipeline` run on gs:// in test_multihost_pipeline.py (run as
+a script, not collected): `pdpo` itself, with every object this process uploads or copies
 through gcsfs under PDPO_TEST_WATCH (a gs:// folder) listed, one per line, in PDPO_TEST_WRITES.
 Orbax's array data goes through tensorstore, not gcsfs, and is not listed."""
 
