@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on CPU (what CI runs), with the 25 slowest tests listed at the end, in
 # one worker per core (PDPO_TEST_WORKERS sets another count, 1 runs in this process, e.g. for
-# --pdb; a module's tests stay in one worker, so its fixtures are built once).
+# --pdb; a module's tests stay in one worker, so its fixtures are built once, and the modules with
+# the most heavy tests start first).
 # `--fast` leaves out the tests that need the bundled model, start processes, compile for TPU or
 # drive a browser (markers given in tests/conftest.py), and gives the property tests a small example
 # budget (PDPO_HYPOTHESIS_PROFILE=fast). Other arguments go to pytest
@@ -18,6 +19,7 @@ done
 workers=${PDPO_TEST_WORKERS:-$(nproc)}
 parallel=()
 if [ "$workers" -gt 1 ]; then
-  parallel=(-n "$workers" --dist loadfile)
+  # modules in the order tests/conftest.py gives them (the heaviest first), not by test count
+  parallel=(-n "$workers" --dist loadfile --no-loadscope-reorder)
 fi
 exec python -m pytest -q --durations=25 "${parallel[@]}" "$@"

@@ -78,10 +78,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for fixture in getattr(item, "fixturenames", ()):
             for marker in FIXTURE_MARKERS.get(fixture, ()):
                 item.add_marker(marker)
+    heavy = {item for item in items if any(item.get_closest_marker(m) for m in HEAVY_MARKERS)}
     if config.getoption("--fast"):
-        heavy = {item for item in items if any(item.get_closest_marker(m) for m in HEAVY_MARKERS)}
         config.hook.pytest_deselected(items=[item for item in items if item in heavy])
         items[:] = [item for item in items if item not in heavy]
+    # The modules with the most heavy tests first (a module's tests stay together and in order): the
+    # workers of scripts/test.sh take modules in this order, so the long ones start early and the
+    # short ones even out the end of the run instead of one worker finishing a long module alone.
+    heavy_in_module: dict[str, int] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        heavy_in_module[module] = heavy_in_module.get(module, 0) + (item in heavy)
+    items.sort(key=lambda item: -heavy_in_module[item.nodeid.split("::")[0]])
 
 
 @pytest.fixture(scope="session")
