@@ -165,6 +165,14 @@ def _upload(path: Any, data: bytes, *, if_generation_match: int) -> int | None:
     return int(reply["generation"])
 
 
+def upload_file(local: Path, url: Any) -> None:
+    """Uploads the local file `local` as the object `url`: one object, there only once complete."""
+    try:
+        filesystem().put_file(os.fspath(local), _strip(url))
+    except Exception as err:  # noqa: BLE001
+        raise store_error(err, url) from None
+
+
 def _strip(path: Any) -> str:
     return os.fspath(path)[len("gs://"):]
 

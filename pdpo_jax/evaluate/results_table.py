@@ -28,6 +28,7 @@ from pdpo_jax.evaluate.dnli_stats import (
 )
 from pdpo_jax.evaluate.report import DNLI_METRICS, PPO_CURVE_METRICS, _table, plot_dnli, plot_training_curves
 from pdpo_jax.evaluate.response_metrics import REPORT_COLUMNS, metric_cell
+from pdpo_jax.object_store import as_path
 from pdpo_jax.storage import atomic_write_json, atomic_write_text, jsonl_objects
 
 INTERVALS_NOTE = ("{confidence:.0f}% percentile-bootstrap intervals over examples ({samples} resamples, seed {seed}); "
@@ -59,7 +60,7 @@ class DnliResult:
 def read_dnli_result(name: str, report_path: str | os.PathLike) -> DnliResult:
     """The report and, beside it, its examples sidecar (the name the report's `files.examples` gives,
     else the REPORT.examples.jsonl convention); the sidecar's tallies must equal the report's."""
-    path = Path(report_path)
+    path = as_path(report_path)
     if not path.is_file():
         raise ResultsError(f"{path}: DNLI report not found (model {name!r})")
     try:
@@ -165,7 +166,7 @@ def _paired_cell(test: Mapping[str, Any] | None) -> list[str]:
 
 def read_response_report(name: str, path: str | os.PathLike) -> dict[str, Any]:
     """A model's `pdpo eval-responses` report (C-score, contradiction and persona-copy rates, ...)."""
-    path = Path(path)
+    path = as_path(path)
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -250,7 +251,7 @@ def write_results_table(table: Mapping[str, Any], results: Sequence[DnliResult],
     curves.png (`curves`: every metric of the SFT/DPO runs) and ppo_curves.png (`ppo_curves`: the
     PPO runs' reward, KL, clip fraction and value loss). `responses` (name -> eval-responses
     report) adds "What the models say" to table.md and a "responses" entry to table.json."""
-    out = Path(out_dir)
+    out = as_path(out_dir)
     shifts = table_score_shifts(results, table["reference"])
     paths = {"json": out / "table.json", "markdown": out / "table.md", "plot": out / "dnli.png",
              "score_shifts": out / "score_shifts.json"}
@@ -258,7 +259,7 @@ def write_results_table(table: Mapping[str, Any], results: Sequence[DnliResult],
         if not logs:
             continue
         for label, source in logs.items():
-            if not Path(source).is_file():
+            if not as_path(source).is_file():
                 raise ResultsError(f"{source}: training log of {label!r} not found")
         paths[name] = out / f"{name}.png"
         plot_training_curves(logs, paths[name], metrics=metrics)
