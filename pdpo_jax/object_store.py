@@ -305,14 +305,20 @@ def local_copy(url: Any, cache_root: Path, skip: tuple[str, ...] = (), only: tup
 
 def local_file(url: Any, cache_root: Path | None = None) -> Path:
     """This host's verified copy of one gs:// object (under `cache_root`, by default
-    `$PDPO_CACHE_DIR/gcs` or `~/.cache/pdpo_jax/gcs`), for readers that need a local file."""
+    `default_gcs_cache()`), for readers that need a local file."""
     text = os.fspath(url)
     folder, _, name = text.rpartition("/")
     return local_copy(folder, cache_root or default_gcs_cache(), only=(name,)) / name
 
 
+GCS_CACHE_ENV = "PDPO_GCS_CACHE_DIR"
+
+
 def default_gcs_cache() -> Path:
-    """`$PDPO_CACHE_DIR/gcs`, else `$XDG_CACHE_HOME/pdpo_jax/gcs`, else `~/.cache/pdpo_jax/gcs`."""
+    """Where this host keeps its copies of gs:// models and files: `$PDPO_GCS_CACHE_DIR`, else
+    `$PDPO_CACHE_DIR/gcs`, else `$XDG_CACHE_HOME/pdpo_jax/gcs`, else `~/.cache/pdpo_jax/gcs`."""
+    if os.environ.get(GCS_CACHE_ENV):
+        return Path(os.environ[GCS_CACHE_ENV]).expanduser()
     if os.environ.get("PDPO_CACHE_DIR"):
         return Path(os.environ["PDPO_CACHE_DIR"]).expanduser() / "gcs"
     xdg = os.environ.get("XDG_CACHE_HOME")
