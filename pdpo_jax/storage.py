@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pdpo_jax.errors import DataError
-from pdpo_jax.object_store import as_path, filesystem, is_object_store, store_error
+from pdpo_jax.object_store import as_path, filesystem, is_object_store, reported, store_error
 
 
 def umask_file_mode() -> int:
@@ -186,12 +186,8 @@ def open_file(path: str | Path, mode: str = "r"):
     """`open(path, mode)` (UTF-8 in text mode), for a local path or a gs:// object."""
     encoding = None if "b" in mode else "utf-8"
     if is_object_store(path):
-        try:
+        with reported(path):  # no credentials, no endpoint: one line
             return as_path(path).open(mode, encoding=encoding)
-        except FileNotFoundError:
-            raise
-        except Exception as err:  # noqa: BLE001 - no credentials, no endpoint: one line
-            raise store_error(err, path) from None
     return open(path, mode, encoding=encoding)
 
 

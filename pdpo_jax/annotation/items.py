@@ -17,14 +17,14 @@ from typing import Sequence
 from pdpo_jax.annotation.errors import StudyError
 from pdpo_jax.annotation.judge_output import judged_responses, read_judged_pairs
 from pdpo_jax.evaluate.judge_pairs import PairItem, ResponseSet, common_ids, load_responses, make_item
-from pdpo_jax.object_store import as_path
+from pdpo_jax.object_store import as_path, is_object_store
 
 SOURCES_HELP = "a judge output folder, or two responses files (NAME=FILE names a file's model)"
 
 
 def study_items(sources: Sequence[str]) -> list[PairItem]:
     """The items `sources` describe: one judge output folder, or two responses files."""
-    if len(sources) == 1 and as_path(sources[0]).is_dir():
+    if len(sources) == 1 and (is_object_store(sources[0]) or as_path(sources[0]).is_dir()):  # a bucket has no folders
         items = items_from_judge_output(sources[0])
     elif len(sources) == 2:
         items = items_from_responses(sources)

@@ -19,7 +19,7 @@ from pathlib import Path
 from pdpo_jax.annotation.errors import StudyError
 from pdpo_jax.evaluate.judge_pairs import ResponseSet, load_responses
 from pdpo_jax.evaluate.judge_stats import OUTCOMES
-from pdpo_jax.object_store import as_path
+from pdpo_jax.object_store import as_path, reported
 from pdpo_jax.storage import jsonl_objects
 
 RESULTS_FILE = "judge_results.json"
@@ -37,7 +37,8 @@ class JudgedPair:
 def judgments_file(path: str | os.PathLike) -> Path:
     """A judge output folder's judgments.jsonl, or the judgments file itself."""
     path = as_path(path)
-    file = path / JUDGMENTS_FILE if path.is_dir() else path
+    with reported(path):
+        file = path / JUDGMENTS_FILE if path.is_dir() else path
     if not file.is_file():
         raise StudyError(f"{path}: not a judge output folder (no {JUDGMENTS_FILE}) nor a judgments file")
     return file

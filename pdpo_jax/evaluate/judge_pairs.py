@@ -37,7 +37,7 @@ import numpy as np
 
 from pdpo_jax.evaluate.judge_client import JudgeCallFailed, JudgeConfigError, JudgmentCache, cache_key
 from pdpo_jax.storage import jsonl_objects
-from pdpo_jax.object_store import as_path
+from pdpo_jax.object_store import as_path, reported
 from pdpo_jax.evaluate.judge_prompts import (
     JudgePrompt,
     Message,
@@ -79,7 +79,9 @@ def load_responses(path: str | os.PathLike) -> ResponseSet:
     Without a "model" field the file's stem names the model; all lines must name the same model.
     """
     path = as_path(path)
-    if not path.exists():
+    with reported(path):
+        there = path.exists()
+    if not there:
         raise JudgeConfigError(f"{path}: responses file not found")
     records: dict[str, dict[str, Any]] = {}
     models: set[str] = set()

@@ -28,7 +28,7 @@ from pdpo_jax.evaluate.dnli_stats import (
 )
 from pdpo_jax.evaluate.report import DNLI_METRICS, PPO_CURVE_METRICS, _table, plot_dnli, plot_training_curves
 from pdpo_jax.evaluate.response_metrics import REPORT_COLUMNS, metric_cell
-from pdpo_jax.object_store import as_path
+from pdpo_jax.object_store import as_path, reported
 from pdpo_jax.storage import atomic_write_json, atomic_write_text, jsonl_objects
 
 INTERVALS_NOTE = ("{confidence:.0f}% percentile-bootstrap intervals over examples ({samples} resamples, seed {seed}); "
@@ -61,7 +61,9 @@ def read_dnli_result(name: str, report_path: str | os.PathLike) -> DnliResult:
     """The report and, beside it, its examples sidecar (the name the report's `files.examples` gives,
     else the REPORT.examples.jsonl convention); the sidecar's tallies must equal the report's."""
     path = as_path(report_path)
-    if not path.is_file():
+    with reported(path):
+        there = path.is_file()
+    if not there:
         raise ResultsError(f"{path}: DNLI report not found (model {name!r})")
     try:
         report = json.loads(path.read_text(encoding="utf-8"))

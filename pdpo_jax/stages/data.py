@@ -13,7 +13,7 @@ from pdpo_jax.data.dnli import PROTOCOLS
 from pdpo_jax.data.download import DEFAULT_WHAT, SOURCES, configured_sources, fetch
 from pdpo_jax.data.inspect import inspect_file
 from pdpo_jax.errors import UsageError
-from pdpo_jax.object_store import as_path
+from pdpo_jax.object_store import as_path, reported
 from pdpo_jax.prefs.summary import folder_overview, is_prefs_folder
 from pdpo_jax.stage_runner import StageParser, stage_parser
 
@@ -78,8 +78,10 @@ def build_parser() -> StageParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "inspect":
-        shown = [folder_overview(path) if is_prefs_folder(path) else inspect_file(path, args.protocol)
-                 for path in args.files]
+        shown = []
+        for path in args.files:
+            with reported(path):  # a gs:// path without access or endpoint: one line naming it
+                shown.append(folder_overview(path) if is_prefs_folder(path) else inspect_file(path, args.protocol))
         print(json.dumps(shown, indent=2, ensure_ascii=False))
         return 0
     sources = configured_sources(_pairs(args.url, "--url"), _pairs(args.archive_sha256, "--archive-sha256"))
