@@ -139,6 +139,11 @@ def delete_if_generation(path: Any, generation: int) -> bool:
 
     fs = filesystem()
     bucket, key = _object_name(path)
+    # The precondition alone decides on Cloud Storage; the look first also keeps emulators that
+    # ignore it on DELETE (fake-gcs-server) from deleting another writer's object.
+    current = read_with_generation(path)
+    if current is None or current[1] != generation:
+        return False
     try:
         sync(fs.loop, fs._call, "DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=str(generation))
     except (FileNotFoundError, FileExistsError):
