@@ -11,15 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from gcs_fixtures import gcs_bucket, gcs_emulator  # noqa: F401 - fixtures
 from judge_fixtures import ScriptedJudgeServer, write_responses
 from pdpo_jax import cli, storage
 from pdpo_jax.object_store import as_path, filesystem
 from test_default_model import write_tiny_llama_gguf
-from test_download import cli_args, server, sha256, synthetic_tgz  # noqa: F401 - fixtures
-from test_judge import KEY_ENV, _fake_key, alpha_wins, argv_for, dialogue_rows  # noqa: F401 - fixture
+from test_download import cli_args, server, synthetic_tgz  # noqa: F401 - fixtures
+from test_judge import _fake_key, alpha_wins, argv_for, dialogue_rows  # noqa: F401 - _fake_key: the judge's API key
 from test_results_table import MODELS, write_eval
 
 REPO = Path(__file__).resolve().parents[1]

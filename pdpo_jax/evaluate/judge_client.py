@@ -19,7 +19,6 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from pdpo_jax.errors import PdpoError

@@ -20,7 +20,6 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 from pdpo_jax.config import JudgeSection
