@@ -4,7 +4,7 @@ or 403), a bucket that does not exist, an object that does not, an endpoint noth
 Nothing here reaches a real cloud: the commands run with STORAGE_EMULATOR_HOST pointed at the stub,
 the emulator or a closed loopback port.
 
-Cost: eight short `pdpo` processes (no model is loaded), about 30 s.
+Cost: eight short `pdpo` processes (no model is loaded), about 50 s on a busy 2-core machine.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ results`, `pdpo judge` and `pdpo annotate` on a bucket's files, `pdpo data inspe
 `pdpo default-model` and `pdpo data download` writing their folders to a bucket. Each is run on the
 bucket and on disk from the same inputs, and must give the same outputs.
 
-Cheap: no model is trained or loaded (the GGUF is a 2-layer toy); about 15 s in all.
+Cheap: no model is trained or loaded (the GGUF is a 2-layer toy); about 20 s in all on a busy 2-core machine.
 """
 
 from __future__ import annotations
