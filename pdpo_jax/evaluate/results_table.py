@@ -58,7 +58,8 @@ class DnliResult:
 
 def read_dnli_result(name: str, report_path: str | os.PathLike) -> DnliResult:
     """The report and, beside it, its examples sidecar (the name the report's `files.examples` gives,
-    else the REPORT.examples.jsonl convention); the sidecar's tallies must equal the report's."""
+    else the REPORT.examples.jsonl convention; gzipped as `<sidecar>.gz` where only that is at hand,
+    as the committed results keep it); the sidecar's tallies must equal the report's."""
     path = Path(report_path)
     if not path.is_file():
         raise ResultsError(f"{path}: DNLI report not found (model {name!r})")
@@ -70,9 +71,12 @@ def read_dnli_result(name: str, report_path: str | os.PathLike) -> DnliResult:
         raise ResultsError(f"{path}: not a DNLI report (no 'subsets')")
     sidecar = (report.get("files") or {}).get("examples")
     examples_path = path.parent / sidecar if isinstance(sidecar, str) else output_paths(path)["examples"]
+    gzipped = examples_path.with_name(examples_path.name + ".gz")
+    if not examples_path.is_file() and gzipped.is_file():
+        examples_path = gzipped
     if not examples_path.is_file():
         raise ResultsError(f"{examples_path}: the per-example records of {path} are missing (eval-dnli writes them beside the report)")
-    records = [record for _, record in jsonl_objects(examples_path, ResultsError)]
+    records = [record for _, record in jsonl_objects(examples_path, ResultsError, gzipped=examples_path == gzipped)]
     predictions = predictions_from_records(name, records, str(examples_path))
     if set(predictions.subsets) != set(report["subsets"]):
         raise ResultsError(f"{examples_path} does not match {path}: subsets {sorted(set(predictions.subsets))} in the "
