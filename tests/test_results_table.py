@@ -136,6 +136,30 @@ def test_gzipped_sidecars_give_the_same_table_with_the_paths_as_given(tmp_path, 
     assert packed == plain
 
 
+def test_paired_tests_against_a_second_reference(tmp_path, evals, capsys):
+    """`--reference sft --reference pseudo-dpo`: the table against sft as with one reference, plus
+    the paired tests a table against pseudo-dpo alone holds, under `paired_against`."""
+    def table(*references):
+        out = tmp_path / "-".join(references)
+        status, err = run(["results", *model_args(evals), *(a for r in references for a in ("--reference", r)),
+                           "--out", str(out), "--bootstrap-samples", "200"], capsys)
+        assert status == 0, err
+        return json.loads((out / "table.json").read_text()), (out / "table.md").read_text()
+
+    both, markdown = table("sft", "pseudo-dpo")
+    (against_sft, _), (against_dpo, _) = table("sft"), table("pseudo-dpo")
+    extra = both.pop("paired_against")
+    assert both == against_sft
+    assert list(extra) == ["pseudo-dpo"] and "against pseudo-dpo" in extra["pseudo-dpo"]["test"]
+    assert extra["pseudo-dpo"]["models"] == {row["model"]: {g: entry["paired"] for g, entry in row["groups"].items()}
+                                             for row in against_dpo["rows"] if row["model"] != "pseudo-dpo"}
+    assert "#### Paired against sft" in markdown and "#### Paired against pseudo-dpo" in markdown
+    assert "| sft | overall |" in markdown.split("#### Paired against pseudo-dpo")[1]
+    status, err = run(["results", *model_args(evals), "--reference", "sft", "--reference", "sft",
+                       "--out", str(tmp_path / "twice")], capsys)
+    assert status == 2 and "given twice" in err
+
+
 def test_a_damaged_gzipped_sidecar_is_one_line_naming_it(tmp_path, evals, capsys):
     sidecar = output_paths(evals["sft"])["examples"]
     damaged = sidecar.with_name(sidecar.name + ".gz")
