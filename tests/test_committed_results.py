@@ -4,6 +4,7 @@ byte, and the table names its inputs by paths relative to the repository, never 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -67,3 +68,18 @@ def test_no_committed_report_names_a_machine_folder():
     absolute = [(str(path.relative_to(REPO)), text) for path in reports
                 for text in _strings(json.loads(path.read_text())) if text.startswith("/") and "/" in text[1:]]
     assert not absolute, absolute[:5]
+
+
+def test_the_runner_rewrites_run_and_data_paths_only(tmp_path):
+    spec = importlib.util.spec_from_file_location("run_reproduction", REPO / "scripts" / "run_reproduction.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    root, data = tmp_path / "runs" / "x", tmp_path / "data"
+    record = {"best_dir": f"{root}/main/dpo/best", "files": [f"{data}/dnli/valid_havenot.jsonl", f"{root}"],
+              "elsewhere": f"{tmp_path}/runs/xy/dpo", "text": "a/b", "step": 3}
+    source, target = tmp_path / "done.json", tmp_path / "kept.json"
+    source.write_text(json.dumps(record))
+    runner.keep_json(source, target, root, data)
+    assert json.loads(target.read_text()) == {
+        "best_dir": "main/dpo/best", "files": ["PDPO_DATA/dnli/valid_havenot.jsonl", "."],
+        "elsewhere": f"{tmp_path}/runs/xy/dpo", "text": "a/b", "step": 3}
