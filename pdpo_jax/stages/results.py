@@ -47,7 +47,9 @@ def build_parser() -> StageParser:
     dnli = parser.add_argument_group("DNLI table")
     dnli.add_argument("--model", action="append", default=[], metavar="NAME=REPORT.json",
                       help="a model's eval-dnli report (its REPORT.examples.jsonl beside it); repeat, in table order")
-    dnli.add_argument("--reference", default="sft", help="the model paired tests compare against (default: %(default)s)")
+    dnli.add_argument("--reference", action="append", metavar="NAME",
+                      help="the model paired tests compare against (default: sft); given again, the same tests "
+                           "against each further model are added (table.json `paired_against`)")
     dnli.add_argument("--curves", action="append", default=[], metavar="NAME=metrics.jsonl",
                       help="a training stage's metrics.jsonl, drawn into curves.png; repeat for every run")
     dnli.add_argument("--ppo-curves", action="append", default=[], metavar="NAME=metrics.jsonl",
@@ -100,15 +102,20 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError("--curves and --ppo-curves go with the DNLI table: give --model too")
     if (args.conversations is None) != (not responses):
         raise UsageError("--conversations and --responses go together")
-    if models and args.reference not in models:
-        raise UsageError(f"--reference {args.reference!r} is not one of the --model names {list(models)}")
+    references = args.reference or ["sft"]
+    for reference in references:
+        if models and reference not in models:
+            raise UsageError(f"--reference {reference!r} is not one of the --model names {list(models)}")
+    if len(set(references)) < len(references):
+        raise UsageError(f"--reference: a model is given twice ({references})")
     if args.bootstrap_samples < 1:
         raise UsageError("--bootstrap-samples must be positive")
     written = []
     reports = {name: read_response_report(name, path) for name, path in said.items()}
     if models:
         results = [read_dnli_result(name, path) for name, path in models.items()]
-        table = results_table(results, args.reference, samples=args.bootstrap_samples, seed=args.seed)
+        table = results_table(results, references[0], samples=args.bootstrap_samples, seed=args.seed,
+                              also_against=references[1:])
         written += write_results_table(table, results, args.out, curves=curves, ppo_curves=ppo_curves,
                                        responses=reports).values()
     elif reports:
