@@ -44,7 +44,7 @@ from prefs_fixtures import tiny_llama_with_words
 
 from gcs_fixtures import gcs_emulator, gcs_env  # noqa: F401 - fixtures
 from pdpo_jax.data import load_dialogues, read_dnli
-from pdpo_jax.object_store import as_path, filesystem
+from pdpo_jax.object_store import GCS_CACHE_ENV, as_path, filesystem
 from pdpo_jax.storage import COMMIT_MARKER
 
 WORKER = TESTS_DIR / "multihost_pipeline_worker.py"
@@ -73,9 +73,10 @@ def pipeline_args(tmp: Path, run_dir: Path | str) -> list[str]:
 
 
 def single_process_env(base_env: dict[str, str], watch: Path | str, writes: Path) -> dict[str, str]:
-    """One process with all 8 devices, this checkout's code and the suite's compilation cache."""
+    """One process with all 8 devices, this checkout's code, the suite's compilation cache and (from
+    `gcs_env`) the emulator's folder for hosts' copies of gs:// files."""
     env = {key: value for key, value in base_env.items()
-           if key in JAX_CACHE_VARIABLES or not key.startswith(("JAX_", "PDPO_"))}
+           if key in (*JAX_CACHE_VARIABLES, GCS_CACHE_ENV) or not key.startswith(("JAX_", "PDPO_"))}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8", OMP_NUM_THREADS="1",
                PDPO_TEST_WATCH=str(watch), PDPO_TEST_WRITES=str(writes),
                PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(TESTS_DIR)]))
