@@ -25,7 +25,9 @@ path before the bytes are compared.
 
 Cost: two two-process pipelines (the second reuses the first's compiled programs and skips SFT), a
 two-process make-prefs, one single-process pipeline and two single-process make-prefs runs, in one
-module so the single-process reference is built once.
+module so the single-process reference is built once. Measured on the shared 2-core machine at a load
+average of about 10: 25 min from a cold compilation cache (the local runs 1096 s, the gs:// run 308 s,
+the kill test 92 s), 10 min from a warm one; the two modules this one replaced took 38 min there.
 """
 
 from __future__ import annotations
