@@ -191,4 +191,5 @@ def describe(scheduler: Scheduler) -> dict[str, Any]:
     engine = scheduler.engine
     return {"slots": engine.slots, "busy": scheduler.busy_slots(), "waiting": scheduler.queued(),
             "max_model_len": engine.max_model_len, "steps": scheduler.steps,
-            "compiled": {"prompt_widths": sorted(engine.widths_compiled), "step_views": sorted(engine.views_compiled)}}
+            "compiled": {"prompt_widths": sorted(engine.widths_compiled), "step_views": sorted(engine.views_compiled),
+                         "step_shapes": [list(shape) for shape in sorted(engine.step_shapes_compiled)]}}
