@@ -36,6 +36,7 @@ from pdpo_jax.generation.decode import (
     left_align,
     params_on,
     prefill,
+    replicated_tokens,
 )
 from pdpo_jax.generation.sampling import (
     NUCLEUS_CANDIDATES,
@@ -195,7 +196,7 @@ def new_columns(view: dict, index: jax.Array) -> dict:
     return columns
 
 
-def _decode_rows(params, state, rows, active, *, config, columns):
+def _decode_rows(params, state, rows, active, *, config, columns, mesh=None):
     """Slots `rows` (`[R]`, distinct) pick their next token and run it through the model; those not
     `active` (padding up to R) are computed and then dropped. Attention reads only the first
     `columns` columns of the cache, which hold every active slot's tokens. Returns what `_commit`
@@ -213,7 +214,8 @@ def _decode_rows(params, state, rows, active, *, config, columns):
 
     logits, after = jax.vmap(one_slot)(tokens, position, before)
     update = {"columns": new_columns(after, before["index"]), "index": before["index"], "logits": logits}
-    return update, (tokens, chosen, top_ids, top_values)
+    picks = tuple(replicated_tokens(pick, mesh) for pick in (tokens, chosen, top_ids, top_values))  # every host reads them
+    return update, picks
 
 
 def _commit(state, rows, active, update):
@@ -269,7 +271,7 @@ class SlotEngine:
         self.params = jax.jit(partial(compute_params, config=config))(params_on(model, mesh))
         self.state = self._placed(self._empty_state())
         self._admit = jax.jit(partial(_admit, config=config), donate_argnums=(1,))
-        self._decode_rows = jax.jit(partial(_decode_rows, config=config), static_argnames=("columns",))
+        self._decode_rows = jax.jit(partial(_decode_rows, config=config, mesh=mesh), static_argnames=("columns",))
         self._commit = jax.jit(_commit, donate_argnums=(0,))
         self.write_index = np.zeros(self.slots, np.int64)  # where each slot writes its next token
         self.widths_compiled: set[int] = set()
@@ -300,7 +302,14 @@ class SlotEngine:
                 axes += [None] * (leaf.ndim - 4) + ["tensor"]
             return NamedSharding(self.mesh, fit_spec(PartitionSpec(*axes), leaf.shape, self.mesh))
 
-        return jax.device_put(state, jax.tree_util.tree_map_with_path(sharding, state))
+        def place(leaf, where):  # from the host, so a mesh spanning several hosts works alike
+            host = np.asarray(leaf)
+            return jax.make_array_from_callback(host.shape, where, lambda index: host[index])
+
+        return jax.tree.map(place, state, jax.tree_util.tree_map_with_path(sharding, state))
+
+    def keepalive(self) -> None:
+        """Nothing on one host (`pdpo_jax.serve.lockstep.LeaderEngine` tells the other hosts it is alive)."""
 
     @property
     def views_compiled(self) -> set[int]:
@@ -322,8 +331,7 @@ class SlotEngine:
         self.widths_compiled.add(prompt_ids.shape[1])
         settings = (np.float32(request.temperature), np.float32(request.top_p),
                     np.uint32(request.seed % 2**32), np.bool_(request.top_logprobs > 0))
-        self.state = self._admit(self.params, self.state, jnp.asarray(prompt_ids), jnp.asarray(prompt_valid),
-                                 np.int32(slot), settings)
+        self.state = self._admit(self.params, self.state, prompt_ids, prompt_valid, np.int32(slot), settings)
         self.write_index[slot] = prompt_ids.shape[1]
 
     def view_columns(self, busy: np.ndarray) -> int:
@@ -345,12 +353,11 @@ class SlotEngine:
         columns = self.view_columns(busy)
         rows = self.step_rows(busy)
         self.step_shapes_compiled.add((len(rows), columns))
-        rows, active = jnp.asarray(rows), jnp.asarray(busy[rows])
+        active = busy[rows]
         update, picks = self._decode_rows(self.params, self.state, rows, active, columns=columns)
         self.state = self._commit(self.state, rows, active, update)
         self.write_index[busy] += 1
         picked = [np.asarray(part) for part in jax.device_get(picks)]
-        rows = np.asarray(rows)
         per_slot = []
         for part in picked:
             full = np.zeros((self.slots, *part.shape[1:]), part.dtype)
