@@ -1,20 +1,24 @@
-"""Continuous batching on the jitted decoder: a fixed number of KV-cache slots, one step for all.
+"""Continuous batching on the jitted decoder: a fixed number of KV-cache slots, a step for the busy ones.
 
 The engine holds `slots` rows of KV cache, each `cache_length` columns long, as a stack of
 batch-1 caches (every leaf gets a leading slot axis, the write index is one per slot), so each
-slot fills its row at its own pace. Two jitted programs touch them:
+slot fills its row at its own pace. Three jitted programs touch them:
 
-    admit  one prompt, left-aligned to its bucket width exactly as `pdpo_jax.generate` lays it
-           out, prefilled into a batch-1 cache that then replaces one slot's row; one compile per
-           prompt bucket (`pdpo_jax.generation.decode.bucket_width`)
-    step   every slot at once: pick each slot's next token from the logits it holds (greedy,
-           or temperature + top-p with the slot's own seed), then one decode step of all slots
-           (`jax.vmap` of the batch-1 decode step over the slot axis); one compile in all
+    admit   one prompt, left-aligned to its bucket width exactly as `pdpo_jax.generate` lays it
+            out, prefilled into a batch-1 cache that then replaces one slot's row; one compile per
+            prompt bucket (`pdpo_jax.generation.decode.bucket_width`)
+    decode  R slots (the busy ones, padded with idle ones to a power of two): pick each one's next
+            token from the logits it holds (greedy, or temperature + top-p with the slot's own
+            seed), gather their rows' first V columns (V a power of two holding every busy
+            slot's tokens), and run one decode step (`jax.vmap` of the batch-1 step over the
+            rows); one compile per (R, V)
+    commit  the new column of each busy row, its logits and counters written into the state in
+            place (donated); apart from decode because one program that both reads the cache
+            through the gathered view and writes it made XLA copy the whole cache every step
 
-A slot's computation never reads another slot's row, and the shapes never change with how many
-slots are busy, so a request's tokens do not depend on its neighbours. The host reads back one
-small array per step (each slot's token and log-probabilities); everything else stays on device.
-Idle slots run along with a frozen write index and position 0, and are overwritten on admission.
+A slot's computation never reads another slot's row, so a request's tokens do not depend on its
+neighbours. The host reads back one small array per step (each row's token and log-probabilities);
+everything else stays on device. Idle padding rows are computed and dropped.
 """
 
 from __future__ import annotations

@@ -40,7 +40,8 @@ endpoints: POST /v1/chat/completions (stream: true for server-sent events), POST
   GET /v1/models, GET /health. Parameters: max_tokens, temperature (0 = greedy), top_p, seed,
   stop, n, logprobs / top_logprobs (at most 5).
 
-shapes: every step runs all --slots slots over a power of two of cache columns (at least 64);
+shapes: a step runs the busy slots (rounded up to a power of two, at most --slots) over a power of
+  two of cache columns (at least 64);
   a prompt is prefilled at its bucketed width (16, 32, ..., 128, then 4 per octave), one compile per width.
 
 Ctrl-C stops taking requests (503), lets those in flight finish for --drain-seconds, cancels the rest.
