@@ -226,24 +226,24 @@ def _commit(state, rows, active, update):
     """`state` with the active rows' new cache columns, next-token logits and counters written in
     place (the state is donated). Kept apart from `_decode_rows`: a program that both reads the
     cache through a view and writes it made XLA copy the whole cache every step."""
-    rows = jnp.where(active, rows, state["position"].shape[0])  # an out-of-range slot: the write is dropped
+    rows = jnp.where(active, rows, state["position"].shape[0])  # padding rows: an out-of-range slot, dropped
     index = update["index"]
 
     def put(full, column, axis):
         where = (rows, *[slice(None)] * (full.ndim + axis - 1), index)  # slot, the axes between, column
-        return full.at[where].set(column.astype(full.dtype), mode="drop", unique_indices=True)
+        return full.at[where].set(column.astype(full.dtype), mode="drop")
 
     cache, written = state["cache"], update["columns"]
     new_cache = {key: put(cache[key], written[key], -1) for key in ("positions", "segment_ids", "branch_ids")}
     for key in ("k", "v"):
         new_cache[key] = jax.tree.map(lambda full, column: put(full, column, -2), cache[key], written[key])
-    new_cache["index"] = cache["index"].at[rows].add(1, mode="drop", unique_indices=True)
+    new_cache["index"] = cache["index"].at[rows].add(1, mode="drop")
     return {
         **state,
         "cache": new_cache,
-        "logits": state["logits"].at[rows].set(update["logits"], mode="drop", unique_indices=True),
-        "position": state["position"].at[rows].add(1, mode="drop", unique_indices=True),
-        "picked": state["picked"].at[rows].add(1, mode="drop", unique_indices=True),
+        "logits": state["logits"].at[rows].set(update["logits"], mode="drop"),
+        "position": state["position"].at[rows].add(1, mode="drop"),
+        "picked": state["picked"].at[rows].add(1, mode="drop"),
     }
 
 
