@@ -17,6 +17,7 @@ import sys
 from collections.abc import Mapping
 
 from pdpo_jax.errors import PdpoError, RunFailed
+from pdpo_jax.object_store import is_store_failure, store_error
 from pdpo_jax.stages import STAGES
 
 DEBUG_FLAG = "--debug"
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the one place where errors become messages
         if debug:
             raise
+        if is_store_failure(err):  # a Cloud Storage failure no reader named a path for: still one line
+            err = store_error(err)
         print(f"pdpo {stage}: {_message(err)}", file=sys.stderr)
         if isinstance(getattr(err, "exit_status", None), int):  # e.g. 75: preempted, rerun to resume
             return err.exit_status

@@ -22,11 +22,14 @@ raised as `ObjectStoreError`, one line naming the path.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import socket
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Union
 
 from pdpo_jax.errors import PdpoError
@@ -47,6 +50,11 @@ def _no_listing_cache() -> None:
 
 
 _no_listing_cache()
+
+# gcsfs logs every request that failed for good, with its traceback, before it raises the error; the
+# error reaches the user as one line from us (and with --debug as a traceback), so the log is muted.
+if logging.getLogger("gcsfs").level == logging.NOTSET:
+    logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
 
 SCHEMES = ("gs://",)
 _BOUNDARY = "pdpo-object-boundary"
@@ -131,6 +139,11 @@ def delete_if_generation(path: Any, generation: int) -> bool:
 
     fs = filesystem()
     bucket, key = _object_name(path)
+    # The precondition alone decides on Cloud Storage; the look first also keeps emulators that
+    # ignore it on DELETE (fake-gcs-server) from deleting another writer's object.
+    current = read_with_generation(path)
+    if current is None or current[1] != generation:
+        return False
     try:
         sync(fs.loop, fs._call, "DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=str(generation))
     except (FileNotFoundError, FileExistsError):
@@ -165,6 +178,14 @@ def _upload(path: Any, data: bytes, *, if_generation_match: int) -> int | None:
     return int(reply["generation"])
 
 
+def upload_file(local: Path, url: Any) -> None:
+    """Uploads the local file `local` as the object `url`: one object, there only once complete."""
+    try:
+        filesystem().put_file(os.fspath(local), _strip(url))
+    except Exception as err:  # noqa: BLE001
+        raise store_error(err, url) from None
+
+
 def _strip(path: Any) -> str:
     return os.fspath(path)[len("gs://"):]
 
@@ -174,17 +195,24 @@ def _status(err: BaseException) -> int | None:
     return code if isinstance(code, int) else None
 
 
-def store_error(err: BaseException, path: Any) -> ObjectStoreError:
-    """The one line a user reads for a failed gs:// operation on `path`."""
-    where = os.fspath(path)
-    bucket = "gs://" + _object_name(path)[0] if is_object_store(path) else where
-    text = " ".join(str(err).split())
+# How the clients word a refusal for want of credentials or permission (gcsfs raises a 403 as a
+# bare OSError "Forbidden: ...", a 401 as HttpError; google-auth finds no credentials at all).
+_NO_ACCESS_WORDS = ("forbidden", "unauthorized", "credentials", "anonymous caller", "permission", "access denied")
+
+
+def store_error(err: BaseException, path: Any = None) -> ObjectStoreError:
+    """The one line a user reads for a failed gs:// operation on `path` (None: the operation's
+    own words say which object)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    where = os.fspath(path) if path is not None else "Cloud Storage"
+    bucket = "gs://" + _object_name(path)[0] if path is not None and is_object_store(path) else "the bucket"
     endpoint = os.environ.get("STORAGE_EMULATOR_HOST")
     status = _status(err)
     if isinstance(err, (ConnectionError, TimeoutError)) or "Cannot connect" in text or "ClientConnector" in type(err).__name__:
         to = f"the storage emulator at {endpoint} (STORAGE_EMULATOR_HOST)" if endpoint else "Cloud Storage"
         return ObjectStoreError(f"{where}: cannot reach {to}: {text}")
-    if status in (401, 403) or "credentials" in text.lower() or "DefaultCredentialsError" in type(err).__name__:
+    if (status in (401, 403) or any(word in text.lower() for word in _NO_ACCESS_WORDS)
+            or "DefaultCredentialsError" in type(err).__name__):
         return ObjectStoreError(
             f"{where}: no access to {bucket} ({text}); sign in with `gcloud auth application-default login` "
             "or run on a VM whose service account may use the bucket")
@@ -193,17 +221,48 @@ def store_error(err: BaseException, path: Any) -> ObjectStoreError:
     return ObjectStoreError(f"{where}: {type(err).__name__}: {text}")
 
 
+def is_store_failure(err: BaseException) -> bool:
+    """Whether `err` was raised by the Cloud Storage client stack (gcsfs, aiohttp, google-auth)
+    rather than by our code: what the command line turns into `store_error`'s one line."""
+    if type(err).__module__.split(".")[0] in ("gcsfs", "aiohttp", "google"):
+        return True
+    return type(err) is OSError and str(err).startswith("Forbidden:")  # gcsfs's words for a 403
+
+
+@contextlib.contextmanager
+def reported(path: Any) -> Iterator[None]:
+    """For a gs:// `path`: checks once that the storage endpoint answers, then turns a failure of
+    the block (no access, no endpoint) into `store_error`'s one line naming `path`. A missing object
+    stays FileNotFoundError and our own errors pass through. A local path: the block as it is."""
+    if not is_object_store(path):
+        yield
+        return
+    _probe_endpoint(path)
+    try:
+        yield
+    except (FileNotFoundError, PdpoError):
+        raise
+    except Exception as err:  # noqa: BLE001 - turned into a one-line error
+        raise store_error(err, path) from None
+
+
+_reached: set[str] = set()  # endpoints this process has connected to once
+
+
 def _probe_endpoint(path: Any, timeout_s: float = 10.0) -> None:
-    """One TCP connection to the storage endpoint, so that an unreachable one is reported at once
-    (gcsfs retries a refused connection with backoff for about a minute before it gives up)."""
+    """One TCP connection to the storage endpoint (once per process), so that an unreachable one is
+    reported at once (gcsfs retries a refused connection with backoff for about a minute)."""
     from urllib.parse import urlsplit
 
     endpoint = os.environ.get("STORAGE_EMULATOR_HOST")
+    if (endpoint or "") in _reached:
+        return
     url = urlsplit(endpoint if endpoint and "://" in endpoint else f"http://{endpoint}" if endpoint
                   else "https://storage.googleapis.com")
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+        _reached.add(endpoint or "")
     except OSError as err:
         to = f"the storage emulator at {endpoint} (STORAGE_EMULATOR_HOST)" if endpoint else f"Cloud Storage ({url.hostname})"
         raise ObjectStoreError(f"{os.fspath(path)}: cannot reach {to}: {err.strerror or err}") from None
@@ -297,14 +356,20 @@ def local_copy(url: Any, cache_root: Path, skip: tuple[str, ...] = (), only: tup
 
 def local_file(url: Any, cache_root: Path | None = None) -> Path:
     """This host's verified copy of one gs:// object (under `cache_root`, by default
-    `$PDPO_CACHE_DIR/gcs` or `~/.cache/pdpo_jax/gcs`), for readers that need a local file."""
+    `default_gcs_cache()`), for readers that need a local file."""
     text = os.fspath(url)
     folder, _, name = text.rpartition("/")
     return local_copy(folder, cache_root or default_gcs_cache(), only=(name,)) / name
 
 
+GCS_CACHE_ENV = "PDPO_GCS_CACHE_DIR"
+
+
 def default_gcs_cache() -> Path:
-    """`$PDPO_CACHE_DIR/gcs`, else `$XDG_CACHE_HOME/pdpo_jax/gcs`, else `~/.cache/pdpo_jax/gcs`."""
+    """Where this host keeps its copies of gs:// models and files: `$PDPO_GCS_CACHE_DIR`, else
+    `$PDPO_CACHE_DIR/gcs`, else `$XDG_CACHE_HOME/pdpo_jax/gcs`, else `~/.cache/pdpo_jax/gcs`."""
+    if os.environ.get(GCS_CACHE_ENV):
+        return Path(os.environ[GCS_CACHE_ENV]).expanduser()
     if os.environ.get("PDPO_CACHE_DIR"):
         return Path(os.environ["PDPO_CACHE_DIR"]).expanduser() / "gcs"
     xdg = os.environ.get("XDG_CACHE_HOME")

@@ -16,6 +16,9 @@ killed holder, so a launch that finds it:
   - is refused naming the holder while the heartbeat is fresh;
   - is refused with the command that clears it when the heartbeat stopped over STALE_AFTER_S ago
     (the holder's host died or lost its network), since only a person can tell that it is gone.
+A holder whose heartbeat finds the lock object gone, or holding another launch, no longer has the
+run directory to itself: two runs would write into one folder. It stops at once (RunDirLost,
+raised in the main thread through LOST_SIGNAL) rather than write on beside the other.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import errno
 import fcntl
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -32,7 +36,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from pdpo_jax.errors import PdpoError
+from pdpo_jax.errors import PdpoError, RunFailed
 from pdpo_jax.object_store import (create_if_absent, delete_if_generation, is_object_store, read_with_generation,
                                    replace_if_generation)
 
@@ -41,10 +45,15 @@ _UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 _held: set = set()  # run directories this process holds (a nested claim is a no-op)
 HEARTBEAT_S = 30.0  # how often the holder of a gs:// lock renews it
 STALE_AFTER_S = 600.0  # a gs:// lock whose heartbeat is older than this is reported as stale
+LOST_SIGNAL = signal.SIGUSR1  # how the heartbeat thread stops the main thread when the lock is lost
 
 
 class RunDirBusy(PdpoError):
     """Another process holds the run directory."""
+
+
+class RunDirLost(RunFailed):
+    """This run's gs:// lock was deleted or taken by another launch while it ran."""
 
 
 def holder_description(lock_path: Path) -> str:
@@ -142,20 +151,39 @@ def _object_lock(run_dir: str, command: str | None) -> Iterator[str]:
         generation = replace_if_generation(lock_path, _encode(holder), current)  # None: someone else was faster
     holder["generation"] = generation
     stop = threading.Event()
-    heartbeat = threading.Thread(target=_renew, args=(lock_path, holder, stop), daemon=True,
-                                 name="run-lock-heartbeat")
+    lost: list[str] = []  # the heartbeat's reason, for the main thread's RunDirLost
+    previous = _stop_main_thread_on_loss(lost)
+    heartbeat = threading.Thread(target=_renew, args=(lock_path, holder, stop, lost, previous is not None),
+                                 daemon=True, name="run-lock-heartbeat")
     _held.add(run_dir)
     heartbeat.start()
     try:
         yield lock_path
     finally:
-        stop.set()
-        heartbeat.join()
-        _held.discard(run_dir)
-        delete_if_generation(lock_path, holder["generation"])
+        try:
+            stop.set()
+            heartbeat.join()
+        finally:
+            if previous is not None:
+                signal.signal(LOST_SIGNAL, previous)
+            _held.discard(run_dir)
+            if not lost:  # a lost lock is not ours to delete
+                delete_if_generation(lock_path, holder["generation"])
 
 
-def _renew(lock_path: str, holder: dict, stop: threading.Event) -> None:
+def _stop_main_thread_on_loss(lost: list[str]):
+    """Installs the handler that raises RunDirLost in the main thread; the previous handler, or
+    None when the lock is taken outside the main thread (then a loss is only warned about)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(_signum, _frame):
+        raise RunDirLost(lost[0] if lost else "this run lost its run directory's lock")
+
+    return signal.signal(LOST_SIGNAL, stop)
+
+
+def _renew(lock_path: str, holder: dict, stop: threading.Event, lost: list[str], can_stop: bool) -> None:
     while not stop.wait(HEARTBEAT_S):
         holder["heartbeat"] = time.time()
         try:
@@ -164,10 +192,42 @@ def _renew(lock_path: str, holder: dict, stop: threading.Event) -> None:
             print(f"warning: {lock_path}: heartbeat not renewed ({err})", file=sys.stderr)
             continue
         if renewed is None:
-            print(f"warning: {lock_path} was cleared or taken by another launch; this run no longer holds "
-                  "its run directory", file=sys.stderr)
+            reason = _why_lost(lock_path, holder)
+            if reason is None:  # our own renewal had landed after all (a retried upload): carry on
+                continue
+            if stop.is_set():
+                return  # the block is ending anyway
+            lost.append(reason)
+            if can_stop:
+                signal.pthread_kill(threading.main_thread().ident, LOST_SIGNAL)
+            else:
+                print(f"warning: {reason}", file=sys.stderr)
             return
         holder["generation"] = renewed
+
+
+def _why_lost(lock_path: str, holder: dict) -> str | None:
+    """What became of the lock object whose generation we no longer hold: the message the run
+    stops with, or None when it is still ours (its generation moved under a retried upload)."""
+    run_dir = lock_path.rsplit("/", 1)[0]
+    try:
+        found = read_with_generation(lock_path)
+    except PdpoError:
+        found = None
+    if found is None:
+        return (f"{run_dir}: this run's lock {lock_path} was deleted while it ran (`gcloud storage rm`?), so "
+                "nothing keeps a second run out; stopped. Make sure no other run uses this run directory, then "
+                "rerun the same command to resume")
+    data, generation = found
+    try:
+        other = json.loads(data)
+    except ValueError:
+        other = {}
+    if all(other.get(key) == holder[key] for key in ("pid", "host", "started")):
+        holder["generation"] = generation
+        return None
+    return (f"{run_dir} was taken over by {_describe(other)} while this run held it; stopped so that two runs "
+            "do not write into one run directory (the other one goes on)")
 
 
 def _heartbeat(holder: dict) -> float:

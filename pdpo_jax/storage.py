@@ -22,6 +22,7 @@ then publishes it to the target (marker removed, objects copied, marker written 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import shutil
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pdpo_jax.errors import DataError
-from pdpo_jax.object_store import as_path, filesystem, is_object_store, store_error
+from pdpo_jax.object_store import as_path, filesystem, is_object_store, reported, store_error
 
 
 def umask_file_mode() -> int:
@@ -108,11 +109,21 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def jsonl_objects(path: str | Path, error: type[Exception] = ValueError) -> Iterator[tuple[str, dict[str, Any]]]:
-    """`("file:line", object)` for every non-blank line of a JSON-lines file of objects; anything
-    else raises `error` naming the file and line."""
-    with open_file(path, "r") as handle:
-        for number, line in enumerate(handle, start=1):
+def jsonl_objects(path: str | Path, error: type[Exception] = ValueError, *, gzipped: bool = False
+                  ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """`("file:line", object)` for every non-blank line of a JSON-lines file of objects (gzip-compressed
+    with `gzipped`); anything else raises `error` naming the file and line."""
+    with (gzip.open(open_file(path, "rb"), "rt", encoding="utf-8") if gzipped else open_file(path, "r")) as handle:
+        lines = enumerate(handle, start=1)
+        while True:
+            try:
+                number, line = next(lines)
+            except StopIteration:
+                return
+            except (OSError, EOFError, UnicodeDecodeError) as err:
+                if not gzipped:
+                    raise
+                raise error(f"{path}: not a readable gzip file ({err})") from None
             if not line.strip():
                 continue
             where = f"{path}:{number}"
@@ -186,12 +197,8 @@ def open_file(path: str | Path, mode: str = "r"):
     """`open(path, mode)` (UTF-8 in text mode), for a local path or a gs:// object."""
     encoding = None if "b" in mode else "utf-8"
     if is_object_store(path):
-        try:
+        with reported(path):  # no credentials, no endpoint: one line
             return as_path(path).open(mode, encoding=encoding)
-        except FileNotFoundError:
-            raise
-        except Exception as err:  # noqa: BLE001 - no credentials, no endpoint: one line
-            raise store_error(err, path) from None
     return open(path, mode, encoding=encoding)
 
 

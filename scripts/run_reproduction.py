@@ -72,11 +72,12 @@ class Runner:
         self.timings_path = self.root / "timings.json"
         self.timings = json.loads(self.timings_path.read_text()) if self.timings_path.exists() else {}
 
-    def pdpo(self, name: str, *argv: str) -> None:
-        """`pdpo ARGV` as step `name`, its wall time added to timings.json."""
+    def pdpo(self, name: str, *argv: str, cwd: Path = REPO) -> None:
+        """`pdpo ARGV` (in `cwd`) as step `name`, its wall time added to timings.json."""
         print(f"== {name}: pdpo {' '.join(argv)}", flush=True)
         started = time.time()
-        if subprocess.run([sys.executable, "-m", "pdpo_jax.cli", *argv], cwd=REPO).returncode:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
+        if subprocess.run([sys.executable, "-m", "pdpo_jax.cli", *argv], cwd=cwd, env=env).returncode:
             raise SystemExit(f"step {name!r} failed (its message is above); rerun to resume")
         self.timings[name] = round(self.timings.get(name, 0.0) + time.time() - started, 1)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -111,7 +112,34 @@ def _searched(rates: list[float]) -> list[float]:
     return rates if len(rates) > 1 else []
 
 
-def keep_dnli_records(reports: dict[str, Path], out: Path) -> None:
+def relative_paths(value, folders: dict[Path, str]):
+    """`value` (parsed JSON) with every string naming a path under one of `folders` rewritten as
+    that folder's name for it plus the rest of the path (the run root: "" for a path relative to
+    it; the data folder: PDPO_DATA, as the configs write it), so a committed report names no
+    machine's folders."""
+    if isinstance(value, dict):
+        return {key: relative_paths(item, folders) for key, item in value.items()}
+    if isinstance(value, list):
+        return [relative_paths(item, folders) for item in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        path = Path(os.path.normpath(value))
+        for folder, name in folders.items():
+            if path == folder or folder in path.parents:
+                return os.path.normpath(Path(name) / path.relative_to(folder))
+    return value
+
+
+def keep_json(source: Path, target: Path, root: Path, data: Path) -> None:
+    """A run's JSON record copied into the committed results, its paths relative to the run root
+    and the data folder, and the bundled model's cached copy named `default` (as --model takes it)."""
+    from pdpo_jax.model.default_model import DEFAULT_MODEL_NAME, default_cache_root
+
+    folders = {Path(os.path.abspath(root)): "", Path(os.path.abspath(data)): PLACEHOLDER,
+               default_cache_root() / DEFAULT_MODEL_NAME: "default"}
+    _write_json(target, relative_paths(json.loads(source.read_text()), folders))
+
+
+def keep_dnli_records(reports: dict[str, Path], out: Path, root: Path, data: Path) -> None:
     """Every model's DNLI report and its per-example records, gzipped, in out/<model>/ (gunzip
     them, and `pdpo results` recomputes the table from the repository)."""
     from pdpo_jax.evaluate.dnli import output_paths
@@ -120,7 +148,7 @@ def keep_dnli_records(reports: dict[str, Path], out: Path) -> None:
     for name, report in reports.items():
         kept = out / name
         kept.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(report, kept / report.name)
+        keep_json(report, kept / report.name, root, data)
         sidecar = output_paths(report)["examples"]
         atomic_write_bytes(kept / f"{sidecar.name}.gz", gzip.compress(sidecar.read_bytes(), mtime=0))
 
@@ -238,7 +266,7 @@ def main(argv: list[str]) -> int:
                     "--examples", str(args.examples))
     results.mkdir(parents=True, exist_ok=True)
     for name in ("search.json", "timings.json"):
-        shutil.copy2(root / name, results / name)
+        keep_json(root / name, results / name, root, args.data)
     # the stages' DONE records (best steps, the DPO step-0 check, truncated negatives) and the pairs' summaries
     records = {"sft-done.json": main.done("sft"), "dpo-done.json": main.done("dpo"),
                "prefs-summary.json": main.prefs_summary,
@@ -246,8 +274,8 @@ def main(argv: list[str]) -> int:
                "wo-shuffle-prefs-summary.json": wo.prefs_summary,
                **({"rl-dnli-nli-done.json": rl.done("nli"), "rl-dnli-rl-done.json": rl.done("rl")} if args.rl else {})}
     for name, source in records.items():
-        shutil.copy2(source, results / name)
-    keep_dnli_records(reports, results / "dnli")
+        keep_json(source, results / name, root, args.data)
+    keep_dnli_records(reports, results / "dnli", root, args.data)
     print(f"runs in {root}; reports in {results}")
     return 0
 

@@ -8,7 +8,8 @@ free loopback port and stopped after. No test reaches a real cloud.
 The variables that point every client at it are set in this process while the session lasts and
 are in `gcs_env` for the processes a test starts: STORAGE_EMULATOR_HOST (gcsfs,
 google-cloud-storage), TENSORSTORE_GCS_HTTP_URL and GOOGLE_AUTH_TOKEN_FOR_TESTING (tensorstore,
-which orbax writes checkpoints with). Tests that use them carry the `gcs` marker (tests/conftest.py).
+which orbax writes checkpoints with), and PDPO_GCS_CACHE_DIR, so that the hosts' copies of gs://
+models and files go to the emulator's temporary folder, never to the user's ~/.cache. Tests that use them carry the `gcs` marker (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from multihost_fixtures import free_port
+from pdpo_jax.object_store import GCS_CACHE_ENV
 
 
 def emulator_binary() -> Path | None:
@@ -58,7 +60,8 @@ class GcsEmulator:
     @property
     def env(self) -> dict[str, str]:
         return {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
-                "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+                "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+                GCS_CACHE_ENV: str(self.root / "host-cache")}
 
     def _wait_until_ready(self, timeout_s: float = 20) -> None:
         deadline = time.monotonic() + timeout_s

@@ -13,7 +13,7 @@ from pdpo_jax import cli
 from pdpo_jax.data import load_dialogues, read_dnli
 from pdpo_jax.errors import DataError, ModelDirError
 from pdpo_jax.model.loader import resolve_model_dir
-from pdpo_jax.object_store import ObjectStoreError, as_path, filesystem, local_file
+from pdpo_jax.object_store import GCS_CACHE_ENV, ObjectStoreError, as_path, default_gcs_cache, filesystem, local_file
 from pdpo_jax.storage import commit_directory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ def upload(local: Path, url: str) -> str:
 
 
 def test_data_and_dnli_files_on_a_bucket_read_as_the_local_ones(gcs_bucket, tmp_path, monkeypatch):
-    monkeypatch.setenv("PDPO_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(GCS_CACHE_ENV, str(tmp_path / "cache"))
     dialogues = upload(DEMO / "dialogues.txt", f"{gcs_bucket}/data/dialogues.txt")
     dnli = upload(DEMO / "dnli_eval.jsonl", f"{gcs_bucket}/data/dnli_eval.jsonl")
     from_bucket, from_disk = load_dialogues(dialogues), load_dialogues(DEMO / "dialogues.txt")
@@ -50,7 +50,7 @@ def test_a_bad_line_or_a_missing_object_on_a_bucket_is_named(gcs_bucket):
 
 
 def test_a_model_directory_is_read_only_once_committed(gcs_bucket, tmp_path, monkeypatch):
-    monkeypatch.setenv("PDPO_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(GCS_CACHE_ENV, str(tmp_path / "cache"))
     best = f"{gcs_bucket}/run/sft/best"
     fs = filesystem()
     fs.pipe_file(f"{best[5:]}.tmp-host-1-abc/config.json", b"{}")  # a save in progress: not there yet
@@ -75,3 +75,14 @@ def test_a_run_dir_in_a_missing_bucket_is_one_line_and_nothing_is_written(gcs_em
     assert status == 2 and error.count("\n") == 1, error
     assert error.startswith("pdpo make-prefs: gs://no-such-bucket/demo: the bucket gs://no-such-bucket does not exist")
     assert list(tmp_path.iterdir()) == [] and not as_path("gs://no-such-bucket/demo").exists()
+
+
+def test_the_hosts_copies_go_where_pdpo_gcs_cache_dir_says(gcs_emulator, monkeypatch, tmp_path):
+    """The tests' copies go to the emulator's temporary folder, never to the user's ~/.cache."""
+    assert default_gcs_cache() == gcs_emulator.root / "host-cache"
+    assert not str(default_gcs_cache()).startswith(str(Path.home() / ".cache"))
+    monkeypatch.delenv(GCS_CACHE_ENV)
+    monkeypatch.setenv("PDPO_CACHE_DIR", str(tmp_path / "pdpo"))
+    assert default_gcs_cache() == tmp_path / "pdpo" / "gcs"
+    monkeypatch.setenv(GCS_CACHE_ENV, str(tmp_path / "ssd"))
+    assert default_gcs_cache() == tmp_path / "ssd"

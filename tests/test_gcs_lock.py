@@ -94,3 +94,55 @@ def test_of_two_racing_launches_exactly_one_gets_the_lock(gcs_bucket, gcs_env):
                               env=gcs_env) for _ in range(2)]
     outcomes = sorted(proc.communicate(timeout=60)[0].strip() for proc in procs)
     assert outcomes == ["refused", "won"]
+
+
+STOPPABLE = """
+import sys, time
+from pdpo_jax import run_lock
+run_lock.HEARTBEAT_S = 0.2
+try:
+    with run_lock.run_dir_lock(sys.argv[1], command="pdpo sft --config first.yaml"):
+        print("held", flush=True)
+        time.sleep(60)
+    print("finished", flush=True)
+except run_lock.RunDirLost as err:
+    print(f"stopped: {err}", flush=True)
+"""
+
+
+@pytest.fixture
+def stoppable_holder(gcs_bucket, gcs_env):
+    """A process holding a gs:// run directory for a minute, which says so if it is stopped."""
+    run_dir = f"{gcs_bucket}/runs/demo"
+    holder = subprocess.Popen([sys.executable, "-c", STOPPABLE, run_dir], stdout=subprocess.PIPE, text=True,
+                              env=gcs_env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield run_dir, holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_run_whose_lock_is_deleted_stops(stoppable_holder):
+    run_dir, holder = stoppable_holder
+    started = time.monotonic()
+    filesystem().rm_file(f"{run_dir[5:]}/.lock")
+    said = holder.stdout.readline().strip()
+    assert said.startswith(f"stopped: {run_dir}: this run's lock {run_dir}/.lock was deleted while it ran"), said
+    assert "\n" not in said and "rerun the same command to resume" in said
+    assert holder.wait(timeout=30) == 0 and time.monotonic() - started < 20  # not after its minute of work
+    assert read_with_generation(f"{run_dir}/.lock") is None  # it does not put a lock back on its way out
+
+
+def test_a_run_whose_lock_is_taken_over_stops_and_leaves_the_new_holder_alone(stoppable_holder):
+    run_dir, holder = stoppable_holder
+    other = {"pid": 4242, "host": "tpu-worker-1", "command": "pdpo sft --config second.yaml", "started": "now",
+             "heartbeat": time.time()}
+    filesystem().pipe_file(f"{run_dir[5:]}/.lock", json.dumps(other).encode())  # what `gcloud storage cp` would do
+    said = holder.stdout.readline().strip()
+    assert said == (f"stopped: {run_dir} was taken over by pid 4242 on tpu-worker-1 (pdpo sft --config second.yaml, "
+                    "started now) while this run held it; stopped so that two runs do not write into one run "
+                    "directory (the other one goes on)"), said
+    assert holder.wait(timeout=30) == 0
+    assert json.loads(read_with_generation(f"{run_dir}/.lock")[0]) == other

@@ -3,6 +3,7 @@ score shifts, the plots, and generated responses side by side."""
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 from pathlib import Path
@@ -110,6 +111,63 @@ def test_a_missing_sidecar_is_one_line_naming_it(tmp_path, evals, capsys):
     status, err = run(["results", *model_args(evals), "--out", str(tmp_path / "r")], capsys)
     assert status == 2 and err.count("\n") == 1
     assert err.startswith("pdpo results: ") and str(sidecar) in err and "missing" in err
+
+
+def test_gzipped_sidecars_give_the_same_table_with_the_paths_as_given(tmp_path, evals, capsys, monkeypatch):
+    """The committed results keep each sidecar as `<sidecar>.gz`; the table from those equals the
+    one from the plain files, and its report/examples fields are the paths as given (relative ones
+    stay relative, so a table recomputed from the repository is the same bytes on any machine)."""
+    status, err = run(["results", *model_args(evals), "--out", str(tmp_path / "plain"), "--bootstrap-samples", "200"],
+                      capsys)
+    assert status == 0, err
+    for path in evals.values():
+        sidecar = output_paths(path)["examples"]
+        sidecar.with_name(sidecar.name + ".gz").write_bytes(gzip.compress(sidecar.read_bytes(), mtime=0))
+        sidecar.unlink()
+    monkeypatch.chdir(tmp_path)
+    relative = [arg for name in MODELS for arg in ("--model", f"{name}={name}/dnli.json")]
+    status, err = run(["results", *relative, "--out", "gz", "--bootstrap-samples", "200"], capsys)
+    assert status == 0, err
+    plain, packed = (json.loads((tmp_path / out / "table.json").read_text()) for out in ("plain", "gz"))
+    assert [(row["report"], row["examples"]) for row in packed["rows"]] == [
+        (f"{name}/dnli.json", f"{name}/dnli.examples.jsonl.gz") for name in MODELS]
+    for row in (*plain["rows"], *packed["rows"]):
+        del row["report"], row["examples"]
+    assert packed == plain
+
+
+def test_paired_tests_against_a_second_reference(tmp_path, evals, capsys):
+    """`--reference sft --reference pseudo-dpo`: the table against sft as with one reference, plus
+    the paired tests a table against pseudo-dpo alone holds, under `paired_against`."""
+    def table(*references):
+        out = tmp_path / "-".join(references)
+        status, err = run(["results", *model_args(evals), *(a for r in references for a in ("--reference", r)),
+                           "--out", str(out), "--bootstrap-samples", "200"], capsys)
+        assert status == 0, err
+        return json.loads((out / "table.json").read_text()), (out / "table.md").read_text()
+
+    both, markdown = table("sft", "pseudo-dpo")
+    (against_sft, _), (against_dpo, _) = table("sft"), table("pseudo-dpo")
+    extra = both.pop("paired_against")
+    assert both == against_sft
+    assert list(extra) == ["pseudo-dpo"] and "against pseudo-dpo" in extra["pseudo-dpo"]["test"]
+    assert extra["pseudo-dpo"]["models"] == {row["model"]: {g: entry["paired"] for g, entry in row["groups"].items()}
+                                             for row in against_dpo["rows"] if row["model"] != "pseudo-dpo"}
+    assert "#### Paired against sft" in markdown and "#### Paired against pseudo-dpo" in markdown
+    assert "| sft | overall |" in markdown.split("#### Paired against pseudo-dpo")[1]
+    status, err = run(["results", *model_args(evals), "--reference", "sft", "--reference", "sft",
+                       "--out", str(tmp_path / "twice")], capsys)
+    assert status == 2 and "given twice" in err
+
+
+def test_a_damaged_gzipped_sidecar_is_one_line_naming_it(tmp_path, evals, capsys):
+    sidecar = output_paths(evals["sft"])["examples"]
+    damaged = sidecar.with_name(sidecar.name + ".gz")
+    damaged.write_bytes(gzip.compress(sidecar.read_bytes())[:40])
+    sidecar.unlink()
+    status, err = run(["results", *model_args(evals), "--out", str(tmp_path / "r")], capsys)
+    assert status == 2 and err.count("\n") == 1
+    assert str(damaged) in err and "gzip" in err
 
 
 def test_a_sidecar_of_another_run_is_refused(tmp_path, evals, capsys):

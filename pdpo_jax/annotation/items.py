@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from pathlib import Path
 from typing import Sequence
 
 from pdpo_jax.annotation.errors import StudyError
 from pdpo_jax.annotation.judge_output import judged_responses, read_judged_pairs
 from pdpo_jax.evaluate.judge_pairs import PairItem, ResponseSet, common_ids, load_responses, make_item
+from pdpo_jax.object_store import as_path, is_object_store
 
 SOURCES_HELP = "a judge output folder, or two responses files (NAME=FILE names a file's model)"
 
 
 def study_items(sources: Sequence[str]) -> list[PairItem]:
     """The items `sources` describe: one judge output folder, or two responses files."""
-    if len(sources) == 1 and Path(sources[0]).is_dir():
+    if len(sources) == 1 and (is_object_store(sources[0]) or as_path(sources[0]).is_dir()):  # a bucket has no folders
         items = items_from_judge_output(sources[0])
     elif len(sources) == 2:
         items = items_from_responses(sources)
@@ -60,7 +60,7 @@ def items_from_responses(specs: Sequence[str]) -> list[PairItem]:
 def named_responses(spec: str) -> ResponseSet:
     """A responses file, `NAME=FILE` giving its model another name (a path that exists is a path)."""
     name, sep, path = spec.partition("=")
-    if not sep or Path(spec).exists():
+    if not sep or as_path(spec).exists():
         return load_responses(spec)
     if not name:
         raise StudyError(f"{spec!r}: expected FILE or NAME=FILE")

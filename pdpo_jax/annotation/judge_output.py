@@ -19,6 +19,7 @@ from pathlib import Path
 from pdpo_jax.annotation.errors import StudyError
 from pdpo_jax.evaluate.judge_pairs import ResponseSet, load_responses
 from pdpo_jax.evaluate.judge_stats import OUTCOMES
+from pdpo_jax.object_store import as_path, reported
 from pdpo_jax.storage import jsonl_objects
 
 RESULTS_FILE = "judge_results.json"
@@ -35,8 +36,9 @@ class JudgedPair:
 
 def judgments_file(path: str | os.PathLike) -> Path:
     """A judge output folder's judgments.jsonl, or the judgments file itself."""
-    path = Path(path)
-    file = path / JUDGMENTS_FILE if path.is_dir() else path
+    path = as_path(path)
+    with reported(path):
+        file = path / JUDGMENTS_FILE if path.is_dir() else path
     if not file.is_file():
         raise StudyError(f"{path}: not a judge output folder (no {JUDGMENTS_FILE}) nor a judgments file")
     return file
@@ -60,12 +62,12 @@ def read_judged_pairs(path: str | os.PathLike) -> list[JudgedPair]:
 
 def judged_responses(folder: str | os.PathLike) -> dict[str, ResponseSet]:
     """model -> its responses, for every responses file the judge of `folder` compared."""
-    results = Path(folder) / RESULTS_FILE
+    results = as_path(folder) / RESULTS_FILE
     if not results.is_file():
         raise StudyError(f"{folder}: not a judge output folder (no {RESULTS_FILE})")
     try:
         entries = json.loads(results.read_text(encoding="utf-8"))["responses"]
-        named = [(str(entry["model"]), Path(entry["path"])) for entry in entries]
+        named = [(str(entry["model"]), as_path(entry["path"])) for entry in entries]
     except (ValueError, KeyError, TypeError) as err:
         raise StudyError(f"{results}: not a judge results file (no 'responses' list of model and path: {err})") from None
     sets = {}

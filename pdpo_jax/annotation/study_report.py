@@ -33,6 +33,7 @@ from pdpo_jax.annotation.judge_output import read_judged_pairs
 from pdpo_jax.annotation.store import Study
 from pdpo_jax.evaluate.judge_stats import OUTCOMES, outcome_counts, outcome_percentages
 from pdpo_jax.evaluate.report import plot_outcome_shares
+from pdpo_jax.object_store import as_path
 from pdpo_jax.storage import atomic_write_json, atomic_write_text
 
 FLIPPED = {"win": "lose", "draw": "draw", "lose": "win"}
@@ -163,7 +164,7 @@ def plot_report(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
 
 def write_report(report: Mapping[str, Any], out: str | os.PathLike) -> list[Path]:
     """`out` (JSON) and, beside it with the same stem, the markdown table and the bar plot."""
-    out = Path(out)
+    out = as_path(out)
     written = [atomic_write_json(out, report), atomic_write_text(out.with_suffix(".md"), report_markdown(report))]
     if report["pairs"]:
         written.append(plot_report(report, out.with_suffix(".png")))

@@ -43,7 +43,8 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterator, Sequence
 
 from pdpo_jax.errors import RunFailed, UsageError
-from pdpo_jax.storage import atomic_write_json, commit_directory, umask_file_mode
+from pdpo_jax.object_store import ObjectStoreError, as_path, is_object_store, local_file, upload_file
+from pdpo_jax.storage import atomic_write_json, commit_directory, is_committed, umask_file_mode
 
 CHUNK = 1 << 16
 DOWNLOADS_DIR = ".downloads"
@@ -233,7 +234,14 @@ def download(url: str, dest: str | Path, *, digest: Digest | None = None, retrie
              timeout_s: float = 60.0, progress: bool = True) -> Path:
     """Streams `url` to `dest` through a temporary file in the same folder, renamed into place only
     when complete and (with `digest`) verified. Connection failures and short reads are retried
-    `retries` times in all, with a growing pause; HTTP errors and digest mismatches are not."""
+    `retries` times in all, with a growing pause; HTTP errors and digest mismatches are not. A gs://
+    `dest` is downloaded to a local temporary folder first, then uploaded as one object."""
+    if is_object_store(dest):
+        with tempfile.TemporaryDirectory(prefix="pdpo-download-") as local:
+            fetched = download(url, Path(local) / as_path(dest).name, digest=digest, retries=retries,
+                               backoff_s=backoff_s, timeout_s=timeout_s, progress=progress)
+            upload_file(fetched, dest)
+        return as_path(dest)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     last_error: Exception | None = None
@@ -377,13 +385,11 @@ def install_from_archive(archive: str | Path, source: Source, out_dir: str | Pat
     The folder is built beside the target and swapped in whole (`pdpo_jax.storage.commit_directory`)
     once every file is in hand and matches the digests we know; until then the target is as it was.
     """
-    archive, out_dir = Path(archive), Path(out_dir)
-    if not archive.is_file():
-        raise DownloadError(f"{archive}: no such file")
+    archive, out_dir = _local_archive(archive), as_path(out_dir)
     target = out_dir / source.name
     if source.kind != "file":
         _check_names(archive, source.kind)
-    with commit_directory(target) as staging:
+    with commit_directory(target, local_staging=True) as staging:
         if source.kind == "file":
             shutil.copyfile(archive, staging / source.archive_name)
             entries = {source.archive_name: {"member": archive.name, "sha256": file_digest(archive)}}
@@ -397,7 +403,22 @@ def install_from_archive(archive: str | Path, source: Source, out_dir: str | Pat
     return target
 
 
+def _local_archive(archive: str | Path) -> Path:
+    """`archive` as a local file (a gs:// one as this host's verified copy of it)."""
+    if is_object_store(archive):
+        try:
+            return local_file(archive)
+        except ObjectStoreError as err:
+            raise DownloadError(str(err)) from None
+    archive = Path(archive)
+    if not archive.is_file():
+        raise DownloadError(f"{archive}: no such file")
+    return archive
+
+
 def is_installed(target: Path) -> bool:
+    if is_object_store(target) and not is_committed(target):
+        return False  # on gs://, objects without the COMMITTED marker are an unfinished install
     manifest = target / MANIFEST
     if not manifest.is_file():
         return False
@@ -423,15 +444,13 @@ def fetch(source: Source, out_dir: str | Path, *, from_archive: str | Path | Non
           log=print) -> Path:
     """Installs one data set under `out_dir/<name>/`: from `from_archive` if given, else from the
     cached archive in `out_dir/.downloads/`, else by downloading it."""
-    out_dir = Path(out_dir)
+    out_dir = as_path(out_dir)
     target = out_dir / source.name
     if from_archive is None and not force and is_installed(target):
         log(f"{source.name}: already in {target} (use --force to fetch it again)")
         return target
     if from_archive is not None:
-        archive = Path(from_archive)
-        if not archive.is_file():
-            raise DownloadError(f"{archive}: no such file")
+        archive = _local_archive(from_archive)
         if source.archive_digest is not None:
             verify_file(archive, source.archive_digest)
     else:
@@ -449,7 +468,7 @@ def fetch(source: Source, out_dir: str | Path, *, from_archive: str | Path | Non
             except DownloadError as err:
                 raise DownloadError(f"{err}\n{manual_instructions(source, out_dir)}") from None
         elif source.archive_digest is not None:
-            verify_file(archive, source.archive_digest)
+            verify_file(_local_archive(archive), source.archive_digest)
     log(f"{source.name}: unpacking {archive}")
     install_from_archive(archive, source, out_dir)
     log(f"{source.name}: ready in {target}")

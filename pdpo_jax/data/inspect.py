@@ -23,6 +23,7 @@ from pdpo_jax.data.loading import detect_format, load_dialogues
 from pdpo_jax.data.nli_pairs import NLI_LABELS, nli_pairs_layout, read_nli_pairs
 from pdpo_jax.data.parallel_text import is_parallel_file
 from pdpo_jax.errors import DataError
+from pdpo_jax.object_store import as_path, reported
 from pdpo_jax.storage import json_records, text_lines
 
 DNLI = "dnli"
@@ -50,8 +51,10 @@ def inspect_file(path: str | Path, protocol: str = "31") -> dict[str, Any]:
 
 def file_format(path: str | Path) -> str:
     """DNLI and NLI-pair files by their first record; everything else through `detect_format`."""
-    path = Path(path)
-    if not path.is_file() or is_parallel_file(path):
+    path = as_path(path)
+    with reported(path):
+        is_file = path.is_file()
+    if not is_file or is_parallel_file(path):
         return detect_format(path)
     try:
         first_line = next((line for _, line in text_lines(path) if line.strip()), None)

@@ -16,7 +16,7 @@ from pdpo_jax.data.jpersonachat import read_jpersonachat
 from pdpo_jax.data.jsonl import read_dialogue_jsonl
 from pdpo_jax.data.parallel_text import is_parallel_file, read_parallel_personachat
 from pdpo_jax.errors import DataError
-from pdpo_jax.object_store import as_path, is_object_store, local_file
+from pdpo_jax.object_store import as_path, check_bucket, is_object_store, local_file, reported
 from pdpo_jax.storage import json_lines
 
 FORMATS = ("auto", "fbdialog", "hf", "jpersonachat", "jsonl", "parallel")
@@ -26,10 +26,13 @@ def detect_format(path: str | Path) -> str:
     """The reader for `path`: "parallel" for a `per-`/`src-`/`tgt-` file with its two siblings, else by
     extension, or for `.jsonl` by the keys of the first record."""
     path = as_path(path)
-    if path.is_dir():
+    with reported(path):
+        is_dir, exists = path.is_dir(), path.exists()
+    if is_dir:
         return "hf"
-    if not path.exists():
+    if not exists:
         if is_object_store(path):
+            check_bucket(path)  # a missing bucket is named as such
             raise FileNotFoundError(f"no such object: {path}")
         name = str(path)
         if name.count("/") == 1 and not name.startswith((".", "/", "~")) and not path.suffix:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pdpo_jax.data.dialogue import MODEL, PARTNER, Dialogue, Turn, with_swapped
 from pdpo_jax.errors import DataError
+from pdpo_jax.object_store import as_path
 from pdpo_jax.storage import text_lines
 
 ROLES = ("per", "src", "tgt")
@@ -28,7 +29,7 @@ PERSONA_SEPARATOR = "</s>"
 
 def parallel_files(path: str | Path) -> dict[str, Path] | None:
     """{"per": ..., "src": ..., "tgt": ...} for a file named `per-*`, `src-*` or `tgt-*`; None otherwise."""
-    path = Path(path)
+    path = as_path(path)
     role, dash, rest = path.name.partition("-")
     if role not in ROLES or not dash or not rest:
         return None

@@ -19,11 +19,12 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from pdpo_jax.errors import PdpoError
 from pdpo_jax.evaluate.judge_prompts import Message
+from pdpo_jax.object_store import as_path, is_object_store
+from pdpo_jax.storage import atomic_write_bytes, read_bytes_if_exists
 
 LOG = logging.getLogger(__name__)
 
@@ -53,11 +54,37 @@ class JudgmentCache:
     next append starts on a clean line. Damage anywhere else is reported, not guessed around.
     """
 
+    # On gs:// an object cannot be appended to: the cache is uploaded whole, at most this often
+    # while answers come in and once more at `flush()`, so a crash loses at most these seconds' answers.
+    UPLOAD_EVERY_S = 30.0
+
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = as_path(path)
+        self._on_object_store = is_object_store(path)
         self._lock = threading.Lock()
         self.torn_lines_dropped = 0
-        self._answers = self._load()
+        self._uploaded_at = time.monotonic()
+        self._unsaved = False
+        self._answers = self._load_object() if self._on_object_store else self._load()
+
+    def _load_object(self) -> dict[str, str]:
+        """The answers of a gs:// cache, whose text is kept here to be uploaded whole with new ones."""
+        data = read_bytes_if_exists(self.path) or b""
+        answers = {}
+        for number, raw in enumerate(data.split(b"\n"), start=1):
+            if raw.strip():
+                key, text = self._parse_line(raw, number)
+                answers[key] = text
+        self._text = bytearray(data if not data or data.endswith(b"\n") else data + b"\n")
+        return answers
+
+    def flush(self) -> None:
+        """Uploads the answers not yet on gs:// (a local cache is always up to date)."""
+        with self._lock:
+            if self._on_object_store and self._unsaved:
+                atomic_write_bytes(self.path, bytes(self._text))
+                self._unsaved = False
+                self._uploaded_at = time.monotonic()
 
     def _load(self) -> dict[str, str]:
         if not self.path.exists():
@@ -104,6 +131,15 @@ class JudgmentCache:
 
     def put(self, key: str, text: str, model: str) -> None:
         line = json.dumps({"key": key, "model": model, "text": text, "time": time.time()}, ensure_ascii=False) + "\n"
+        if self._on_object_store:
+            with self._lock:
+                self._text += line.encode("utf-8")
+                self._answers[key] = text
+                self._unsaved = True
+                due = time.monotonic() - self._uploaded_at >= self.UPLOAD_EVERY_S
+            if due:
+                self.flush()
+            return
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "ab") as handle:

@@ -20,7 +20,6 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 from pdpo_jax.config import JudgeSection
@@ -38,6 +37,7 @@ from pdpo_jax.evaluate.judge_pairs import (
 )
 from pdpo_jax.evaluate.judge_client import ChatCompleter, ClientSettings, JudgeConfigError, JudgmentCache, RetryPolicy
 from pdpo_jax.evaluate.judge_prompts import PROMPTS, prompt_for
+from pdpo_jax.object_store import as_path, is_object_store
 from pdpo_jax.evaluate.judge_stats import DEFAULT_GAMES, pairwise_summary, sample_games, tournament_summary
 
 __all__ = ["JudgeSettings", "run_judge", "settings_from_section"]
@@ -184,8 +184,9 @@ def run_judge(
     plan = _pairwise_items if settings.mode == "pairwise" else _tournament_items
     items = plan(sets, shared, settings)
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = as_path(out_dir)
+    if not is_object_store(out):  # a bucket has no folders to make
+        out.mkdir(parents=True, exist_ok=True)
     client = settings.client_settings()
     cache = JudgmentCache(settings.cache or out / "judge_cache.jsonl")
     completer = ChatCompleter(client, settings.retry_policy(), sleep=sleep)
@@ -194,6 +195,7 @@ def run_judge(
         judgments = judge_pairs(items, judge, orders=settings.orders, concurrency=settings.concurrency, seed=settings.seed)
     finally:
         completer.close()
+        cache.flush()
 
     if settings.mode == "pairwise":
         results = pairwise_summary(judgments, sets[0].model, sets[1].model, bootstrap=settings.bootstrap, seed=settings.seed)

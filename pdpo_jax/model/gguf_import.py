@@ -28,7 +28,8 @@ import numpy as np
 
 from pdpo_jax.errors import PdpoError
 from pdpo_jax.model.family import GgufNames, family_of_gguf_architecture, gguf_architectures
-from pdpo_jax.storage import commit_directory
+from pdpo_jax.object_store import as_path, is_object_store
+from pdpo_jax.storage import commit_directory, is_committed
 
 # Written last into a converted directory; its presence means the directory is complete.
 COMPLETE_MARKER = "gguf_source.json"
@@ -68,18 +69,20 @@ class LlamaShape:
     rope_theta: float
 
 
-def gguf_to_hf_dir(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+def gguf_to_hf_dir(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, replace: bool = False) -> Path:
     """Convert `gguf_path` into a new Hugging Face directory at `out_dir` and return its path.
 
     The directory is built beside `out_dir` and renamed into place
     (`pdpo_jax.storage.commit_directory`), so `out_dir` is either absent or complete. An existing `out_dir` raises `FileExistsError` (so does
-    another writer renaming its directory into place first, as an `OSError`).
+    another writer renaming its directory into place first, as an `OSError`), unless `replace`.
+    On gs:// it is built in a local folder and published with its COMMITTED marker last.
     """
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    if out_dir.exists():
+    gguf_path, out_dir = Path(gguf_path), as_path(out_dir)
+    there = is_committed(out_dir) if is_object_store(out_dir) else out_dir.exists()
+    if there and not replace:
         raise FileExistsError(f"{out_dir} already exists")
     reader = open_gguf(gguf_path)
-    with commit_directory(out_dir, replace=False) as building:
+    with commit_directory(out_dir, replace=replace, local_staging=True) as building:
         write_hf_files(reader, gguf_path, building)
     return out_dir
 

@@ -21,6 +21,7 @@ from pdpo_jax.annotation.items import SOURCES_HELP, sample_items, study_items
 from pdpo_jax.annotation.server import DEFAULT_HOST, DEFAULT_PORT, serve
 from pdpo_jax.annotation.store import LANGUAGES, Study
 from pdpo_jax.annotation.study_report import report_markdown, study_report, write_report
+from pdpo_jax.object_store import is_object_store
 from pdpo_jax.storage import atomic_write_jsonl
 from pdpo_jax.stage_runner import StageParser, stage_parser
 
@@ -155,4 +156,7 @@ COMMANDS = {"init": init, "add-annotator": add_annotator, "serve": serve_study, 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if is_object_store(args.db):  # SQLite needs a file system; the pairs, judge folder and --out may be gs://
+        raise StudyError(f"{args.db}: the study database is a SQLite file and must be on local disk "
+                         "(copy it to or from a bucket with `gcloud storage cp`)")
     return COMMANDS[args.command](args)

@@ -13,6 +13,7 @@ from pdpo_jax.data.dnli import PROTOCOLS
 from pdpo_jax.data.download import DEFAULT_WHAT, SOURCES, configured_sources, fetch
 from pdpo_jax.data.inspect import inspect_file
 from pdpo_jax.errors import UsageError
+from pdpo_jax.object_store import as_path, reported
 from pdpo_jax.prefs.summary import folder_overview, is_prefs_folder
 from pdpo_jax.stage_runner import StageParser, stage_parser
 
@@ -46,11 +47,12 @@ def build_parser() -> StageParser:
     dl = commands.add_parser(
         "download", help="download, verify and unpack data sets",
         description=download_module.__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    dl.add_argument("--out", required=True, type=Path, help="folder to install into (configs read data/...)")
+    dl.add_argument("--out", required=True, type=as_path,
+                    help="folder to install into, local or gs:// (configs read data/...)")
     dl.add_argument("--what", nargs="+", choices=list(SOURCES), default=None,
                     help=f"data sets to install (default: {' '.join(DEFAULT_WHAT)}; jpersonachat needs "
                          f"--accept-ntt-license or --from-archive)")
-    dl.add_argument("--from-archive", type=Path, default=None,
+    dl.add_argument("--from-archive", type=as_path, default=None,
                     help="install from a file downloaded by hand instead of the network")
     dl.add_argument("--force", action="store_true", help="download and unpack again even if already present")
     dl.add_argument("--url", action="append", default=[], metavar="NAME=URL", help="fetch NAME from a mirror")
@@ -76,8 +78,10 @@ def build_parser() -> StageParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "inspect":
-        shown = [folder_overview(path) if is_prefs_folder(path) else inspect_file(path, args.protocol)
-                 for path in args.files]
+        shown = []
+        for path in args.files:
+            with reported(path):  # a gs:// path without access or endpoint: one line naming it
+                shown.append(folder_overview(path) if is_prefs_folder(path) else inspect_file(path, args.protocol))
         print(json.dumps(shown, indent=2, ensure_ascii=False))
         return 0
     sources = configured_sources(_pairs(args.url, "--url"), _pairs(args.archive_sha256, "--archive-sha256"))

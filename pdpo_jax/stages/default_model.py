@@ -18,6 +18,7 @@ from pdpo_jax.model.default_model import (
     is_complete,
     materialize,
 )
+from pdpo_jax.object_store import as_path
 from pdpo_jax.stage_runner import StageParser, stage_parser
 
 
@@ -38,7 +39,7 @@ def build_parser() -> StageParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--out", type=Path, help="directory to write (must not exist unless it holds this model; see --force)")
+    parser.add_argument("--out", type=as_path, help="directory to write, local or gs:// (must not exist unless it holds this model; see --force)")
     parser.add_argument("--gguf", type=Path, help="convert this llama-architecture GGUF instead of the bundled one")
     parser.add_argument("--force", action="store_true", help="replace --out even if it already holds a complete conversion")
     return parser

@@ -29,6 +29,7 @@ from pdpo_jax.evaluate import report
 from pdpo_jax.evaluate.judge_prompts import PROMPTS
 from pdpo_jax.evaluate.judge_evaluation import JudgeSettings, run_judge, settings_from_section
 from pdpo_jax.evaluate.judge_stats import DEFAULT_GAMES
+from pdpo_jax.object_store import is_object_store
 from pdpo_jax.parallel import is_primary, primary_decides
 from pdpo_jax.run_layout import JUDGED_MODELS, RunLayout
 from pdpo_jax.serve.child import served_model
@@ -176,7 +177,8 @@ def served_judge(section: JudgeSection) -> Iterator[dict[str, object]]:
 
 
 def _judge_into(files: list[Path], out_dir: Path, settings: JudgeSettings) -> dict[str, object]:
-    results, _ = run_judge([str(path.resolve()) for path in files], out_dir, settings)
+    named = [str(path) if is_object_store(path) else str(path.resolve()) for path in files]
+    results, _ = run_judge(named, out_dir, settings)
     failed = results["status"]["failed"]
     if failed:
         raise RunFailed(f"judge: {failed} judgments failed (see {out_dir / 'judgments.jsonl'}); rerun the stage to "

@@ -21,8 +21,6 @@ In a pipeline, the `summary` step writes a run's own summary (`write_run_summary
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pdpo_jax.config import RunConfig
 from pdpo_jax.errors import UsageError
 from pdpo_jax.evaluate.dnli_stats import DEFAULT_SAMPLES
@@ -31,6 +29,7 @@ from pdpo_jax.evaluate.results_table import (read_dnli_result, read_response_rep
                                              write_results_table)
 from pdpo_jax.evaluate.round_rows import round_rows, rounds_markdown
 from pdpo_jax.evaluate.run_summary import write_summary
+from pdpo_jax.object_store import AnyPath, as_path
 from pdpo_jax.storage import atomic_write_json, atomic_write_text
 from pdpo_jax.parallel import primary_decides
 from pdpo_jax.run_layout import RunLayout
@@ -44,11 +43,13 @@ def build_parser() -> StageParser:
                     "intervals, exact McNemar tests and paired differences against a reference, log-likelihood "
                     "shifts, a bar chart, training curves) and generated responses side by side.",
     )
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--out", type=as_path, required=True, metavar="DIR", help="output folder (or gs://BUCKET/...)")
     dnli = parser.add_argument_group("DNLI table")
     dnli.add_argument("--model", action="append", default=[], metavar="NAME=REPORT.json",
                       help="a model's eval-dnli report (its REPORT.examples.jsonl beside it); repeat, in table order")
-    dnli.add_argument("--reference", default="sft", help="the model paired tests compare against (default: %(default)s)")
+    dnli.add_argument("--reference", action="append", metavar="NAME",
+                      help="the model paired tests compare against (default: sft); given again, the same tests "
+                           "against each further model are added (table.json `paired_against`)")
     dnli.add_argument("--curves", action="append", default=[], metavar="NAME=metrics.jsonl",
                       help="a training stage's metrics.jsonl, drawn into curves.png; repeat for every run")
     dnli.add_argument("--ppo-curves", action="append", default=[], metavar="NAME=metrics.jsonl",
@@ -61,28 +62,28 @@ def build_parser() -> StageParser:
                       help="a model's pdpo eval-responses report (C-score, contradiction and persona-copy rates, "
                            "distinct-n, length); NAME as its --model to sit beside its DNLI row; repeat")
     examples = parser.add_argument_group("generated examples (the paper's Table 5)")
-    examples.add_argument("--conversations", type=Path, metavar="FILE.jsonl",
+    examples.add_argument("--conversations", type=as_path, metavar="FILE.jsonl",
                           help='conversations {"id", "persona": [...], "history": [...]} given to pdpo generate --input')
     examples.add_argument("--responses", action="append", default=[], metavar="NAME=FILE.jsonl",
                           help="a model's pdpo generate --output on them; repeat, in column order")
     examples.add_argument("--examples", type=int, default=5, metavar="N", help="how many to show (default: %(default)s)")
     examples.add_argument("--examples-seed", type=int, default=0, metavar="N", help="seed of which are shown (default: %(default)s)")
     rounds = parser.add_argument_group("rounds of iterative DPO (dpo.rounds)")
-    rounds.add_argument("--rounds", type=Path, metavar="RUN_DIR",
+    rounds.add_argument("--rounds", type=as_path, metavar="RUN_DIR",
                         help="a run directory: a row per DPO round (pairs kept, the model that sampled the negatives, "
                              "the training curve's end, DNLI where the round was ranked) in rounds.md and rounds.json")
     return parser
 
 
-def named_paths(specs: list[str], flag: str) -> dict[str, Path]:
-    named: dict[str, Path] = {}
+def named_paths(specs: list[str], flag: str) -> dict[str, AnyPath]:
+    named: dict[str, AnyPath] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise UsageError(f"{flag} takes NAME=PATH, got {spec!r}")
         if name in named:
             raise UsageError(f"{flag}: the name {name!r} is given twice")
-        named[name] = Path(path)
+        named[name] = as_path(path)
     return named
 
 
@@ -101,15 +102,20 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError("--curves and --ppo-curves go with the DNLI table: give --model too")
     if (args.conversations is None) != (not responses):
         raise UsageError("--conversations and --responses go together")
-    if models and args.reference not in models:
-        raise UsageError(f"--reference {args.reference!r} is not one of the --model names {list(models)}")
+    references = args.reference or ["sft"]
+    for reference in references:
+        if models and reference not in models:
+            raise UsageError(f"--reference {reference!r} is not one of the --model names {list(models)}")
+    if len(set(references)) < len(references):
+        raise UsageError(f"--reference: a model is given twice ({references})")
     if args.bootstrap_samples < 1:
         raise UsageError("--bootstrap-samples must be positive")
     written = []
     reports = {name: read_response_report(name, path) for name, path in said.items()}
     if models:
         results = [read_dnli_result(name, path) for name, path in models.items()]
-        table = results_table(results, args.reference, samples=args.bootstrap_samples, seed=args.seed)
+        table = results_table(results, references[0], samples=args.bootstrap_samples, seed=args.seed,
+                              also_against=references[1:])
         written += write_results_table(table, results, args.out, curves=curves, ppo_curves=ppo_curves,
                                        responses=reports).values()
     elif reports:
