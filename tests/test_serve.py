@@ -203,9 +203,10 @@ def test_a_client_gone_mid_stream_frees_its_slot(served):
 def test_models_and_health(served):
     model, service, server, client = served
     assert [m.id for m in client.models.list().data] == [service.served_name]
+    client.completions.create(model=service.served_name, prompt="Hello", max_tokens=2, temperature=0)
     state = health(server)
     assert state["slots"] == SLOTS and state["max_model_len"] == MAX_MODEL_LEN
-    assert state["compiled"]["step_views"]  # the shapes compiled so far are reported
+    assert state["compiled"]["step_views"]  # the shapes compiled so far (one request's at least) are reported
 
 
 def test_cli_refuses_a_missing_model_in_one_line(subprocess_env, tmp_path):
