@@ -11,6 +11,7 @@ is `serve_speedup=W`, ours over transformers' throughput at the largest client c
     python scripts/bench_serve.py                               # 1, 4, 16 clients
     python scripts/bench_serve.py --clients 1 2 --requests 4    # a smoke run
     python scripts/bench_serve.py --only pdpo                   # ours alone (no comparison line)
+    python scripts/bench_serve.py --steps                       # the engine's decode step alone
 
 `transformers serve` needs FastAPI (`pip install fastapi`); without it the comparison is refused
 in one line. Measure on a quiet machine: other work on the cores changes every figure.
@@ -141,6 +142,32 @@ def measure(name: str, server: Server, prompts, args) -> dict[int, dict[str, flo
         server.stop()
 
 
+def step_times(model_dir, slots: int, max_model_len: int, busy_counts: list[int], prompt_tokens: int = 200,
+               repeats: int = 8) -> None:
+    """The slot engine's decode step alone, no HTTP: the median time of one step with 1, 4, ...
+    slots busy (each holding a `prompt_tokens`-token prompt) out of `slots`."""
+    import numpy as np
+
+    from pdpo_jax.model import load_model
+    from pdpo_jax.serve.engine import SlotEngine, SlotRequest
+
+    engine = SlotEngine(load_model(model_dir), slots=slots, max_model_len=max_model_len)
+    prompt = tuple(range(10, 10 + prompt_tokens))
+    for count in busy_counts:
+        busy = np.zeros(slots, bool)
+        busy[:count] = True
+        for slot in range(count):
+            engine.admit(slot, SlotRequest(prompt))
+        engine.step(busy)  # compiles this shape
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            engine.step(busy)
+            times.append(time.perf_counter() - start)
+        print(f"step busy={count:<3} of {slots} slots: median {1000 * statistics.median(times):7.1f} ms, "
+              f"fastest {1000 * min(times):7.1f} ms", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default", help="model directory or `default` (default: %(default)s)")
@@ -152,11 +179,16 @@ def main() -> int:
     parser.add_argument("--slots", type=int, default=None, help="pdpo serve --slots (default: the most clients)")
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--only", choices=("pdpo", "transformers"), default=None, help="measure one server only")
+    parser.add_argument("--steps", action="store_true",
+                        help="time the engine's decode step alone with as many busy slots as --clients, no servers")
     args = parser.parse_args()
 
     from pdpo_jax.model.loader import resolve_model_dir
 
     model_dir = resolve_model_dir(args.model)
+    if args.steps:
+        step_times(model_dir, args.slots or max(args.clients), args.max_model_len, args.clients)
+        return 0
     prompts = test_turn_prompts(args.config)
     print(f"model {model_dir}; {len(prompts)} test-turn prompts from {args.config}; max_tokens={args.max_tokens}; "
           f"clients {args.clients} x {args.requests} requests", flush=True)

@@ -203,9 +203,10 @@ def test_a_client_gone_mid_stream_frees_its_slot(served):
 def test_models_and_health(served):
     model, service, server, client = served
     assert [m.id for m in client.models.list().data] == [service.served_name]
+    client.completions.create(model=service.served_name, prompt="Hello", max_tokens=2, temperature=0)
     state = health(server)
     assert state["slots"] == SLOTS and state["max_model_len"] == MAX_MODEL_LEN
-    assert state["compiled"]["step_views"]  # the shapes compiled so far are reported
+    assert state["compiled"]["step_views"]  # the shapes compiled so far (one request's at least) are reported
 
 
 def test_cli_refuses_a_missing_model_in_one_line(subprocess_env, tmp_path):
@@ -213,3 +214,35 @@ def test_cli_refuses_a_missing_model_in_one_line(subprocess_env, tmp_path):
                           capture_output=True, text=True, env=subprocess_env, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("pdpo serve: ") and "not found" in done.stderr
+
+
+def test_a_request_in_flight_finishes_during_the_drain_and_new_ones_get_503(served):
+    """Its own server of two slots (the module's keeps serving the other tests): ~30 s of compiles."""
+    model = served[0]
+    service = build_service(model, ServeOptions(slots=2, max_model_len=MAX_MODEL_LEN))
+    budget = 48
+    ids = service.encode("Once upon a time, in a village by the sea, there lived")
+    expected = model.tokenizer.decode(reference(model, ids, budget), skip_special_tokens=True)
+    body = {"model": service.served_name, "prompt": ids, "max_tokens": budget, "temperature": 0}
+    server = BackgroundServer(service, drain_seconds=300)
+    with server:
+        with httpx.Client(timeout=300) as http:
+            with http.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}) as response:
+                lines = response.iter_lines()
+                pieces = [next(lines)]  # the first token is out: the request holds a slot
+                drain = threading.Thread(target=server.stop, kwargs={"drain": True})
+                drain.start()
+                deadline = time.monotonic() + 30
+                while health(server)["status"] != "draining" and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                refused = post(server, "/v1/completions", body)
+                still_running = health(server)["busy"]
+                pieces += list(lines)
+        drain.join(120)
+    assert (refused.status_code, refused.json()["error"]["code"]) == (503, "shutting_down")
+    assert still_running == 1
+    events = [json.loads(line[len("data: "):]) for line in pieces if line.startswith("data: {")]
+    assert pieces[-2:] == ["data: [DONE]", ""] or [p for p in pieces if p][-1] == "data: [DONE]"
+    assert "".join(e["choices"][0]["text"] for e in events) == expected
+    assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert not drain.is_alive() and not server.thread.is_alive()

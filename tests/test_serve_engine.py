@@ -161,6 +161,7 @@ def test_prompt_and_budget_must_fit_and_compiles_stay_bounded(tiny_models):
     for _ in range(8):
         engine.step(np.array([True, False]))
     assert engine.views_compiled <= {MIN_VIEW}  # 48 + 16 columns: one view, every step
+    assert engine.step_shapes_compiled == {(1, MIN_VIEW)}  # one busy slot: a one-row step
 
 
 def test_learned_positions_bound_the_context(tiny_models):

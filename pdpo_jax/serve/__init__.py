@@ -6,6 +6,7 @@
     text       TextStream: ids to text as they arrive, cut at stop strings
     protocol   the OpenAI wire format: request checking, responses, chunks, error objects
     app        the Starlette application: endpoints, server-sent events, API key
+    lockstep   several hosts: process 0's engine calls, made by the other processes too
     server     engine + scheduler + uvicorn: `serve_forever`, `BackgroundServer`
 """
 

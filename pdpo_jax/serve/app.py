@@ -1,6 +1,6 @@
 """The HTTP application: OpenAI's endpoints on Starlette, over one scheduler.
 
-    GET  /health                 {"status": "ok", slots, busy, waiting, compiled shapes}
+    GET  /health                 {"status": "ok" or "draining", slots, busy, waiting, compiled shapes}
     GET  /v1/models              the one served model
     POST /v1/chat/completions    messages -> the model's chat template -> a reply; `stream: true` as
                                  server-sent events ending with `data: [DONE]`
@@ -258,7 +258,7 @@ def create_app(service: Service) -> Starlette:
         return JSONResponse(protocol.models_list(service.served_name, service.created))
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": service.served_name, **describe(service.scheduler)})
+        return JSONResponse({"model": service.served_name, **describe(service.scheduler)})
 
     return Starlette(
         routes=[

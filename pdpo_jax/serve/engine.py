@@ -1,20 +1,24 @@
-"""Continuous batching on the jitted decoder: a fixed number of KV-cache slots, one step for all.
+"""Continuous batching on the jitted decoder: a fixed number of KV-cache slots, a step for the busy ones.
 
 The engine holds `slots` rows of KV cache, each `cache_length` columns long, as a stack of
 batch-1 caches (every leaf gets a leading slot axis, the write index is one per slot), so each
-slot fills its row at its own pace. Two jitted programs touch them:
+slot fills its row at its own pace. Three jitted programs touch them:
 
-    admit  one prompt, left-aligned to its bucket width exactly as `pdpo_jax.generate` lays it
-           out, prefilled into a batch-1 cache that then replaces one slot's row; one compile per
-           prompt bucket (`pdpo_jax.generation.decode.bucket_width`)
-    step   every slot at once: pick each slot's next token from the logits it holds (greedy,
-           or temperature + top-p with the slot's own seed), then one decode step of all slots
-           (`jax.vmap` of the batch-1 decode step over the slot axis); one compile in all
+    admit   one prompt, left-aligned to its bucket width exactly as `pdpo_jax.generate` lays it
+            out, prefilled into a batch-1 cache that then replaces one slot's row; one compile per
+            prompt bucket (`pdpo_jax.generation.decode.bucket_width`)
+    decode  R slots (the busy ones, padded with idle ones to a power of two): pick each one's next
+            token from the logits it holds (greedy, or temperature + top-p with the slot's own
+            seed), gather their rows' first V columns (V a power of two holding every busy
+            slot's tokens), and run one decode step (`jax.vmap` of the batch-1 step over the
+            rows); one compile per (R, V)
+    commit  the new column of each busy row, its logits and counters written into the state in
+            place (donated); apart from decode because one program that both reads the cache
+            through the gathered view and writes it made XLA copy the whole cache every step
 
-A slot's computation never reads another slot's row, and the shapes never change with how many
-slots are busy, so a request's tokens do not depend on its neighbours. The host reads back one
-small array per step (each slot's token and log-probabilities); everything else stays on device.
-Idle slots run along with a frozen write index and position 0, and are overwritten on admission.
+A slot's computation never reads another slot's row, so a request's tokens do not depend on its
+neighbours. The host reads back one small array per step (each row's token and log-probabilities);
+everything else stays on device. Idle padding rows are computed and dropped.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from pdpo_jax.generation.decode import (
     left_align,
     params_on,
     prefill,
+    replicated_tokens,
 )
 from pdpo_jax.generation.sampling import (
     NUCLEUS_CANDIDATES,
@@ -175,53 +180,71 @@ def token_logprobs(logits, tokens, want_top):
     return chosen, top_ids, top_values
 
 
-def cache_view(cache: dict, columns: int) -> dict:
-    """The first `columns` columns of every slot's cache (the write index as it is)."""
-    view = {key: cache[key][..., :columns] for key in ("positions", "segment_ids", "branch_ids")}
+def gathered_view(cache: dict, rows: jax.Array, columns: int) -> dict:
+    """Slots `rows`' caches, their first `columns` columns (the write indexes as they are)."""
+    view = {key: cache[key][rows][..., :columns] for key in ("positions", "segment_ids", "branch_ids")}
     for key in ("k", "v"):
-        view[key] = jax.tree.map(lambda leaf: leaf[..., :columns, :], cache[key])
-    return {**view, "index": cache["index"]}
+        view[key] = jax.tree.map(lambda leaf: leaf[rows][..., :columns, :], cache[key])
+    return {**view, "index": cache["index"][rows]}
 
 
-def write_new_columns(cache: dict, view: dict, index: jax.Array) -> dict:
-    """`cache` with each slot's column `index[slot]` taken from `view` (the one a step wrote):
-    a one-column scatter into the full cache, which donation lets XLA do in place."""
+def new_columns(view: dict, index: jax.Array) -> dict:
+    """Row i's column `index[i]` of every leaf of `view` (the column a step wrote), `[R, ...]`."""
 
-    def put(full, part, axis):
-        def per_slot(full_row, part_row, at):
-            column = jax.lax.dynamic_slice_in_dim(part_row, at, 1, axis=axis)
-            return jax.lax.dynamic_update_slice_in_dim(full_row, column.astype(full_row.dtype), at, axis=axis)
+    def take(part, axis):
+        return jax.vmap(lambda row, at: jax.lax.dynamic_index_in_dim(row, at, axis=axis, keepdims=False))(part, index)
 
-        return jax.vmap(per_slot)(full, part, index)
-
-    written = {key: put(cache[key], view[key], -1) for key in ("positions", "segment_ids", "branch_ids")}
+    columns = {key: take(view[key], -1) for key in ("positions", "segment_ids", "branch_ids")}
     for key in ("k", "v"):
-        written[key] = jax.tree.map(lambda full, part: put(full, part, -2), cache[key], view[key])
-    return {**written, "index": view["index"]}
+        columns[key] = jax.tree.map(lambda part: take(part, -2), view[key])
+    return columns
 
 
-def _step(params, state, active, *, config, columns):
-    """Every slot picks its next token and runs it through the model; idle slots keep their index.
-    Attention reads only the first `columns` columns of the cache, which hold every busy slot's tokens."""
-    tokens = pick_tokens(state["logits"], state["temperature"], state["top_p"], state["seed"], state["picked"])
-    chosen, top_ids, top_values = token_logprobs(state["logits"], tokens, state["want_top"] & active)
-    position = jnp.where(active, state["position"], 0)
-    before = cache_view(state["cache"], columns)
+def _decode_rows(params, state, rows, active, *, config, columns, mesh=None):
+    """Slots `rows` (`[R]`, distinct) pick their next token and run it through the model; those not
+    `active` (padding up to R) are computed and then dropped. Attention reads only the first
+    `columns` columns of the cache, which hold every active slot's tokens. Returns what `_commit`
+    writes back, and the picks."""
+    logits = state["logits"][rows]
+    tokens = pick_tokens(logits, state["temperature"][rows], state["top_p"][rows], state["seed"][rows],
+                         state["picked"][rows])
+    chosen, top_ids, top_values = token_logprobs(logits, tokens, state["want_top"][rows] & active)
+    position = jnp.where(active, state["position"][rows], 0)
+    before = gathered_view(state["cache"], rows, columns)
 
     def one_slot(token, at, cache):
         logits, cache = decode_step(params, token[None], at[None], cache, config=config)
         return logits[0], cache
 
     logits, after = jax.vmap(one_slot)(tokens, position, before)
-    after["index"] = jnp.where(active, after["index"], before["index"])
-    advanced = {
+    update = {"columns": new_columns(after, before["index"]), "index": before["index"], "logits": logits}
+    picks = tuple(replicated_tokens(pick, mesh) for pick in (tokens, chosen, top_ids, top_values))  # every host reads them
+    return update, picks
+
+
+def _commit(state, rows, active, update):
+    """`state` with the active rows' new cache columns, next-token logits and counters written in
+    place (the state is donated). Kept apart from `_decode_rows`: a program that both reads the
+    cache through a view and writes it made XLA copy the whole cache every step."""
+    rows = jnp.where(active, rows, state["position"].shape[0])  # padding rows: an out-of-range slot, dropped
+    index = update["index"]
+
+    def put(full, column, axis):
+        where = (rows, *[slice(None)] * (full.ndim + axis - 1), index)  # slot, the axes between, column
+        return full.at[where].set(column.astype(full.dtype), mode="drop")
+
+    cache, written = state["cache"], update["columns"]
+    new_cache = {key: put(cache[key], written[key], -1) for key in ("positions", "segment_ids", "branch_ids")}
+    for key in ("k", "v"):
+        new_cache[key] = jax.tree.map(lambda full, column: put(full, column, -2), cache[key], written[key])
+    new_cache["index"] = cache["index"].at[rows].add(1, mode="drop")
+    return {
         **state,
-        "cache": write_new_columns(state["cache"], after, before["index"]),
-        "logits": logits,
-        "position": jnp.where(active, state["position"] + 1, state["position"]),
-        "picked": jnp.where(active, state["picked"] + 1, state["picked"]),
+        "cache": new_cache,
+        "logits": state["logits"].at[rows].set(update["logits"], mode="drop"),
+        "position": state["position"].at[rows].add(1, mode="drop"),
+        "picked": state["picked"].at[rows].add(1, mode="drop"),
     }
-    return advanced, (tokens, chosen, top_ids, top_values)
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -252,10 +275,11 @@ class SlotEngine:
         self.params = jax.jit(partial(compute_params, config=config))(params_on(model, mesh))
         self.state = self._placed(self._empty_state())
         self._admit = jax.jit(partial(_admit, config=config), donate_argnums=(1,))
-        self._step = jax.jit(partial(_step, config=config), donate_argnums=(1,), static_argnames=("columns",))
+        self._decode_rows = jax.jit(partial(_decode_rows, config=config, mesh=mesh), static_argnames=("columns",))
+        self._commit = jax.jit(_commit, donate_argnums=(0,))
         self.write_index = np.zeros(self.slots, np.int64)  # where each slot writes its next token
         self.widths_compiled: set[int] = set()
-        self.views_compiled: set[int] = set()
+        self.step_shapes_compiled: set[tuple[int, int]] = set()  # (slots run, cache columns)
 
     def _empty_state(self) -> dict:
         s = self.slots
@@ -282,7 +306,19 @@ class SlotEngine:
                 axes += [None] * (leaf.ndim - 4) + ["tensor"]
             return NamedSharding(self.mesh, fit_spec(PartitionSpec(*axes), leaf.shape, self.mesh))
 
-        return jax.device_put(state, jax.tree_util.tree_map_with_path(sharding, state))
+        def place(leaf, where):  # from the host, so a mesh spanning several hosts works alike
+            host = np.asarray(leaf)
+            return jax.make_array_from_callback(host.shape, where, lambda index: host[index])
+
+        return jax.tree.map(place, state, jax.tree_util.tree_map_with_path(sharding, state))
+
+    def keepalive(self) -> None:
+        """Nothing on one host (`pdpo_jax.serve.lockstep.LeaderEngine` tells the other hosts it is alive)."""
+
+    @property
+    def views_compiled(self) -> set[int]:
+        """The distinct cache views (columns) the step has run at."""
+        return {columns for _, columns in self.step_shapes_compiled}
 
     def check_fits(self, prompt_length: int, max_new_tokens: int) -> None:
         """Raises PromptTooLong unless the prompt and `max_new_tokens` fit `max_model_len`."""
@@ -299,26 +335,39 @@ class SlotEngine:
         self.widths_compiled.add(prompt_ids.shape[1])
         settings = (np.float32(request.temperature), np.float32(request.top_p),
                     np.uint32(request.seed % 2**32), np.bool_(request.top_logprobs > 0))
-        self.state = self._admit(self.params, self.state, jnp.asarray(prompt_ids), jnp.asarray(prompt_valid),
-                                 np.int32(slot), settings)
+        self.state = self._admit(self.params, self.state, prompt_ids, prompt_valid, np.int32(slot), settings)
         self.write_index[slot] = prompt_ids.shape[1]
 
     def view_columns(self, busy: np.ndarray) -> int:
         """The cache columns a step attends over: the power of two (at least MIN_VIEW) that holds
-        every busy slot's next token, at most the whole cache; one compile per distinct value."""
+        every busy slot's next token, at most the whole cache."""
         needed = int(self.write_index[busy].max(initial=0)) + 1
         columns = max(MIN_VIEW, 1 << (needed - 1).bit_length())
         return min(columns, self.cache_length)
 
+    def step_rows(self, busy: np.ndarray) -> np.ndarray:
+        """The slots a step runs: the busy ones, then idle ones up to a power of two (or all slots)."""
+        count = min(1 << (max(int(busy.sum()), 1) - 1).bit_length(), self.slots)
+        return np.concatenate([np.flatnonzero(busy), np.flatnonzero(~busy)])[:count].astype(np.int32)
+
     def step(self, busy: np.ndarray) -> StepResult:
-        """One token for every slot; `busy` `[slots]` bool marks the slots whose picks count."""
+        """One token for every busy slot (`busy`: `[slots]` bool); the result has a row per slot,
+        those of idle slots meaningless."""
         busy = np.asarray(busy, bool)
         columns = self.view_columns(busy)
-        self.views_compiled.add(columns)
-        self.state, picks = self._step(self.params, self.state, jnp.asarray(busy), columns=columns)
+        rows = self.step_rows(busy)
+        self.step_shapes_compiled.add((len(rows), columns))
+        active = busy[rows]
+        update, picks = self._decode_rows(self.params, self.state, rows, active, columns=columns)
+        self.state = self._commit(self.state, rows, active, update)
         self.write_index[busy] += 1
-        tokens, chosen, top_ids, top_values = jax.device_get(picks)
-        return StepResult(np.asarray(tokens), np.asarray(chosen), np.asarray(top_ids), np.asarray(top_values))
+        picked = [np.asarray(part) for part in jax.device_get(picks)]
+        per_slot = []
+        for part in picked:
+            full = np.zeros((self.slots, *part.shape[1:]), part.dtype)
+            full[rows] = part
+            per_slot.append(full)
+        return StepResult(*per_slot)
 
     def prompt_width(self, prompt_length: int) -> int:
         """The bucket a prompt of this length is prefilled at (one compile per distinct width)."""

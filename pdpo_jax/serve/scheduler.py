@@ -4,7 +4,8 @@ The thread loops: put waiting jobs into free slots (a prefill each), run one eng
 all slots, hand every busy slot's token to its job, and free at once every slot whose job
 finished (an end-of-sequence id, its token budget, its own stop rule) or was cancelled (the
 client went away). Requests beyond `max_waiting` are refused (`QueueFull`), never parked
-without bound. `stop()` finishes or cancels what is in flight, as told.
+without bound. `drain()` stops taking jobs and waits for those in flight; `stop()` finishes or
+cancels what is in flight, as told.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +23,8 @@ import numpy as np
 from pdpo_jax.serve.engine import SlotEngine, SlotRequest
 
 LOG = logging.getLogger(__name__)
+DRAIN_POLL_SECONDS = 0.05
+KEEPALIVE_SECONDS = 1.0  # while idle, the engine hears from the scheduler this often (serving on several hosts)
 
 
 class QueueFull(RuntimeError):
@@ -94,6 +98,18 @@ class Scheduler:
         self.thread = threading.Thread(target=self._run, name="pdpo-serve-scheduler", daemon=True)
         self.thread.start()
 
+    def drain(self, timeout: float) -> bool:
+        """Stops taking jobs (`submit` raises ShuttingDown) and waits up to `timeout` seconds for
+        the jobs in flight and in the queue to finish: whether they all did."""
+        with self.wake:
+            self.accepting = False
+        deadline = time.monotonic() + timeout
+        while self._has_work() and self.thread is not None and self.thread.is_alive():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(DRAIN_POLL_SECONDS)
+        return not self._has_work()
+
     def stop(self, *, finish: bool = False, timeout: float | None = None) -> None:
         """Stops taking jobs; with `finish` the jobs in flight run to their end first, otherwise
         (and whatever is still running after `timeout`) they are cancelled."""
@@ -121,7 +137,8 @@ class Scheduler:
             while True:
                 with self.wake:
                     while self.running and not self._has_work():
-                        self.wake.wait()
+                        if not self.wake.wait(KEEPALIVE_SECONDS):
+                            self.engine.keepalive()
                     if not self.running and not self._has_work():
                         return
                 self._free_cancelled()
@@ -189,6 +206,7 @@ class Scheduler:
 def describe(scheduler: Scheduler) -> dict[str, Any]:
     """What `/health` reports."""
     engine = scheduler.engine
-    return {"slots": engine.slots, "busy": scheduler.busy_slots(), "waiting": scheduler.queued(),
+    return {"status": "ok" if scheduler.accepting else "draining", "slots": engine.slots, "busy": scheduler.busy_slots(), "waiting": scheduler.queued(),
             "max_model_len": engine.max_model_len, "steps": scheduler.steps,
-            "compiled": {"prompt_widths": sorted(engine.widths_compiled), "step_views": sorted(engine.views_compiled)}}
+            "compiled": {"prompt_widths": sorted(engine.widths_compiled), "step_views": sorted(engine.views_compiled),
+                         "step_shapes": [list(shape) for shape in sorted(engine.step_shapes_compiled)]}}

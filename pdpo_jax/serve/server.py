@@ -2,7 +2,8 @@
 
 `serve_forever` is `pdpo serve`: it serves until Ctrl-C (or SIGTERM), then stops taking requests,
 lets the requests in flight finish for up to `drain_seconds`, and cancels the rest.
-`BackgroundServer` runs the same server on a thread of this process (tests, tools).
+`BackgroundServer` runs the same server on a thread of this process (tests, tools). On several
+processes, process 0 serves and the others run `follow_leader` (`pdpo_jax.serve.lockstep`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import jax
 import uvicorn
 
 from pdpo_jax.errors import PdpoError
@@ -21,6 +23,7 @@ from pdpo_jax.listening import base_url, listening_socket
 from pdpo_jax.model import Model, eos_ids, require_tokenizer
 from pdpo_jax.serve.app import Service, chat_renderer, create_app
 from pdpo_jax.serve.engine import SlotEngine
+from pdpo_jax.serve.lockstep import LeaderEngine, follow
 from pdpo_jax.serve.scheduler import Scheduler
 
 LOG = logging.getLogger(__name__)
@@ -52,18 +55,27 @@ def served_name_for(model: Model) -> str:
     return model.path.name
 
 
-def build_service(model: Model, options: ServeOptions = ServeOptions(), mesh: Any = None) -> Service:
-    tokenizer = require_tokenizer(model)
-    if options.chat_template is None and not getattr(tokenizer, "chat_template", None):
-        LOG.warning("%s has no chat template: /v1/chat/completions will refuse requests (give --chat-template)",
-                    model.path)
+def build_engine(model: Model, options: ServeOptions = ServeOptions(), mesh: Any = None) -> SlotEngine:
+    """The slot engine `options` ask for (the same on every process of a multi-host server)."""
     positions = int(model.config.max_position_embeddings)
     max_model_len = options.max_model_len or min(DEFAULT_MAX_MODEL_LEN, positions)
     if not 1 <= max_model_len <= positions:
         raise ServeError(f"--max-model-len must be in [1, {positions}] (the model's positions), got {max_model_len}")
     if options.slots < 1:
         raise ServeError(f"--slots must be >= 1, got {options.slots}")
-    engine = SlotEngine(model, slots=options.slots, max_model_len=max_model_len, mesh=mesh)
+    return SlotEngine(model, slots=options.slots, max_model_len=max_model_len, mesh=mesh)
+
+
+def build_service(model: Model, options: ServeOptions = ServeOptions(), mesh: Any = None) -> Service:
+    """The server's engine, scheduler and endpoints; on a run of several processes, process 0's,
+    whose engine calls the other processes make too (`follow`)."""
+    tokenizer = require_tokenizer(model)
+    if options.chat_template is None and not getattr(tokenizer, "chat_template", None):
+        LOG.warning("%s has no chat template: /v1/chat/completions will refuse requests (give --chat-template)",
+                    model.path)
+    engine = build_engine(model, options, mesh)
+    if jax.process_count() > 1:
+        engine = LeaderEngine(engine)
     max_waiting = options.max_waiting if options.max_waiting is not None else WAITING_PER_SLOT * options.slots
     scheduler = Scheduler(engine, stop_ids=eos_ids(model), max_waiting=max_waiting)
     return Service(scheduler, tokenizer, options.served_name or served_name_for(model),
@@ -75,10 +87,44 @@ def bind(host: str, port: int) -> socket.socket:
     return listening_socket(host, port, BACKLOG, ServeError)
 
 
-def make_server(service: Service, drain_seconds: float) -> uvicorn.Server:
+class DrainingServer(uvicorn.Server):
+    """uvicorn that drains before it stops: the first Ctrl-C (or SIGTERM, or `begin_drain()`) makes
+    new requests get 503 `shutting_down` while those in flight run on for up to `drain_seconds`;
+    then the server exits and whatever is still running is cancelled. A second Ctrl-C stops at once."""
+
+    def __init__(self, config: uvicorn.Config, service: Service, drain_seconds: float):
+        super().__init__(config)
+        self.service, self.drain_seconds = service, drain_seconds
+        self.drainer: threading.Thread | None = None
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.drainer is None:
+            self._captured_signals.append(sig)  # raised again once stopped, as uvicorn does
+            self.begin_drain()
+        else:
+            super().handle_exit(sig, frame)
+
+    def begin_drain(self) -> threading.Thread:
+        if self.drainer is None:
+            self.drainer = threading.Thread(target=self._drain, name="pdpo-serve-drain", daemon=True)
+            self.drainer.start()
+        return self.drainer
+
+    def _drain(self) -> None:
+        busy = self.service.scheduler.busy_slots() + self.service.scheduler.queued()
+        LOG.warning("stopping: %d requests in flight get up to %g s to finish; new ones get 503", busy,
+                    self.drain_seconds)
+        if not self.service.scheduler.drain(self.drain_seconds):
+            LOG.warning("stopping: cancelling the requests still running after %g s", self.drain_seconds)
+            self.service.scheduler.stop(finish=False)
+        self.should_exit = True
+
+
+def make_server(service: Service, drain_seconds: float) -> DrainingServer:
+    # the drain happens before uvicorn's own shutdown, which then only closes the connections
     config = uvicorn.Config(create_app(service), lifespan="off", access_log=False, log_level="warning",
-                            timeout_graceful_shutdown=max(1, round(drain_seconds)))
-    return uvicorn.Server(config)
+                            timeout_graceful_shutdown=5)
+    return DrainingServer(config, service, drain_seconds)
 
 
 def serve_forever(service: Service, host: str, port: int, *, drain_seconds: float = 10.0,
@@ -93,6 +139,15 @@ def serve_forever(service: Service, host: str, port: int, *, drain_seconds: floa
     finally:
         service.scheduler.stop(finish=False)
         sock.close()
+        if isinstance(service.engine, LeaderEngine):
+            service.engine.close()
+
+
+def follow_leader(model: Model, options: ServeOptions = ServeOptions(), mesh: Any = None) -> None:
+    """`pdpo serve` on a process other than 0: the same engine, running process 0's calls until it stops."""
+    engine = build_engine(model, options, mesh)
+    LOG.info("process %d follows process 0's server", jax.process_index())
+    follow(engine)
 
 
 class BackgroundServer:
@@ -114,7 +169,11 @@ class BackgroundServer:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
-    def stop(self) -> None:
+    def stop(self, *, drain: bool = False) -> None:
+        """Stops the server; with `drain` as Ctrl-C stops `pdpo serve` (503 for new requests while
+        those in flight finish, for up to `drain_seconds`), otherwise at once."""
+        if drain:
+            self.server.begin_drain().join()
         self.server.should_exit = True
         self.thread.join(30)
         self.service.scheduler.stop(finish=False)

@@ -15,9 +15,11 @@ import logging
 import sys
 from pathlib import Path
 
+import jax
+
 from pdpo_jax.errors import UsageError
 from pdpo_jax.model import load_model
-from pdpo_jax.parallel import initialize_distributed, make_mesh
+from pdpo_jax.parallel import initialize_distributed, is_primary, make_mesh
 from pdpo_jax.serve.server import (
     DEFAULT_HOST,
     DEFAULT_MAX_MODEL_LEN,
@@ -27,6 +29,7 @@ from pdpo_jax.serve.server import (
     ServeOptions,
     api_key_from_env,
     build_service,
+    follow_leader,
     serve_forever,
 )
 from pdpo_jax.stage_runner import StageParser, parse_mesh, stage_parser
@@ -37,10 +40,14 @@ endpoints: POST /v1/chat/completions (stream: true for server-sent events), POST
   GET /v1/models, GET /health. Parameters: max_tokens, temperature (0 = greedy), top_p, seed,
   stop, n, logprobs / top_logprobs (at most 5).
 
-shapes: every step runs all --slots slots over a power of two of cache columns (at least 64);
+shapes: a step runs the busy slots (rounded up to a power of two, at most --slots) over a power of
+  two of cache columns (at least 64);
   a prompt is prefilled at its bucketed width (16, 32, ..., 128, then 4 per octave), one compile per width.
 
-Ctrl-C stops taking requests, lets those in flight finish for --drain-seconds, cancels the rest."""
+Ctrl-C stops taking requests (503), lets those in flight finish for --drain-seconds, cancels the rest.
+
+several hosts: start the same command on every host of the slice (as tpu/launch.sh does); process 0
+  answers HTTP, the others run its steps over the shared mesh and stop when it stops."""
 
 
 def build_parser() -> StageParser:
@@ -88,10 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     mesh_sizes = parse_mesh(args.mesh)
     initialize_distributed()
     mesh = make_mesh(**mesh_sizes) if mesh_sizes is not None else None
+    if mesh is None and jax.process_count() > 1:
+        raise UsageError(f"{jax.process_count()} processes serve one model over one mesh: give --mesh")
     model = load_model(args.model, compute_dtype=args.dtype, mesh=mesh)
     options = ServeOptions(slots=args.slots, max_model_len=args.max_model_len, max_waiting=args.max_waiting,
                            api_key=api_key, served_name=args.served_model_name, chat_template=chat_template,
                            drain_seconds=args.drain_seconds)
+    if not is_primary():  # a multi-host mesh: process 0 serves, this one runs its steps
+        follow_leader(model, options, mesh)
+        return 0
     service = build_service(model, options, mesh)
     serve_forever(service, args.host, args.port, drain_seconds=args.drain_seconds,
                   announce=lambda line: print(line, flush=True))
