@@ -202,7 +202,6 @@ def main(argv: list[str]) -> int:
     config_name, rl_name = "personachat-cpu.yaml", "personachat-cpu-rl.yaml"
     with tempfile.TemporaryDirectory() as tmp:
         resolved_configs(args.data, Path(tmp))
-        args.overrides = args.overrides or []
         runner = Runner(argparse.Namespace(root=args.root, overrides=args.overrides), Path(tmp) / config_name)
         root = runner.root
         study = Study(args, runner, Path(tmp) / rl_name, root, results,
