@@ -180,3 +180,49 @@ def test_on_a_mesh_the_tokens_are_the_same(tiny_models):
         assert run_jobs(scheduler, [SlotRequest(p) for p in batch]) == expected
     finally:
         scheduler.stop()
+
+
+def wait_for_compiles(engine: SlotEngine, seconds: float = 120) -> None:
+    for _ in range(int(seconds * 10)):
+        if not engine.pending_compiles():
+            return
+        threading.Event().wait(0.1)
+    raise AssertionError(f"{engine.pending_compiles()} compiles still pending after {seconds} s")
+
+
+def test_a_step_runs_at_a_compiled_covering_shape_while_its_own_compiles(tiny_models):
+    model = tiny_models["llama"]
+    engine = SlotEngine(model, slots=4, max_model_len=MAX_LEN)
+    engine.steps.get((4, MIN_VIEW))
+    engine.commits.get(4)
+    prompt = prompts(1, seed=11)[0]
+    engine.admit(1, SlotRequest(prompt))
+    busy = np.array([False, True, False, False])
+    # the one-row step is not compiled: the four-row one runs it while it compiles in the background
+    assert engine.step_shape(busy) == (4, MIN_VIEW)
+    tokens = [int(engine.step(busy).tokens[1]) for _ in range(NEW_TOKENS)]
+    wait_for_compiles(engine)
+    assert engine.step_shape(busy) == (1, MIN_VIEW)
+    assert engine.step_shapes_compiled == {(1, MIN_VIEW), (4, MIN_VIEW)}
+    assert tokens == one_at_a_time(model, prompt)
+
+
+def test_warm_up_compiles_every_shape_and_nothing_compiles_afterwards(tiny_models):
+    model = tiny_models["llama"]
+    engine = SlotEngine(model, slots=3, max_model_len=MAX_LEN)
+    assert engine.step_row_counts() == [1, 2, 3]
+    assert engine.step_views() == [MIN_VIEW]  # 48 + 16 cache columns
+    assert engine.prompt_widths() == [16, 32, 48]
+    engine.warm_up()
+    wait_for_compiles(engine)
+    assert engine.step_shapes_compiled == {(1, MIN_VIEW), (2, MIN_VIEW), (3, MIN_VIEW)}
+    assert engine.widths_compiled == {16, 32, 48}
+    assert engine.commits.ready() == {1, 2, 3}
+    scheduler = Scheduler(engine, stop_ids=(NEVER,), max_waiting=16)
+    batch = prompts(5, seed=12)
+    scheduler.start()
+    try:
+        assert run_jobs(scheduler, [SlotRequest(p) for p in batch]) == [one_at_a_time(model, p) for p in batch]
+    finally:
+        scheduler.stop()
+    assert engine.pending_compiles() == 0 and len(engine.step_shapes_compiled) == 3

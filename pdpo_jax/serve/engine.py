@@ -52,9 +52,14 @@ from pdpo_jax.generation.sampling import (
 from pdpo_jax.model import Model, init_cache, pad_id
 from pdpo_jax.model.family import family_for
 from pdpo_jax.parallel import BATCH_AXES, fit_spec
+from pdpo_jax.serve.programs import ProgramTable
 
 MIN_VIEW = 64  # fewest cache columns a step attends over
 TOP_LOGPROBS = 5  # most alternatives a response reports per token (the OpenAI completions limit)
+
+
+def _spec_of(leaf: jax.Array) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
 
 
 def cache_length_for(max_model_len: int) -> int:
@@ -259,9 +264,16 @@ class SlotEngine:
 
     `admit(slot, request)` prefills a request into a free slot; `step(busy)` advances every busy
     slot by one token and returns what each picked. The caller owns which slot is whose.
+
+    Programs are compiled per shape (`pdpo_jax.serve.programs`). With `compile_ahead`, a step whose
+    exact (rows, view) is not compiled yet runs at the smallest compiled shape that covers it (more
+    rows, more columns: the same tokens) while the exact one compiles on a background thread, so
+    serving stalls on a compile only when nothing compiled covers the step; `warm_up()` queues every
+    shape at once.
     """
 
-    def __init__(self, model: Model, *, slots: int, max_model_len: int, mesh: Mesh | None = None):
+    def __init__(self, model: Model, *, slots: int, max_model_len: int, mesh: Mesh | None = None,
+                 compile_ahead: bool = True):
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         config = model.config
@@ -272,14 +284,113 @@ class SlotEngine:
         self.max_model_len = int(max_model_len)
         self.cache_length = cache_length_for(max_model_len)
         self.pad_id = pad_id(model)
+        self.compile_ahead = bool(compile_ahead)
         self.params = jax.jit(partial(compute_params, config=config))(params_on(model, mesh))
         self.state = self._placed(self._empty_state())
-        self._admit = jax.jit(partial(_admit, config=config), donate_argnums=(1,))
+        self._params_spec, self._state_spec = (jax.tree.map(_spec_of, tree) for tree in (self.params, self.state))
+        # the state comes back laid out as it went in, as a compiled program takes it next time
+        state_layout = None if mesh is None else jax.tree.map(lambda leaf: leaf.sharding, self.state)
+        self._admit = jax.jit(partial(_admit, config=config), donate_argnums=(1,), out_shardings=state_layout)
         self._decode_rows = jax.jit(partial(_decode_rows, config=config, mesh=mesh), static_argnames=("columns",))
-        self._commit = jax.jit(_commit, donate_argnums=(0,))
+        self._commit = jax.jit(_commit, donate_argnums=(0,), out_shardings=state_layout)
+        self.admits = ProgramTable("prefill", self._compile_admit)  # by prompt width
+        self.steps = ProgramTable("step", self._compile_step)  # by (rows, cache columns)
+        self.commits = ProgramTable("commit", self._compile_commit)  # by rows
         self.write_index = np.zeros(self.slots, np.int64)  # where each slot writes its next token
-        self.widths_compiled: set[int] = set()
-        self.step_shapes_compiled: set[tuple[int, int]] = set()  # (slots run, cache columns)
+
+    # ------------------------------------------------------------------ shapes and their programs
+
+    def step_row_counts(self) -> list[int]:
+        """Every number of rows a step runs: powers of two below `slots`, and `slots`."""
+        return sorted({min(1 << n, self.slots) for n in range(self.slots.bit_length() + 1)})
+
+    def step_views(self) -> list[int]:
+        """Every cache view a step attends over: powers of two from MIN_VIEW below the cache, and the cache."""
+        views, columns = set(), MIN_VIEW
+        while columns < self.cache_length:
+            views.add(columns)
+            columns *= 2
+        return sorted(views | {self.cache_length})
+
+    def prompt_widths(self) -> list[int]:
+        """Every width a prompt that fits (at most max_model_len - 1 tokens) is prefilled at."""
+        return sorted({bucket_width(n) for n in range(1, self.max_model_len)})
+
+    def step_shapes(self) -> list[tuple[int, int]]:
+        return [(rows, columns) for columns in self.step_views() for rows in self.step_row_counts()]
+
+    def warm_up(self) -> None:
+        """Queues every step shape, its commit and every prompt width for the background compiler
+        (`pending_compiles()` counts what is left); serving goes on meanwhile."""
+        self.commits.compile_ahead(self.step_row_counts())
+        self.steps.compile_ahead(self.step_shapes())
+        self.admits.compile_ahead(self.prompt_widths())
+
+    def pending_compiles(self) -> int:
+        return self.admits.pending() + self.steps.pending() + self.commits.pending()
+
+    def close(self) -> None:
+        """Drops the compiles still queued."""
+        for table in (self.admits, self.steps, self.commits):
+            table.close()
+
+    @property
+    def widths_compiled(self) -> set[int]:
+        return self.admits.ready()
+
+    @property
+    def step_shapes_compiled(self) -> set[tuple[int, int]]:
+        """The (rows, cache columns) step programs compiled."""
+        return self.steps.ready()
+
+    def _replicated(self):
+        return None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
+
+    def _host_spec(self, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
+        """An argument that comes from the host: on every device of the mesh (as `_from_host` puts it)."""
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=self._replicated())
+
+    def _from_host(self, tree: Any) -> Any:
+        """Host values as a compiled program takes them: on a mesh, copied to every device."""
+        return tree if self.mesh is None else jax.device_put(tree, self._replicated())
+
+    def _rows_spec(self, rows: int) -> tuple:
+        return self._host_spec((rows,), jnp.int32), self._host_spec((rows,), jnp.bool_)
+
+    def _step_outputs(self, rows: int) -> tuple[Any, Any]:
+        """What a step of `rows` rows returns (the update, the picks), with its layout on the mesh:
+        the update split by row over the batch axes, the picks on every device. Fixed, so that every
+        step program hands its update to the commit program as that one was compiled to take it."""
+        update, picks = jax.eval_shape(partial(self._decode_rows, columns=MIN_VIEW), self._params_spec,
+                                       self._state_spec, *self._rows_spec(rows))
+        if self.mesh is None:
+            return update, picks
+
+        def by_row(leaf):
+            spec = fit_spec(PartitionSpec(BATCH_AXES), leaf.shape, self.mesh)
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(self.mesh, spec))
+
+        return (jax.tree.map(by_row, update),
+                jax.tree.map(lambda leaf: self._host_spec(leaf.shape, leaf.dtype), picks))
+
+    def _compile_step(self, shape: tuple[int, int]):
+        rows, columns = shape
+        program = self._decode_rows
+        if self.mesh is not None:
+            layout = jax.tree.map(lambda leaf: leaf.sharding, self._step_outputs(rows))
+            program = jax.jit(partial(_decode_rows, config=self.config, mesh=self.mesh), static_argnames=("columns",),
+                              out_shardings=layout)
+        return program.lower(self._params_spec, self._state_spec, *self._rows_spec(rows), columns=columns).compile()
+
+    def _compile_commit(self, rows: int):
+        update, _ = self._step_outputs(rows)
+        return self._commit.lower(self._state_spec, *self._rows_spec(rows), update).compile()
+
+    def _compile_admit(self, width: int):
+        prompt = self._host_spec((1, width), jnp.int32)
+        settings = tuple(self._host_spec((), dtype) for dtype in (jnp.float32, jnp.float32, jnp.uint32, jnp.bool_))
+        return self._admit.lower(self._params_spec, self._state_spec, prompt, prompt, self._host_spec((), jnp.int32),
+                                 settings).compile()
 
     def _empty_state(self) -> dict:
         s = self.slots
@@ -317,7 +428,7 @@ class SlotEngine:
 
     @property
     def views_compiled(self) -> set[int]:
-        """The distinct cache views (columns) the step has run at."""
+        """The distinct cache views (columns) of the step programs compiled."""
         return {columns for _, columns in self.step_shapes_compiled}
 
     def check_fits(self, prompt_length: int, max_new_tokens: int) -> None:
@@ -332,10 +443,10 @@ class SlotEngine:
         """Prefills `request`'s prompt into `slot` (free: its previous occupant is overwritten)."""
         ids = np.asarray(request.prompt_ids, np.int32)[None]
         prompt_ids, prompt_valid = left_align(ids, np.ones_like(ids), self.pad_id)
-        self.widths_compiled.add(prompt_ids.shape[1])
         settings = (np.float32(request.temperature), np.float32(request.top_p),
                     np.uint32(request.seed % 2**32), np.bool_(request.top_logprobs > 0))
-        self.state = self._admit(self.params, self.state, prompt_ids, prompt_valid, np.int32(slot), settings)
+        program = self.admits.get(prompt_ids.shape[1])
+        self.state = program(self.params, self.state, *self._from_host((prompt_ids, prompt_valid, np.int32(slot), settings)))
         self.write_index[slot] = prompt_ids.shape[1]
 
     def view_columns(self, busy: np.ndarray) -> int:
@@ -345,21 +456,39 @@ class SlotEngine:
         columns = max(MIN_VIEW, 1 << (needed - 1).bit_length())
         return min(columns, self.cache_length)
 
-    def step_rows(self, busy: np.ndarray) -> np.ndarray:
-        """The slots a step runs: the busy ones, then idle ones up to a power of two (or all slots)."""
-        count = min(1 << (max(int(busy.sum()), 1) - 1).bit_length(), self.slots)
+    def row_count(self, busy: np.ndarray) -> int:
+        """The rows a step over `busy` needs: the busy count rounded up to a power of two, at most `slots`."""
+        return min(1 << (max(int(busy.sum()), 1) - 1).bit_length(), self.slots)
+
+    def step_shape(self, busy: np.ndarray) -> tuple[int, int]:
+        """The (rows, cache columns) a step over `busy` runs at: the shape it needs, or with
+        `compile_ahead`, while that one is not compiled, the smallest compiled one that covers it
+        (the needed shape is queued for the background compiler)."""
+        busy = np.asarray(busy, bool)
+        needed = (self.row_count(busy), self.view_columns(busy))
+        if not self.compile_ahead or (self.steps.is_ready(needed) and self.commits.is_ready(needed[0])):
+            return needed
+        self.commits.compile_ahead([needed[0]])
+        self.steps.compile_ahead([needed])
+        covering = [shape for shape in self.step_shapes_compiled
+                    if shape[0] >= needed[0] and shape[1] >= needed[1] and self.commits.is_ready(shape[0])]
+        return min(covering, key=lambda shape: (shape[0] * shape[1], shape), default=needed)
+
+    def step_rows(self, busy: np.ndarray, count: int | None = None) -> np.ndarray:
+        """The slots a step runs: the busy ones, then idle ones up to `count` (default: `row_count`)."""
+        count = self.row_count(busy) if count is None else count
         return np.concatenate([np.flatnonzero(busy), np.flatnonzero(~busy)])[:count].astype(np.int32)
 
-    def step(self, busy: np.ndarray) -> StepResult:
-        """One token for every busy slot (`busy`: `[slots]` bool); the result has a row per slot,
-        those of idle slots meaningless."""
+    def step(self, busy: np.ndarray, shape: tuple[int, int] | None = None) -> StepResult:
+        """One token for every busy slot (`busy`: `[slots]` bool) at `shape` (rows, cache columns;
+        default `step_shape(busy)`); the result has a row per slot, those of idle slots meaningless."""
         busy = np.asarray(busy, bool)
-        columns = self.view_columns(busy)
-        rows = self.step_rows(busy)
-        self.step_shapes_compiled.add((len(rows), columns))
+        count, columns = self.step_shape(busy) if shape is None else shape
+        rows = self.step_rows(busy, count)
         active = busy[rows]
-        update, picks = self._decode_rows(self.params, self.state, rows, active, columns=columns)
-        self.state = self._commit(self.state, rows, active, update)
+        rows_in, active_in = self._from_host((rows, active))
+        update, picks = self.steps.get((count, columns))(self.params, self.state, rows_in, active_in)
+        self.state = self.commits.get(count)(self.state, rows_in, active_in, update)
         self.write_index[busy] += 1
         picked = [np.asarray(part) for part in jax.device_get(picks)]
         per_slot = []

@@ -38,8 +38,9 @@ class LeaderEngine:
         self.engine.admit(slot, request)
 
     def step(self, busy: np.ndarray) -> StepResult:
-        agree({"call": "step", "busy": np.asarray(busy, bool).tolist()})
-        return self.engine.step(busy)
+        shape = self.engine.step_shape(busy)  # what is compiled here decides; the others follow
+        agree({"call": "step", "busy": np.asarray(busy, bool).tolist(), "shape": list(shape)})
+        return self.engine.step(busy, shape)
 
     def keepalive(self) -> None:
         agree({"call": "keepalive"})
@@ -58,7 +59,7 @@ def follow(engine: SlotEngine) -> int:
             engine.admit(call["slot"], SlotRequest(**{**call["request"],
                                                       "prompt_ids": tuple(call["request"]["prompt_ids"])}))
         elif call["call"] == "step":
-            engine.step(np.asarray(call["busy"], bool))
+            engine.step(np.asarray(call["busy"], bool), tuple(call["shape"]))
             steps += 1
         elif call["call"] == "stop":
             return steps

@@ -126,6 +126,7 @@ class Scheduler:
                 for job in [*self.waiting, *filter(None, self.slots)]:
                     job.cancel()
                 self.thread.join()
+        self.engine.close()
 
     # ------------------------------------------------------------------ the scheduler's thread
 
@@ -209,4 +210,5 @@ def describe(scheduler: Scheduler) -> dict[str, Any]:
     return {"status": "ok" if scheduler.accepting else "draining", "slots": engine.slots, "busy": scheduler.busy_slots(), "waiting": scheduler.queued(),
             "max_model_len": engine.max_model_len, "steps": scheduler.steps,
             "compiled": {"prompt_widths": sorted(engine.widths_compiled), "step_views": sorted(engine.views_compiled),
-                         "step_shapes": [list(shape) for shape in sorted(engine.step_shapes_compiled)]}}
+                         "step_shapes": [list(shape) for shape in sorted(engine.step_shapes_compiled)]},
+            "compiling": engine.pending_compiles()}

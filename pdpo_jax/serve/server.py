@@ -49,6 +49,7 @@ class ServeOptions:
     served_name: str | None = None  # None: the model directory's name
     chat_template: str | None = None  # Jinja text; None: the tokenizer's own
     drain_seconds: float = 10.0
+    warm_up: bool = False  # compile every step shape and prompt width in the background from the start
 
 
 def served_name_for(model: Model) -> str:
@@ -63,7 +64,10 @@ def build_engine(model: Model, options: ServeOptions = ServeOptions(), mesh: Any
         raise ServeError(f"--max-model-len must be in [1, {positions}] (the model's positions), got {max_model_len}")
     if options.slots < 1:
         raise ServeError(f"--slots must be >= 1, got {options.slots}")
-    return SlotEngine(model, slots=options.slots, max_model_len=max_model_len, mesh=mesh)
+    engine = SlotEngine(model, slots=options.slots, max_model_len=max_model_len, mesh=mesh)
+    if options.warm_up:
+        engine.warm_up()
+    return engine
 
 
 def build_service(model: Model, options: ServeOptions = ServeOptions(), mesh: Any = None) -> Service:
