@@ -12,6 +12,7 @@ is `serve_speedup=W`, ours over transformers' throughput at the largest client c
     python scripts/bench_serve.py --clients 1 2 --requests 4    # a smoke run
     python scripts/bench_serve.py --only pdpo                   # ours alone (no comparison line)
     python scripts/bench_serve.py --steps                       # the engine's decode step alone
+    python scripts/bench_serve.py --profile                     # CPU s per token in-process, split up
 
 `transformers serve` needs FastAPI (`pip install fastapi`); without it the comparison is refused
 in one line. Measure on a quiet machine: other work on the cores changes every figure.
@@ -61,7 +62,8 @@ class Server:
     """A server process, up once /v1/models answers; stopped with SIGINT (then killed)."""
 
     def __init__(self, command: list[str], port: int, env: dict[str, str]):
-        self.url = f"http://127.0.0.1:{port}/v1"
+        self.root = f"http://127.0.0.1:{port}"
+        self.url = f"{self.root}/v1"
         self.log = open(os.devnull, "w")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
@@ -75,6 +77,29 @@ class Server:
             except Exception:  # noqa: BLE001 - not up yet
                 time.sleep(1)
         raise SystemExit(f"bench_serve: {self.url} not up after {READY_SECONDS} s")
+
+    def health(self) -> dict | None:
+        """`pdpo serve`'s /health (None from a server without one)."""
+        import json
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.root + "/health", timeout=30) as response:
+                state = json.load(response)
+        except Exception:  # noqa: BLE001 - transformers serve answers /health differently
+            return None
+        return state if "compiled" in state else None
+
+    def wait_compiled(self) -> None:
+        """Until a `pdpo serve --warm-up` has compiled every shape (at once for other servers)."""
+        start = time.monotonic()
+        while (state := self.health()) is not None and state.get("compiling"):
+            if time.monotonic() - start > READY_SECONDS:
+                raise SystemExit(f"bench_serve: still compiling after {READY_SECONDS} s")
+            time.sleep(2)
+        if state is not None and "compiling" in state:
+            print(f"{'':>12} warmed up in {time.monotonic() - start:.0f} s more: {len(state['compiled']['step_shapes'])} "
+                  f"step shapes, {len(state['compiled']['prompt_widths'])} prompt widths", flush=True)
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGINT)
@@ -129,17 +154,108 @@ def measure(name: str, server: Server, prompts, args) -> dict[int, dict[str, flo
     client = openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0, timeout=3600)
     try:
         model = server.wait_ready(client)
+        server.wait_compiled()
         load(client, model, prompts, 1, len(prompts), args.max_tokens)  # warm-up: every prompt's shapes compiled
         figures = {}
         for clients in args.clients:
             load(client, model, prompts, clients, 1, args.max_tokens)  # this concurrency's shapes
+            before = server.health()
             figures[clients] = row = load(client, model, prompts, clients, args.requests, args.max_tokens)
             print(f"{name:>12} clients={clients:<3} tokens/s={row['tokens_per_s']:8.1f} "
                   f"p50={row['p50_s']:6.2f}s p95={row['p95_s']:6.2f}s ttft_p50={row['ttft_p50_s']:6.2f}s "
-                  f"requests={row['requests']}", flush=True)
+                  f"requests={row['requests']}{compiled_during(before, server.health())}", flush=True)
         return figures
     finally:
         server.stop()
+
+
+def compiled_during(before: dict | None, after: dict | None) -> str:
+    """How many steps ran and programs compiled between two of `pdpo serve`'s /health answers."""
+    if before is None or after is None:
+        return ""
+    new = {kind: len(after["compiled"][kind]) - len(before["compiled"][kind]) for kind in ("step_shapes", "prompt_widths")}
+    return (f" steps={after['steps'] - before['steps']} compiled: {new['step_shapes']} step shapes, "
+            f"{new['prompt_widths']} prompt widths")
+
+
+def profile(model_dir, prompts, slots: int, max_model_len: int, client_counts: list[int], requests: int,
+            max_tokens: int) -> None:
+    """The scheduler and engine in this process, no HTTP: `clients` threads each submitting
+    `requests` prompts in turn, greedy; per client count, the CPU seconds of this process per
+    generated token, split into decode steps, prefills and the rest (the scheduler's bookkeeping,
+    the clients), with the steps, prefills and compiles counted. Every shape is compiled first."""
+    import jax
+
+    from pdpo_jax.model import eos_ids, load_model
+    from pdpo_jax.serve.app import chat_renderer
+    from pdpo_jax.serve.engine import SlotEngine, SlotRequest
+    from pdpo_jax.serve.scheduler import Job, Scheduler
+
+    model = load_model(model_dir)
+    render = chat_renderer(model.tokenizer)
+    prompt_ids = [tuple(render(messages)) for messages in prompts]
+    engine = SlotEngine(model, slots=slots, max_model_len=max_model_len)
+    start = time.process_time()
+    engine.warm_up()
+    while engine.pending_compiles():
+        time.sleep(1)
+    print(f"prompt lengths {[len(p) for p in prompt_ids]}; warm-up {time.process_time() - start:.0f} CPU s "
+          f"({len(engine.step_shapes_compiled)} step shapes, {len(engine.widths_compiled)} prompt widths)", flush=True)
+    spent: dict[str, float] = {}
+
+    def timed(name, call):
+        def run(*args):
+            start = time.process_time()
+            out = call(*args)
+            jax.block_until_ready(engine.state)
+            spent[name] = spent.get(name, 0.0) + time.process_time() - start
+            spent[name + "s"] = spent.get(name + "s", 0) + 1
+            return out
+        return run
+
+    engine.admit, engine.step = timed("prefill", engine.admit), timed("step", engine.step)
+    scheduler = Scheduler(engine, stop_ids=eos_ids(model), max_waiting=4 * slots)
+    scheduler.start()
+
+    def run(clients: int, each: int) -> int:
+        produced = []
+
+        def client(c: int) -> None:
+            for r in range(each):
+                done = threading.Event()
+                def on_token(token) -> bool:
+                    produced.append(token.id)
+                    return False
+
+                scheduler.submit(Job(SlotRequest(prompt_ids[(c + r * clients) % len(prompt_ids)]), max_tokens,
+                                     on_token, lambda reason: done.set()))
+                done.wait()
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return len(produced)
+
+    try:
+        run(1, len(prompt_ids))
+        for clients in client_counts:
+            run(clients, 1)
+            spent.clear()
+            shapes = len(engine.step_shapes_compiled) + len(engine.widths_compiled)
+            start, wall = time.process_time(), time.perf_counter()
+            tokens = run(clients, requests)
+            cpu, wall = time.process_time() - start, time.perf_counter() - wall
+            steps, prefill = spent.get("steps", 0), spent.get("prefill", 0.0)
+            print(f"clients={clients:<3} tokens={tokens} CPU s/token: {cpu / tokens * 1000:6.1f} ms (steps "
+                  f"{spent.get('step', 0.0) / tokens * 1000:.1f}, prefills {prefill / tokens * 1000:.1f}, rest "
+                  f"{(cpu - spent.get('step', 0.0) - prefill) / tokens * 1000:.1f}); steps={steps} "
+                  f"mean busy {tokens / max(steps, 1):.1f}; prefills={spent.get('prefills', 0)}; "
+                  f"compiles={len(engine.step_shapes_compiled) + len(engine.widths_compiled) - shapes}; "
+                  f"{tokens / wall:.1f} tokens/s wall", flush=True)
+    finally:
+        scheduler.stop()
 
 
 def step_times(model_dir, slots: int, max_model_len: int, busy_counts: list[int], prompt_tokens: int = 200,
@@ -179,6 +295,9 @@ def main() -> int:
     parser.add_argument("--slots", type=int, default=None, help="pdpo serve --slots (default: the most clients)")
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--only", choices=("pdpo", "transformers"), default=None, help="measure one server only")
+    parser.add_argument("--profile", action="store_true",
+                        help="run the scheduler in this process, no HTTP, and split its CPU time per token into "
+                             "decode steps, prefills and the rest (no servers)")
     parser.add_argument("--steps", action="store_true",
                         help="time the engine's decode step alone with as many busy slots as --clients, no servers")
     args = parser.parse_args()
@@ -190,6 +309,10 @@ def main() -> int:
         step_times(model_dir, args.slots or max(args.clients), args.max_model_len, args.clients)
         return 0
     prompts = test_turn_prompts(args.config)
+    if args.profile:
+        profile(model_dir, prompts, args.slots or max(args.clients), args.max_model_len, args.clients, args.requests,
+                args.max_tokens)
+        return 0
     print(f"model {model_dir}; {len(prompts)} test-turn prompts from {args.config}; max_tokens={args.max_tokens}; "
           f"clients {args.clients} x {args.requests} requests", flush=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "BENCH_KEY": KEY}
@@ -198,7 +321,7 @@ def main() -> int:
         port = free_port()
         command = [sys.executable, "-m", "pdpo_jax.cli", "serve", "--model", str(model_dir), "--port", str(port),
                    "--slots", str(args.slots or max(args.clients)), "--max-model-len", str(args.max_model_len),
-                   "--api-key-env", "BENCH_KEY"]
+                   "--api-key-env", "BENCH_KEY", "--warm-up"]
         figures["pdpo"] = measure("pdpo serve", Server(command, port, env), prompts, args)
     if args.only in (None, "transformers"):
         try:

@@ -207,6 +207,8 @@ def test_models_and_health(served):
     state = health(server)
     assert state["slots"] == SLOTS and state["max_model_len"] == MAX_MODEL_LEN
     assert state["compiled"]["step_views"]  # the shapes compiled so far (one request's at least) are reported
+    assert 0 <= state["compiling"] <= len(service.engine.step_shapes()) + len(service.engine.prompt_widths()) + \
+        len(service.engine.step_row_counts())  # and the compiles queued in the background
 
 
 def test_cli_refuses_a_missing_model_in_one_line(subprocess_env, tmp_path):

@@ -361,7 +361,7 @@ class SlotEngine:
         """What a step of `rows` rows returns (the update, the picks), with its layout on the mesh:
         the update split by row over the batch axes, the picks on every device. Fixed, so that every
         step program hands its update to the commit program as that one was compiled to take it."""
-        update, picks = jax.eval_shape(partial(self._decode_rows, columns=MIN_VIEW), self._params_spec,
+        update, picks = jax.eval_shape(partial(self._decode_rows, columns=self.step_views()[0]), self._params_spec,
                                        self._state_spec, *self._rows_spec(rows))
         if self.mesh is None:
             return update, picks

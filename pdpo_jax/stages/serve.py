@@ -41,8 +41,9 @@ endpoints: POST /v1/chat/completions (stream: true for server-sent events), POST
   stop, n, logprobs / top_logprobs (at most 5).
 
 shapes: a step runs the busy slots (rounded up to a power of two, at most --slots) over a power of
-  two of cache columns (at least 64);
-  a prompt is prefilled at its bucketed width (16, 32, ..., 128, then 4 per octave), one compile per width.
+  two of cache columns (at least 64); until that shape is compiled (in the background) it runs at a
+  compiled larger one. A prompt is prefilled at its bucketed width (16, 32, ..., 128, then 4 per
+  octave), one compile per width. --warm-up compiles them all from the start.
 
 Ctrl-C stops taking requests (503), lets those in flight finish for --drain-seconds, cancels the rest.
 
@@ -75,6 +76,9 @@ def build_parser() -> StageParser:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     parser.add_argument("--mesh", default="none", help="data=N,fsdp=N,tensor=N to shard the model and the slots over "
                         "this host's devices, or none (the default: one device)")
+    parser.add_argument("--warm-up", action="store_true",
+                        help="compile every step shape and prompt width from the start, in the background "
+                             "(GET /health counts what is left); otherwise each compiles when first needed")
     parser.add_argument("--drain-seconds", type=float, default=10.0,
                         help="on shutdown, how long requests in flight may take to finish (default: %(default)s)")
     return parser
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model, compute_dtype=args.dtype, mesh=mesh)
     options = ServeOptions(slots=args.slots, max_model_len=args.max_model_len, max_waiting=args.max_waiting,
                            api_key=api_key, served_name=args.served_model_name, chat_template=chat_template,
-                           drain_seconds=args.drain_seconds)
+                           drain_seconds=args.drain_seconds, warm_up=args.warm_up)
     if not is_primary():  # a multi-host mesh: process 0 serves, this one runs its steps
         follow_leader(model, options, mesh)
         return 0
