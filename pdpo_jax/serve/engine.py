@@ -329,8 +329,8 @@ class SlotEngine:
     def pending_compiles(self) -> int:
         return self.admits.pending() + self.steps.pending() + self.commits.pending()
 
-    def close(self) -> None:
-        """Drops the compiles still queued."""
+    def cancel_compiles(self) -> None:
+        """Drops the compiles still queued (one under way finishes on its thread)."""
         for table in (self.admits, self.steps, self.commits):
             table.close()
 

@@ -126,7 +126,7 @@ class Scheduler:
                 for job in [*self.waiting, *filter(None, self.slots)]:
                     job.cancel()
                 self.thread.join()
-        self.engine.close()
+        self.engine.cancel_compiles()
 
     # ------------------------------------------------------------------ the scheduler's thread
 
