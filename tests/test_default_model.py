@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from default_model_fixtures import bundled_gguf, default_model_path  # noqa: F401  (pytest fixtures)
 from pdpo_jax import cli
 from pdpo_jax.model import default_model
 from pdpo_jax.stages import default_model as default_model_stage
