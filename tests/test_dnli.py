@@ -2,8 +2,9 @@
 transformers, the report files, protocols, scoring modes, meshes and input errors.
 
 Most tests use a tiny random Llama (or GPT-2) with a byte-level BPE tokenizer, which exercises the
-mechanics (layout, masks, padding, offsets) but not the numbers; the tests marked "bundled model"
-need the bundled SmolLM2-135M-Instruct and skip until `pdpo_jax.model.default_model` exists.
+mechanics (layout, masks, padding, offsets) but not the numbers; the tests named "bundled model"
+run the bundled SmolLM2-135M-Instruct's tokenizer, chat template and first blocks
+(`first_layers_model_path`) and skip without it.
 """
 
 from __future__ import annotations
