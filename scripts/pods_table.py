@@ -117,7 +117,7 @@ def write_doc(plans: list[dict], unplanned: list[str]) -> None:
                + ", ".join(unplanned) + "; `scripts/pods_table.py --only NAME ...` adds them.")
     generated = (table(plans) + pending + "\n\nCompile time of each program on the machine that made the plans (seconds; "
                  "train steps include their optimizer update compiled alone, and the programs of a scanned layer stack "
-                 "their unrolled 2-layer probe, for the FLOP count; made beside other jobs on a 2-core "
+                 "their unrolled 1- and 2-layer probes, for the FLOP count; made beside other jobs on a 2-core "
                  "machine, so read them as upper bounds):\n\n"
                  + compile_table(plans))
     DOC.write_text(before + START + "\n" + generated + "\n" + END + after, encoding="utf-8")

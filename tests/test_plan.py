@@ -198,15 +198,13 @@ def test_every_program_of_a_local_model_compiles_on_a_two_axis_mesh(local_model,
     assert stages["sft"]["steps"] == steps_per_epoch(PERSONACHAT_TRAIN["examples"], 16)
     assert stages["sft"]["epoch_seconds"] == pytest.approx(stages["sft"]["steps"] * stages["sft"]["step_seconds"])
 
-    # The scanned stack is counted as the unrolled one is (the compiler counts a loop body once: a
-    # layer left out would be a third of this model's layers). Not to the FLOP: the scanned program's
-    # own count adds its loop's bookkeeping (a loop counter, slice offsets), 0.3% of this toy step.
+    # The scanned stack is counted as the unrolled one is (the compiler counts a loop body once).
     status, unrolled, err = run_plan([*LOCAL_PLAN_ARGS, f"model.path={local_model}", "model.scan_layers=false",
                                       "--programs", "sft-step,decode-step"], capsys)
     assert status == 0, err
     scanned = {p["name"]: p["flops"] for p in plan["programs"]}
     for program in unrolled["programs"]:
-        assert scanned[program["name"]] == pytest.approx(program["flops"], rel=1e-2), program["name"]
+        assert scanned[program["name"]] == pytest.approx(program["flops"], rel=1e-3), program["name"]
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +243,7 @@ def test_llama_2_13b_sft_step_fits_its_v4_32(capsys, tpu_compiler):
     assert sft["fits"] and sft["need_bytes"] < 32 * GiB
     # fp32 weights + two Adam moments split over all 16 chips
     assert sft["memory"]["argument"] == pytest.approx(12 * plan["model"]["parameters"] / 16, rel=0.02)
-    # The scanned stack's cost comes from its own count and its unrolled 2-layer probe: all 40 layers counted,
+    # The scanned stack's cost comes from its unrolled 1- and 2-layer probes: all 40 layers counted,
     # about 8 FLOPs per parameter and token (remat), 4 micro-batches of 1 row a data shard, the
     # weights split 4 ways by tensor.
     assert plan["model"]["scan_layers"]

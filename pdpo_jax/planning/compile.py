@@ -76,11 +76,11 @@ def compile_program(program: Program, chip: Chip) -> Compiled:
             raise
         return Compiled(program, None, None, 0, time.perf_counter() - started, chip.hbm_bytes,
                         refusal=message[:600])
-    cost = _loop_corrected_cost(program, executable)
-    if program.two_layer_probe is not None:
-        # the compiler counted the scanned stack's body once: one layer, as the probe counts two
-        layer = _loop_corrected_cost(program.two_layer_probe).minus(cost)
-        cost = cost.plus(layer.times(program.layers - 1))
+    if program.layer_probes is None:
+        cost = _loop_corrected_cost(program, executable)
+    else:
+        one, two = (_loop_corrected_cost(probe) for probe in program.layer_probes)
+        cost = one.plus(two.minus(one).times(program.layers - 1))
     stats = executable.memory_analysis()
     memory = Memory.of(stats, resident=program.resident_bytes)
     return Compiled(program, memory, cost, int(stats.generated_code_size_in_bytes), time.perf_counter() - started,

@@ -13,10 +13,9 @@ compile-only topology included). Nothing is allocated.
 
 The train steps' cost is corrected for the compiler counting a loop body once: `outside` is the
 part of the step outside the micro-batch loop (the optimizer update), compiled on its own. A
-scanned layer stack (`model.scan_layers`) is such a loop too: the compiled program counts one layer,
-and the same program built unrolled with two layers (`two_layer_probe`) counts two, so their
-difference is a layer's cost, every layer costing the same; the DNLI scorer's chunked vocabulary
-projection is counted by the same scorer in one chunk (`cost_program`).
+scanned layer stack (`model.scan_layers`) is such a loop too: its cost comes from the same program
+built unrolled with one and with two layers (`layer_probes`), every layer costing the same; the
+DNLI scorer's chunked vocabulary projection by the same scorer in one chunk (`cost_program`).
 """
 
 from __future__ import annotations
@@ -75,7 +74,7 @@ class Program:
     outside: "Program | None" = None  # the step outside its micro-batch loop, for the cost count
     cost_program: "Program | None" = None  # the same math without a loop the compiler would count once
     layers: int = 0  # of the model, for the cost of a scanned stack
-    two_layer_probe: "Program | None" = None  # the scanned program's math, unrolled with 2 layers
+    layer_probes: "tuple[Program, Program] | None" = None  # the program unrolled with 1 and 2 layers
     extra: dict = field(default_factory=dict)
 
 
@@ -244,9 +243,9 @@ BUILDERS: dict[str, Callable[[RunConfig, ModelConfig, Mesh, Shapes], Program]] =
 
 
 def build_program(name: str, run: RunConfig, config: ModelConfig, mesh: Mesh, shapes: Shapes) -> Program:
-    """The program `name` of `run`; for a scanned layer stack with the unrolled probe its cost needs."""
+    """The program `name` of `run`; for a scanned layer stack with the unrolled probes its cost needs."""
     program = BUILDERS[name](run, config, mesh, shapes)
     if not config.scan_layers:
         return program
-    probe = BUILDERS[name](run, config.replace(scan_layers=False, num_layers=2), mesh, shapes)
-    return dataclasses.replace(program, layers=config.num_layers, two_layer_probe=probe)
+    probes = tuple(BUILDERS[name](run, config.replace(scan_layers=False, num_layers=n), mesh, shapes) for n in (1, 2))
+    return dataclasses.replace(program, layers=config.num_layers, layer_probes=probes)
