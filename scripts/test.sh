@@ -17,6 +17,11 @@ for arg in "$@"; do
   fi
 done
 workers=${PDPO_TEST_WORKERS:-$(nproc)}
+# PyTorch (the transformers references) and BLAS get one worker's share of the cores: with more
+# threads, workers spin-wait on each other's cores (a greedy decode of the bundled model beside
+# another worker took 130 CPU seconds at 2 threads, 8 at 1).
+cores_per_worker=$(( $(nproc) / workers ))
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores_per_worker > 0 ? cores_per_worker : 1 ))}"
 parallel=()
 if [ "$workers" -gt 1 ]; then
   # modules in the order tests/conftest.py gives them (the heaviest first), not by test count

@@ -43,6 +43,10 @@ jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE
 jax.config.update("jax_persistent_cache_min_compile_time_secs",
                   float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
+# Session fixtures of the bundled model live here, in one place, so each is built once per session:
+# a fixture imported into several test modules is a separate fixture in each (built once per module).
+from default_model_fixtures import bundled_gguf, default_model_path, first_layers_model_path  # noqa: E402, F401
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PDPO_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
@@ -60,6 +64,7 @@ settings.load_profile(os.environ.get(HYPOTHESIS_PROFILE_ENV, "full"))
 FIXTURE_MARKERS = {
     "bundled_gguf": ("bundled_model",),  # tests/default_model_fixtures.py
     "default_model_path": ("bundled_model",),
+    "first_layers_model_path": ("bundled_model",),
     "subprocess_env": ("subprocess",),
     "tpu_compiler": ("tpu_compiler",),
     "browser": ("browser",),  # tests/test_annotation_browser.py

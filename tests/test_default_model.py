@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from default_model_fixtures import bundled_gguf, default_model_path  # noqa: F401  (pytest fixtures)
 from pdpo_jax import cli
 from pdpo_jax.model import default_model
 from pdpo_jax.stages import default_model as default_model_stage
@@ -125,6 +124,26 @@ def test_directory_has_tied_embeddings_and_generation_config(default_model_path:
     assert len(names) == 2 + 30 * 9
     generation = json.loads((default_model_path / "generation_config.json").read_text())
     assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (1, 2, 2)
+
+
+def test_the_first_layers_copy_keeps_blocks_below_its_count_and_everything_outside_the_blocks(
+        default_model_path: Path, first_layers_model_path: Path):
+    """The copy the code-path comparisons run on (tests/default_model_fixtures.py)."""
+    from safetensors import safe_open
+
+    from default_model_fixtures import FIRST_LAYERS
+
+    config = json.loads((first_layers_model_path / "config.json").read_text())
+    assert config == {**json.loads((default_model_path / "config.json").read_text()), "num_hidden_layers": FIRST_LAYERS}
+    with safe_open(default_model_path / "model.safetensors", "np") as full, \
+            safe_open(first_layers_model_path / "model.safetensors", "np") as cut:
+        kept = [name for name in full.keys()
+                if not name.startswith("model.layers.") or int(name.split(".")[2]) < FIRST_LAYERS]
+        assert sorted(cut.keys()) == sorted(kept) and len(kept) == 2 + FIRST_LAYERS * 9
+        for name in ("model.embed_tokens.weight", "model.norm.weight", f"model.layers.{FIRST_LAYERS - 1}.mlp.up_proj.weight"):
+            np.testing.assert_array_equal(cut.get_tensor(name), full.get_tensor(name), err_msg=name)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        assert (first_layers_model_path / name).read_bytes() == (default_model_path / name).read_bytes(), name
 
 
 def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:

@@ -2,8 +2,9 @@
 transformers, the report files, protocols, scoring modes, meshes and input errors.
 
 Most tests use a tiny random Llama (or GPT-2) with a byte-level BPE tokenizer, which exercises the
-mechanics (layout, masks, padding, offsets) but not the numbers; the tests marked "bundled model"
-need the bundled SmolLM2-135M-Instruct and skip until `pdpo_jax.model.default_model` exists.
+mechanics (layout, masks, padding, offsets) but not the numbers; the tests named "bundled model"
+run the bundled SmolLM2-135M-Instruct's tokenizer, chat template and first blocks
+(`first_layers_model_path`) and skip without it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import numpy as np
 import pytest
 
 from data_fixtures import byte_bpe_tokenizer
-from default_model_fixtures import bundled_gguf  # noqa: F401  (pytest fixture)
 from model_fixtures import load_torch_model, make_tiny_hf_model
 from pdpo_jax.data import PromptEncoder, read_dnli
 from pdpo_jax import cli
@@ -118,9 +118,10 @@ def test_scores_match_naive_full_sequence_scoring(request, family, template, end
 
 @pytest.mark.slow
 @needs_bundled_model
-def test_bundled_model_matches_naive_full_sequence_scoring(bundled_gguf):
-    # The demo file keeps the naive reference (one full forward per candidate) quick on a laptop.
-    model = load_model("default")
+def test_bundled_model_matches_naive_full_sequence_scoring(first_layers_model_path):
+    # The bundled model's tokenizer, chat template and first blocks; the demo file keeps the naive
+    # reference (one full forward per candidate) quick on a laptop.
+    model = load_model(first_layers_model_path)
     _, records = _evaluate(model, [DEMO_DNLI], protocol="all", template="chat-en", max_examples=1, batch_examples=1)
     reference = naive_torch_logps(model.path, model.tokenizer, "chat-en", read_dnli(DEMO_DNLI, "all")[:1])
     _assert_matches_naive(records, reference)
@@ -188,12 +189,14 @@ def test_report_on_staged_files_tiny_model(shared_data, tiny_llama, tmp_path):
 
 @pytest.mark.slow
 @needs_bundled_model
-def test_report_on_staged_files_bundled_model(shared_data, tmp_path, bundled_gguf):
+def test_report_on_staged_files_bundled_model(shared_data, tmp_path, first_layers_model_path):
+    """The staged files through the bundled model's tokenizer and chat template (and its first blocks)."""
     files = [shared_data / "dnli" / "valid_havenot.jsonl", shared_data / "dnli" / "valid_likedislike.jsonl"]
     out = tmp_path / "bundled.json"
-    assert eval_dnli.main(["--model", "default", "--data", *map(str, files), "--out", str(out), "--max-examples", "2", "--quiet"]) == 0
+    model = str(first_layers_model_path)
+    assert eval_dnli.main(["--model", model, "--data", *map(str, files), "--out", str(out), "--max-examples", "2", "--quiet"]) == 0
     report = _check_report_files(out, ["valid_havenot", "valid_likedislike"], 2)
-    assert report["model"] == "default"
+    assert report["model"] == model
 
 
 # --------------------------------------------------------------------------------------------

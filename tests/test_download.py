@@ -122,7 +122,8 @@ def server(monkeypatch):
             pass
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    # polled every 10 ms: shutdown() waits up to one poll interval (0.5 s by default) at every stop
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
     thread.start()
     served.base = f"http://127.0.0.1:{httpd.server_address[1]}"
     try:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from default_model_fixtures import bundled_gguf  # noqa: F401  (pytest fixture)
 from prefs_fixtures import tiny_llama_with_words
 
 from pdpo_jax import cli

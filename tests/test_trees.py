@@ -28,7 +28,6 @@ from test_packing import (  # noqa: F401  (pytest fixtures)
     tiny_models,
     tokenizer,
 )
-from default_model_fixtures import bundled_gguf, default_model_path  # noqa: F401  (pytest fixtures)
 
 
 def dialogue_pairs(dialogues, encoder: PromptEncoder, seed: int = 0) -> list[PairIds]:
