@@ -21,7 +21,6 @@ import numpy as np
 import openai
 import pytest
 
-from default_model_fixtures import bundled_gguf, default_model_path  # noqa: F401  (pytest fixtures)
 from pdpo_jax.generation import generate
 from pdpo_jax.model import eos_ids, load_model
 from pdpo_jax.serve import BackgroundServer, ServeOptions, build_service

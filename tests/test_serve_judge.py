@@ -11,7 +11,6 @@ import json
 import os
 from pathlib import Path
 
-from default_model_fixtures import bundled_gguf, default_model_path  # noqa: F401  (pytest fixtures)
 from pdpo_jax.config import load_config
 from pdpo_jax.run_layout import RESPONDING_MODELS, RunLayout
 from pdpo_jax.serve.child import KEY_ENV
