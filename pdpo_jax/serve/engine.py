@@ -51,7 +51,7 @@ from pdpo_jax.generation.sampling import (
 )
 from pdpo_jax.model import Model, init_cache, pad_id
 from pdpo_jax.model.family import family_for
-from pdpo_jax.parallel import BATCH_AXES, fit_spec
+from pdpo_jax.parallel import BATCH_AXES, fit_spec, replicated
 from pdpo_jax.serve.programs import ProgramTable
 
 MIN_VIEW = 64  # fewest cache columns a step attends over
@@ -344,7 +344,7 @@ class SlotEngine:
         return self.steps.ready()
 
     def _replicated(self):
-        return None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
+        return None if self.mesh is None else replicated(self.mesh)
 
     def _host_spec(self, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
         """An argument that comes from the host: on every device of the mesh (as `_from_host` puts it)."""
