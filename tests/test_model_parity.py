@@ -77,6 +77,32 @@ def test_prefill_then_decode_equals_full_forward(tiny_models, name):
     np.testing.assert_allclose(np.concatenate(steps, axis=1), np.asarray(full), atol=CACHE_TOL, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral_window"])
+def test_rows_that_each_write_at_their_own_column_decode_as_their_full_forward(tiny_models, name):
+    """A cache whose rows each have their own write index (`index` `[batch]`, as serving's slots
+    are batched): two prompts of different lengths, prefilled apart, then decoded together."""
+    config, params = load_hf(tiny_models[name])
+    batch = {key: np.asarray(value) for key, value in padded_batch([10, 10], 10, seed=3).items()}
+    full, _ = forward(config, params, batch)
+    apply = jax.jit(Decoder(config).apply)
+    starts = np.array([6, 3])
+    caches = []
+    for row, length in enumerate(starts):
+        part = {key: value[row:row + 1, :length] for key, value in batch.items()}
+        _, cache = apply({"params": params}, part["input_ids"], part["positions"], part["segment_ids"],
+                         cache=init_cache(config, batch_size=1, max_length=16))
+        caches.append(cache)
+    cache = jax.tree.map(lambda *rows: jnp.concatenate(rows) if rows[0].ndim else jnp.stack(rows), *caches)
+    for step in range(4):
+        at = starts + step
+        column = {key: value[np.arange(2), at][:, None] for key, value in batch.items()}
+        logits, cache = apply({"params": params}, column["input_ids"], column["positions"], column["segment_ids"],
+                              cache=cache)
+        np.testing.assert_allclose(np.asarray(logits)[:, 0], np.asarray(full)[np.arange(2), at], atol=CACHE_TOL, rtol=0)
+    np.testing.assert_array_equal(np.asarray(cache["index"]), starts + 4)
+    np.testing.assert_array_equal(np.asarray(cache["segment_ids"])[1, 7:], 0)  # row 1 wrote columns 0-6 only
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_branch_sees_trunk_but_not_sibling(tiny_models, name):
     """[trunk | branch1 | branch2]: branch-2 logits equal those of an unbranched [trunk | branch2] row."""

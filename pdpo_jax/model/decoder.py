@@ -198,13 +198,18 @@ def heads_first(x: Array) -> Array:
     return x.transpose(0, 2, 1, 3)
 
 
+def write_at(old: Array, new: Array, index: Array, axis: int) -> Array:
+    """`new` written into `old` from `index` on along `axis` (axis 0 is the batch): one start for
+    every row (a scalar), or one per row (`[batch]`: serving's slots each write at their own column)."""
+    new = new.astype(old.dtype)
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice_in_dim(old, new, index, axis)
+    return jax.vmap(lambda row, part, at: jax.lax.dynamic_update_slice_in_dim(row, part, at, axis - 1))(old, new, index)
+
+
 def update_kv_cache(layer_cache: tuple[Array, Array], k: Array, v: Array, index: Array) -> tuple[Array, Array]:
-    cached_k, cached_v = layer_cache
-    start = (0, 0, index, 0)
-    return (
-        jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), start),
-        jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), start),
-    )
+    cached_k, cached_v = layer_cache  # [batch, kv_heads, length, head_dim]
+    return write_at(cached_k, k, index, 2), write_at(cached_v, v, index, 2)
 
 
 STACKED = STACKED_LAYERS
@@ -298,7 +303,7 @@ class Decoder(nn.Module):
             max_len = cache["segment_ids"].shape[1]
             kv_slots = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len))
             kv = (cache["segment_ids"], cache["branch_ids"], cache["positions"], kv_slots)
-            q_slots = q_slots + index
+            q_slots = q_slots + (index[:, None] if index.ndim else index)
             layer_caches = (cache["k"], cache["v"]) if c.scan_layers else list(zip(cache["k"], cache["v"]))
         mask = attention_mask(segment_ids, branch_ids, positions, q_slots, *kv, c.sliding_window)
         hidden, layer_caches, table = Backbone(c, name=backbone_name(c))(input_ids, positions, mask, layer_caches, index)
@@ -325,19 +330,17 @@ class LMHead(nn.Module):
 
 
 def write_cache_ids(cache: dict, positions: Array, segment_ids: Array, branch_ids: Array, index: Array) -> dict:
-    def put(old, new):
-        return jax.lax.dynamic_update_slice(old, new.astype(old.dtype), (0, index))
-
     return dict(
         cache,
-        positions=put(cache["positions"], positions),
-        segment_ids=put(cache["segment_ids"], segment_ids),
-        branch_ids=put(cache["branch_ids"], branch_ids),
+        positions=write_at(cache["positions"], positions, index, 1),
+        segment_ids=write_at(cache["segment_ids"], segment_ids, index, 1),
+        branch_ids=write_at(cache["branch_ids"], branch_ids, index, 1),
     )
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> dict:
-    """An empty KV cache: segment_ids 0 marks an empty slot; `index` is the next slot to write.
+    """An empty KV cache: segment_ids 0 marks an empty slot; `index` is the next slot to write (a
+    scalar here; a `[batch_size]` index, one per row, works as well).
     Keys and values are a list of `[batch, kv_heads, max_length, head_dim]` arrays, one per layer,
     or with `config.scan_layers` one array with a leading layer axis."""
     shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
