@@ -27,9 +27,12 @@ def tiny_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve_engine")
     models = {}
     for family in ("llama", "gpt2"):
-        model = load_model(make_tiny_hf_model(root, family, initializer_range=0.3))
-        models[family] = dataclasses.replace(
-            model, config=model.config.replace(eos_token_id=NEVER, pad_token_id=0), tokenizer=None)
+        model_dir = make_tiny_hf_model(root, family, initializer_range=0.3)
+        # "-scanned": the blocks stacked and scanned, as the paper configs run on pods
+        for name, scan_layers in ((family, False), (f"{family}-scanned", True)):
+            model = load_model(model_dir, scan_layers=scan_layers)
+            models[name] = dataclasses.replace(
+                model, config=model.config.replace(eos_token_id=NEVER, pad_token_id=0), tokenizer=None)
     return models
 
 
@@ -64,7 +67,7 @@ def run_jobs(scheduler: Scheduler, requests: list[SlotRequest], max_tokens: int 
     return tokens
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "llama-scanned"])
 def test_greedy_tokens_equal_generate_when_requests_join_midway(tiny_models, family):
     model = tiny_models[family]
     engine = SlotEngine(model, slots=3, max_model_len=MAX_LEN)
@@ -169,8 +172,9 @@ def test_learned_positions_bound_the_context(tiny_models):
         SlotEngine(tiny_models["gpt2"], slots=1, max_model_len=65)
 
 
-def test_on_a_mesh_the_tokens_are_the_same(tiny_models):
-    model = tiny_models["llama"]
+@pytest.mark.parametrize("family", ["llama", "llama-scanned"])
+def test_on_a_mesh_the_tokens_are_the_same(tiny_models, family):
+    model = tiny_models[family]
     batch = prompts(4, seed=9)
     expected = [one_at_a_time(model, p) for p in batch]
     engine = SlotEngine(model, slots=4, max_model_len=MAX_LEN, mesh=make_mesh(data=4, tensor=2))

@@ -10,8 +10,8 @@ slot fills its row at its own pace. Three jitted programs touch them:
     decode  R slots (the busy ones, padded with idle ones to a power of two): pick each one's next
             token from the logits it holds (greedy, or temperature + top-p with the slot's own
             seed), gather their rows' first V columns (V a power of two holding every busy
-            slot's tokens), and run one decode step (`jax.vmap` of the batch-1 step over the
-            rows); one compile per (R, V)
+            slot's tokens) into one batch-R cache whose rows each write at their own column,
+            and run one decode step over it; one compile per (R, V)
     commit  the new column of each busy row, its logits and counters written into the state in
             place (donated); apart from decode because one program that both reads the cache
             through the gathered view and writes it made XLA copy the whole cache every step
@@ -186,42 +186,43 @@ def token_logprobs(logits, tokens, want_top):
 
 
 def gathered_view(cache: dict, rows: jax.Array, columns: int) -> dict:
-    """Slots `rows`' caches, their first `columns` columns (the write indexes as they are)."""
-    view = {key: cache[key][rows][..., :columns] for key in ("positions", "segment_ids", "branch_ids")}
-    for key in ("k", "v"):
-        view[key] = jax.tree.map(lambda leaf: leaf[rows][..., :columns, :], cache[key])
+    """Slots `rows`' caches, their first `columns` columns, as one cache of batch R that the model
+    decodes in one call (each row keeps its own write index, `index` `[R]`): keys and values
+    `[R, kv_heads, columns, head_dim]` per layer (`[layers, R, ...]` when stacked)."""
+    view = {key: cache[key][rows][:, 0, :columns] for key in ("positions", "segment_ids", "branch_ids")}
+    for key in ("k", "v"):  # a slot's [(layers,) 1, kv_heads, length, head_dim]
+        view[key] = jax.tree.map(lambda leaf: jnp.moveaxis(leaf[rows][..., 0, :, :columns, :], 0, -4), cache[key])
     return {**view, "index": cache["index"][rows]}
 
 
 def new_columns(view: dict, index: jax.Array) -> dict:
-    """Row i's column `index[i]` of every leaf of `view` (the column a step wrote), `[R, ...]`."""
+    """Row i's column `index[i]` of every leaf of the batch-R `view` (the column a step wrote), laid
+    out as `_commit` writes it into the slots' caches: `[R, 1]` ids, `[R, (layers,) 1, kv_heads, head_dim]`."""
+    columns = {key: jnp.take_along_axis(view[key], index[:, None], axis=1)
+               for key in ("positions", "segment_ids", "branch_ids")}
 
-    def take(part, axis):
-        return jax.vmap(lambda row, at: jax.lax.dynamic_index_in_dim(row, at, axis=axis, keepdims=False))(part, index)
+    def take(part):  # [(layers,) R, kv_heads, columns, head_dim] -> [R, (layers,) 1, kv_heads, head_dim]
+        rows_first = jnp.moveaxis(part, -4, 0)
+        picked = jax.vmap(lambda row, at: jax.lax.dynamic_index_in_dim(row, at, axis=-2, keepdims=False))(rows_first, index)
+        return jnp.expand_dims(picked, -3)
 
-    columns = {key: take(view[key], -1) for key in ("positions", "segment_ids", "branch_ids")}
     for key in ("k", "v"):
-        columns[key] = jax.tree.map(lambda part: take(part, -2), view[key])
+        columns[key] = jax.tree.map(take, view[key])
     return columns
 
 
 def _decode_rows(params, state, rows, active, *, config, columns, mesh=None):
-    """Slots `rows` (`[R]`, distinct) pick their next token and run it through the model; those not
-    `active` (padding up to R) are computed and then dropped. Attention reads only the first
-    `columns` columns of the cache, which hold every active slot's tokens. Returns what `_commit`
-    writes back, and the picks."""
+    """Slots `rows` (`[R]`, distinct) pick their next token and run it through the model as one
+    batch; those not `active` (padding up to R) are computed and then dropped. Attention reads only
+    the first `columns` columns of the cache, which hold every active slot's tokens. Returns what
+    `_commit` writes back, and the picks."""
     logits = state["logits"][rows]
     tokens = pick_tokens(logits, state["temperature"][rows], state["top_p"][rows], state["seed"][rows],
                          state["picked"][rows])
     chosen, top_ids, top_values = token_logprobs(logits, tokens, state["want_top"][rows] & active)
     position = jnp.where(active, state["position"][rows], 0)
     before = gathered_view(state["cache"], rows, columns)
-
-    def one_slot(token, at, cache):
-        logits, cache = decode_step(params, token[None], at[None], cache, config=config)
-        return logits[0], cache
-
-    logits, after = jax.vmap(one_slot)(tokens, position, before)
+    logits, after = decode_step(params, tokens, position, before, config=config)
     update = {"columns": new_columns(after, before["index"]), "index": before["index"], "logits": logits}
     picks = tuple(replicated_tokens(pick, mesh) for pick in (tokens, chosen, top_ids, top_values))  # every host reads them
     return update, picks
