@@ -5,7 +5,9 @@ written by our GGUF import, unless --model names another) on this machine, one a
 For each number of concurrent clients, every client sends the test turns' prompts of a run
 config (persona + history through the config's template, as `pdpo test-responses` asks them)
 through the `openai` SDK, streamed, greedy, with the same token budget. Printed per server and
-client count: output tokens/s, p50/p95 request latency, p50 time to first token; the last line
+client count: output tokens/s, the model's matmul GFLOP/s over the measurement (prompt and
+generated tokens through the same parameter count for both servers: how close each comes to what
+the machine's cores can multiply), p50/p95 request latency, p50 time to first token; the last line
 is `serve_speedup=W`, ours over transformers' throughput at the largest client count.
 
     python scripts/bench_serve.py                               # 1, 4, 16 clients
@@ -111,6 +113,66 @@ class Server:
         self.log.close()
 
 
+def model_flops(model_dir) -> tuple[float, float]:
+    """Matmul FLOPs of the model per prompt token and per generated token: 2 x the parameters of
+    its blocks for every token, plus 2 x the unembedding's for a generated one (attention's
+    products and a prefill's one row of logits not counted). The same count for both servers."""
+    import jax
+    import numpy as np
+
+    from pdpo_jax.model.checkpoint import read_config
+    from pdpo_jax.model.decoder import param_shapes
+
+    config = read_config(Path(model_dir))
+    leaves = jax.tree_util.tree_leaves_with_path(param_shapes(config))
+    total = sum(int(np.prod(leaf.shape)) for _, leaf in leaves)
+    embeddings = sum(int(np.prod(leaf.shape)) for path, leaf in leaves if "embedding" in jax.tree_util.keystr(path))
+    unembedding = config.vocab_size * config.hidden_size
+    blocks = total - embeddings - (0 if config.tie_word_embeddings else unembedding)
+    return 2.0 * blocks, 2.0 * (blocks + unembedding)
+
+
+def matmul_ceiling(model_dir, rows: int = 256, repeats: int = 20) -> dict[str, float]:
+    """This machine's GFLOP/s on the model's largest block matmul (`[rows, hidden] x [hidden,
+    intermediate]`, fp32), by XLA and by PyTorch, best of `repeats`: about the most a server of
+    this model can turn into tokens here, batching or not."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from pdpo_jax.model.checkpoint import read_config
+
+    config = read_config(Path(model_dir))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((rows, config.hidden_size), np.float32)
+    w = rng.standard_normal((config.hidden_size, config.intermediate_size), np.float32)
+    flops = 2.0 * rows * config.hidden_size * config.intermediate_size
+
+    def best(run) -> float:
+        run()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        return flops / min(times) / 1e9
+
+    product = jax.jit(jnp.matmul)
+    xj, wj = jnp.asarray(x), jnp.asarray(w)
+    xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+    return {"xla": best(lambda: product(xj, wj).block_until_ready()), "torch": best(lambda: torch.matmul(xt, wt))}
+
+
+def prompt_lengths(model_dir, prompts) -> list[int]:
+    """Each prompt's tokens through the model's chat template: what both servers prefill, before padding."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    return [len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"]) for messages in prompts]
+
+
 def one_request(client, model: str, messages, max_tokens: int) -> tuple[float, float, int]:
     """(latency s, time to first token s, output tokens) of one streamed greedy request."""
     start = time.perf_counter()
@@ -129,13 +191,16 @@ def one_request(client, model: str, messages, max_tokens: int) -> tuple[float, f
 def load(client, model: str, prompts, clients: int, requests: int, max_tokens: int) -> dict[str, float]:
     """`clients` threads, each sending `requests` prompts in turn (client c starts at prompt c)."""
     results: list[tuple[float, float, int]] = []
+    prompted: list[int] = []  # which prompt each result answered
     lock = threading.Lock()
 
     def run_client(c: int) -> None:
         for r in range(requests):
-            outcome = one_request(client, model, prompts[(c + r * clients) % len(prompts)], max_tokens)
+            which = (c + r * clients) % len(prompts)
+            outcome = one_request(client, model, prompts[which], max_tokens)
             with lock:
                 results.append(outcome)
+                prompted.append(which)
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -145,10 +210,12 @@ def load(client, model: str, prompts, clients: int, requests: int, max_tokens: i
     return {"tokens_per_s": sum(r[2] for r in results) / elapsed,
             "p50_s": statistics.median(latencies),
             "p95_s": latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))],
-            "ttft_p50_s": statistics.median(r[1] for r in results), "requests": len(results)}
+            "ttft_p50_s": statistics.median(r[1] for r in results), "requests": len(results),
+            "elapsed_s": elapsed, "output_tokens": sum(r[2] for r in results), "prompted": prompted}
 
 
-def measure(name: str, server: Server, prompts, args) -> dict[int, dict[str, float]]:
+def measure(name: str, server: Server, prompts, args, flop_rate) -> dict[int, dict[str, float]]:
+    """Each client count's figures; `flop_rate(row)` is the model's matmul GFLOP/s over a measurement."""
     import openai
 
     client = openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0, timeout=3600)
@@ -161,7 +228,9 @@ def measure(name: str, server: Server, prompts, args) -> dict[int, dict[str, flo
             load(client, model, prompts, clients, 1, args.max_tokens)  # this concurrency's shapes
             before = server.health()
             figures[clients] = row = load(client, model, prompts, clients, args.requests, args.max_tokens)
+            row["model_gflop_s"] = flop_rate(row)
             print(f"{name:>12} clients={clients:<3} tokens/s={row['tokens_per_s']:8.1f} "
+                  f"model GFLOP/s={row['model_gflop_s']:5.1f} "
                   f"p50={row['p50_s']:6.2f}s p95={row['p95_s']:6.2f}s ttft_p50={row['ttft_p50_s']:6.2f}s "
                   f"requests={row['requests']}{compiled_during(before, server.health())}", flush=True)
         return figures
@@ -316,13 +385,26 @@ def main() -> int:
     print(f"model {model_dir}; {len(prompts)} test-turn prompts from {args.config}; max_tokens={args.max_tokens}; "
           f"clients {args.clients} x {args.requests} requests", flush=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "BENCH_KEY": KEY}
+    per_prompt_token, per_output_token = model_flops(model_dir)
+    lengths = prompt_lengths(model_dir, prompts)
+    print(f"prompt tokens {lengths}; model matmul GFLOP per prompt token {per_prompt_token / 1e9:.3f}, "
+          f"per generated token {per_output_token / 1e9:.3f}", flush=True)
+
+    ceiling = matmul_ceiling(model_dir)
+    print(f"this machine's fp32 matmul ceiling ([256, hidden] x [hidden, intermediate], best of 20): "
+          f"XLA {ceiling['xla']:.1f} GFLOP/s, PyTorch {ceiling['torch']:.1f} GFLOP/s", flush=True)
+
+    def flop_rate(row) -> float:
+        flops = per_prompt_token * sum(lengths[i] for i in row["prompted"]) + per_output_token * row["output_tokens"]
+        return flops / row["elapsed_s"] / 1e9
+
     figures: dict[str, dict[int, dict[str, float]]] = {}
     if args.only in (None, "pdpo"):
         port = free_port()
         command = [sys.executable, "-m", "pdpo_jax.cli", "serve", "--model", str(model_dir), "--port", str(port),
                    "--slots", str(args.slots or max(args.clients)), "--max-model-len", str(args.max_model_len),
                    "--api-key-env", "BENCH_KEY", "--warm-up"]
-        figures["pdpo"] = measure("pdpo serve", Server(command, port, env), prompts, args)
+        figures["pdpo"] = measure("pdpo serve", Server(command, port, env), prompts, args, flop_rate)
     if args.only in (None, "transformers"):
         try:
             import fastapi  # noqa: F401
@@ -333,7 +415,7 @@ def main() -> int:
         command = [str(Path(sys.executable).with_name("transformers")), "serve", str(model_dir),
                    "--continuous-batching", "--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1",
                    "--port", str(port)]
-        figures["transformers"] = measure("transformers", Server(command, port, env), prompts, args)
+        figures["transformers"] = measure("transformers", Server(command, port, env), prompts, args, flop_rate)
     top = max(args.clients)
     if "pdpo" in figures:
         ours = figures["pdpo"]

@@ -1,0 +1,25 @@
+"""bench_serve's FLOP count, by hand on a tiny Llama: the figure that says how close each server
+comes to the machine's matmul rate."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from model_fixtures import make_tiny_hf_model
+from multihost_fixtures import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+
+from bench_serve import model_flops  # noqa: E402
+
+
+def test_model_flops_count_the_blocks_per_prompt_token_and_add_the_unembedding_per_generated_one(tmp_path):
+    model_dir = make_tiny_hf_model(tmp_path, "llama")
+    c = json.loads((model_dir / "config.json").read_text())
+    h, layers, inner, vocab = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
+    head_dim = h // c["num_attention_heads"]
+    attention = 2 * h * c["num_attention_heads"] * head_dim + 2 * h * c["num_key_value_heads"] * head_dim
+    blocks = layers * (attention + 3 * h * inner + 2 * h) + h  # two norms a block, the final norm
+    assert not c.get("tie_word_embeddings")  # its own lm_head: not a block parameter
+    assert model_flops(model_dir) == (2 * blocks, 2 * (blocks + vocab * h))
