@@ -113,17 +113,15 @@ class Server:
         self.log.close()
 
 
-def model_flops(model_dir) -> tuple[float, float]:
+def model_flops(config) -> tuple[float, float]:
     """Matmul FLOPs of the model per prompt token and per generated token: 2 x the parameters of
     its blocks for every token, plus 2 x the unembedding's for a generated one (attention's
     products and a prefill's one row of logits not counted). The same count for both servers."""
     import jax
     import numpy as np
 
-    from pdpo_jax.model.checkpoint import read_config
     from pdpo_jax.model.decoder import param_shapes
 
-    config = read_config(Path(model_dir))
     leaves = jax.tree_util.tree_leaves_with_path(param_shapes(config))
     total = sum(int(np.prod(leaf.shape)) for _, leaf in leaves)
     embeddings = sum(int(np.prod(leaf.shape)) for path, leaf in leaves if "embedding" in jax.tree_util.keystr(path))
@@ -132,7 +130,7 @@ def model_flops(model_dir) -> tuple[float, float]:
     return 2.0 * blocks, 2.0 * (blocks + unembedding)
 
 
-def matmul_ceiling(model_dir, rows: int = 256, repeats: int = 20) -> dict[str, float]:
+def matmul_ceiling(config, rows: int = 256, repeats: int = 20) -> dict[str, float]:
     """This machine's GFLOP/s on the model's largest block matmul (`[rows, hidden] x [hidden,
     intermediate]`, fp32), by XLA and by PyTorch, best of `repeats`: about the most a server of
     this model can turn into tokens here, batching or not."""
@@ -141,9 +139,6 @@ def matmul_ceiling(model_dir, rows: int = 256, repeats: int = 20) -> dict[str, f
     import numpy as np
     import torch
 
-    from pdpo_jax.model.checkpoint import read_config
-
-    config = read_config(Path(model_dir))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((rows, config.hidden_size), np.float32)
     w = rng.standard_normal((config.hidden_size, config.intermediate_size), np.float32)
@@ -190,8 +185,7 @@ def one_request(client, model: str, messages, max_tokens: int) -> tuple[float, f
 
 def load(client, model: str, prompts, clients: int, requests: int, max_tokens: int) -> dict[str, float]:
     """`clients` threads, each sending `requests` prompts in turn (client c starts at prompt c)."""
-    results: list[tuple[float, float, int]] = []
-    prompted: list[int] = []  # which prompt each result answered
+    results: list[tuple[float, float, int, int]] = []  # latency, TTFT, output tokens, which prompt
     lock = threading.Lock()
 
     def run_client(c: int) -> None:
@@ -199,8 +193,7 @@ def load(client, model: str, prompts, clients: int, requests: int, max_tokens: i
             which = (c + r * clients) % len(prompts)
             outcome = one_request(client, model, prompts[which], max_tokens)
             with lock:
-                results.append(outcome)
-                prompted.append(which)
+                results.append((*outcome, which))
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -211,7 +204,7 @@ def load(client, model: str, prompts, clients: int, requests: int, max_tokens: i
             "p50_s": statistics.median(latencies),
             "p95_s": latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))],
             "ttft_p50_s": statistics.median(r[1] for r in results), "requests": len(results),
-            "elapsed_s": elapsed, "output_tokens": sum(r[2] for r in results), "prompted": prompted}
+            "elapsed_s": elapsed, "output_tokens": sum(r[2] for r in results), "prompted": [r[3] for r in results]}
 
 
 def measure(name: str, server: Server, prompts, args, flop_rate) -> dict[int, dict[str, float]]:
@@ -385,12 +378,15 @@ def main() -> int:
     print(f"model {model_dir}; {len(prompts)} test-turn prompts from {args.config}; max_tokens={args.max_tokens}; "
           f"clients {args.clients} x {args.requests} requests", flush=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "BENCH_KEY": KEY}
-    per_prompt_token, per_output_token = model_flops(model_dir)
+    from pdpo_jax.model.checkpoint import read_config
+
+    config = read_config(Path(model_dir))
+    per_prompt_token, per_output_token = model_flops(config)
     lengths = prompt_lengths(model_dir, prompts)
     print(f"prompt tokens {lengths}; model matmul GFLOP per prompt token {per_prompt_token / 1e9:.3f}, "
           f"per generated token {per_output_token / 1e9:.3f}", flush=True)
 
-    ceiling = matmul_ceiling(model_dir)
+    ceiling = matmul_ceiling(config)
     print(f"this machine's fp32 matmul ceiling ([256, hidden] x [hidden, intermediate], best of 20): "
           f"XLA {ceiling['xla']:.1f} GFLOP/s, PyTorch {ceiling['torch']:.1f} GFLOP/s", flush=True)
 

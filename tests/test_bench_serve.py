@@ -3,18 +3,20 @@ comes to the machine's matmul rate."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import sys
+from pathlib import Path
 
 from model_fixtures import make_tiny_hf_model
-from multihost_fixtures import REPO_ROOT
+from pdpo_jax.model.checkpoint import read_config
 
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
-
-from bench_serve import model_flops  # noqa: E402
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_serve.py"
 
 
 def test_model_flops_count_the_blocks_per_prompt_token_and_add_the_unembedding_per_generated_one(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_serve", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
     model_dir = make_tiny_hf_model(tmp_path, "llama")
     c = json.loads((model_dir / "config.json").read_text())
     h, layers, inner, vocab = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
@@ -22,4 +24,4 @@ def test_model_flops_count_the_blocks_per_prompt_token_and_add_the_unembedding_p
     attention = 2 * h * c["num_attention_heads"] * head_dim + 2 * h * c["num_key_value_heads"] * head_dim
     blocks = layers * (attention + 3 * h * inner + 2 * h) + h  # two norms a block, the final norm
     assert not c.get("tie_word_embeddings")  # its own lm_head: not a block parameter
-    assert model_flops(model_dir) == (2 * blocks, 2 * (blocks + vocab * h))
+    assert bench.model_flops(read_config(model_dir)) == (2 * blocks, 2 * (blocks + vocab * h))

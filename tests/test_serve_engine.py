@@ -26,13 +26,13 @@ MAX_LEN = 48
 def tiny_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve_engine")
     models = {}
-    for family in ("llama", "gpt2"):
-        model_dir = make_tiny_hf_model(root, family, initializer_range=0.3)
-        # "-scanned": the blocks stacked and scanned, as the paper configs run on pods
-        for name, scan_layers in ((family, False), (f"{family}-scanned", True)):
-            model = load_model(model_dir, scan_layers=scan_layers)
-            models[name] = dataclasses.replace(
-                model, config=model.config.replace(eos_token_id=NEVER, pad_token_id=0), tokenizer=None)
+    dirs = {family: make_tiny_hf_model(root, family, initializer_range=0.3) for family in ("llama", "gpt2")}
+    # "llama-scanned": its blocks stacked and scanned, as the paper configs run on pods
+    for name, family, scan_layers in (("llama", "llama", False), ("gpt2", "gpt2", False),
+                                      ("llama-scanned", "llama", True)):
+        model = load_model(dirs[family], scan_layers=scan_layers)
+        models[name] = dataclasses.replace(
+            model, config=model.config.replace(eos_token_id=NEVER, pad_token_id=0), tokenizer=None)
     return models
 
 
