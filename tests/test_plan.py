@@ -9,8 +9,8 @@ all paper configs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -205,6 +205,51 @@ def test_every_program_of_a_local_model_compiles_on_a_two_axis_mesh(local_model,
     scanned = {p["name"]: p["flops"] for p in plan["programs"]}
     for program in unrolled["programs"]:
         assert scanned[program["name"]] == pytest.approx(program["flops"], rel=1e-3), program["name"]
+
+
+def test_a_program_planned_before_is_read_back_not_compiled(local_model, capsys, monkeypatch, tmp_path, tpu_compiler):
+    monkeypatch.setenv("PDPO_CACHE_DIR", str(tmp_path))
+    args = [*LOCAL_PLAN_ARGS, f"model.path={local_model}", "--programs", "decode-step"]
+    status, first, err = run_plan(args, capsys)
+    assert status == 0, err
+    assert not first["programs"][0]["kept_from_earlier_plan"]
+    assert len(list((tmp_path / "plan-analyses").glob("*.json"))) == 3  # the scanned step and its two probes
+
+    def compile_refused(*args, **kwargs):
+        raise AssertionError("a program planned before was compiled again")
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", compile_refused)
+    status, second, err = run_plan(args, capsys)
+    assert status == 0, err
+    assert second["programs"][0].pop("kept_from_earlier_plan")
+    first["programs"][0].pop("kept_from_earlier_plan")
+    assert second == first  # the same figures, compile seconds included (those of the compiles they come from)
+    cli.main(["plan", *args])
+    assert "kept from an earlier plan" in capsys.readouterr().out
+
+
+def test_a_kept_analysis_is_keyed_by_the_program_its_devices_and_the_compilers(tmp_path, monkeypatch):
+    from pdpo_jax.planning import analyses
+
+    on = [jax.sharding.SingleDeviceSharding(device) for device in jax.devices()[:2]]
+    x = jax.ShapeDtypeStruct((4,), np.float32, sharding=on[0])
+    double = jax.jit(lambda v: v * 2)
+    key = analyses.analysis_key(double.lower(x), (x,))
+    assert key == analyses.analysis_key(double.lower(x), (x,))
+    others = [(double, jax.ShapeDtypeStruct((8,), np.float32, sharding=on[0])),  # another shape
+              (jax.jit(lambda v: v * 3), x),  # another program
+              (double, jax.ShapeDtypeStruct((4,), np.float32, sharding=on[1]))]  # another device
+    assert len({key, *(analyses.analysis_key(f.lower(a), (a,)) for f, a in others)}) == 4
+    monkeypatch.setattr(analyses, "_version", lambda package: "another")
+    assert analyses.analysis_key(double.lower(x), (x,)) != key
+
+    monkeypatch.setenv("PDPO_CACHE_DIR", str(tmp_path))
+    kept = analyses.Analysis({"argument": 1, "output": 2, "alias": 0, "temp": 3}, {"flops": 4.0, "bytes_accessed": 5.0},
+                             6, 7.5)
+    analyses.save(key, kept)
+    assert analyses.load(key) == dataclasses.replace(kept, kept=True)
+    monkeypatch.setenv(analyses.CACHE_SWITCH_ENV, "0")
+    assert analyses.load(key) is None
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from pdpo_jax.errors import PdpoError
 from pdpo_jax.model.architectures import architecture_of
 from pdpo_jax.model.decoder import param_shapes
 from pdpo_jax.parallel import BATCH_AXES, make_mesh
+from pdpo_jax.planning.analyses import CACHE_SWITCH_ENV
 from pdpo_jax.planning.compile import Compiled, argument_bytes, compile_program
 from pdpo_jax.planning.epochs import EpochSizes, epoch_sizes
 from pdpo_jax.planning.programs import BUILDERS, PROGRAMS, Program, Shapes, build_program
@@ -73,6 +74,7 @@ def _program_entry(result: Compiled | None, program: Program, tpu: TpuSlice, pre
         return entry | {"fits": False, "memory": None, "need_bytes": precheck, "compiled": False,
                         "refusal": f"its arguments alone need {format_bytes(precheck)} per chip"}
     entry |= {"fits": result.fits, "compiled": True, "compile_seconds": round(result.compile_seconds, 1),
+              "kept_from_earlier_plan": result.cached,
               "memory": None if result.memory is None else result.memory.as_dict(),
               "need_bytes": result.need_bytes, "code_bytes": result.code_bytes}
     if program.extra.get("resident"):
@@ -205,7 +207,8 @@ def render_text(plan: dict[str, Any]) -> str:
         flops = f"{p['flops'] / 1e12:.2f}" if "flops" in p else "-"
         moved = f"{p['bytes_accessed'] / 1e9:.1f}" if "bytes_accessed" in p else "-"
         time_cell = f"{format_seconds(p['seconds'])}" if p.get("seconds") is not None else "-"
-        compile_cell = f"{p['compile_seconds']:.0f} s" if "compile_seconds" in p else "-"
+        compile_cell = (f"{p['compile_seconds']:.0f} s" + ("*" if p.get("kept_from_earlier_plan") else "")
+                        if "compile_seconds" in p else "-")
         need = format_bytes(p["need_bytes"]) if p.get("need_bytes") is not None else "-"
         lines.append(f"{p['name']:<12} {'yes' if p['fits'] else 'NO':<4} {need:>10} "
                      f"{cell('argument'):>10} {cell('output'):>10} {cell('alias'):>10} {cell('temp'):>10} "
@@ -219,6 +222,9 @@ def render_text(plan: dict[str, Any]) -> str:
         items = f"{e['items']:,}" if e.get("items") is not None else "-"
         lines.append(f"{e['stage']:<11} {items:>8} {e['items_per_step']:>9} {e.get('steps', '-'):>7} {step:>10} "
                      f"{epoch:>10}  {e['note']}" + (f"; config runs {e['epochs']} epochs" if e["epochs"] > 1 else ""))
+    if any(p.get("kept_from_earlier_plan") for p in plan["programs"]):
+        lines += ["", f"*: the compiler's figures kept from an earlier plan of the same programs, not compiled "
+                      f"again ({CACHE_SWITCH_ENV}=0 compiles them)"]
     lines += ["", *(f"note: {note}" for note in plan["notes"]),
               f"result: {'every program fits' if plan['fits'] else 'DOES NOT FIT'} on {s['name']}"]
     return "\n".join(lines)

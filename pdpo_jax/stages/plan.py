@@ -23,7 +23,9 @@ DESCRIPTION = (
     "(arguments + outputs - aliased + temporaries) against the chip's HBM, FLOPs, roofline lower-bound times and "
     "the time of one epoch of each stage. Needs --config (the slice is the `TPU slice:` of the config's first "
     "comment line unless --topology names one) and model.path as a local model directory or one of the paper "
-    "models whose config.json ships with pdpo_jax. Exit status 2 when a program does not fit."
+    "models whose config.json ships with pdpo_jax. Exit status 2 when a program does not fit. The compiler's "
+    "figures of each program are kept under ~/.cache/pdpo_jax/plan-analyses, so planning the same program again "
+    "does not compile it (PDPO_PLAN_CACHE=0 compiles everything)."
 )
 
 
