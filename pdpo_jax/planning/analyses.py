@@ -16,6 +16,7 @@ stale entry is never read. `PDPO_PLAN_CACHE=0` turns the store off.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -37,8 +38,8 @@ FORMAT = 1  # bump when the fields kept change
 class Analysis:
     """What a compile says of a program; `memory` is None when the compiler refused it for its memory."""
 
-    memory: dict[str, int] | None  # argument, output, alias and temp bytes per chip
-    cost: dict[str, float] | None  # the compiler's cost analysis: flops and bytes accessed
+    memory: dict[str, int] | None  # a `Memory` as a dict: argument, output, alias, temp bytes per chip
+    cost: dict[str, float] | None  # a `Cost` as a dict: flops and bytes accessed per execution
     code_bytes: int
     compile_seconds: float  # of the compile that produced these figures
     refusal: str = ""
@@ -53,6 +54,7 @@ def enabled() -> bool:
     return os.environ.get(CACHE_SWITCH_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+@functools.cache
 def _version(package: str) -> str:
     try:
         return importlib.metadata.version(package)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import jax
 
@@ -35,7 +35,7 @@ class Compiled:
     compile_seconds: float
     hbm_bytes: int
     refusal: str = ""  # the compiler's message when it refused
-    cached: bool = False  # the figures of an earlier compile of the same program
+    kept: bool = False  # every figure from an earlier plan's compiles (`pdpo_jax.planning.analyses`)
 
     @property
     def fits(self) -> bool:
@@ -88,10 +88,8 @@ def analyze(program: Program) -> Analysis:
             raise
         analysis = Analysis(None, None, 0, time.perf_counter() - started, refusal=message[:600])
     else:
-        stats, cost = executable.memory_analysis(), Cost.of(executable.cost_analysis())
-        memory = Memory.of(stats)
-        analysis = Analysis({"argument": memory.argument, "output": memory.output, "alias": memory.alias,
-                             "temp": memory.temp}, {"flops": cost.flops, "bytes_accessed": cost.bytes_accessed},
+        stats = executable.memory_analysis()
+        analysis = Analysis(asdict(Memory.of(stats)), asdict(Cost.of(executable.cost_analysis())),
                             int(stats.generated_code_size_in_bytes), time.perf_counter() - started)
     analyses.save(key, analysis)
     return analysis
@@ -130,9 +128,9 @@ def compile_program(program: Program, chip: Chip) -> Compiled:
         else:
             one, two = (_loop_corrected_cost(probe, used) for probe in program.layer_probes)
             cost = one.plus(two.minus(one).times(program.layers - 1))
-        memory = Memory(**analysis.memory, resident=program.resident_bytes)
+        memory = replace(Memory(**analysis.memory), resident=program.resident_bytes)
     return Compiled(program, memory, cost, analysis.code_bytes, sum(a.compile_seconds for a in used), chip.hbm_bytes,
-                    refusal=analysis.refusal, cached=all(a.kept for a in used))
+                    refusal=analysis.refusal, kept=all(a.kept for a in used))
 
 
 def argument_bytes(program: Program) -> int:

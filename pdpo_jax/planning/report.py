@@ -74,7 +74,7 @@ def _program_entry(result: Compiled | None, program: Program, tpu: TpuSlice, pre
         return entry | {"fits": False, "memory": None, "need_bytes": precheck, "compiled": False,
                         "refusal": f"its arguments alone need {format_bytes(precheck)} per chip"}
     entry |= {"fits": result.fits, "compiled": True, "compile_seconds": round(result.compile_seconds, 1),
-              "kept_from_earlier_plan": result.cached,
+              "kept_from_earlier_plan": result.kept,
               "memory": None if result.memory is None else result.memory.as_dict(),
               "need_bytes": result.need_bytes, "code_bytes": result.code_bytes}
     if program.extra.get("resident"):
