@@ -6,6 +6,8 @@ as one line `pdpo <stage>: <message>` on stderr with exit status 2; a run that s
 (a diverged step, a failed download) exits with 1 after its message and what to do next.
 `--debug` anywhere on the command line, or PDPO_DEBUG=1, shows the traceback instead. Stage modules are imported only when run, so
 `pdpo --help` stays fast and a stage's heavy imports are paid only by the stage that needs them.
+Before a stage runs, the command starts itself again once with glibc's huge-page tunable
+(`pdpo_jax.huge_pages`; PDPO_HUGE_PAGES=0 turns that off).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 from collections.abc import Mapping
 
 from pdpo_jax.errors import PdpoError, RunFailed
+from pdpo_jax.huge_pages import restart_with_huge_pages
 from pdpo_jax.object_store import is_store_failure, store_error
 from pdpo_jax.stages import STAGES
 
@@ -86,6 +89,7 @@ def _message(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    as_command = argv is None  # not called from Python, which must not have its process replaced
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
     argv = [arg for arg in argv if arg != DEBUG_FLAG]
@@ -96,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     if stage not in STAGES:
         print(f"pdpo: unknown stage {stage!r}; run `pdpo --help` for the list", file=sys.stderr)
         return 2
+    if as_command:
+        restart_with_huge_pages()  # before anything allocates: glibc reads its tunables at start
     platforms = platforms_without_absent_tpus(os.environ, _tpu_device_files())
     if platforms is not None:  # before any stage imports JAX
         os.environ["JAX_PLATFORMS"] = platforms

@@ -25,6 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pdpo_jax.huge_pages import describe as huge_pages_setting, restart_with_huge_pages  # noqa: E402
+
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dnli" / "valid_havenot.jsonl"
 
 
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {loaded.path} ({loaded.config.model_type}, {loaded.config.num_layers} layers, hidden {loaded.config.hidden_size})")
     print(f"data: {args.data}, first {len(encoded)} examples, {candidates} candidates, template {args.template}, fp32")
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); torch {torch.__version__} "
-          f"with {torch.get_num_threads()} threads")
+          f"with {torch.get_num_threads()} threads; {huge_pages_setting()}")
     print(f"tokens per pass: shared-prompt rows {sum(rows)} (mean row {np.mean(rows):.0f}), naive sequences {naive_tokens}")
     print(f"ours:  compile {compile_s:7.2f} s for {len(first_of_each_length)} shapes; scoring {ours_s:7.2f} s "
           f"= {candidates / ours_s:8.2f} candidates/s")
@@ -124,5 +126,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()  # ours and the peer alike: both run in this process or its children
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.exit(main())

@@ -16,6 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pdpo_jax.huge_pages import describe as huge_pages_setting, restart_with_huge_pages  # noqa: E402
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"model: {args.model} ({config.model_type}, {config.num_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size})")
     print(f"batch {args.batch} x {args.length} fp32, {args.iters} timed iterations, jax {jax.__version__} on "
-          f"{jax.devices()[0].platform}, torch {torch.__version__} with {torch.get_num_threads()} threads")
+          f"{jax.devices()[0].platform}, torch {torch.__version__} with {torch.get_num_threads()} threads; "
+          f"{huge_pages_setting()}")
     print(f"jax compile:   {compile_s:8.2f} s")
     print(f"jax forward:   {tokens / ours_s:10.1f} tokens/s ({ours_s * 1000:.1f} ms/batch)")
     print(f"torch forward: {tokens / torch_s:10.1f} tokens/s ({torch_s * 1000:.1f} ms/batch)")
@@ -85,5 +88,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()  # ours and the peer alike: both run in this process or its children
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.exit(main())

@@ -20,6 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pdpo_jax.huge_pages import describe as huge_pages_setting, restart_with_huge_pages  # noqa: E402
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
           f"hidden {model.config.hidden_size}, vocab {model.config.vocab_size})")
     print(f"batch {args.batch}, prompt lengths {int(mask.sum(1).min())}..{int(mask.sum(1).max())} (left-padded), "
           f"{args.new_tokens} new tokens, {args.dtype}; jax {jax.__version__} on {jax.devices()[0].platform}, "
-          f"torch {torch.__version__} with {torch.get_num_threads()} threads")
+          f"torch {torch.__version__} with {torch.get_num_threads()} threads; {huge_pages_setting()}")
     for name, sampler, hf_kwargs in (
         ("greedy", Greedy(), dict(do_sample=False)),
         (f"top-p {args.top_p}", TopP(args.top_p), dict(do_sample=True, top_p=args.top_p, top_k=0, temperature=1.0)),
@@ -127,5 +129,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()  # ours and the peer alike: both run in this process or its children
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.exit(main())

@@ -32,6 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pdpo_jax.huge_pages import describe as huge_pages_setting, restart_with_huge_pages  # noqa: E402
+
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DIALOGUE_FILES = {"train": Path("personachat") / "parallel" / "per-train.txt",
@@ -198,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"model: {description}: {config.model_type}, {config.num_layers} layers, hidden {config.hidden_size}, "
           f"vocab {config.vocab_size}, {args.dtype}")
-    print(f"device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform}), jax {jax.__version__}")
+    print(f"device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform}), jax {jax.__version__}; "
+          f"{huge_pages_setting()}")
     print(f"data: {len(dialogues)} train dialogues after the DNLI overlap filter ({corpus.summary()}), template "
           f"{cfg.data.template}, max_length {max_length}, {len(tokenized)} model turns ({stats.truncated} truncated)")
     print(f"packing: {packing_summary(rows, max_length)}; tokenize {tokenize_s:.1f} s, pack {pack_s:.1f} s, "
@@ -236,4 +239,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()  # ours and the peer alike: both run in this process or its children
     sys.exit(main())

@@ -36,6 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pdpo_jax.huge_pages import describe as huge_pages_setting, restart_with_huge_pages  # noqa: E402
+
 PARALLEL_TRAIN = Path("data") / "personachat" / "parallel" / "per-train.txt"
 # The staged data sits in a `shared/` folder beside the checkout, or beside the folder of checkouts.
 DEFAULT_DATA = next((p for p in (Path(__file__).resolve().parents[i] / "shared" / PARALLEL_TRAIN for i in (2, 3))
@@ -212,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {model.path} ({model.config.model_type}, {model.config.num_layers} layers, fp32); "
           f"{len(dialogues)} dialogues of {args.data}, {len(jobs)} examples; batch {args.batch}, "
           f"top-p {TOP_P}, <= {args.new_tokens} new tokens, max_length {args.max_length}; "
-          f"jax {jax.__version__} on {jax.devices()[0].platform}")
+          f"jax {jax.__version__} on {jax.devices()[0].platform}; {huge_pages_setting()}")
     rates = {}
     for layout in (LAYOUTS if args.layout == "both" else (args.layout,)):
         result = ours(args, jobs, side, layout)
@@ -235,5 +237,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()  # ours and the peer alike: both run in this process or its children
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.exit(main())

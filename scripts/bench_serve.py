@@ -36,6 +36,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pdpo_jax.huge_pages import describe as huge_pages_setting, restart_with_huge_pages  # noqa: E402
+
 KEY = "bench"
 READY_SECONDS = 1800
 
@@ -376,7 +378,7 @@ def main() -> int:
                 args.max_tokens)
         return 0
     print(f"model {model_dir}; {len(prompts)} test-turn prompts from {args.config}; max_tokens={args.max_tokens}; "
-          f"clients {args.clients} x {args.requests} requests", flush=True)
+          f"clients {args.clients} x {args.requests} requests; {huge_pages_setting()} for both servers", flush=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "BENCH_KEY": KEY}
     from pdpo_jax.model.checkpoint import read_config
 
@@ -423,4 +425,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()  # ours and the peer alike: both run in this process or its children
     sys.exit(main())

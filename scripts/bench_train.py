@@ -48,6 +48,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pdpo_jax.huge_pages import describe as huge_pages_setting, restart_with_huge_pages  # noqa: E402
+
 PERSONACHAT_FILE = Path("data") / "personachat" / "valid_self_original_no_cands.txt"
 # The staged data sits in a `shared/` folder beside the checkout, or beside the folder of checkouts.
 DEFAULT_DATA = next((p for p in (Path(__file__).resolve().parents[i] / "shared" / PERSONACHAT_FILE for i in (2, 3))
@@ -561,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"model: {args.model}{' (tiny random, --quick: figures are meaningless)' if args.quick else ''}")
         print(f"fp32; {args.warmup} warm-up + {args.steps} timed steps per configuration, each in its own subprocess; "
-              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {huge_pages_setting()}")
         print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, trl {trl.__version__}")
         print(f"DPO: {args.pairs} pairs, prompt ~{args.prompt_tokens} and responses ~{args.response_tokens} tokens, "
               f"AdamW lr {DPO_LR} wd {WEIGHT_DECAY} clip {MAX_GRAD_NORM}, beta {DPO_BETA}; "
@@ -584,5 +586,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()  # ours and the peer alike: both run in this process or its children
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.exit(main())

@@ -11,6 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
 export JAX_PLATFORMS=cpu
+# Huge pages for the host arrays, as every `pdpo` command takes them (pdpo_jax/huge_pages.py): the
+# in-process tests get them too, and the commands the tests start need not start themselves again.
+export GLIBC_TUNABLES="${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}"
 for arg in "$@"; do
   if [ "$arg" = "--fast" ]; then
     export PDPO_HYPOTHESIS_PROFILE="${PDPO_HYPOTHESIS_PROFILE:-fast}"
