@@ -85,7 +85,7 @@ class Study:
     # ------------------------------------------------------------------ the shared start
 
     def sft_and_pairs(self, search: dict) -> RunLayout:
-        """main/: the SFT model at the searched rate, its DNLI, pseudo-preferences and PseudoDPO."""
+        """main/: the SFT model at the searched rate and its pseudo-preferences, which every row starts from."""
         lr = search["sft_learning_rate"]
         sft = RunLayout(self.root / f"sft-lr{_rate(lr)}")
         if _done(sft, "sft") is None:
@@ -94,12 +94,18 @@ class Study:
         _link(sft.stage("sft"), main.stage("sft"))
         committed = search["sft"][f"{lr:g}"]["best_val_loss"]
         self.record["sft_best_val_loss"] = {"now": _done(sft, "sft")["best_value"], "committed": committed}
-        self.runner.stage("eval-dnli sft", main.root, "pipeline", extra=("--stages", "eval-sft"))
         self.runner.stage("make-prefs", main.root, "make-prefs")
-        self.runner.stage("dpo", main.root, "pipeline", f"dpo.optimizer.learning_rate={search['dpo_learning_rate']}",
-                          extra=("--stages", "dpo,eval-dpo"))
         self.save()
         return main
+
+    def sft_dnli_and_pseudo_dpo(self, main: RunLayout, search: dict) -> None:
+        """main/: the SFT model's DNLI and +PseudoDPO (trained and ranked), which the new rows are compared with.
+
+        Run after the rows that do not need them (only the second round starts from +PseudoDPO), so that
+        a study cut short has its new rows first."""
+        self.runner.stage("eval-dnli sft", main.root, "pipeline", extra=("--stages", "eval-sft"))
+        self.runner.stage("dpo", main.root, "pipeline", f"dpo.optimizer.learning_rate={search['dpo_learning_rate']}",
+                          extra=("--stages", "dpo,eval-dpo"))
 
     def classifier(self, main: RunLayout) -> Path:
         """The Dialogue NLI classifier of the RL(DialogueNLI) baseline: the NLI filter and eval-responses read it."""
@@ -212,10 +218,14 @@ def main(argv: list[str]) -> int:
 
         main_run = study.sft_and_pairs(search)
         nli = study.classifier(main_run)
-        trained = {"sft": main_run.best_model("sft"), "pseudo-dpo": main_run.best_model("dpo")}
-        for row in rows:
+        trained = {}
+        for row in sorted(rows, key=lambda row: row.rounds > 1):  # the rows that start from +PseudoDPO last
+            if row.rounds > 1:
+                study.sft_dnli_and_pseudo_dpo(main_run, search)
             run = study.train_row(row, main_run, nli, search["dpo_learning_rate"])
             trained[row.name] = run.round_best_model(row.rounds)
+        study.sft_dnli_and_pseudo_dpo(main_run, search)
+        trained = {"sft": main_run.best_model("sft"), "pseudo-dpo": main_run.best_model("dpo"), **trained}
 
         conversations = root / "examples" / "test_conversations.jsonl"
         if not conversations.exists():
