@@ -18,7 +18,11 @@ their losses are on other scales; RPO, the NLI filter and the second round train
 (RPO adds an NLL term) and keep the rate DPO's search chose. The SFT and DPO rates are the ones
 the reproduction's searches chose (results/personachat-cpu/search.json).
 
-Every step is a `pdpo` command, skipped when its output exists, so a rerun resumes. The rows base,
+Every step is a `pdpo` command, skipped when its output exists, so a rerun resumes. A finished
+model's reports (DNLI records, responses and their metrics, validation curve, DONE record) are
+copied into the results folder as soon as it finishes, and a model whose reports are all there is
+not trained again: a study resumes from a checkout of the repository on another machine, and its
+table is rewritten after every row. The rows base,
 +PseudoDPO w/o shuffle and RL(DialogueNLI) are not retrained: their committed per-example DNLI
 records are used as they are (they come from the same SFT run; study.json says whether the
 retrained SFT and PseudoDPO models reproduce theirs). Under --root, beside the reproduction's
@@ -44,6 +48,7 @@ from run_reproduction import (REPO, Runner, _done, _link, _rate, _write_json, ke
 
 from pdpo_jax.prefs.filters import FILTERS_FILE
 from pdpo_jax.run_layout import RunLayout
+from pdpo_jax.storage import atomic_write_bytes
 
 SEARCH_RATES = (1e-6, 5e-6, 2e-5)
 NLI_FILTERS = "prefs.filters=[degenerate, {kind: nli, entailment: 0.5}]"
@@ -98,14 +103,126 @@ class Study:
         self.save()
         return main
 
-    def sft_dnli_and_pseudo_dpo(self, main: RunLayout, search: dict) -> None:
-        """main/: the SFT model's DNLI and +PseudoDPO (trained and ranked), which the new rows are compared with.
-
-        Run after the rows that do not need them (only the second round starts from +PseudoDPO), so that
-        a study cut short has its new rows first."""
+    def sft_dnli(self, main: RunLayout) -> None:
         self.runner.stage("eval-dnli sft", main.root, "pipeline", extra=("--stages", "eval-sft"))
+
+    def keep_pseudo_dpo(self, main: RunLayout, search: dict, conversations: Path, nli: Path,
+                        model_needed: bool = False) -> None:
+        """+PseudoDPO, trained from main/'s pairs at DPO's rate and ranked, its reports kept. Trained
+        after the rows that do not start from it (only the second round does, `model_needed`), so
+        that a study cut short has its new rows first; nothing kept in results/ is recomputed."""
+        if self.kept("pseudo-dpo") and not model_needed:
+            return
         self.runner.stage("dpo", main.root, "pipeline", f"dpo.optimizer.learning_rate={search['dpo_learning_rate']}",
-                          extra=("--stages", "dpo,eval-dpo"))
+                          extra=("--stages", "dpo"))
+        self.keep_model("pseudo-dpo", main.best_model("dpo"), main.dnli_report("dpo"), main.metrics("dpo"),
+                        conversations, nli,
+                        evaluate=lambda: self.runner.stage("eval-dnli pseudo-dpo", main.root, "pipeline",
+                                                           extra=("--stages", "eval-dpo")))
+
+    # ------------------------------------------------------------------ the committed copies
+
+    def kept_files(self, name: str, row: bool = False) -> list[Path]:
+        """What results/ holds of model `name` once it is finished: its DNLI records, its responses to
+        the test turns and their metrics, its validation curve (not for the untrained base model), and
+        for a study row its DONE record (best step, the step-0 check)."""
+        files = [self.results / "dnli" / name / "dnli.json", self.results / "responses" / f"{name}.json",
+                 self.results / "responses" / f"{name}.jsonl"]
+        if name != "base":
+            files.append(self.results / "curves" / f"{name}.jsonl")
+        if row:
+            files.append(self.results / "rows" / f"{name}-dpo-done.json")
+        return files
+
+    def kept(self, name: str, row: bool = False) -> bool:
+        """Whether model `name`'s reports are all in results/: a study resumes from them on another
+        machine, retraining nothing they cover."""
+        return all(path.is_file() for path in self.kept_files(name, row))
+
+    def keep_model(self, name: str, model: Path | str, dnli_report: Path | None, metrics: Path | None,
+                   conversations: Path, nli: Path, evaluate=None) -> None:
+        """Model `name`'s reports copied into results/, each only where it is missing there: its DNLI
+        records (after `evaluate()` where the run has none yet), its responses and their metrics,
+        its curve (`metrics`: the stage's metrics.jsonl)."""
+        dnli = self.results / "dnli" / name / "dnli.json"
+        if dnli_report is not None and not dnli.is_file():
+            if not dnli_report.is_file():
+                evaluate()
+            keep_dnli_records({name: dnli_report}, self.results / "dnli", self.root, self.args.data)
+        kept = self.results / "responses"
+        if not (kept / f"{name}.json").is_file() or not (kept / f"{name}.jsonl").is_file():
+            report = self.responses(name, model, conversations, nli)
+            kept.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(self.root / "examples" / f"{name}.jsonl", kept / f"{name}.jsonl")
+            keep_json(report, kept / f"{name}.json", self.root, self.args.data)
+        curve = self.results / "curves" / f"{name}.jsonl"
+        if metrics is not None and not curve.is_file():
+            curve.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(curve, metrics.read_bytes())
+
+    def keep_row(self, row: Row, run: RunLayout, conversations: Path, nli: Path) -> None:
+        """A finished row's reports in results/: those of every model, plus its DONE record, the
+        filter's verdict (NLI filter) and the second round's pairs and round report (2 rounds)."""
+        last = RunLayout(run.round_folder(row.rounds))
+        records = self.results / "rows"
+        records.mkdir(parents=True, exist_ok=True)
+        if row.filtered:
+            keep_json(run.prefs / FILTERS_FILE, records / f"{row.name}-filters.json", self.root, self.args.data)
+        if row.rounds > 1:
+            keep_json(last.prefs_summary, records / f"{row.name}-prefs-summary.json", self.root, self.args.data)
+            self.runner.pdpo("results rounds", "results", "--out", str(records.resolve()), "--rounds", row.name,
+                             cwd=self.root)  # from the run root, so the report names the run by its folder
+            report = records / f"{row.name}.json"  # its model folders, relative to the run root
+            keep_json(report, report, self.root, self.args.data)
+            table = records / f"{row.name}.md"
+            atomic_write_bytes(table, table.read_text().replace(f"{self.root}{os.sep}", "").encode())
+        self.keep_model(row.name, run.round_best_model(row.rounds), run.dnli_report("dpo"), last.metrics("dpo"),
+                        conversations, nli)
+        keep_json(last.done("dpo"), records / f"{row.name}-dpo-done.json", self.root, self.args.data)  # last: marks it kept
+
+    def test_conversations(self) -> Path:
+        """The test turns every model answers: the committed copy where there is one (the same seeded pick)."""
+        out = self.root / "examples" / "test_conversations.jsonl"
+        committed = self.results / "responses" / "test_conversations.jsonl"
+        if not out.exists():
+            if committed.is_file():
+                out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(committed, out)
+            else:
+                write_test_conversations(self.runner.config, self.args.overrides, out, self.args.test_turns)
+        if not committed.is_file():
+            committed.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(out, committed)
+        return out
+
+    def write_table(self) -> None:
+        """table.json, table.md and the plots from what results/ holds now: every model whose DNLI
+        records are kept, so the table grows row by row and needs no run folder."""
+        results, labels = self.results, {row.name: row.label for row in ROWS}
+        names = [name for name in ("base", "sft", "pseudo-dpo", "wo-shuffle", "rl", *labels)
+                 if (results / "dnli" / name / "dnli.json").is_file()]
+        answered = [name for name in names if (results / "responses" / f"{name}.json").is_file()]
+        curves = [name for name in names if (results / "curves" / f"{name}.jsonl").is_file()]
+        relative = Path(os.path.relpath(results, REPO))
+        references = [arg for name in ("sft", "pseudo-dpo") if name in names for arg in ("--reference", name)]
+        self.runner.pdpo("results", "results", "--out", str(relative), *references,
+                         *[f"--model={name}={relative / 'dnli' / name / 'dnli.json'}" for name in names],
+                         *[f"--response-metrics={name}={relative / 'responses' / f'{name}.json'}" for name in answered],
+                         *[f"--curves={name}={relative / 'curves' / f'{name}.jsonl'}" for name in curves],
+                         "--conversations", str(relative / "responses" / "test_conversations.jsonl"),
+                         *[f"--responses={name}={relative / 'responses' / f'{name}.jsonl'}" for name in answered],
+                         "--examples", "12")
+        self.record["labels"] = {"base": "base", "sft": "SFT", "pseudo-dpo": "+PseudoDPO",
+                                 "wo-shuffle": "+PseudoDPO w/o shuffle", "rl": "RL(DialogueNLI)",
+                                 **{name: label for name, label in labels.items() if name in names}}
+        self.record["reused"] = {name: "committed per-example records of the reproduction run"
+                                 for name in REUSED if name in names}
+        self.save()
+        keep_json(self.root / "study.json", results / "study.json", self.root, self.args.data)
+        # this machine's wall times replace the committed ones of the same steps, and keep the others
+        timings = results / "timings.json"
+        committed = json.loads(timings.read_text()) if timings.is_file() else {}
+        _write_json(timings, {**committed, **self.runner.timings})
 
     def classifier(self, main: RunLayout) -> Path:
         """The Dialogue NLI classifier of the RL(DialogueNLI) baseline: the NLI filter and eval-responses read it."""
@@ -210,72 +327,34 @@ def main(argv: list[str]) -> int:
         resolved_configs(args.data, Path(tmp))
         runner = Runner(argparse.Namespace(root=args.root, overrides=args.overrides), Path(tmp) / config_name)
         root = runner.root
-        study = Study(args, runner, Path(tmp) / rl_name, root, results,
-                      json.loads((root / "study.json").read_text()) if (root / "study.json").exists() else {})
+        # a study resumed on another machine goes on from the committed record (rates, searches)
+        record = next((json.loads(path.read_text()) for path in (root / "study.json", results / "study.json")
+                       if path.is_file()), {})
+        study = Study(args, runner, Path(tmp) / rl_name, root, results, record)
         study.record.update(rows=[row.name for row in rows], search_rates=list(SEARCH_RATES),
                             search_steps=args.search_steps, dpo_learning_rate=search["dpo_learning_rate"],
                             sft_learning_rate=search["sft_learning_rate"])
-
-        main_run = study.sft_and_pairs(search)
-        nli = study.classifier(main_run)
-        trained = {}
-        for row in sorted(rows, key=lambda row: row.rounds > 1):  # the rows that start from +PseudoDPO last
-            if row.rounds > 1:
-                study.sft_dnli_and_pseudo_dpo(main_run, search)
-            run = study.train_row(row, main_run, nli, search["dpo_learning_rate"])
-            trained[row.name] = run.round_best_model(row.rounds)
-        study.sft_dnli_and_pseudo_dpo(main_run, search)
-        trained = {"sft": main_run.best_model("sft"), "pseudo-dpo": main_run.best_model("dpo"), **trained}
-
-        conversations = root / "examples" / "test_conversations.jsonl"
-        if not conversations.exists():
-            write_test_conversations(runner.config, args.overrides, conversations, args.test_turns)
-        metrics = {"base": study.responses("base", "default", conversations, nli)}
-        metrics.update({name: study.responses(name, model, conversations, nli) for name, model in trained.items()})
-
-        # the committed copies: DNLI records of the retrained models, responses and their metrics
-        reports = {"sft": main_run.dnli_report("sft"), "pseudo-dpo": main_run.dnli_report("dpo"),
-                   **{row.name: RunLayout(root / row.name).dnli_report("dpo") for row in rows}}
-        keep_dnli_records(reports, results / "dnli", root, args.data)
-        kept = results / "responses"
-        kept.mkdir(parents=True, exist_ok=True)
-        for name, report in metrics.items():
-            keep_json(report, kept / f"{name}.json", root, args.data)
-            shutil.copy2(root / "examples" / f"{name}.jsonl", kept / f"{name}.jsonl")
-        shutil.copy2(conversations, kept / "test_conversations.jsonl")
-        # every row's DONE record (best step, the step-0 check), the filter's verdict, the second round's pairs
-        records = results / "rows"
-        records.mkdir(parents=True, exist_ok=True)
+        # rpo-like rows first, the rows that start from +PseudoDPO last
+        to_train = sorted((row for row in rows if not study.kept(row.name, row=True)), key=lambda row: row.rounds > 1)
         for row in rows:
-            run = RunLayout(root / row.name)
-            last = RunLayout(run.round_folder(row.rounds))
-            keep_json(last.done("dpo"), records / f"{row.name}-dpo-done.json", root, args.data)
-            if row.filtered:
-                keep_json(run.prefs / FILTERS_FILE, records / f"{row.name}-filters.json", root, args.data)
-            if row.rounds > 1:
-                keep_json(last.prefs_summary, records / f"{row.name}-prefs-summary.json", root, args.data)
-                runner.pdpo("results rounds", "results", "--out", str(records.resolve()), "--rounds", row.name,
-                            cwd=root)  # from the run root, so the report names the run by its folder
-        curves = {"sft": main_run.metrics("sft"), "pseudo-dpo": main_run.metrics("dpo"),
-                  **{row.name: RunLayout(RunLayout(root / row.name).round_folder(row.rounds)).metrics("dpo") for row in rows}}
-        reused = [name for name in REUSED if (results / "dnli" / name / "dnli.json").is_file()]
-        names = ["base", "sft", "pseudo-dpo", "wo-shuffle", "rl", *(row.name for row in rows)]
-        names = [name for name in names if name not in REUSED or name in reused]
-        relative = Path(os.path.relpath(results, REPO))
-        runner.pdpo("results", "results", "--out", str(relative), "--reference", "sft", "--reference", "pseudo-dpo",
-                    *[f"--model={name}={relative / 'dnli' / name / 'dnli.json'}" for name in names],
-                    *[f"--response-metrics={name}={relative / 'responses' / f'{name}.json'}" for name in metrics],
-                    *[f"--curves={name}={path}" for name, path in curves.items()],
-                    "--conversations", str(relative / "responses" / "test_conversations.jsonl"),
-                    *[f"--responses={name}={relative / 'responses' / f'{name}.jsonl'}" for name in metrics],
-                    "--examples", "12")
-        study.record["labels"] = {"base": "base", "sft": "SFT", "pseudo-dpo": "+PseudoDPO",
-                                  "wo-shuffle": "+PseudoDPO w/o shuffle", "rl": "RL(DialogueNLI)",
-                                  **{row.name: row.label for row in rows}}
-        study.record["reused"] = {name: "committed per-example records of the reproduction run" for name in reused}
-        study.save()
-    for name in ("study.json", "timings.json"):
-        keep_json(root / name, results / name, root, args.data)
+            if row not in to_train:
+                print(f"== {row.name}: kept in {os.path.relpath(results)} (delete its files there to train it again)")
+        missing = [name for name in ("sft", "pseudo-dpo", "base") if not study.kept(name)]
+        if to_train or missing:
+            main_run = study.sft_and_pairs(search)
+            nli = study.classifier(main_run)
+            conversations = study.test_conversations()
+            study.keep_model("sft", main_run.best_model("sft"), main_run.dnli_report("sft"), main_run.metrics("sft"),
+                             conversations, nli, evaluate=lambda: study.sft_dnli(main_run))
+            for row in to_train:
+                if row.rounds > 1:
+                    study.keep_pseudo_dpo(main_run, search, conversations, nli, model_needed=True)
+                run = study.train_row(row, main_run, nli, search["dpo_learning_rate"])
+                study.keep_row(row, run, conversations, nli)
+                study.write_table()
+            study.keep_pseudo_dpo(main_run, search, conversations, nli)
+            study.keep_model("base", "default", None, None, conversations, nli)
+        study.write_table()
     print(f"runs in {root}; reports in {results}")
     return 0
 
