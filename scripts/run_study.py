@@ -313,6 +313,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def resumed_record(results: Path, root: Path) -> dict:
+    """study.json to go on from: the committed one (rates and searches of rows trained on another
+    machine), updated by this machine's, one level deep (a row's rate joins the committed rates)."""
+    record: dict = {}
+    for path in (results / "study.json", root / "study.json"):
+        if path.is_file():
+            for key, value in json.loads(path.read_text()).items():
+                record[key] = {**record[key], **value} if isinstance(value, dict) and isinstance(record.get(key), dict) \
+                    else value
+    return record
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     by_name = {row.name: row for row in ROWS}
@@ -327,10 +339,7 @@ def main(argv: list[str]) -> int:
         resolved_configs(args.data, Path(tmp))
         runner = Runner(argparse.Namespace(root=args.root, overrides=args.overrides), Path(tmp) / config_name)
         root = runner.root
-        # a study resumed on another machine goes on from the committed record (rates, searches)
-        record = next((json.loads(path.read_text()) for path in (root / "study.json", results / "study.json")
-                       if path.is_file()), {})
-        study = Study(args, runner, Path(tmp) / rl_name, root, results, record)
+        study = Study(args, runner, Path(tmp) / rl_name, root, results, resumed_record(results, root))
         study.record.update(rows=[row.name for row in rows], search_rates=list(SEARCH_RATES),
                             search_steps=args.search_steps, dpo_learning_rate=search["dpo_learning_rate"],
                             sft_learning_rate=search["sft_learning_rate"])
