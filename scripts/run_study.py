@@ -85,7 +85,9 @@ class Study:
     record: dict = field(default_factory=dict)
 
     def save(self) -> None:
+        """study.json under the run root, and its copy in results/, which another machine resumes from."""
         _write_json(self.root / "study.json", self.record)
+        keep_json(self.root / "study.json", self.results / "study.json", self.root, self.args.data)
 
     # ------------------------------------------------------------------ the shared start
 
@@ -218,7 +220,6 @@ class Study:
         self.record["reused"] = {name: "committed per-example records of the reproduction run"
                                  for name in REUSED if name in names}
         self.save()
-        keep_json(self.root / "study.json", results / "study.json", self.root, self.args.data)
         # this machine's wall times replace the committed ones of the same steps, and keep the others
         timings = results / "timings.json"
         committed = json.loads(timings.read_text()) if timings.is_file() else {}
@@ -241,12 +242,15 @@ class Study:
             run = RunLayout(self.root / f"{row.name}-lr{_rate(lr)}")
             _link(main.stage("sft"), run.stage("sft"))
             _link(main.prefs, run.prefs)
+            if found.get(f"{lr:g}", {}).get("steps") == self.args.search_steps and _done(run, "dpo") is None:
+                continue  # searched on another machine: its figures are in the committed study.json
             if _done(run, "dpo") is None:
                 self.runner.stage(f"{row.name} search lr={lr:g}", run.root, "dpo", *row.overrides,
                                   f"dpo.optimizer.learning_rate={lr}", f"dpo.max_steps={self.args.search_steps}")
             info = _done(run, "dpo")
-            found[f"{lr:g}"] = {"best_val_reward_accuracy": info["best_value"], "best_step": info["best_step"]}
-        self.save()
+            found[f"{lr:g}"] = {"best_val_reward_accuracy": info["best_value"], "best_step": info["best_step"],
+                                "steps": self.args.search_steps}
+            self.save()
         return max(SEARCH_RATES, key=lambda lr: found[f"{lr:g}"]["best_val_reward_accuracy"])
 
     def train_row(self, row: Row, main: RunLayout, nli: Path, dpo_lr: float) -> RunLayout:
