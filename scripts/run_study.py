@@ -122,6 +122,13 @@ class Study:
                         evaluate=lambda: self.runner.stage("eval-dnli pseudo-dpo", main.root, "pipeline",
                                                            extra=("--stages", "eval-dpo")))
 
+    def classifier(self, main: RunLayout) -> Path:
+        """The Dialogue NLI classifier of the RL(DialogueNLI) baseline: the NLI filter and eval-responses read it."""
+        rl = RunLayout(self.root / "rl-dnli")
+        _link(main.stage("sft"), rl.stage("sft"))
+        self.runner.stage("train-nli", rl.root, "pipeline", extra=("--config", str(self.rl_config), "--stages", "train-nli"))
+        return rl.nli
+
     # ------------------------------------------------------------------ the committed copies
 
     def kept_files(self, name: str, row: bool = False) -> list[Path]:
@@ -224,13 +231,6 @@ class Study:
         timings = results / "timings.json"
         committed = json.loads(timings.read_text()) if timings.is_file() else {}
         _write_json(timings, {**committed, **self.runner.timings})
-
-    def classifier(self, main: RunLayout) -> Path:
-        """The Dialogue NLI classifier of the RL(DialogueNLI) baseline: the NLI filter and eval-responses read it."""
-        rl = RunLayout(self.root / "rl-dnli")
-        _link(main.stage("sft"), rl.stage("sft"))
-        self.runner.stage("train-nli", rl.root, "pipeline", extra=("--config", str(self.rl_config), "--stages", "train-nli"))
-        return rl.nli
 
     # ------------------------------------------------------------------ one row
 
