@@ -1,6 +1,7 @@
 import json
 import multiprocessing
 import os
+from pathlib import Path
 
 import pytest
 
@@ -82,34 +83,37 @@ def test_an_error_while_building_leaves_the_old_directory(tmp_path):
     assert version_of(target) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["best"]
 
 
-def crash_at(target, step: str) -> None:
-    """In a child process: commits version 2 of `target` and is killed (no cleanup runs) at `step`."""
+def _commit_and_die(target: str, step: str) -> None:
+    """The child of `crash_at` (module level, so a spawned process can import it)."""
+    target = Path(target)
+    rename = os.rename
 
-    def child():
-        rename = os.rename
-
-        def killed_before(real, when):
-            def call(src, dst):
-                if when(src, dst):
-                    os._exit(3)
-                return real(src, dst)
-            return call
-
-        if step == "building":
-            def build(folder):
-                (folder / "weights.bin").write_bytes(b"half")
+    def killed_before(real, when):
+        def call(src, dst):
+            if when(src, dst):
                 os._exit(3)
-        else:
-            def build(folder):
-                write_version(folder, 2)
-            if step == "between the renames":  # the old copy is set aside, the new one not yet in place
-                os.rename = killed_before(rename, lambda src, dst: str(dst) == str(target))
-            else:  # "before the old copy is deleted": the new copy is in place
-                storage._sync_directory = lambda path: os._exit(3)
-        with commit_directory(target) as building:
-            build(building)
+            return real(src, dst)
+        return call
 
-    process = multiprocessing.get_context("fork").Process(target=child)
+    if step == "building":
+        def build(folder):
+            (folder / "weights.bin").write_bytes(b"half")
+            os._exit(3)
+    else:
+        def build(folder):
+            write_version(folder, 2)
+        if step == "between the renames":  # the old copy is set aside, the new one not yet in place
+            os.rename = killed_before(rename, lambda src, dst: str(dst) == str(target))
+        else:  # "before the old copy is deleted": the new copy is in place
+            storage._sync_directory = lambda path: os._exit(3)
+    with commit_directory(target) as building:
+        build(building)
+
+
+def crash_at(target, step: str) -> None:
+    """In a child process: commits version 2 of `target` and is killed (no cleanup runs) at `step`.
+    The child is spawned, not forked: a fork of a process whose JAX threads hold locks can deadlock."""
+    process = multiprocessing.get_context("spawn").Process(target=_commit_and_die, args=(str(target), step))
     process.start()
     process.join()
     assert process.exitcode == 3
