@@ -47,12 +47,17 @@ def glibc_version() -> tuple[int, int] | None:
     return major, minor
 
 
+def tunable_takes_effect(glibc: tuple[int, int] | None, thp_mode: str | None) -> bool:
+    """Whether this C library reads the tunable and this kernel gives huge pages for it."""
+    return glibc is not None and glibc >= MIN_GLIBC and thp_mode in ("always", "madvise")
+
+
 def tunables_with_huge_pages(env: Mapping[str, str], glibc: tuple[int, int] | None,
                              thp_mode: str | None) -> str | None:
     """The GLIBC_TUNABLES value to start again with, or None when there is nothing to change."""
     if env.get(OPT_OUT_ENV, "").strip().lower() in ("0", "false", "no", "off"):
         return None
-    if glibc is None or glibc < MIN_GLIBC or thp_mode not in ("always", "madvise"):
+    if not tunable_takes_effect(glibc, thp_mode):
         return None
     current = env.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.hugetlb=" in current:  # set already, by us or by the user: theirs stands
@@ -75,5 +80,5 @@ def describe() -> str:
     """One line for a benchmark's header: whether this process's large allocations get huge pages."""
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     mode = kernel_thp_mode()
-    on = TUNABLE in tunables.split(":") and mode in ("always", "madvise") and (glibc_version() or (0, 0)) >= MIN_GLIBC
+    on = TUNABLE in tunables.split(":") and tunable_takes_effect(glibc_version(), mode)
     return f"huge pages {'on' if on else 'off'} (GLIBC_TUNABLES={tunables or 'unset'}, kernel THP {mode or 'unknown'})"

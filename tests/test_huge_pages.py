@@ -42,9 +42,8 @@ def test_the_kernel_mode_is_the_bracketed_word(tmp_path):
     assert kernel_thp_mode(tmp_path / "absent") is None
 
 
-@pytest.mark.skipif(sys.platform != "linux" or huge_pages.glibc_version() is None
-                    or huge_pages.glibc_version() < huge_pages.MIN_GLIBC
-                    or kernel_thp_mode() not in ("always", "madvise"),
+@pytest.mark.skipif(sys.platform != "linux"
+                    or not huge_pages.tunable_takes_effect(huge_pages.glibc_version(), kernel_thp_mode()),
                     reason="needs Linux with glibc >= 2.35 and transparent huge pages not 'never'")
 def test_a_process_starts_itself_again_once_with_the_tunable_and_its_arguments(subprocess_env, tmp_path):
     script = tmp_path / "child.py"
