@@ -181,9 +181,9 @@ class Study:
             keep_json(last.prefs_summary, records / f"{row.name}-prefs-summary.json", self.root, self.args.data)
             self.runner.pdpo("results rounds", "results", "--out", str(records.resolve()), "--rounds", row.name,
                              cwd=self.root)  # from the run root, so the report names the run by its folder
-            report = records / f"{row.name}.json"  # its model folders, relative to the run root
+            # what that command wrote, its model folders made relative to the run root
+            report, table = records / "rounds.json", records / "rounds.md"
             keep_json(report, report, self.root, self.args.data)
-            table = records / f"{row.name}.md"
             atomic_write_bytes(table, table.read_text().replace(f"{self.root}{os.sep}", "").encode())
         self.keep_model(row.name, run.round_best_model(row.rounds), run.dnli_report("dpo"), last.metrics("dpo"),
                         conversations, nli)
@@ -240,14 +240,15 @@ class Study:
         found = self.record.setdefault("search", {}).setdefault(row.name, {})
         for lr in SEARCH_RATES:
             run = RunLayout(self.root / f"{row.name}-lr{_rate(lr)}")
-            _link(main.stage("sft"), run.stage("sft"))
-            _link(main.prefs, run.prefs)
-            if found.get(f"{lr:g}", {}).get("steps") == self.args.search_steps and _done(run, "dpo") is None:
+            info = _done(run, "dpo")
+            if info is None and found.get(f"{lr:g}", {}).get("steps") == self.args.search_steps:
                 continue  # searched on another machine: its figures are in the committed study.json
-            if _done(run, "dpo") is None:
+            if info is None:
+                _link(main.stage("sft"), run.stage("sft"))
+                _link(main.prefs, run.prefs)
                 self.runner.stage(f"{row.name} search lr={lr:g}", run.root, "dpo", *row.overrides,
                                   f"dpo.optimizer.learning_rate={lr}", f"dpo.max_steps={self.args.search_steps}")
-            info = _done(run, "dpo")
+                info = _done(run, "dpo")
             found[f"{lr:g}"] = {"best_val_reward_accuracy": info["best_value"], "best_step": info["best_step"],
                                 "steps": self.args.search_steps}
             self.save()
