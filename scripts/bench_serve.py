@@ -238,8 +238,10 @@ def compiled_during(before: dict | None, after: dict | None) -> str:
     if before is None or after is None:
         return ""
     new = {kind: len(after["compiled"][kind]) - len(before["compiled"][kind]) for kind in ("step_shapes", "prompt_widths")}
+    reused = after["prompt_cache"]["hits"] - before["prompt_cache"]["hits"]
+    prefilled = after["prompt_cache"]["misses"] - before["prompt_cache"]["misses"]
     return (f" steps={after['steps'] - before['steps']} compiled: {new['step_shapes']} step shapes, "
-            f"{new['prompt_widths']} prompt widths")
+            f"{new['prompt_widths']} prompt widths; prompts reused {reused}, prefilled {prefilled}")
 
 
 def profile(model_dir, prompts, slots: int, max_model_len: int, client_counts: list[int], requests: int,
@@ -358,6 +360,9 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--slots", type=int, default=None, help="pdpo serve --slots (default: the most clients)")
     parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--prompt-cache-mib", type=int, default=None, metavar="MIB",
+                        help="pdpo serve --prompt-cache-mib (default: the server's; 0 prefills every request, "
+                             "as a workload of prompts never seen twice would)")
     parser.add_argument("--only", choices=("pdpo", "transformers"), default=None, help="measure one server only")
     parser.add_argument("--profile", action="store_true",
                         help="run the scheduler in this process, no HTTP, and split its CPU time per token into "
@@ -402,6 +407,8 @@ def main() -> int:
         command = [sys.executable, "-m", "pdpo_jax.cli", "serve", "--model", str(model_dir), "--port", str(port),
                    "--slots", str(args.slots or max(args.clients)), "--max-model-len", str(args.max_model_len),
                    "--api-key-env", "BENCH_KEY", "--warm-up"]
+        if args.prompt_cache_mib is not None:
+            command += ["--prompt-cache-mib", str(args.prompt_cache_mib)]
         figures["pdpo"] = measure("pdpo serve", Server(command, port, env), prompts, args, flop_rate)
     if args.only in (None, "transformers"):
         try:

@@ -61,6 +61,7 @@ def main(argv: list[str]) -> int:
         record["steps"] = scheduler.steps
     else:
         record["steps"] = follow(engine)
+    record["prompt_cache"] = engine.prompt_cache.describe()
     (out / f"process_{jax.process_index()}.json").write_text(json.dumps(record))
     print(f"[process {jax.process_index()}] done after {record['steps']} steps", flush=True)
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 
+import jax
 import numpy as np
 import pytest
 
@@ -176,6 +177,7 @@ def test_learned_positions_bound_the_context(tiny_models):
 def test_on_a_mesh_the_tokens_are_the_same(tiny_models, family):
     model = tiny_models[family]
     batch = prompts(4, seed=9)
+    batch.append(batch[0])  # admitted again from its kept prefill, laid out over the mesh
     expected = [one_at_a_time(model, p) for p in batch]
     engine = SlotEngine(model, slots=4, max_model_len=MAX_LEN, mesh=make_mesh(data=4, tensor=2))
     scheduler = Scheduler(engine, stop_ids=(NEVER,), max_waiting=8)
@@ -184,6 +186,7 @@ def test_on_a_mesh_the_tokens_are_the_same(tiny_models, family):
         assert run_jobs(scheduler, [SlotRequest(p) for p in batch]) == expected
     finally:
         scheduler.stop()
+    assert engine.prompt_cache.hits == 1
 
 
 def wait_for_compiles(engine: SlotEngine, seconds: float = 120) -> None:
@@ -222,6 +225,7 @@ def test_warm_up_compiles_every_shape_and_nothing_compiles_afterwards(tiny_model
     assert engine.step_shapes_compiled == {(1, MIN_VIEW), (2, MIN_VIEW), (3, MIN_VIEW)}
     assert engine.widths_compiled == {16, 32, 48}
     assert engine.commits.ready() == {1, 2, 3}
+    assert engine.restores.ready() == {16, 32, 48}
     scheduler = Scheduler(engine, stop_ids=(NEVER,), max_waiting=16)
     batch = prompts(5, seed=12)
     scheduler.start()
@@ -230,3 +234,29 @@ def test_warm_up_compiles_every_shape_and_nothing_compiles_afterwards(tiny_model
     finally:
         scheduler.stop()
     assert engine.pending_compiles() == 0 and len(engine.step_shapes_compiled) == 3
+
+
+def slot_row(engine: SlotEngine, slot: int) -> list[np.ndarray]:
+    """Everything the state holds for one slot, as host arrays."""
+    return [np.asarray(leaf)[slot] for leaf in jax.tree.leaves(engine.state)]
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-scanned"])
+def test_a_repeated_prompt_is_restored_bit_for_bit_from_its_kept_prefill(tiny_models, family):
+    model = tiny_models[family]
+    prompt, other = prompts(2, seed=13)
+    reusing = SlotEngine(model, slots=3, max_model_len=MAX_LEN)
+    reusing.admit(0, SlotRequest(prompt))
+    reusing.admit(2, SlotRequest(other))
+    reusing.admit(1, SlotRequest(prompt))  # kept: written from the prefill slot 0 got
+    assert reusing.prompt_cache.describe() | {"bytes": 0} == {"entries": 2, "bytes": 0, "hits": 1, "misses": 2,
+                                                            "budget_bytes": 256 << 20}
+    fresh = SlotEngine(model, slots=3, max_model_len=MAX_LEN, prompt_cache_bytes=0)
+    fresh.admit(1, SlotRequest(prompt))  # the same slot, prefilled afresh
+    assert fresh.prompt_cache.describe() == {"entries": 0, "bytes": 0, "budget_bytes": 0, "hits": 0, "misses": 1}
+    for restored, prefilled in zip(slot_row(reusing, 1), slot_row(fresh, 1), strict=True):
+        assert restored.tobytes() == prefilled.tobytes()
+    busy = np.array([True, True, True])
+    tokens = np.array([reusing.step(busy).tokens for _ in range(NEW_TOKENS)])
+    assert tokens[:, 0].tolist() == tokens[:, 1].tolist() == one_at_a_time(model, prompt)
+    assert tokens[:, 2].tolist() == one_at_a_time(model, other)

@@ -29,6 +29,7 @@ def two_hosts(tmp_path_factory, subprocess_env):
     model_dir = make_tiny_hf_model(root, "llama", initializer_range=0.3)
     rng = np.random.default_rng(5)
     prompts = [[int(t) for t in rng.integers(3, 120, size=int(rng.integers(2, 20)))] for _ in range(6)]
+    prompts.append(prompts[1])  # in the second round: restored from its kept prefill on both hosts
     spec = {"prompts": prompts, "never": NEVER, "slots": 4, "max_model_len": 40, "new_tokens": NEW_TOKENS}
     (root / "spec.json").write_text(json.dumps(spec))
     run_workers([sys.executable, str(WORKER), str(model_dir), str(root / "spec.json"), str(root)], log_dir=root,
@@ -51,3 +52,9 @@ def test_greedy_tokens_on_two_hosts_equal_one_process(two_hosts):
 def test_the_follower_ran_every_step_of_the_leader(two_hosts):
     _, _, records = two_hosts
     assert records[0]["steps"] > 0 and records[1]["steps"] == records[0]["steps"]
+
+
+def test_both_hosts_reuse_the_same_kept_prefills(two_hosts):
+    _, _, records = two_hosts
+    assert records[0]["prompt_cache"]["hits"] == 1
+    assert records[1]["prompt_cache"] == records[0]["prompt_cache"]

@@ -2,11 +2,14 @@
 
 The engine holds `slots` rows of KV cache, each `cache_length` columns long, as a stack of
 batch-1 caches (every leaf gets a leading slot axis, the write index is one per slot), so each
-slot fills its row at its own pace. Three jitted programs touch them:
+slot fills its row at its own pace. Four jitted programs touch them:
 
     admit   one prompt, left-aligned to its bucket width exactly as `pdpo_jax.generate` lays it
             out, prefilled into a batch-1 cache that then replaces one slot's row; one compile per
-            prompt bucket (`pdpo_jax.generation.decode.bucket_width`)
+            prompt bucket (`pdpo_jax.generation.decode.bucket_width`). The prefill is kept in the
+            prompt cache (`pdpo_jax.serve.prompt_cache`)
+    restore a prompt prefilled before: its kept prefill written into a slot's row as admit writes
+            it, without running the model; one compile per prompt bucket
     decode  R slots (the busy ones, padded with idle ones to a power of two): pick each one's next
             token from the logits it holds (greedy, or temperature + top-p with the slot's own
             seed), gather their rows' first V columns (V a power of two holding every busy
@@ -53,9 +56,11 @@ from pdpo_jax.model import Model, init_cache, pad_id
 from pdpo_jax.model.family import family_for
 from pdpo_jax.parallel import BATCH_AXES, fit_spec, replicated
 from pdpo_jax.serve.programs import ProgramTable
+from pdpo_jax.serve.prompt_cache import Prefilled, PromptCache
 
 MIN_VIEW = 64  # fewest cache columns a step attends over
 TOP_LOGPROBS = 5  # most alternatives a response reports per token (the OpenAI completions limit)
+DEFAULT_PROMPT_CACHE_MIB = 256  # prefilled prompts kept for reuse (`pdpo_jax.serve.prompt_cache`)
 
 
 def _spec_of(leaf: jax.Array) -> jax.ShapeDtypeStruct:
@@ -118,23 +123,40 @@ def _put_row(stack: Any, row: Any, slot: jax.Array) -> Any:
                         stack, row)
 
 
-def _admit(params, state, prompt_ids, prompt_valid, slot, settings, *, config):
-    """Prefills one left-aligned prompt `[1, W]` into slot `slot`'s row."""
-    width = prompt_ids.shape[1]
-    cache = init_cache(config, 1, width, dtype=jnp.dtype(config.dtype))
+def _prefill_row(params, prompt_ids, prompt_valid, *, config):
+    """One left-aligned prompt `[1, W]` prefilled: its batch-1 cache of W columns and next-token logits `[vocab]`."""
+    cache = init_cache(config, 1, prompt_ids.shape[1], dtype=jnp.dtype(config.dtype))
     logits, cache = prefill(params, prompt_ids, prompt_valid, cache, config=config)
-    row = pad_sequence_axis(cache, state["cache"]["segment_ids"].shape[-1])
+    return cache, logits[0]
+
+
+def _place(state, prefilled, logits, length, slot, settings):
+    """`state` with slot `slot` holding a prefilled prompt of `length` tokens and its settings."""
+    row = pad_sequence_axis(prefilled, state["cache"]["segment_ids"].shape[-1])
     temperature, top_p, seed, want_top = settings
     return {
         "cache": _put_row(state["cache"], row, slot),
-        "logits": jax.lax.dynamic_update_index_in_dim(state["logits"], logits[0], slot, 0),
-        "position": state["position"].at[slot].set(jnp.sum(prompt_valid).astype(jnp.int32)),
+        "logits": jax.lax.dynamic_update_index_in_dim(state["logits"], logits, slot, 0),
+        "position": state["position"].at[slot].set(length),
         "picked": state["picked"].at[slot].set(0),
         "temperature": state["temperature"].at[slot].set(temperature),
         "top_p": state["top_p"].at[slot].set(top_p),
         "seed": state["seed"].at[slot].set(seed),
         "want_top": state["want_top"].at[slot].set(want_top),
     }
+
+
+def _admit(params, state, prompt_ids, prompt_valid, slot, settings, *, config):
+    """Prefills one left-aligned prompt `[1, W]` into slot `slot`'s row; also returns the prefill
+    (cache and logits) for the prompt cache."""
+    cache, logits = _prefill_row(params, prompt_ids, prompt_valid, config=config)
+    length = jnp.sum(prompt_valid).astype(jnp.int32)
+    return _place(state, cache, logits, length, slot, settings), (cache, logits)
+
+
+def _restore(state, prefilled, logits, length, slot, settings):
+    """Writes a prompt's kept prefill into slot `slot`'s row, as `_admit` would have."""
+    return _place(state, prefilled, logits, length, slot, settings)
 
 
 def sampled_tokens(logits, temperature, top_p, keys):
@@ -274,7 +296,7 @@ class SlotEngine:
     """
 
     def __init__(self, model: Model, *, slots: int, max_model_len: int, mesh: Mesh | None = None,
-                 compile_ahead: bool = True):
+                 compile_ahead: bool = True, prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_MIB << 20):
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         config = model.config
@@ -291,10 +313,15 @@ class SlotEngine:
         self._params_spec, self._state_spec = (jax.tree.map(_spec_of, tree) for tree in (self.params, self.state))
         # the state comes back laid out as it went in, as a compiled program takes it next time
         state_layout = None if mesh is None else jax.tree.map(lambda leaf: leaf.sharding, self.state)
-        self._admit = jax.jit(partial(_admit, config=config), donate_argnums=(1,), out_shardings=state_layout)
+        entry_layout = None if mesh is None else self._prefill_layout()
+        self._admit = jax.jit(partial(_admit, config=config), donate_argnums=(1,),
+                              out_shardings=None if mesh is None else (state_layout, entry_layout))
+        self._restore = jax.jit(_restore, donate_argnums=(0,), out_shardings=state_layout)
         self._decode_rows = jax.jit(partial(_decode_rows, config=config, mesh=mesh), static_argnames=("columns",))
         self._commit = jax.jit(_commit, donate_argnums=(0,), out_shardings=state_layout)
         self.admits = ProgramTable("prefill", self._compile_admit)  # by prompt width
+        self.restores = ProgramTable("restore", self._compile_restore)  # by prompt width
+        self.prompt_cache = PromptCache(prompt_cache_bytes)
         self.steps = ProgramTable("step", self._compile_step)  # by (rows, cache columns)
         self.commits = ProgramTable("commit", self._compile_commit)  # by rows
         self.write_index = np.zeros(self.slots, np.int64)  # where each slot writes its next token
@@ -326,13 +353,18 @@ class SlotEngine:
         self.commits.compile_ahead(self.step_row_counts())
         self.steps.compile_ahead(self.step_shapes())
         self.admits.compile_ahead(self.prompt_widths())
+        if self.prompt_cache.budget_bytes:
+            self.restores.compile_ahead(self.prompt_widths())
+
+    def _tables(self) -> tuple[ProgramTable, ...]:
+        return self.admits, self.restores, self.steps, self.commits
 
     def pending_compiles(self) -> int:
-        return self.admits.pending() + self.steps.pending() + self.commits.pending()
+        return sum(table.pending() for table in self._tables())
 
     def cancel_compiles(self) -> None:
         """Drops the compiles still queued (one under way finishes on its thread)."""
-        for table in (self.admits, self.steps, self.commits):
+        for table in self._tables():
             table.close()
 
     @property
@@ -387,11 +419,42 @@ class SlotEngine:
         update, _ = self._step_outputs(rows)
         return self._commit.lower(self._state_spec, *self._rows_spec(rows), update).compile()
 
+    def _settings_spec(self) -> tuple:
+        return tuple(self._host_spec((), dtype) for dtype in (jnp.float32, jnp.float32, jnp.uint32, jnp.bool_))
+
     def _compile_admit(self, width: int):
         prompt = self._host_spec((1, width), jnp.int32)
-        settings = tuple(self._host_spec((), dtype) for dtype in (jnp.float32, jnp.float32, jnp.uint32, jnp.bool_))
         return self._admit.lower(self._params_spec, self._state_spec, prompt, prompt, self._host_spec((), jnp.int32),
-                                 settings).compile()
+                                 self._settings_spec()).compile()
+
+    def _prefill_spec(self, width: int) -> Any:
+        """What `_admit` hands the prompt cache for a prompt of this width, laid out as it does."""
+        prompt = jax.ShapeDtypeStruct((1, width), jnp.int32)
+        shapes = jax.eval_shape(partial(_prefill_row, config=self.config), self._params_spec, prompt, prompt)
+        if self.mesh is None:
+            return shapes
+        return jax.tree.map(lambda shape, where: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=where),
+                            shapes, self._prefill_layout(width))
+
+    def _prefill_layout(self, width: int = MIN_PROMPT_BUCKET) -> Any:
+        """A kept prefill's layout on the mesh: kv heads over "tensor" as in the slots, the rest on
+        every device (one prompt has no batch to split)."""
+        prompt = jax.ShapeDtypeStruct((1, width), jnp.int32)
+        shapes = jax.eval_shape(partial(_prefill_row, config=self.config), self._params_spec, prompt, prompt)
+
+        def sharding(path, leaf):
+            names = [getattr(p, "key", None) for p in path]
+            axes = []
+            if ("k" in names or "v" in names) and leaf.ndim >= 4:  # [(layers,) 1, kv_heads, width, head_dim]
+                axes = [None] * (leaf.ndim - 3) + ["tensor"]
+            return NamedSharding(self.mesh, fit_spec(PartitionSpec(*axes), leaf.shape, self.mesh))
+
+        return jax.tree_util.tree_map_with_path(sharding, shapes)
+
+    def _compile_restore(self, width: int):
+        cache, logits = self._prefill_spec(width)
+        return self._restore.lower(self._state_spec, cache, logits, self._host_spec((), jnp.int32),
+                                   self._host_spec((), jnp.int32), self._settings_spec()).compile()
 
     def _empty_state(self) -> dict:
         s = self.slots
@@ -441,14 +504,26 @@ class SlotEngine:
                                 f"the context of {self.max_model_len} tokens")
 
     def admit(self, slot: int, request: SlotRequest) -> None:
-        """Prefills `request`'s prompt into `slot` (free: its previous occupant is overwritten)."""
-        ids = np.asarray(request.prompt_ids, np.int32)[None]
-        prompt_ids, prompt_valid = left_align(ids, np.ones_like(ids), self.pad_id)
+        """Prefills `request`'s prompt into `slot` (free: its previous occupant is overwritten), or
+        writes its kept prefill there when the same prompt was prefilled before."""
+        prompt = tuple(int(t) for t in request.prompt_ids)
+        width = self.prompt_width(len(prompt))
         settings = (np.float32(request.temperature), np.float32(request.top_p),
                     np.uint32(request.seed % 2**32), np.bool_(request.top_logprobs > 0))
-        program = self.admits.get(prompt_ids.shape[1])
-        self.state = program(self.params, self.state, *self._from_host((prompt_ids, prompt_valid, np.int32(slot), settings)))
-        self.write_index[slot] = prompt_ids.shape[1]
+        kept = self.prompt_cache.get(prompt)
+        if kept is not None:
+            program = self.restores.get(width)
+            self.state = program(self.state, kept.cache, kept.logits,
+                                 *self._from_host((np.int32(len(prompt)), np.int32(slot), settings)))
+        else:
+            ids = np.asarray(prompt, np.int32)[None]
+            prompt_ids, prompt_valid = left_align(ids, np.ones_like(ids), self.pad_id)
+            program = self.admits.get(width)
+            self.state, (cache, logits) = program(
+                self.params, self.state, *self._from_host((prompt_ids, prompt_valid, np.int32(slot), settings)))
+            nbytes = sum(leaf.nbytes for leaf in jax.tree.leaves((cache, logits)))
+            self.prompt_cache.put(prompt, Prefilled(cache, logits, nbytes))
+        self.write_index[slot] = width
 
     def view_columns(self, busy: np.ndarray) -> int:
         """The cache columns a step attends over: the power of two (at least MIN_VIEW) that holds

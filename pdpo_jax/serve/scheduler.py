@@ -211,4 +211,4 @@ def describe(scheduler: Scheduler) -> dict[str, Any]:
             "max_model_len": engine.max_model_len, "steps": scheduler.steps,
             "compiled": {"prompt_widths": sorted(engine.widths_compiled), "step_views": sorted(engine.views_compiled),
                          "step_shapes": [list(shape) for shape in sorted(engine.step_shapes_compiled)]},
-            "compiling": engine.pending_compiles()}
+            "compiling": engine.pending_compiles(), "prompt_cache": engine.prompt_cache.describe()}

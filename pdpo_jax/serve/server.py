@@ -22,7 +22,7 @@ from pdpo_jax.errors import PdpoError
 from pdpo_jax.listening import base_url, listening_socket
 from pdpo_jax.model import Model, eos_ids, require_tokenizer
 from pdpo_jax.serve.app import Service, chat_renderer, create_app
-from pdpo_jax.serve.engine import SlotEngine
+from pdpo_jax.serve.engine import DEFAULT_PROMPT_CACHE_MIB, SlotEngine
 from pdpo_jax.serve.lockstep import LeaderEngine, follow
 from pdpo_jax.serve.scheduler import Scheduler
 
@@ -50,6 +50,7 @@ class ServeOptions:
     chat_template: str | None = None  # Jinja text; None: the tokenizer's own
     drain_seconds: float = 10.0
     warm_up: bool = False  # compile every step shape and prompt width in the background from the start
+    prompt_cache_mib: int = DEFAULT_PROMPT_CACHE_MIB  # prefilled prompts kept for reuse; 0: none
 
 
 def served_name_for(model: Model) -> str:
@@ -64,7 +65,10 @@ def build_engine(model: Model, options: ServeOptions = ServeOptions(), mesh: Any
         raise ServeError(f"--max-model-len must be in [1, {positions}] (the model's positions), got {max_model_len}")
     if options.slots < 1:
         raise ServeError(f"--slots must be >= 1, got {options.slots}")
-    engine = SlotEngine(model, slots=options.slots, max_model_len=max_model_len, mesh=mesh)
+    if options.prompt_cache_mib < 0:
+        raise ServeError(f"--prompt-cache-mib must be >= 0, got {options.prompt_cache_mib}")
+    engine = SlotEngine(model, slots=options.slots, max_model_len=max_model_len, mesh=mesh,
+                        prompt_cache_bytes=options.prompt_cache_mib << 20)
     if options.warm_up:
         engine.warm_up()
     return engine

@@ -22,6 +22,7 @@ from pdpo_jax.model import load_model
 from pdpo_jax.parallel import initialize_distributed, is_primary, make_mesh
 from pdpo_jax.serve.server import (
     DEFAULT_HOST,
+    DEFAULT_PROMPT_CACHE_MIB,
     DEFAULT_MAX_MODEL_LEN,
     DEFAULT_PORT,
     DEFAULT_SLOTS,
@@ -67,6 +68,10 @@ def build_parser() -> StageParser:
                              "model's positions if fewer)")
     parser.add_argument("--max-waiting", type=int, default=None, metavar="N",
                         help=f"requests queued for a slot before new ones get 429 (default: {WAITING_PER_SLOT} x slots)")
+    parser.add_argument("--prompt-cache-mib", type=int, default=DEFAULT_PROMPT_CACHE_MIB, metavar="MIB",
+                        help="prefilled prompts kept so that the same prompt again skips its prefill (n > 1 "
+                             "choices, retries), least recently used dropped first; 0 keeps none "
+                             "(default: %(default)s)")
     parser.add_argument("--served-model-name", default=None, metavar="NAME",
                         help="the model name clients send (default: the model directory's name)")
     parser.add_argument("--chat-template", type=Path, default=None, metavar="FILE.jinja",
@@ -86,8 +91,8 @@ def build_parser() -> StageParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.slots < 1 or (args.max_waiting is not None and args.max_waiting < 0):
-        raise UsageError("--slots must be >= 1 and --max-waiting >= 0")
+    if args.slots < 1 or (args.max_waiting is not None and args.max_waiting < 0) or args.prompt_cache_mib < 0:
+        raise UsageError("--slots must be >= 1, --max-waiting and --prompt-cache-mib >= 0")
     if not 0 <= args.port < 2**16:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     chat_template = None
@@ -104,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model, compute_dtype=args.dtype, mesh=mesh)
     options = ServeOptions(slots=args.slots, max_model_len=args.max_model_len, max_waiting=args.max_waiting,
                            api_key=api_key, served_name=args.served_model_name, chat_template=chat_template,
-                           drain_seconds=args.drain_seconds, warm_up=args.warm_up)
+                           drain_seconds=args.drain_seconds, warm_up=args.warm_up,
+                           prompt_cache_mib=args.prompt_cache_mib)
     if not is_primary():  # a multi-host mesh: process 0 serves, this one runs its steps
         follow_leader(model, options, mesh)
         return 0
