@@ -10,9 +10,15 @@ generated tokens through the same parameter count for both servers: how close ea
 the machine's cores can multiply), p50/p95 request latency, p50 time to first token; the last line
 is `serve_speedup=W`, ours over transformers' throughput at the largest client count.
 
+Each client sends the config's few prompts again and again, so a server that keeps what it
+prefilled (ours keeps whole prompts, `--prompt-cache-mib`; transformers shares a prompt's full
+KV blocks) prefills each prompt once. `--distinct` puts a number of its own at the start of every
+request's prompt: nothing is reused, the workload of prompts seen once (a judge's, a study's).
+
     python scripts/bench_serve.py                               # 1, 4, 16 clients
     python scripts/bench_serve.py --clients 1 2 --requests 4    # a smoke run
     python scripts/bench_serve.py --only pdpo                   # ours alone (no comparison line)
+    python scripts/bench_serve.py --distinct                    # every request's prompt unique
     python scripts/bench_serve.py --steps                       # the engine's decode step alone
     python scripts/bench_serve.py --profile                     # CPU s per token in-process, split up
 
@@ -23,6 +29,7 @@ in one line. Measure on a quiet machine: other work on the cores changes every f
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import signal
 import statistics
@@ -185,15 +192,28 @@ def one_request(client, model: str, messages, max_tokens: int) -> tuple[float, f
     return latency, latency if first is None else first, tokens
 
 
-def load(client, model: str, prompts, clients: int, requests: int, max_tokens: int) -> dict[str, float]:
-    """`clients` threads, each sending `requests` prompts in turn (client c starts at prompt c)."""
+REQUEST_NUMBERS = itertools.count()  # --distinct: no two requests of a run send the same prompt
+
+
+def tagged(messages, number: int):
+    """`messages` with the request's number at the very start of the first message, so that no
+    prefix of one request's prompt is another's (no server can reuse any of its prefill)."""
+    first = {**messages[0], "content": f"[request {number:06d}] {messages[0]['content']}"}
+    return [first, *messages[1:]]
+
+
+def load(client, model: str, prompts, clients: int, requests: int, max_tokens: int,
+         distinct: bool = False) -> dict[str, float]:
+    """`clients` threads, each sending `requests` prompts in turn (client c starts at prompt c);
+    with `distinct`, each one tagged with a number of its own."""
     results: list[tuple[float, float, int, int]] = []  # latency, TTFT, output tokens, which prompt
     lock = threading.Lock()
 
     def run_client(c: int) -> None:
         for r in range(requests):
             which = (c + r * clients) % len(prompts)
-            outcome = one_request(client, model, prompts[which], max_tokens)
+            messages = tagged(prompts[which], next(REQUEST_NUMBERS)) if distinct else prompts[which]
+            outcome = one_request(client, model, messages, max_tokens)
             with lock:
                 results.append((*outcome, which))
 
@@ -217,12 +237,13 @@ def measure(name: str, server: Server, prompts, args, flop_rate) -> dict[int, di
     try:
         model = server.wait_ready(client)
         server.wait_compiled()
-        load(client, model, prompts, 1, len(prompts), args.max_tokens)  # warm-up: every prompt's shapes compiled
+        load(client, model, prompts, 1, len(prompts), args.max_tokens, args.distinct)  # warm-up: every prompt's shapes
         figures = {}
         for clients in args.clients:
-            load(client, model, prompts, clients, 1, args.max_tokens)  # this concurrency's shapes
+            load(client, model, prompts, clients, 1, args.max_tokens, args.distinct)  # this concurrency's shapes
             before = server.health()
-            figures[clients] = row = load(client, model, prompts, clients, args.requests, args.max_tokens)
+            figures[clients] = row = load(client, model, prompts, clients, args.requests, args.max_tokens,
+                                          args.distinct)
             row["model_gflop_s"] = flop_rate(row)
             print(f"{name:>12} clients={clients:<3} tokens/s={row['tokens_per_s']:8.1f} "
                   f"model GFLOP/s={row['model_gflop_s']:5.1f} "
@@ -360,6 +381,9 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--slots", type=int, default=None, help="pdpo serve --slots (default: the most clients)")
     parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--distinct", action="store_true",
+                        help="make every request's prompt unique (a number at its start), so that neither server "
+                             "reuses any prefill: the workload of prompts never seen twice (a judge's, a study's)")
     parser.add_argument("--prompt-cache-mib", type=int, default=None, metavar="MIB",
                         help="pdpo serve --prompt-cache-mib (default: the server's; 0 prefills every request, "
                              "as a workload of prompts never seen twice would)")
@@ -382,14 +406,15 @@ def main() -> int:
         profile(model_dir, prompts, args.slots or max(args.clients), args.max_model_len, args.clients, args.requests,
                 args.max_tokens)
         return 0
-    print(f"model {model_dir}; {len(prompts)} test-turn prompts from {args.config}; max_tokens={args.max_tokens}; "
+    print(f"model {model_dir}; {len(prompts)} test-turn prompts from {args.config}"
+          f"{', each request numbered (--distinct)' if args.distinct else ''}; max_tokens={args.max_tokens}; "
           f"clients {args.clients} x {args.requests} requests; {huge_pages_setting()} for both servers", flush=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "BENCH_KEY": KEY}
     from pdpo_jax.model.checkpoint import read_config
 
     config = read_config(Path(model_dir))
     per_prompt_token, per_output_token = model_flops(config)
-    lengths = prompt_lengths(model_dir, prompts)
+    lengths = prompt_lengths(model_dir, [tagged(p, 0) for p in prompts] if args.distinct else prompts)
     print(f"prompt tokens {lengths}; model matmul GFLOP per prompt token {per_prompt_token / 1e9:.3f}, "
           f"per generated token {per_output_token / 1e9:.3f}", flush=True)
 

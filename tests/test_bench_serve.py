@@ -25,3 +25,14 @@ def test_model_flops_count_the_blocks_per_prompt_token_and_add_the_unembedding_p
     blocks = layers * (attention + 3 * h * inner + 2 * h) + h  # two norms a block, the final norm
     assert not c.get("tie_word_embeddings")  # its own lm_head: not a block parameter
     assert bench.model_flops(read_config(model_dir)) == (2 * blocks, 2 * (blocks + vocab * h))
+
+
+def test_distinct_requests_differ_from_their_first_token_and_keep_the_rest():
+    spec = importlib.util.spec_from_file_location("bench_serve", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    messages = [{"role": "system", "content": "persona"}, {"role": "user", "content": "hi"}]
+    first, second = bench.tagged(messages, 1), bench.tagged(messages, 2)
+    assert first[0]["content"] == "[request 000001] persona" and second[0]["content"].startswith("[request 000002]")
+    assert first[1:] == second[1:] == messages[1:]
+    assert messages[0]["content"] == "persona"  # the config's prompts are left as they were
