@@ -118,9 +118,11 @@ def test_n_choices_and_stop_strings(served):
     messages = chat("owls")
     expected = reference_text(model, service.render_chat(messages), 24)
     cut = expected.split(" ")[3]
+    hits = health(server)["prompt_cache"]["hits"]
     answer = client.chat.completions.create(model=service.served_name, messages=messages, max_tokens=24, temperature=0,
                                             n=2, stop=[cut])
     assert [c.message.content for c in answer.choices] == [expected[: expected.index(cut)]] * 2
+    assert health(server)["prompt_cache"]["hits"] >= hits + 1  # the second choice's prompt was not prefilled again
     assert [c.finish_reason for c in answer.choices] == ["stop", "stop"]
 
 
