@@ -21,6 +21,7 @@ request's prompt: nothing is reused, the workload of prompts seen once (a judge'
     python scripts/bench_serve.py --distinct                    # every request's prompt unique
     python scripts/bench_serve.py --steps                       # the engine's decode step alone
     python scripts/bench_serve.py --profile                     # CPU s per token in-process, split up
+    python scripts/bench_serve.py --prefill-together --clients 2 4 8   # batched prefill: gain, exactness
 
 `transformers serve` needs FastAPI (`pip install fastapi`); without it the comparison is refused
 in one line. Measure on a quiet machine: other work on the cores changes every figure.
@@ -345,6 +346,57 @@ def profile(model_dir, prompts, slots: int, max_model_len: int, client_counts: l
         scheduler.stop()
 
 
+def prefill_together(model_dir, counts: list[int], width: int = 128, repeats: int = 5) -> None:
+    """What prefilling k waiting prompts in one call would give: k random prompts of 100 to `width`
+    tokens, left-aligned to `width`, prefilled one at a time and as one batch; whether each prompt's
+    logits and cache are bit for bit the same both ways (the engine's greedy output rests on that),
+    and the median times."""
+    from functools import partial
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pdpo_jax.generation.decode import compute_params, prefill
+    from pdpo_jax.model import init_cache, load_model
+
+    model = load_model(model_dir)
+    config = model.config
+    params = jax.jit(partial(compute_params, config=config))(model.params)
+
+    @jax.jit
+    def run(params, ids, valid):
+        cache = init_cache(config, ids.shape[0], ids.shape[1], dtype=jnp.dtype(config.dtype))
+        logits, cache = prefill(params, ids, valid, cache, config=config)
+        return logits, cache["k"], cache["v"]
+
+    def median_s(call) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    rng = np.random.default_rng(0)
+    for k in counts:
+        ids, valid = np.zeros((k, width), np.int32), np.zeros((k, width), np.int32)
+        for row in range(k):
+            n = int(rng.integers(100, width + 1))
+            ids[row, width - n:] = rng.integers(10, config.vocab_size, n)
+            valid[row, width - n:] = 1
+        together = jax.device_get(run(params, ids, valid))
+        same = all(np.asarray(one)[0].tobytes() == np.asarray(many)[row].tobytes()
+                   for row in range(k)
+                   for one, many in zip(jax.tree.leaves(jax.device_get(run(params, ids[row:row + 1], valid[row:row + 1]))),
+                                        jax.tree.leaves(together), strict=True))
+        alone_s = median_s(lambda: [run(params, ids[row:row + 1], valid[row:row + 1]) for row in range(k)])
+        together_s = median_s(lambda: run(params, ids, valid))
+        print(f"prefill {k} prompts of width {width}: one at a time {1000 * alone_s:6.0f} ms, together "
+              f"{1000 * together_s:6.0f} ms ({alone_s / together_s:.2f}x); each prompt's logits and cache "
+              f"bit-identical both ways: {same}", flush=True)
+
+
 def step_times(model_dir, slots: int, max_model_len: int, busy_counts: list[int], prompt_tokens: int = 200,
                repeats: int = 8) -> None:
     """The slot engine's decode step alone, no HTTP: the median time of one step with 1, 4, ...
@@ -381,6 +433,9 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--slots", type=int, default=None, help="pdpo serve --slots (default: the most clients)")
     parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--prefill-together", action="store_true",
+                        help="time prefilling --clients prompts one at a time and as one batch, and check whether "
+                             "each prompt's prefill is bit-identical both ways (no HTTP)")
     parser.add_argument("--distinct", action="store_true",
                         help="make every request's prompt unique (a number at its start), so that neither server "
                              "reuses any prefill: the workload of prompts never seen twice (a judge's, a study's)")
@@ -398,6 +453,9 @@ def main() -> int:
     from pdpo_jax.model.loader import resolve_model_dir
 
     model_dir = resolve_model_dir(args.model)
+    if args.prefill_together:
+        prefill_together(model_dir, args.clients)
+        return 0
     if args.steps:
         step_times(model_dir, args.slots or max(args.clients), args.max_model_len, args.clients)
         return 0
