@@ -346,9 +346,9 @@ def profile(model_dir, prompts, slots: int, max_model_len: int, client_counts: l
         scheduler.stop()
 
 
-def prefill_together(model_dir, counts: list[int], width: int = 128, repeats: int = 5) -> None:
-    """What prefilling k waiting prompts in one call would give: k random prompts of 100 to `width`
-    tokens, left-aligned to `width`, prefilled one at a time and as one batch; whether each prompt's
+def prefill_together(model_dir, counts: list[int], width: int = 128, shortest: int = 100, repeats: int = 5) -> None:
+    """What prefilling k waiting prompts in one call would give: k random prompts of `shortest` to
+    `width` tokens, left-aligned to `width`, prefilled one at a time and as one batch; whether each prompt's
     logits and cache are bit for bit the same both ways (the engine's greedy output rests on that),
     and the median times."""
     from functools import partial
@@ -382,7 +382,7 @@ def prefill_together(model_dir, counts: list[int], width: int = 128, repeats: in
     for k in counts:
         ids, valid = np.zeros((k, width), np.int32), np.zeros((k, width), np.int32)
         for row in range(k):
-            n = int(rng.integers(100, width + 1))
+            n = int(rng.integers(shortest, width + 1))
             ids[row, width - n:] = rng.integers(10, config.vocab_size, n)
             valid[row, width - n:] = 1
         together = jax.device_get(run(params, ids, valid))

@@ -36,3 +36,14 @@ def test_distinct_requests_differ_from_their_first_token_and_keep_the_rest():
     assert first[0]["content"] == "[request 000001] persona" and second[0]["content"].startswith("[request 000002]")
     assert first[1:] == second[1:] == messages[1:]
     assert messages[0]["content"] == "persona"  # the config's prompts are left as they were
+
+
+def test_prefill_together_reports_both_times_and_the_exactness_check(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_serve", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model_dir = make_tiny_hf_model(tmp_path, "llama")
+    bench.prefill_together(model_dir, [2], width=16, shortest=12, repeats=1)
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("prefill 2 prompts of width 16: one at a time")
+    assert line.endswith(("bit-identical both ways: True", "bit-identical both ways: False"))
