@@ -208,8 +208,18 @@ def test_models_and_health(served):
     state = health(server)
     assert state["slots"] == SLOTS and state["max_model_len"] == MAX_MODEL_LEN
     assert state["compiled"]["step_views"]  # the shapes compiled so far (one request's at least) are reported
-    assert 0 <= state["compiling"] <= len(service.engine.step_shapes()) + len(service.engine.prompt_widths()) + \
-        len(service.engine.step_row_counts())  # and the compiles queued in the background
+    engine = service.engine  # and the compiles queued in the background: steps, prefills and restores, commits
+    assert 0 <= state["compiling"] <= len(engine.step_shapes()) + 2 * len(engine.prompt_widths()) + \
+        len(engine.step_row_counts())
+    assert set(state["prompt_cache"]) == {"entries", "bytes", "budget_bytes", "hits", "misses"}
+
+
+def test_cli_refuses_a_negative_prompt_cache_before_loading_anything():
+    from pdpo_jax.errors import UsageError
+    from pdpo_jax.stages import serve
+
+    with pytest.raises(UsageError, match="--prompt-cache-mib >= 0"):
+        serve.main(["--prompt-cache-mib", "-1", "--model", "/nonexistent"])
 
 
 def test_cli_refuses_a_missing_model_in_one_line(subprocess_env, tmp_path):
