@@ -427,10 +427,14 @@ class SlotEngine:
         return self._admit.lower(self._params_spec, self._state_spec, prompt, prompt, self._host_spec((), jnp.int32),
                                  self._settings_spec()).compile()
 
-    def _prefill_spec(self, width: int) -> Any:
-        """What `_admit` hands the prompt cache for a prompt of this width, laid out as it does."""
+    def _prefill_shapes(self, width: int) -> Any:
+        """What `_admit` hands the prompt cache for a prompt of this width: its cache and logits."""
         prompt = jax.ShapeDtypeStruct((1, width), jnp.int32)
-        shapes = jax.eval_shape(partial(_prefill_row, config=self.config), self._params_spec, prompt, prompt)
+        return jax.eval_shape(partial(_prefill_row, config=self.config), self._params_spec, prompt, prompt)
+
+    def _prefill_spec(self, width: int) -> Any:
+        """`_prefill_shapes`, laid out on the mesh as `_admit` lays them out."""
+        shapes = self._prefill_shapes(width)
         if self.mesh is None:
             return shapes
         return jax.tree.map(lambda shape, where: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=where),
@@ -438,9 +442,8 @@ class SlotEngine:
 
     def _prefill_layout(self, width: int = MIN_PROMPT_BUCKET) -> Any:
         """A kept prefill's layout on the mesh: kv heads over "tensor" as in the slots, the rest on
-        every device (one prompt has no batch to split)."""
-        prompt = jax.ShapeDtypeStruct((1, width), jnp.int32)
-        shapes = jax.eval_shape(partial(_prefill_row, config=self.config), self._params_spec, prompt, prompt)
+        every device (one prompt has no batch to split). The same for every width."""
+        shapes = self._prefill_shapes(width)
 
         def sharding(path, leaf):
             names = [getattr(p, "key", None) for p in path]
