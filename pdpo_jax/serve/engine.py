@@ -131,7 +131,8 @@ def _prefill_row(params, prompt_ids, prompt_valid, *, config):
 
 
 def _place(state, prefilled, logits, length, slot, settings):
-    """`state` with slot `slot` holding a prefilled prompt of `length` tokens and its settings."""
+    """`state` with slot `slot` holding a prefilled prompt of `length` tokens and its settings: what
+    `_admit` does after its prefill, and on its own restores a kept prefill."""
     row = pad_sequence_axis(prefilled, state["cache"]["segment_ids"].shape[-1])
     temperature, top_p, seed, want_top = settings
     return {
@@ -152,11 +153,6 @@ def _admit(params, state, prompt_ids, prompt_valid, slot, settings, *, config):
     cache, logits = _prefill_row(params, prompt_ids, prompt_valid, config=config)
     length = jnp.sum(prompt_valid).astype(jnp.int32)
     return _place(state, cache, logits, length, slot, settings), (cache, logits)
-
-
-def _restore(state, prefilled, logits, length, slot, settings):
-    """Writes a prompt's kept prefill into slot `slot`'s row, as `_admit` would have."""
-    return _place(state, prefilled, logits, length, slot, settings)
 
 
 def sampled_tokens(logits, temperature, top_p, keys):
@@ -316,7 +312,7 @@ class SlotEngine:
         entry_layout = None if mesh is None else self._prefill_layout()
         self._admit = jax.jit(partial(_admit, config=config), donate_argnums=(1,),
                               out_shardings=None if mesh is None else (state_layout, entry_layout))
-        self._restore = jax.jit(_restore, donate_argnums=(0,), out_shardings=state_layout)
+        self._restore = jax.jit(_place, donate_argnums=(0,), out_shardings=state_layout)
         self._decode_rows = jax.jit(partial(_decode_rows, config=config, mesh=mesh), static_argnames=("columns",))
         self._commit = jax.jit(_commit, donate_argnums=(0,), out_shardings=state_layout)
         self.admits = ProgramTable("prefill", self._compile_admit)  # by prompt width
