@@ -118,6 +118,21 @@ def pad_sequence_axis(cache: dict, length: int) -> dict:
     return {**padded, "index": cache["index"]}
 
 
+def cache_layout(tree: Any, mesh: Mesh, leading: tuple = ()) -> Any:
+    """Shardings for a tree of cache arrays (or their shapes) on `mesh`: the first axes as `leading`
+    says, a key or value leaf's kv heads (`[..., kv_heads, length, head_dim]`) over "tensor", the
+    rest on every device; an axis that does not divide is replicated."""
+
+    def sharding(path, leaf):
+        names = [getattr(p, "key", None) for p in path]
+        axes = list(leading)
+        if ("k" in names or "v" in names) and leaf.ndim >= len(leading) + 4:  # (layers,) 1, kv_heads, length, head_dim
+            axes += [None] * (leaf.ndim - 3 - len(leading)) + ["tensor"]
+        return NamedSharding(mesh, fit_spec(PartitionSpec(*axes), leaf.shape, mesh))
+
+    return jax.tree_util.tree_map_with_path(sharding, tree)
+
+
 def _put_row(stack: Any, row: Any, slot: jax.Array) -> Any:
     return jax.tree.map(lambda big, one: jax.lax.dynamic_update_index_in_dim(big, one.astype(big.dtype), slot, 0),
                         stack, row)
@@ -309,9 +324,11 @@ class SlotEngine:
         self._params_spec, self._state_spec = (jax.tree.map(_spec_of, tree) for tree in (self.params, self.state))
         # the state comes back laid out as it went in, as a compiled program takes it next time
         state_layout = None if mesh is None else jax.tree.map(lambda leaf: leaf.sharding, self.state)
-        entry_layout = None if mesh is None else self._prefill_layout()
+        # a kept prefill: kv heads over "tensor" as in the slots, the rest on every device (one
+        # prompt has no batch to split); the same for every prompt width
+        self._prefill_layout = None if mesh is None else cache_layout(self._prefill_shapes(MIN_PROMPT_BUCKET), mesh)
         self._admit = jax.jit(partial(_admit, config=config), donate_argnums=(1,),
-                              out_shardings=None if mesh is None else (state_layout, entry_layout))
+                              out_shardings=None if mesh is None else (state_layout, self._prefill_layout))
         self._restore = jax.jit(_place, donate_argnums=(0,), out_shardings=state_layout)
         self._decode_rows = jax.jit(partial(_decode_rows, config=config, mesh=mesh), static_argnames=("columns",))
         self._commit = jax.jit(_commit, donate_argnums=(0,), out_shardings=state_layout)
@@ -434,21 +451,7 @@ class SlotEngine:
         if self.mesh is None:
             return shapes
         return jax.tree.map(lambda shape, where: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=where),
-                            shapes, self._prefill_layout(width))
-
-    def _prefill_layout(self, width: int = MIN_PROMPT_BUCKET) -> Any:
-        """A kept prefill's layout on the mesh: kv heads over "tensor" as in the slots, the rest on
-        every device (one prompt has no batch to split). The same for every width."""
-        shapes = self._prefill_shapes(width)
-
-        def sharding(path, leaf):
-            names = [getattr(p, "key", None) for p in path]
-            axes = []
-            if ("k" in names or "v" in names) and leaf.ndim >= 4:  # [(layers,) 1, kv_heads, width, head_dim]
-                axes = [None] * (leaf.ndim - 3) + ["tensor"]
-            return NamedSharding(self.mesh, fit_spec(PartitionSpec(*axes), leaf.shape, self.mesh))
-
-        return jax.tree_util.tree_map_with_path(sharding, shapes)
+                            shapes, self._prefill_layout)
 
     def _compile_restore(self, width: int):
         cache, logits = self._prefill_spec(width)
@@ -473,18 +476,11 @@ class SlotEngine:
         if self.mesh is None:
             return state
 
-        def sharding(path, leaf):
-            names = [getattr(p, "key", None) for p in path]
-            axes = [BATCH_AXES]
-            if ("k" in names or "v" in names) and leaf.ndim >= 5:  # [slots, (layers,) 1, kv_heads, length, head_dim]
-                axes += [None] * (leaf.ndim - 4) + ["tensor"]
-            return NamedSharding(self.mesh, fit_spec(PartitionSpec(*axes), leaf.shape, self.mesh))
-
         def place(leaf, where):  # from the host, so a mesh spanning several hosts works alike
             host = np.asarray(leaf)
             return jax.make_array_from_callback(host.shape, where, lambda index: host[index])
 
-        return jax.tree.map(place, state, jax.tree_util.tree_map_with_path(sharding, state))
+        return jax.tree.map(place, state, cache_layout(state, self.mesh, leading=(BATCH_AXES,)))
 
     def keepalive(self) -> None:
         """Nothing on one host (`pdpo_jax.serve.lockstep.LeaderEngine` tells the other hosts it is alive)."""
