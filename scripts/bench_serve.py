@@ -62,6 +62,17 @@ def test_turn_prompts(config_path: str) -> list[list[dict[str, str]]]:
     return [chat_messages(template, turn.persona, turn.history) for turn in turns]
 
 
+def run_seconds(call, repeats: int) -> list[float]:
+    """Wall seconds of each of `repeats` calls of `call`, which returns once its work is done (the
+    caller runs it once before, so that no compile is timed)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def free_port() -> int:
     import socket
 
@@ -156,12 +167,7 @@ def matmul_ceiling(config, rows: int = 256, repeats: int = 20) -> dict[str, floa
 
     def best(run) -> float:
         run()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-        return flops / min(times) / 1e9
+        return flops / min(run_seconds(run, repeats)) / 1e9
 
     product = jax.jit(jnp.matmul)
     xj, wj = jnp.asarray(x), jnp.asarray(w)
@@ -371,12 +377,7 @@ def prefill_together(model_dir, counts: list[int], width: int = 128, shortest: i
         return logits, cache["k"], cache["v"]
 
     def median_s(call) -> float:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(call())
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return statistics.median(run_seconds(lambda: jax.block_until_ready(call()), repeats))
 
     rng = np.random.default_rng(0)
     for k in counts:
@@ -414,11 +415,7 @@ def step_times(model_dir, slots: int, max_model_len: int, busy_counts: list[int]
         for slot in range(count):
             engine.admit(slot, SlotRequest(prompt))
         engine.step(busy)  # compiles this shape
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            engine.step(busy)
-            times.append(time.perf_counter() - start)
+        times = run_seconds(lambda: engine.step(busy), repeats)
         print(f"step busy={count:<3} of {slots} slots: median {1000 * statistics.median(times):7.1f} ms, "
               f"fastest {1000 * min(times):7.1f} ms", flush=True)
 
