@@ -29,8 +29,9 @@ CONFIG_STAGES = {  # stage -> the other arguments it needs to get as far as read
     "export-hf": [],
     "pipeline": [],
     "plan": ["--topology", "v4-8"],
+    "serve": [],
 }
-FLAG_ONLY_STAGES = ("default-model", "data", "generate", "results", "annotate", "eval-nli", "serve")
+FLAG_ONLY_STAGES = ("default-model", "data", "generate", "results", "annotate", "eval-nli")
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:

@@ -20,6 +20,7 @@ import httpx2 as httpx
 import numpy as np
 import openai
 import pytest
+import yaml
 
 from pdpo_jax.generation import generate
 from pdpo_jax.model import eos_ids, load_model
@@ -220,6 +221,42 @@ def test_cli_refuses_a_negative_prompt_cache_before_loading_anything():
 
     with pytest.raises(UsageError, match="--prompt-cache-mib >= 0"):
         serve.main(["--prompt-cache-mib", "-1", "--model", "/nonexistent"])
+
+
+def write_run_config(tmp_path, model_path: str) -> str:
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"),
+                                      "model": {"path": model_path, "dtype": "bfloat16", "scan_layers": True},
+                                      "mesh": {"data": 2, "fsdp": 1, "tensor": 2}}))
+    return str(config)
+
+
+def test_a_run_config_gives_the_model_and_the_mesh_and_flags_win_over_it(tmp_path):
+    from pdpo_jax.stages import serve
+
+    config = write_run_config(tmp_path, "runs/x/dpo/best")
+    settings = serve.model_settings(serve.build_parser().parse_args(["--config", config, "mesh.data=4"]))
+    assert settings == ("runs/x/dpo/best", {"compute_dtype": "bfloat16", "scan_layers": True, "allow_pickle": False},
+                        {"data": 4, "fsdp": 1, "tensor": 2})
+    flags = ["--config", config, "--model", "default", "--dtype", "float32", "--mesh", "none"]
+    assert serve.model_settings(serve.build_parser().parse_args(flags)) == (
+        "default", {"compute_dtype": "float32", "scan_layers": True, "allow_pickle": False}, None)
+    assert serve.model_settings(serve.build_parser().parse_args([])) == ("default", {"compute_dtype": "float32"}, None)
+
+
+def test_serve_with_a_run_config_loads_its_model_over_its_mesh(default_model_path, tmp_path, monkeypatch):
+    """`pdpo serve --config FILE KEY=VALUE`: the service it would serve holds the config's model,
+    laid out as its layers are scanned, over the config's mesh with the override applied."""
+    from pdpo_jax.stages import serve
+
+    served = {}
+    monkeypatch.setattr(serve, "serve_forever", lambda service, host, port, **_: served.update(service=service))
+    config = write_run_config(tmp_path, str(default_model_path))
+    assert serve.main(["--config", config, "mesh.data=4", "--dtype", "float32", "--slots", "4"]) == 0
+    engine = served["service"].engine
+    assert dict(engine.mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+    assert engine.model.path == default_model_path and engine.slots == 4
+    assert engine.model.config.scan_layers and engine.model.config.dtype == "float32"
 
 
 def test_cli_refuses_a_missing_model_in_one_line(subprocess_env, tmp_path):

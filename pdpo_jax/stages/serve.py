@@ -3,6 +3,7 @@
     pdpo serve --model default
     pdpo serve --model runs/demo/dpo/best --slots 16 --max-model-len 1024 --port 8001
     pdpo serve --model Qwen/Qwen2-72B-Instruct --mesh fsdp=8 --api-key-env JUDGE_KEY --host 0.0.0.0
+    pdpo serve --config configs/paper/llama-2-7b.yaml model.path=runs/llama/dpo/best --slots 32
 
 Any OpenAI client talks to it (`base_url="http://127.0.0.1:8000/v1"`, model = the served name
 that /v1/models lists). The pieces live in `pdpo_jax.serve`; docs/serve.md has the details.
@@ -14,6 +15,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -33,7 +35,7 @@ from pdpo_jax.serve.server import (
     follow_leader,
     serve_forever,
 )
-from pdpo_jax.stage_runner import StageParser, parse_mesh, stage_parser
+from pdpo_jax.stage_runner import StageParser, config_from_args, parse_mesh, stage_parser
 
 PROG = "pdpo serve"
 EPILOG = """\
@@ -46,6 +48,10 @@ shapes: a step runs the busy slots (rounded up to a power of two, at most --slot
   compiled larger one. A prompt is prefilled at its bucketed width (16, 32, ..., 128, then 4 per
   octave), one compile per width. --warm-up compiles them all from the start.
 
+a run config (--config FILE ... KEY=VALUE) gives the model (model.path, model.dtype,
+  model.scan_layers, model.allow_pickle) and the mesh (mesh.data/fsdp/tensor); --model, --dtype and
+  --mesh win over it. Without one: the bundled model, float32, one device.
+
 Ctrl-C stops taking requests (503), lets those in flight finish for --drain-seconds, cancels the rest.
 
 several hosts: start the same command on every host of the slice (as tpu/launch.sh does); process 0
@@ -54,10 +60,11 @@ several hosts: start the same command on every host of the slice (as tpu/launch.
 
 def build_parser() -> StageParser:
     parser = stage_parser(PROG, "Serve a model over OpenAI's chat and completions API, batching requests "
-                          "continuously over a fixed number of KV-cache slots.", config="none", epilog=EPILOG,
+                          "continuously over a fixed number of KV-cache slots.", config="optional", epilog=EPILOG,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="default", help="model directory (Hugging Face or a stage's best/), a Hub "
-                        "id, or `default` for the bundled SmolLM2-135M-Instruct (default: %(default)s)")
+    parser.add_argument("--model", default=None, help="model directory (Hugging Face or a stage's best/), a Hub "
+                        "id, or `default` for the bundled SmolLM2-135M-Instruct (default: --config's model.path, "
+                        "else default)")
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s, this "
                         "machine only; anything else is reachable from the network, unencrypted)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s; 0 = any free port)")
@@ -78,15 +85,33 @@ def build_parser() -> StageParser:
                         help="a Jinja chat template to use instead of the tokenizer's")
     parser.add_argument("--api-key-env", default=None, metavar="VAR",
                         help="require `Authorization: Bearer <key>` with the key in this environment variable")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
-    parser.add_argument("--mesh", default="none", help="data=N,fsdp=N,tensor=N to shard the model and the slots over "
-                        "this host's devices, or none (the default: one device)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="compute dtype (default: --config's model.dtype, else float32)")
+    parser.add_argument("--mesh", default=None, help="data=N,fsdp=N,tensor=N to shard the model and the slots over "
+                        "the devices, or none: one device (default: --config's mesh, else none)")
     parser.add_argument("--warm-up", action="store_true",
                         help="compile every step shape and prompt width from the start, in the background "
                              "(GET /health counts what is left); otherwise each compiles when first needed")
     parser.add_argument("--drain-seconds", type=float, default=10.0,
                         help="on shutdown, how long requests in flight may take to finish (default: %(default)s)")
     return parser
+
+
+def model_settings(args: argparse.Namespace) -> tuple[str, dict[str, Any], dict[str, int] | None]:
+    """(the model to load, `load_model`'s options, the mesh's sizes or None for one device): the
+    flags over the run config's `model` and `mesh` sections."""
+    path, options, mesh = "default", {"compute_dtype": "float32"}, None
+    config = config_from_args(args)
+    if config is not None:
+        path = config.model.path
+        options = {"compute_dtype": config.model.dtype, "scan_layers": config.model.scan_layers,
+                   "allow_pickle": config.model.allow_pickle}
+        mesh = {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor}
+    if args.dtype is not None:
+        options["compute_dtype"] = args.dtype
+    if args.mesh is not None:
+        mesh = parse_mesh(args.mesh)
+    return args.model or path, options, mesh
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,12 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     api_key = api_key_from_env(args.api_key_env)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    mesh_sizes = parse_mesh(args.mesh)
+    model_path, load_options, mesh_sizes = model_settings(args)
     initialize_distributed()
     mesh = make_mesh(**mesh_sizes) if mesh_sizes is not None else None
     if mesh is None and jax.process_count() > 1:
         raise UsageError(f"{jax.process_count()} processes serve one model over one mesh: give --mesh")
-    model = load_model(args.model, compute_dtype=args.dtype, mesh=mesh)
+    model = load_model(model_path, mesh=mesh, **load_options)
     options = ServeOptions(slots=args.slots, max_model_len=args.max_model_len, max_waiting=args.max_waiting,
                            api_key=api_key, served_name=args.served_model_name, chat_template=chat_template,
                            drain_seconds=args.drain_seconds, warm_up=args.warm_up,
