@@ -427,7 +427,7 @@ class JudgeSection:
 
     model: str | None = None  # the judge model's name at the endpoint
     base_url: str | None = None  # an OpenAI-compatible endpoint; None = the OpenAI API
-    serve: str | None = None  # a model directory or "default": the judge stage serves it itself (`pdpo serve`)
+    serve: str | None = None  # a model directory or "default": the judge stage serves it itself, over the run's mesh
     api_key_env: str = "OPENAI_API_KEY"
     language: str = "en"  # judge prompt language: en or ja
     orders: Literal["both", "single"] = "both"

@@ -1,8 +1,8 @@
-"""The judge stage with `judge.serve`: it starts `pdpo serve` on the bundled model as a child
-process, judges a run's test responses through it offline, writes its tables and stops the server.
+"""The judge stage with `judge.serve`: it serves the bundled model in this process over the run's
+mesh, judges a run's test responses through it offline, writes its tables and stops the server.
 
-Cost: one child process that loads the bundled model and compiles a few shapes, then 2 test
-turns judged in both orders with 12-token answers (about two minutes on two busy CPU cores).
+Cost: loading the bundled model and compiling a few shapes, then 2 test turns judged in both
+orders with 12-token answers (about two minutes on two busy CPU cores).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pdpo_jax.config import load_config
 from pdpo_jax.run_layout import RESPONDING_MODELS, RunLayout
-from pdpo_jax.serve.child import KEY_ENV
+from pdpo_jax.serve.in_process import KEY_ENV
 from pdpo_jax.stages import PIPELINE_STEPS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,13 +24,10 @@ TURNS = [
 ANSWERS = {"sft": ["i have a dog.", "i am a teacher."], "dpo": ["yes, two cats!", "i cook in a restaurant."]}
 
 
-def test_the_judge_stage_serves_its_judge_and_writes_its_tables(default_model_path, subprocess_env, tmp_path,
-                                                                 monkeypatch):
-    for name, value in subprocess_env.items():  # the child `pdpo serve` imports this checkout
-        monkeypatch.setenv(name, value)
+def test_the_judge_stage_serves_its_judge_and_writes_its_tables(default_model_path, tmp_path):
     config = load_config(REPO / "configs" / "demo.yaml", [
         f"run_dir={tmp_path / 'run'}", f"judge.serve={default_model_path}", "judge.max_tokens=12",
-        "judge.bootstrap=20", "judge.plots=false", "judge.timeout=600"])
+        "judge.bootstrap=20", "judge.plots=false", "judge.timeout=600", "mesh.tensor=2"])  # served over data=4, tensor=2
     layout = RunLayout.of(config)
     layout.test_responses.mkdir(parents=True)
     for model, label in RESPONDING_MODELS.items():

@@ -12,13 +12,16 @@ import sys
 
 import numpy as np
 import pytest
-from multihost_fixtures import TESTS_DIR, run_workers
+from multihost_fixtures import REPO_ROOT, TESTS_DIR, run_workers
+from prefs_fixtures import tiny_llama_with_words
 
 from model_fixtures import make_tiny_hf_model
 from pdpo_jax.generation import generate
 from pdpo_jax.model import load_model
+from pdpo_jax.run_layout import RunLayout
 
 WORKER = TESTS_DIR / "serve_multihost_worker.py"
+JUDGE_WORKER = TESTS_DIR / "judge_multihost_worker.py"
 NEVER = 10_000  # an end-of-sequence id the tiny vocabulary never produces
 NEW_TOKENS = 8
 
@@ -58,3 +61,28 @@ def test_both_hosts_reuse_the_same_kept_prefills(two_hosts):
     _, _, records = two_hosts
     assert records[0]["prompt_cache"]["hits"] == 1
     assert records[1]["prompt_cache"] == records[0]["prompt_cache"]
+
+
+def test_the_judge_stage_serves_its_judge_over_two_hosts(tmp_path, subprocess_env):
+    """`judge.serve` on a two-host mesh: process 0 serves the judge (a tiny Llama with a chat
+    template) while process 1 runs its steps; both leave the server together and return process
+    0's results, which are written once."""
+    texts = ["hi do you have pets ?", "i have two cats .", "yes two cats !", "i have a dog ."]
+    model_dir = tiny_llama_with_words(tmp_path, texts)
+    run_dir = tmp_path / "run"
+    turns = [{"id": f"d{i}-t1", "persona": ["i have two cats ."], "history": ["hi do you have pets ?"]} for i in (1, 2)]
+    for model, answer in (("dpo", "yes two cats !"), ("sft", "i have a dog .")):
+        path = RunLayout(run_dir).responses(model)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({**turn, "response": answer, "model": model}) + "\n" for turn in turns))
+    overrides = [f"run_dir={run_dir}", f"judge.serve={model_dir}", "judge.model=tiny-judge", "judge.max_tokens=4",
+                 "judge.bootstrap=20", "judge.plots=false", "judge.concurrency=2", "judge.timeout=300",
+                 "mesh.data=2", "mesh.tensor=2"]
+    run_workers([sys.executable, str(JUDGE_WORKER), str(REPO_ROOT / "configs" / "demo.yaml"), str(tmp_path),
+                 *overrides], log_dir=tmp_path, base_env=subprocess_env, devices_per_process=2, stall_s=180,
+                deadline_s=600)
+    records = [json.loads((tmp_path / f"process_{p}.json").read_text()) for p in (0, 1)]
+    assert records[1] == records[0] and records[0]["judge"]["model"] == "tiny-judge"
+    assert records[0]["requests_sent"] >= 2 * len(turns) and records[0]["status"]["failed"] == 0
+    assert (run_dir / "judge" / "DONE").exists()
+    assert len((run_dir / "judge" / "judgments.jsonl").read_text().splitlines()) == len(turns)

@@ -186,6 +186,8 @@ class BackgroundServer:
         self.thread.join(30)
         self.service.scheduler.stop(finish=False)
         self.sock.close()
+        if isinstance(self.service.engine, LeaderEngine):  # the following processes return from `follow`
+            self.service.engine.close()
 
 
 def api_key_from_env(name: str | None) -> str | None:

@@ -22,6 +22,7 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from pdpo_jax.config import ConfigError, JudgeSection, RunConfig, load_config
 from pdpo_jax.errors import RunFailed, UsageError
@@ -32,8 +33,8 @@ from pdpo_jax.evaluate.judge_stats import DEFAULT_GAMES
 from pdpo_jax.object_store import is_object_store
 from pdpo_jax.parallel import is_primary, primary_decides
 from pdpo_jax.run_layout import JUDGED_MODELS, RunLayout
-from pdpo_jax.serve.child import served_model
-from pdpo_jax.stage_runner import StageParser, claim_run_dir, finished, run_once, stage_parser
+from pdpo_jax.serve.in_process import served_in_process
+from pdpo_jax.stage_runner import StageParser, build_mesh, claim_run_dir, finished, run_once, stage_parser
 
 PROG = "pdpo judge"
 DESCRIPTION = (
@@ -149,31 +150,51 @@ def judge_test_responses(config: RunConfig, **flags: object) -> dict[str, object
               "endpoint other than the OpenAI API, or judge.serve to serve one here)")
         return None
 
-    def judge(_mesh: None) -> dict[str, object]:
+    def judge(mesh: Any) -> dict[str, object]:
         files = [layout.responses(stage) for stage in JUDGED_MODELS]
         for path in files:
             if not path.exists():
                 raise ConfigError(f"judge: {path} not found; run the test-responses stage first")
-        with served_judge(config.judge) as endpoint:
-            settings = settings_from_section(config.judge, **{**flags, **endpoint})
-            return primary_decides(_judge_into, files, layout.judge, settings)
+        outcome: dict[str, object] = {}
+        with served_judge(config, mesh) as endpoint:
+            if is_primary():  # a served judge's other processes get here once its server has stopped
+                try:
+                    settings = settings_from_section(config.judge, **{**flags, **endpoint})
+                    outcome["value"] = _judge_into(files, layout.judge, settings)
+                except Exception as error:  # every process must leave the server before learning of it
+                    outcome["error"] = error
+        return primary_decides(_value_or_error, outcome)
 
-    return run_once(config, "judge", layout.judge, judge, needs_mesh=False,
+    return run_once(config, "judge", layout.judge, judge, needs_mesh=bool(config.judge.serve),
                     when_finished=lambda _: primary_decides(lambda: json.loads(layout.judge_results.read_text(encoding="utf-8"))),
                     done_record=lambda results: {key: results[key] for key in ("mode", "counts", "status") if key in results})
 
 
+def _value_or_error(outcome: dict[str, object]) -> object:
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 @contextlib.contextmanager
-def served_judge(section: JudgeSection) -> Iterator[dict[str, object]]:
-    """With `judge.serve`, that model behind `pdpo serve` on a free loopback port for the block:
-    the settings that point the judge at it (on the primary process only); else no settings."""
-    if not section.serve or not is_primary():
+def served_judge(config: RunConfig, mesh: Any) -> Iterator[dict[str, object]]:
+    """With `judge.serve`, that model served by this run's processes over `mesh` (with the run's
+    compute dtype and layer layout) on a free loopback port for the block: the settings that point
+    the judge at it on process 0, none on the others; without `judge.serve`, no settings."""
+    section = config.judge
+    if not section.serve:
         yield {}
         return
     name = section.model or "served-judge"
-    print(f"judge: serving {section.serve} as {name!r} on this machine for the judge stage")
-    with served_model(section.serve, served_name=name, slots=section.concurrency) as endpoint:
-        yield {"model": endpoint.model, "base_url": endpoint.base_url, "api_key_env": endpoint.api_key_env}
+    if is_primary():
+        print(f"judge: serving {section.serve} as {name!r} in this run for the judge stage")
+    load_options = {"compute_dtype": config.model.dtype, "scan_layers": config.model.scan_layers}
+    with served_in_process(section.serve, served_name=name, slots=section.concurrency, mesh=mesh,
+                           load_options=load_options) as endpoint:
+        if endpoint is None:
+            yield {}
+        else:
+            yield {"model": endpoint.model, "base_url": endpoint.base_url, "api_key_env": endpoint.api_key_env}
 
 
 def _judge_into(files: list[Path], out_dir: Path, settings: JudgeSettings) -> dict[str, object]:
@@ -216,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     responses, overrides = split_overrides(args.responses, args.overrides)
     settings = settings_from_args(args, overrides)
     _log_to_stderr()
-    with served_judge(load_config(args.config or None, overrides).judge) as endpoint:
+    config = load_config(args.config or None, overrides)
+    with served_judge(config, build_mesh(config) if config.judge.serve else None) as endpoint:
         results, _ = run_judge(responses, args.out, dataclasses.replace(settings, **endpoint))
     print(report.judge_markdown(results))
     failed = results["status"]["failed"]
