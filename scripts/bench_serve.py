@@ -281,7 +281,7 @@ def profile(model_dir, prompts, slots: int, max_model_len: int, client_counts: l
     import jax
 
     from pdpo_jax.model import eos_ids, load_model
-    from pdpo_jax.serve.app import chat_renderer
+    from pdpo_jax.serve.prompts import chat_renderer
     from pdpo_jax.serve.engine import SlotEngine, SlotRequest
     from pdpo_jax.serve.scheduler import Job, Scheduler
 

@@ -223,6 +223,68 @@ def test_cli_refuses_a_negative_prompt_cache_before_loading_anything():
         serve.main(["--prompt-cache-mib", "-1", "--model", "/nonexistent"])
 
 
+PERSONA = ["i have two cats.", "i live in paris.", "i am a baker."]
+DIALOGUE = ["hi! do you have pets?", "yes, two cats. and you?", "a dog. what do you do for work?"]
+
+
+def persona_messages(persona: list[str], dialogue: list[str]) -> list[dict[str, str]]:
+    roles = ["user" if (len(dialogue) - i) % 2 else "assistant" for i in range(len(dialogue))]
+    return [{"role": "system", "content": "\n".join(persona)},
+            *({"role": role, "content": text} for role, text in zip(roles, dialogue))]
+
+
+def test_a_persona_template_renders_messages_as_training_builds_prompts(default_model_path):
+    """The system message's lines are the persona, the rest the dialogue: the ids are the encoder's,
+    as training, `pdpo generate` and test-responses build them; a dialogue out of turn is a 422."""
+    from pdpo_jax.data.tokenization import PromptEncoder
+    from pdpo_jax.serve.prompts import persona_renderer
+    from pdpo_jax.serve.protocol import ApiError
+
+    tokenizer = load_model(default_model_path).tokenizer
+    for name in ("chat-en", "plain-en"):
+        encoder = PromptEncoder(tokenizer, name)
+        render = persona_renderer(encoder)
+        assert render(persona_messages(PERSONA, DIALOGUE)) == encoder.prompt_ids(PERSONA, DIALOGUE)
+        assert render(persona_messages([], DIALOGUE[-1:])[1:]) == encoder.prompt_ids([], DIALOGUE[-1:])
+        ends_with_the_model = persona_messages(PERSONA, DIALOGUE[:1]) + [{"role": "assistant", "content": "hi"}]
+        with pytest.raises(ApiError, match=r"messages\[1\].role: .* expected assistant, got user"):
+            render(ends_with_the_model)
+        with pytest.raises(ApiError, match="needs a user message"):
+            render(persona_messages(PERSONA, []))
+
+
+def test_serve_with_a_persona_template_answers_as_generate_does(served):
+    """`--template plain-en`: a chat request's greedy reply is `generate`'s on the prompt training
+    builds for that persona and dialogue, with the tokenizer's chat template out of the way."""
+    from pdpo_jax.data.tokenization import PromptEncoder
+
+    model, *_ = served
+    service = build_service(model, ServeOptions(slots=2, max_model_len=MAX_MODEL_LEN, persona_template="plain-en"))
+    prompt = PromptEncoder(model.tokenizer, "plain-en").prompt_ids(PERSONA, DIALOGUE)
+    assert model.tokenizer.decode(prompt).startswith("Your persona:\n- i have two cats.")
+    with BackgroundServer(service) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        reply = client.chat.completions.create(model=service.served_name, messages=persona_messages(PERSONA, DIALOGUE),
+                                               max_tokens=NEW_TOKENS, temperature=0)
+        assert reply.usage.prompt_tokens == len(prompt)
+        assert reply.choices[0].message.content == reference_text(model, prompt)
+        out_of_turn = persona_messages(PERSONA, DIALOGUE[:1]) + [{"role": "assistant", "content": "hi"}]
+        out_of_turn = post(server, "/v1/chat/completions", {"model": service.served_name, "max_tokens": 2,
+                                                             "messages": out_of_turn})
+        assert out_of_turn.status_code == 422 and "alternate user and assistant" in out_of_turn.json()["error"]["message"]
+
+
+def test_cli_refuses_two_ways_of_rendering_messages_and_an_unknown_template():
+    from pdpo_jax.data.templates import TemplateError
+    from pdpo_jax.errors import UsageError
+    from pdpo_jax.stages import serve
+
+    with pytest.raises(UsageError, match="give one"):
+        serve.main(["--template", "plain-en", "--chat-template", "t.jinja", "--model", "/nonexistent"])
+    with pytest.raises(TemplateError, match="no-such"):
+        serve.main(["--template", "no-such", "--model", "/nonexistent"])
+
+
 def write_run_config(tmp_path, model_path: str) -> str:
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"),

@@ -60,20 +60,6 @@ class Service:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def chat_renderer(tokenizer: Any, template: str | None = None) -> Callable[[list[dict[str, str]]], list[int]]:
-    """messages -> prompt ids through the tokenizer's chat template (or `template`, Jinja text)."""
-
-    def render(messages: list[dict[str, str]]) -> list[int]:
-        try:
-            text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                 add_generation_prompt=True)
-        except Exception as err:  # noqa: BLE001 - a template refusing the conversation is the client's input
-            raise ApiError(422, f"messages: the chat template cannot render them: {err}", param="messages") from None
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    return render
-
-
 # ----------------------------------------------------------------------------- running a request
 
 

@@ -18,12 +18,15 @@ from typing import Any, Callable
 import jax
 import uvicorn
 
+from pdpo_jax.data.templates import TemplateError
+from pdpo_jax.data.tokenization import PromptEncoder
 from pdpo_jax.errors import PdpoError
 from pdpo_jax.listening import base_url, listening_socket
 from pdpo_jax.model import Model, eos_ids, require_tokenizer
-from pdpo_jax.serve.app import Service, chat_renderer, create_app
+from pdpo_jax.serve.app import Service, create_app
 from pdpo_jax.serve.engine import DEFAULT_PROMPT_CACHE_MIB, SlotEngine
 from pdpo_jax.serve.lockstep import LeaderEngine, follow
+from pdpo_jax.serve.prompts import Renderer, chat_renderer, persona_renderer
 from pdpo_jax.serve.scheduler import Scheduler
 
 LOG = logging.getLogger(__name__)
@@ -48,6 +51,7 @@ class ServeOptions:
     api_key: str | None = None
     served_name: str | None = None  # None: the model directory's name
     chat_template: str | None = None  # Jinja text; None: the tokenizer's own
+    persona_template: str | None = None  # a persona template preset or YAML file instead of a chat template
     drain_seconds: float = 10.0
     warm_up: bool = False  # compile every step shape and prompt width in the background from the start
     prompt_cache_mib: int = DEFAULT_PROMPT_CACHE_MIB  # prefilled prompts kept for reuse; 0: none
@@ -78,16 +82,35 @@ def build_service(model: Model, options: ServeOptions = ServeOptions(), mesh: An
     """The server's engine, scheduler and endpoints; on a run of several processes, process 0's,
     whose engine calls the other processes make too (`follow`)."""
     tokenizer = require_tokenizer(model)
-    if options.chat_template is None and not getattr(tokenizer, "chat_template", None):
-        LOG.warning("%s has no chat template: /v1/chat/completions will refuse requests (give --chat-template)",
-                    model.path)
+    render, stop_ids = prompt_renderer(tokenizer, options)
+    if render is None:
+        LOG.warning("%s has no chat template: /v1/chat/completions will refuse requests (give --chat-template "
+                    "or --template)", model.path)
+        render = chat_renderer(tokenizer)
     engine = build_engine(model, options, mesh)
     if jax.process_count() > 1:
         engine = LeaderEngine(engine)
     max_waiting = options.max_waiting if options.max_waiting is not None else WAITING_PER_SLOT * options.slots
-    scheduler = Scheduler(engine, stop_ids=eos_ids(model), max_waiting=max_waiting)
-    return Service(scheduler, tokenizer, options.served_name or served_name_for(model),
-                   chat_renderer(tokenizer, options.chat_template), api_key=options.api_key)
+    scheduler = Scheduler(engine, stop_ids=tuple(dict.fromkeys(eos_ids(model) + stop_ids)), max_waiting=max_waiting)
+    return Service(scheduler, tokenizer, options.served_name or served_name_for(model), render,
+                   api_key=options.api_key)
+
+
+def prompt_renderer(tokenizer: Any, options: ServeOptions) -> tuple[Renderer | None, tuple[int, ...]]:
+    """How chat messages become prompt ids (None when the tokenizer has no chat template and none
+    is given), and the ids that end a reply besides end of sequence: a persona template's end of turn."""
+    if options.persona_template is not None:
+        if options.chat_template is not None:
+            raise ServeError("--template and --chat-template are two ways to render messages: give one")
+        try:
+            encoder = PromptEncoder(tokenizer, options.persona_template)
+        except TemplateError as err:
+            raise ServeError(f"--template {options.persona_template}: {err}") from None
+        end_of_turn = encoder.end_of_turn_ids
+        return persona_renderer(encoder), (end_of_turn if len(end_of_turn) == 1 else ())
+    if options.chat_template is None and not getattr(tokenizer, "chat_template", None):
+        return None, ()
+    return chat_renderer(tokenizer, options.chat_template), ()
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 
+from pdpo_jax.data.templates import PRESETS, load_template
 from pdpo_jax.errors import UsageError
 from pdpo_jax.model import load_model
 from pdpo_jax.parallel import initialize_distributed, is_primary, make_mesh
@@ -42,6 +43,10 @@ EPILOG = """\
 endpoints: POST /v1/chat/completions (stream: true for server-sent events), POST /v1/completions,
   GET /v1/models, GET /health. Parameters: max_tokens, temperature (0 = greedy), top_p, seed,
   stop, n, logprobs / top_logprobs (at most 5).
+
+prompts: chat messages go through the tokenizer's chat template, --chat-template FILE.jinja, or
+  a persona template (--template chat-en|plain-en|...|FILE.yaml, for a model trained with it): the
+  system message is the persona, one fact per line, then the dialogue, ending with a user line.
 
 shapes: a step runs the busy slots (rounded up to a power of two, at most --slots) over a power of
   two of cache columns (at least 64); until that shape is compiled (in the background) it runs at a
@@ -83,6 +88,11 @@ def build_parser() -> StageParser:
                         help="the model name clients send (default: the model directory's name)")
     parser.add_argument("--chat-template", type=Path, default=None, metavar="FILE.jinja",
                         help="a Jinja chat template to use instead of the tokenizer's")
+    parser.add_argument("--template", default=None, metavar="NAME|FILE.yaml",
+                        help="a persona template (%s, or a YAML file) instead of a chat template: the system "
+                             "message is the persona, one fact per line, and the prompt is built as training "
+                             "and `pdpo generate --template` build it (for a model trained with it)"
+                             % ", ".join(PRESETS))
     parser.add_argument("--api-key-env", default=None, metavar="VAR",
                         help="require `Authorization: Bearer <key>` with the key in this environment variable")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
@@ -120,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError("--slots must be >= 1, --max-waiting and --prompt-cache-mib >= 0")
     if not 0 <= args.port < 2**16:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    if args.template is not None:
+        if args.chat_template is not None:
+            raise UsageError("--template and --chat-template are two ways to render messages: give one")
+        load_template(args.template)  # a bad name or file fails before the model loads
     chat_template = None
     if args.chat_template is not None:
         chat_template = args.chat_template.read_text(encoding="utf-8")
@@ -134,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(model_path, mesh=mesh, **load_options)
     options = ServeOptions(slots=args.slots, max_model_len=args.max_model_len, max_waiting=args.max_waiting,
                            api_key=api_key, served_name=args.served_model_name, chat_template=chat_template,
+                           persona_template=args.template,
                            drain_seconds=args.drain_seconds, warm_up=args.warm_up,
                            prompt_cache_mib=args.prompt_cache_mib)
     if not is_primary():  # a multi-host mesh: process 0 serves, this one runs its steps
