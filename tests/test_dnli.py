@@ -319,3 +319,86 @@ def test_long_history_is_cut_to_the_maximum_length(tiny_llama):
     cut = dnli.encode_example(example, "demo", encoder, max_length=len(full.prompt_ids) + longest - 1)
     assert cut.dropped_history_turns == 2 and cut.candidate_ids == full.candidate_ids
     assert cut.prompt_ids == tuple(encoder.prompt_ids(example.persona, example.history[2:]))
+
+
+# --------------------------------------------------------------------------------------------
+# (e) a stopped evaluation resumes from its journal
+
+
+class Stopped(Exception):
+    pass
+
+
+def count_scorer_calls(monkeypatch, stop_after: int | None = None) -> list[int]:
+    """Wraps the scorer `evaluate_dnli` makes: its calls are counted, and with `stop_after` the
+    call after that many raises Stopped, as if the evaluation were killed there."""
+    from pdpo_jax.scoring import make_scorer  # the real one, however often dnli's was replaced
+
+    calls: list[int] = []
+
+    def counting(model, num_sequences, mesh=None):
+        score = make_scorer(model, num_sequences, mesh)
+
+        def run(batch):
+            if stop_after is not None and len(calls) == stop_after:
+                raise Stopped
+            calls.append(1)
+            return score(batch)
+
+        return run
+
+    monkeypatch.setattr(dnli, "make_scorer", counting)
+    return calls
+
+
+def test_a_stopped_evaluation_resumes_from_its_journal_to_the_same_records(tiny_llama, tmp_path, monkeypatch):
+    from pdpo_jax.evaluate import score_journal
+    from pdpo_jax.storage import read_jsonl
+
+    monkeypatch.setattr(score_journal, "WRITE_EVERY_SECONDS", 0.0)
+    model = load_model(tiny_llama)
+    settings = dnli.DnliSettings(protocol="all", batch_examples=1)
+    calls = count_scorer_calls(monkeypatch)
+    _, whole = dnli.evaluate_dnli(model, [DEMO_DNLI], settings)
+    batches = len(calls)
+    assert batches >= 5
+    out = tmp_path / "dnli.json"
+    count_scorer_calls(monkeypatch, stop_after=3)
+    with pytest.raises(Stopped):
+        dnli.evaluate_dnli(model, [DEMO_DNLI], settings, resume_from=out)
+    journal = dnli.output_paths(out)["journal"]
+    assert [line.get("batch") for line in read_jsonl(journal)] == [None, 0, 1, 2]  # the header, then 3 batches
+
+    calls = count_scorer_calls(monkeypatch)
+    report, records = dnli.evaluate_dnli(model, [DEMO_DNLI], settings, resume_from=out)
+    assert len(calls) == batches - 3 + 1  # batch 0 is scored again, to check the journal against the model
+    assert records == whole
+    dnli.write_outputs(report, records, out)
+    assert out.exists() and not journal.exists()
+
+
+def test_a_journal_from_another_model_at_the_same_path_is_dropped(tiny_llama, tmp_path, monkeypatch):
+    import dataclasses
+
+    import jax
+
+    from pdpo_jax.evaluate import score_journal
+
+    monkeypatch.setattr(score_journal, "WRITE_EVERY_SECONDS", 0.0)
+    model = load_model(tiny_llama)
+    settings = dnli.DnliSettings(protocol="all", batch_examples=1)
+    out = tmp_path / "dnli.json"
+    count_scorer_calls(monkeypatch, stop_after=3)
+    with pytest.raises(Stopped):
+        dnli.evaluate_dnli(model, [DEMO_DNLI], settings, resume_from=out)
+    retrained = dataclasses.replace(model, params=jax.tree.map(lambda leaf: leaf * 1.5, model.params))
+    calls = count_scorer_calls(monkeypatch)
+    _, fresh = dnli.evaluate_dnli(retrained, [DEMO_DNLI], settings)
+    batches = len(calls)
+    calls = count_scorer_calls(monkeypatch)
+    _, resumed = dnli.evaluate_dnli(retrained, [DEMO_DNLI], settings, resume_from=out)
+    assert len(calls) == batches and resumed == fresh  # nothing of the first model's scores is kept
+    count_scorer_calls(monkeypatch)
+    _, other_settings = dnli.evaluate_dnli(retrained, [DEMO_DNLI], dataclasses.replace(settings, bucket=64),
+                                           resume_from=out)  # another header: the journal is not read
+    assert [r["predicted_index"] for r in other_settings] == [r["predicted_index"] for r in fresh]

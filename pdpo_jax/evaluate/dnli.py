@@ -43,6 +43,7 @@ from pdpo_jax.data.templates import PromptTemplate, load_template
 from pdpo_jax.data.tokenization import PromptEncoder
 from pdpo_jax.errors import PdpoError
 from pdpo_jax.evaluate.report import dnli_markdown, plot_dnli
+from pdpo_jax.evaluate.score_journal import ScoreJournal
 from pdpo_jax.model import Model, pad_id, require_tokenizer
 from pdpo_jax.object_store import as_path
 from pdpo_jax.parallel import rows_for_mesh
@@ -165,25 +166,42 @@ class ScoredExample:
 
 def score_examples(encoded: Sequence[EncodedExample], scorer: Scorer, batch_examples: int, bucket: int,
                    candidates_per_row: int, pad_id: int = 0,
-                   progress: Callable[[int], None] | None = None) -> list[ScoredExample]:
+                   progress: Callable[[int], None] | None = None,
+                   journal: ScoreJournal | None = None) -> list[ScoredExample]:
     """Every example's candidate log-probs, in the order given. `candidates_per_row` is the most
-    candidates any example has: the scorer's `num_sequences` is `batch_examples * candidates_per_row`."""
+    candidates any example has: the scorer's `num_sequences` is `batch_examples * candidates_per_row`.
+    With a `journal`, the batches it kept are taken from it and each batch scored is recorded in it."""
     results: list[ScoredExample | None] = [None] * len(encoded)
-    for indices in plan_batches([e.row_length for e in encoded], batch_examples):
+    plan = plan_batches([e.row_length for e in encoded], batch_examples)
+    for number, indices in enumerate(plan):
         members = [encoded[i] for i in indices]
-        logps, counts = scorer(dnli_batch(members, batch_examples, bucket, pad_id))
-        start = 0
-        for index, member in zip(indices, members):
-            end = start + len(member.candidate_ids)
-            if np.any(counts[start:end] == 0):
-                raise RuntimeError(f"{member.example.id}: a candidate got no scored tokens (batch layout mismatch)")
-            results[index] = ScoredExample(member, logps[start:end].copy(), counts[start:end].copy())
-            start = end
-        if start > batch_examples * candidates_per_row:
-            raise ValueError(f"{start} candidates in one batch, more than num_sequences={batch_examples * candidates_per_row}")
+        ids = [member.example.id for member in members]
+        scores = journal.kept_scores(number, ids) if journal is not None else None
+        if scores is None:
+            scores = _score_batch(members, scorer, batch_examples, bucket, candidates_per_row, pad_id)
+            if journal is not None:
+                journal.record(number, ids, scores)
+        for index, member, (logps, counts) in zip(indices, members, scores):
+            results[index] = ScoredExample(member, logps, counts)
         if progress is not None:
             progress(len(members))
     return [r for r in results if r is not None]
+
+
+def _score_batch(members: Sequence[EncodedExample], scorer: Scorer, batch_examples: int, bucket: int,
+                 candidates_per_row: int, pad_id: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(summed log-probs, token counts) of each member's candidates, from one scorer call."""
+    logps, counts = scorer(dnli_batch(members, batch_examples, bucket, pad_id))
+    scores, start = [], 0
+    for member in members:
+        end = start + len(member.candidate_ids)
+        if np.any(counts[start:end] == 0):
+            raise RuntimeError(f"{member.example.id}: a candidate got no scored tokens (batch layout mismatch)")
+        scores.append((logps[start:end].copy(), counts[start:end].copy()))
+        start = end
+    if start > batch_examples * candidates_per_row:
+        raise ValueError(f"{start} candidates in one batch, more than num_sequences={batch_examples * candidates_per_row}")
+    return scores
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,7 +242,8 @@ def build_report(records: Sequence[dict[str, Any]], subsets: Sequence[str], **he
 
 
 def output_paths(report_path: str | os.PathLike) -> dict[str, Path]:
-    """REPORT.json and, beside it, REPORT.md, REPORT.png and REPORT.examples.jsonl."""
+    """REPORT.json and, beside it, REPORT.md, REPORT.png, REPORT.examples.jsonl and, while the
+    evaluation runs, REPORT.partial.jsonl."""
     path = as_path(report_path)  # a local path, or gs://
     report = path if path.suffix.lower() == ".json" else as_path(f"{path}.json")
     base = report.with_suffix("")
@@ -233,6 +252,7 @@ def output_paths(report_path: str | os.PathLike) -> dict[str, Path]:
         "markdown": as_path(f"{base}.md"),
         "plot": as_path(f"{base}.png"),
         "examples": as_path(f"{base}.examples.jsonl"),
+        "journal": as_path(f"{base}.partial.jsonl"),  # the scores so far, while it runs (score_journal)
     }
 
 
@@ -243,6 +263,8 @@ def write_outputs(report: dict[str, Any], records: Sequence[dict[str, Any]], rep
     atomic_write_text(paths["markdown"], dnli_markdown(report) + _settings_line(report) + "\n")
     plot_dnli(report, paths["plot"])
     atomic_write_json(paths["json"], report)  # last: its presence means the evaluation finished
+    if paths["journal"].exists():  # the scores it kept are in the report now
+        paths["journal"].unlink()
     return paths
 
 
@@ -279,9 +301,11 @@ class DnliSettings:
 
 
 def evaluate_dnli(model: Model, data: Sequence[str | os.PathLike], settings: DnliSettings, *, mesh: Any = None,
-                  model_name: str | None = None, show_progress: bool = False
-                  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(report, per-example records) of a loaded model on DNLI files."""
+                  model_name: str | None = None, show_progress: bool = False,
+                  resume_from: str | os.PathLike | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(report, per-example records) of a loaded model on DNLI files. With `resume_from` (the
+    report's path), the scores are journaled beside it as they are computed, and a rerun after a
+    stop takes the batches scored before (`score_journal`); `write_outputs` removes the journal."""
     tokenizer = require_tokenizer(model)
     subsets = read_subsets(data, settings.protocol)
     if settings.max_examples is not None:
@@ -301,9 +325,15 @@ def evaluate_dnli(model: Model, data: Sequence[str | os.PathLike], settings: Dnl
     shapes = {bucketed_length(max(encoded[i].row_length for i in group), settings.bucket)
               for group in plan_batches([e.row_length for e in encoded], rows)}
 
+    journal = None
+    if resume_from is not None:
+        header = {"model_path": str(model.path), "data": [str(p) for p in data], "protocol": settings.protocol,
+                  "template": template.to_dict(), "end_of_turn": settings.end_of_turn, "bucket": settings.bucket,
+                  "rows": rows, "max_examples": settings.max_examples, "max_length": max_length}
+        journal = ScoreJournal(output_paths(resume_from)["journal"], header)
     start = time.perf_counter()
     with _progress_bar(len(encoded), show_progress) as advance:
-        scored = score_examples(encoded, scorer, rows, settings.bucket, candidates_per_row, pad, advance)
+        scored = score_examples(encoded, scorer, rows, settings.bucket, candidates_per_row, pad, advance, journal)
     seconds = time.perf_counter() - start
 
     records = [example_record(s, settings.scoring) for s in scored]

@@ -3,6 +3,9 @@ share of Hits / Entail / Rand / Contradict picks per data file and overall.
 
     pdpo eval-dnli --model PATH --data valid_havenot.jsonl valid_likedislike.jsonl --out dnli.json
 
+The scores are journaled beside the report while it runs (dnli.partial.jsonl), so a stopped
+evaluation resumes where it stopped when run again (`pdpo_jax.evaluate.score_journal`).
+
 The scoring and the report are `pdpo_jax.evaluate.dnli`; this module reads the command line. In a
 pipeline, the steps eval-sft, eval-rl and eval-dpo rank a training stage's best model into
 `<run_dir>/eval/<stage>/dnli.json` (`evaluate_run_model`).
@@ -49,7 +52,8 @@ def evaluate_run_model(config: RunConfig, model: str) -> dict[str, Any]:
                                 scoring="mean" if config.eval.length_normalized else "sum",
                                 max_examples=config.eval.max_examples)
         report, records = evaluate_dnli(loaded, config.eval.dnli, settings, mesh=mesh,
-                                        model_name=model_label(config, model), show_progress=is_primary())
+                                        model_name=model_label(config, model), show_progress=is_primary(),
+                                        resume_from=layout.dnli_report(model))
         if is_primary():
             write_outputs(report, records, layout.dnli_report(model))
         return report
@@ -62,7 +66,8 @@ def build_parser() -> StageParser:
     parser = stage_parser(
         "pdpo eval-dnli",
         "Rank Dialogue NLI candidates by log-likelihood and report Hits/Entail/Rand/Contradict@1 per data file and "
-        "overall (REPORT.json + .md + .png + .examples.jsonl). A --config gives model.path, eval.dnli, "
+        "overall (REPORT.json + .md + .png + .examples.jsonl); a stopped run resumes from the scores it "
+        "journaled in REPORT.partial.jsonl. A --config gives model.path, eval.dnli, "
         "eval.protocol, eval.length_normalized, eval.max_examples, data.template, model.dtype and the mesh; "
         "flags win over it.",
         config="optional",
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(model_path, mesh=mesh, compute_dtype=dtype, tokenizer=args.tokenizer)
     first = jax.process_index() == 0
     report, records = evaluate_dnli(model, data, settings, mesh=mesh, model_name=args.name or model_path.rstrip("/"),
-                                    show_progress=first and not args.quiet)
+                                    show_progress=first and not args.quiet, resume_from=args.out)
     if first:
         paths = write_outputs(report, records, args.out)
         print(dnli_markdown(report))
