@@ -376,6 +376,25 @@ def test_a_folder_begun_before_the_layout_setting_resumes_per_turn(setup, shuffl
         prefs.check_settings(folder, dict(settings, prefs=dict(settings["prefs"], layout="tree")))
 
 
+def test_the_same_model_at_another_path_resumes_a_folder_and_other_weights_do_not(shuffled_run, tmp_path):
+    """The models are compared by their digests: the same weights linked or copied elsewhere
+    resume a folder (which keeps the path it was made from); other weights at the same path, or a
+    run that loads no model and so has no digest (a finished folder re-filtered), behave as such."""
+    folder = tmp_path / "prefs"
+    shutil.copytree(shuffled_run, folder)
+    old = json.loads((folder / prefs.SETTINGS_FILE).read_text())
+    moved = json.loads(json.dumps(old))
+    moved["generator"]["path"] = "/elsewhere/sft/best"
+    assert prefs.check_settings(folder, moved)["generator"] == old["generator"]
+    unloaded = json.loads(json.dumps(moved))
+    unloaded["generator"]["digest"] = unloaded["reference"]["digest"] = None
+    assert prefs.check_settings(folder, unloaded)["generator"] == old["generator"]
+    retrained = json.loads(json.dumps(old))
+    retrained["generator"]["digest"] = "sha256:" + "0" * 64
+    with pytest.raises(prefs.PrefsError, match="generator.digest: was"):
+        prefs.check_settings(folder, retrained)
+
+
 def test_tree_layout_cuts_a_dialogues_histories_so_they_nest():
     from pdpo_jax.data.examples import Example
 

@@ -137,9 +137,13 @@ def check_settings(prefs_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
         old["prefs"].setdefault("layout", "per_turn")  # a folder begun before there was a choice
     if old is not None:
         old.setdefault("reference_scored", True)  # a folder begun before there was a choice
-    if old is not None and settings["generator"]["digest"] is None:
+    if old is not None:
         for side in ("generator", "reference"):
-            settings[side]["digest"] = old.get(side, {}).get("digest")
+            before, now = old.get(side, {}), settings[side]
+            if now["digest"] is None or now["digest"] == before.get("digest"):
+                # not loaded (left out of the comparison), or the same weights read from another
+                # path (a linked or copied model folder): the folder keeps the path it was made from
+                settings[side] = dict(before)
     if old is None or not has_shards:
         atomic_write_json(path, settings)
         return settings
