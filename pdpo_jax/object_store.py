@@ -32,6 +32,7 @@ from pathlib import Path
 from collections.abc import Iterator
 from typing import Any, Union
 
+from pdpo_jax.cache_root import default_cache_root
 from pdpo_jax.errors import PdpoError
 
 # gcsfs (since 2025) asks a bucket's storage layout over gRPC the first time it touches a bucket,
@@ -370,10 +371,7 @@ def default_gcs_cache() -> Path:
     `$PDPO_CACHE_DIR/gcs`, else `$XDG_CACHE_HOME/pdpo_jax/gcs`, else `~/.cache/pdpo_jax/gcs`."""
     if os.environ.get(GCS_CACHE_ENV):
         return Path(os.environ[GCS_CACHE_ENV]).expanduser()
-    if os.environ.get("PDPO_CACHE_DIR"):
-        return Path(os.environ["PDPO_CACHE_DIR"]).expanduser() / "gcs"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "pdpo_jax" / "gcs"
+    return default_cache_root() / "gcs"
 
 
 def _encoded_checksum(path: Path, checksum: Any) -> str:

@@ -23,15 +23,11 @@ if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 
 
-def jax_cache_dir() -> Path:
-    """`$XDG_CACHE_HOME/pdpo_jax/jax-cache`, else `~/.cache/pdpo_jax/jax-cache`."""
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "pdpo_jax" / "jax-cache"
-
+from pdpo_jax.cache_root import default_cache_root  # noqa: E402 - imports nothing of JAX
 
 # Also set as variables, so the processes tests start share the cache. Programs compiled in under a
 # tenth of a second are not worth a file.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(jax_cache_dir()))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(default_cache_root() / "jax-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 import jax  # noqa: E402

