@@ -19,7 +19,8 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "pdpo_jax"
 
 # Bottom to top. Each entry of a layer is a component: a module or a subpackage of pdpo_jax.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "huge_pages"),  # the base of every user-facing error | glibc's huge pages, asked before a command runs
+    # the base of every user-facing error | glibc's huge pages, asked before a command runs | the cache folder
+    ("errors", "huge_pages", "cache_root"),
     # gs:// paths beside local ones, and the object operations commits and the lock need | the HTTP servers' socket
     ("object_store", "listening"),
     ("storage", "config", "run_lock"),  # writing, reading and committing files | run configuration | one run per run dir
