@@ -114,11 +114,17 @@ def build_mesh(config: RunConfig):
     return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
 
 
+def model_load_options(config: RunConfig) -> dict[str, Any]:
+    """`load_model`'s options from the run config's `model` section: the compute dtype,
+    rematerialization, layer layout and whether pickled weights may be read."""
+    return {"compute_dtype": config.model.dtype, "remat": config.model.remat,
+            "scan_layers": config.model.scan_layers, "allow_pickle": config.model.allow_pickle}
+
+
 def load_for_run(path: str | Path, config: RunConfig, mesh: Any) -> Model:
-    """`load_model` with the run's compute dtype, rematerialization and layer layout; the stages
-    that call it turn text into tokens, so the model must come with a tokenizer."""
-    model = load_model(path, mesh=mesh, compute_dtype=config.model.dtype, remat=config.model.remat,
-                       scan_layers=config.model.scan_layers, allow_pickle=config.model.allow_pickle)
+    """`load_model` with the run's `model_load_options`; the stages that call it turn text into
+    tokens, so the model must come with a tokenizer."""
+    model = load_model(path, mesh=mesh, **model_load_options(config))
     require_tokenizer(model)
     return model
 

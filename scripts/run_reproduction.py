@@ -132,7 +132,8 @@ def relative_paths(value, folders: dict[Path, str]):
 def keep_json(source: Path, target: Path, root: Path, data: Path) -> None:
     """A run's JSON record copied into the committed results, its paths relative to the run root
     and the data folder, and the bundled model's cached copy named `default` (as --model takes it)."""
-    from pdpo_jax.model.default_model import DEFAULT_MODEL_NAME, default_cache_root
+    from pdpo_jax.cache_root import default_cache_root
+    from pdpo_jax.model.default_model import DEFAULT_MODEL_NAME
 
     folders = {Path(os.path.abspath(root)): "", Path(os.path.abspath(data)): PLACEHOLDER,
                default_cache_root() / DEFAULT_MODEL_NAME: "default"}

@@ -298,11 +298,12 @@ def test_a_run_config_gives_the_model_and_the_mesh_and_flags_win_over_it(tmp_pat
 
     config = write_run_config(tmp_path, "runs/x/dpo/best")
     settings = serve.model_settings(serve.build_parser().parse_args(["--config", config, "mesh.data=4"]))
-    assert settings == ("runs/x/dpo/best", {"compute_dtype": "bfloat16", "scan_layers": True, "allow_pickle": False},
+    assert settings == ("runs/x/dpo/best",
+                        {"compute_dtype": "bfloat16", "remat": False, "scan_layers": True, "allow_pickle": False},
                         {"data": 4, "fsdp": 1, "tensor": 2})
     flags = ["--config", config, "--model", "default", "--dtype", "float32", "--mesh", "none"]
     assert serve.model_settings(serve.build_parser().parse_args(flags)) == (
-        "default", {"compute_dtype": "float32", "scan_layers": True, "allow_pickle": False}, None)
+        "default", {"compute_dtype": "float32", "remat": False, "scan_layers": True, "allow_pickle": False}, None)
     assert serve.model_settings(serve.build_parser().parse_args([])) == ("default", {"compute_dtype": "float32"}, None)
 
 

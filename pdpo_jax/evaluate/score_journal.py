@@ -4,11 +4,11 @@ batch where it stopped instead of scoring every candidate again.
 The evaluation scores its examples in a fixed plan of batches. Every `WRITE_EVERY_SECONDS` (30 s)
 after a batch, process 0 rewrites `REPORT.partial.jsonl`: a header naming the model path and the
 settings, then one line per batch scored so far with its example ids and every candidate's summed
-log-probability and token count (an evaluation shorter than that writes none). A rerun with the same header takes those batches as they are, so
-its records equal an uninterrupted run's. It first scores the journal's first batch again and
-compares: if the model at that path has changed (or the scores are not reproducible there), the
-journal is dropped and every batch is scored. The report's writer removes the journal once the
-report is written.
+log-probability and token count (an evaluation shorter than that writes none). A rerun with the
+same header takes those batches as they are, so its records equal an uninterrupted run's. It first
+scores the journal's first batch again and compares: if the model at that path has changed (or the
+scores are not reproducible there), the journal is dropped and every batch is scored. The report's
+writer removes the journal once the report is written.
 """
 
 from __future__ import annotations
@@ -34,9 +34,8 @@ class ScoreJournal:
     """The batches kept at `path` for this `header` (read on process 0, the same on every process),
     and the batches recorded since, written back by process 0."""
 
-    def __init__(self, path: str | Path, header: dict[str, Any], every_seconds: float | None = None):
+    def __init__(self, path: str | Path, header: dict[str, Any]):
         self.path, self.header = as_path(path), header
-        self.every_seconds = WRITE_EVERY_SECONDS if every_seconds is None else every_seconds
         self.kept: dict[int, dict[str, Any]] = {
             int(number): entry for number, entry in primary_decides(self._read).items()}  # every process: process 0's
         self.verified = not self.kept  # nothing to trust or doubt
@@ -66,7 +65,7 @@ class ScoreJournal:
                 for logps, counts in zip(entry["logps"], entry["counts"])]
 
     def record(self, number: int, ids: list[str], scores: Scores) -> None:
-        """A batch scored now; the journal is rewritten once `every_seconds` have passed since the last time."""
+        """A batch scored now; the journal is rewritten once `WRITE_EVERY_SECONDS` have passed since the last time."""
         entry = {"batch": number, "ids": ids, "dtypes": [scores[0][0].dtype.str, scores[0][1].dtype.str],
                  "logps": [logps.tolist() for logps, _ in scores], "counts": [counts.tolist() for _, counts in scores]}
         if not self.verified:
@@ -78,7 +77,7 @@ class ScoreJournal:
                             "scoring every batch again", self.path, number)
                 self.kept, self.verified = {}, True
         self.written[number] = entry
-        if time.monotonic() - self.last_write >= self.every_seconds:
+        if time.monotonic() - self.last_write >= WRITE_EVERY_SECONDS:
             self.write()
 
     def write(self) -> None:

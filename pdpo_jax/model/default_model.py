@@ -17,7 +17,7 @@ from pdpo_jax.model.gguf_import import (
     discard_dir,
     gguf_to_hf_dir,
 )
-from pdpo_jax.cache_root import CACHE_ENV, default_cache_root  # noqa: F401 - part of this module's interface
+from pdpo_jax.cache_root import default_cache_root
 from pdpo_jax.object_store import is_object_store
 from pdpo_jax.storage import is_committed
 

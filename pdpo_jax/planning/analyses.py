@@ -27,7 +27,7 @@ from typing import Any
 
 import jax
 
-from pdpo_jax.model.default_model import default_cache_root
+from pdpo_jax.cache_root import default_cache_root
 from pdpo_jax.storage import atomic_write_json
 
 CACHE_SWITCH_ENV = "PDPO_PLAN_CACHE"

@@ -8,13 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+from pdpo_jax.cache_root import CACHE_ENV, default_cache_root
 from pdpo_jax.model.default_model import (
     BUNDLE_DISTRIBUTION,
-    CACHE_ENV,
     DEFAULT_MODEL_NAME,
     bundled_gguf_path,
     check_replaceable,
-    default_cache_root,
     is_complete,
     materialize,
 )

@@ -34,7 +34,8 @@ from pdpo_jax.object_store import is_object_store
 from pdpo_jax.parallel import is_primary, primary_decides
 from pdpo_jax.run_layout import JUDGED_MODELS, RunLayout
 from pdpo_jax.serve.in_process import served_in_process
-from pdpo_jax.stage_runner import StageParser, build_mesh, claim_run_dir, finished, run_once, stage_parser
+from pdpo_jax.stage_runner import (StageParser, build_mesh, claim_run_dir, finished, model_load_options, run_once,
+                                   stage_parser)
 
 PROG = "pdpo judge"
 DESCRIPTION = (
@@ -188,7 +189,8 @@ def served_judge(config: RunConfig, mesh: Any) -> Iterator[dict[str, object]]:
     name = section.model or "served-judge"
     if is_primary():
         print(f"judge: serving {section.serve} as {name!r} in this run for the judge stage")
-    load_options = {"compute_dtype": config.model.dtype, "scan_layers": config.model.scan_layers}
+    # the run's leave to read pickled weights is for its own models, not for a judge from elsewhere
+    load_options = {**model_load_options(config), "allow_pickle": False}
     with served_in_process(section.serve, served_name=name, slots=section.concurrency, mesh=mesh,
                            load_options=load_options) as endpoint:
         if endpoint is None:

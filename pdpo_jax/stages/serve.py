@@ -36,7 +36,7 @@ from pdpo_jax.serve.server import (
     follow_leader,
     serve_forever,
 )
-from pdpo_jax.stage_runner import StageParser, config_from_args, parse_mesh, stage_parser
+from pdpo_jax.stage_runner import StageParser, config_from_args, model_load_options, parse_mesh, stage_parser
 
 PROG = "pdpo serve"
 EPILOG = """\
@@ -114,8 +114,7 @@ def model_settings(args: argparse.Namespace) -> tuple[str, dict[str, Any], dict[
     config = config_from_args(args)
     if config is not None:
         path = config.model.path
-        options = {"compute_dtype": config.model.dtype, "scan_layers": config.model.scan_layers,
-                   "allow_pickle": config.model.allow_pickle}
+        options = model_load_options(config)
         mesh = {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor}
     if args.dtype is not None:
         options["compute_dtype"] = args.dtype
